@@ -1,0 +1,97 @@
+"""Model families described as data: where each part of a LLaVA-class model lives.
+
+The engine never probes a model with `hasattr` chains. Each supported family is one `Adapter`
+row naming the module paths (decoder layers, rotary embedding, final norm, lm_head, token
+embedding), the method that turns pixels into projected image features, which processor outputs
+feed it, and where the config keeps the image token id. `ModelFacts` holds the numbers the
+interventions need (layer and head counts), read once from the config.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lvlm.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    model_type: str  # config.model_type of the checkpoint
+    model_class: str  # transformers class that loads it
+    processor_class: str
+    vision_inputs: tuple[str, ...]  # processor outputs passed to the image-feature method
+    layers: str = "model.language_model.layers"
+    rotary: str = "model.language_model.rotary_emb"
+    norm: str = "model.language_model.norm"
+    embed: str = "model.language_model.embed_tokens"
+    lm_head: str = "lm_head"
+    image_features: str = "model.get_image_features"
+
+    def get(self, model: torch.nn.Module, part: str) -> Any:
+        """Resolve one of the dotted paths above on a loaded model."""
+        return operator.attrgetter(getattr(self, part))(model)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.model_type: a
+    for a in (
+        Adapter(
+            family="llava",
+            model_type="llava",
+            model_class="LlavaForConditionalGeneration",
+            processor_class="LlavaProcessor",
+            vision_inputs=("pixel_values",),
+        ),
+        Adapter(
+            family="llava_next",
+            model_type="llava_next",
+            model_class="LlavaNextForConditionalGeneration",
+            processor_class="LlavaNextProcessor",
+            vision_inputs=("pixel_values", "image_sizes"),
+        ),
+    )
+}
+
+
+def adapter_for(config: Any) -> Adapter:
+    """The adapter of a checkpoint's config, or a clear error listing the supported families."""
+    model_type = getattr(config, "model_type", None)
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        supported = ", ".join(f"{a.model_type} ({a.model_class})" for a in ADAPTERS.values())
+        raise UnsupportedModelError(f"unsupported architecture {model_type!r}; supported: {supported}")
+    return adapter
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Numbers of the language model that plans and kernels need, read once from the config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_context: int
+    image_token_id: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelFacts":
+        text = config.text_config
+        heads = text.num_attention_heads
+        return cls(
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            hidden_size=text.hidden_size,
+            vocab_size=text.vocab_size,
+            max_context=text.max_position_embeddings,
+            image_token_id=config.image_token_id,
+        )

@@ -1,0 +1,86 @@
+"""The `lvlm` command line: generate, serve, eval, profile, bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLaVA-class models with hallucination interventions.")
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """LLaVA-class models with training-free hallucination interventions."""
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="user prompt"),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="image file (omit for a text-only prompt)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), 'tiny-llava', hub id or path"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    interventions: Optional[str] = typer.Option(None, "--interventions", help="preset such as 'vhr+var' or JSON list"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they are decoded"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Answer one prompt about one image and print the answer and timings."""
+    import lvlm
+    from interventions import InterventionError, resolve
+    from lvlm.errors import LVLMError
+    from lvlm.pipeline import load_image
+
+    try:
+        spec = json.loads(interventions) if interventions and interventions.lstrip().startswith("[") else interventions
+        configs = resolve(spec)
+        pipe = lvlm.load(model, device=device, dtype=dtype)
+        request = lvlm.Request(
+            prompt=prompt,
+            image=load_image(image) if image else None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop),
+            interventions=configs,
+        )
+        printer = (lambda _row, delta: print(delta, end="", flush=True)) if stream and not as_json else None
+        (result,) = pipe.generate([request], on_token=printer)
+    except (LVLMError, InterventionError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    if as_json:
+        out = {"model": pipe.model_id, "text": result.text, "finish_reason": result.finish_reason,
+               "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+               "timings": {"prefill_ms": result.timings.prefill_ms, "decode_tokens_per_s": result.timings.decode_tokens_per_s},
+               "intervention_report": result.report}
+        print(json.dumps(out, indent=2, default=str))
+        return
+    if printer is None:
+        print(result.text)
+    else:
+        print()
+    t = result.timings
+    console.print(
+        f"[dim]{pipe.model_id} | prompt {result.prompt_tokens} tok | prefill {t.prefill_ms:.1f} ms | "
+        f"{result.completion_tokens} tok at {t.decode_tokens_per_s:.1f} tok/s | {result.finish_reason} | "
+        f"attention: {result.report.get('attention_backend')}[/dim]"
+    )
+
+
+def main() -> None:
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Typed errors of the model layer. Callers (CLI, service) map them to messages and HTTP codes."""
+
+
+class LVLMError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnsupportedModelError(LVLMError):
+    """The checkpoint's architecture has no adapter."""
+
+
+class ImageError(LVLMError, ValueError):
+    """An image could not be read or decoded."""
+
+
+class PromptError(LVLMError, ValueError):
+    """A prompt is malformed: missing image token, too long for the context, empty."""

@@ -28,18 +28,23 @@ class Entry:
     config: type
     paper: str
     summary: str
+    order: int  # hook order inside a batch plan (token exit before sink detection, ...)
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, *, paper: str, summary: str) -> Callable[[type], type]:
-    """Class decorator: register a frozen config dataclass under `name`."""
+def register(name: str, *, paper: str, summary: str, order: int = 50) -> Callable[[type], type]:
+    """Class decorator: register a frozen config dataclass under `name`.
+
+    The class may define `plan_component(plan, configs_by_request, profile)` returning the
+    component that acts inside a batch plan (interventions/plan.py).
+    """
 
     def wrap(cls: type) -> type:
         if name in _REGISTRY:
             raise RuntimeError(f"intervention {name!r} registered twice")
-        _REGISTRY[name] = Entry(name, cls, paper, summary)
+        _REGISTRY[name] = Entry(name, cls, paper, summary, order)
         cls.name = name
         return cls
 
@@ -47,10 +52,24 @@ def register(name: str, *, paper: str, summary: str) -> Callable[[type], type]:
 
 
 def names() -> list[str]:
+    _load_methods()
     return sorted(_REGISTRY)
 
 
+def _load_methods() -> None:
+    """Import the method modules so that their `register` decorators run."""
+    from interventions import carve, pai, var, vhr, vte  # noqa: F401
+
+
+def component_factories() -> dict[str, Callable]:
+    """{name: plan_component} in hook order, for the methods that act inside a batch."""
+    _load_methods()
+    entries = sorted(_REGISTRY.values(), key=lambda e: e.order)
+    return {e.name: e.config.plan_component for e in entries if hasattr(e.config, "plan_component")}
+
+
 def _build(name: str, params: Mapping[str, Any]) -> Any:
+    _load_methods()
     entry = _REGISTRY.get(name)
     if entry is None:
         valid = ", ".join(["none", *names()])

@@ -80,6 +80,7 @@ class ModelFacts:
     vocab_size: int
     max_context: int
     image_token_id: int
+    vision_grid: int  # patches per side of one base image (LLaVA-1.5-7B: 24)
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelFacts":
@@ -94,4 +95,5 @@ class ModelFacts:
             vocab_size=text.vocab_size,
             max_context=text.max_position_embeddings,
             image_token_id=config.image_token_id,
+            vision_grid=config.vision_config.image_size // config.vision_config.patch_size,
         )

@@ -25,20 +25,30 @@ from lvlm.errors import PromptError
 
 
 class Plan(Protocol):
-    """Per-batch intervention plan the engine consults (interventions/ builds real ones)."""
+    """Per-batch intervention plan the engine consults (interventions/ builds real ones).
+
+    Batch rows may include helper rows (image-removed twins); `adjust_logits` maps the batch's
+    logits to the main rows, `expand_tokens` maps the main rows' tokens back to batch rows, and
+    `select_main` drops finished main rows (with their helpers).
+    """
 
     def before_layer(self, engine: "Engine", layer: int, state: "ForwardState") -> None: ...
+    def key_mask(self, layer: int, state: "ForwardState") -> torch.Tensor | None: ...
     def edits(self, layer: int, state: "ForwardState") -> AttentionEdits | None: ...
     def after_attention(self, layer: int, state: "ForwardState", out: torch.Tensor, readout) -> torch.Tensor: ...
     def after_prefill(self, engine: "Engine", state: "ForwardState") -> torch.Tensor | None: ...
     def adjust_logits(self, state: "ForwardState", logits: torch.Tensor) -> torch.Tensor: ...
-    def key_mask(self, layer: int, state: "ForwardState") -> torch.Tensor | None: ...
+    def expand_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...
+    def select_main(self, state: "ForwardState", keep: list[int]) -> None: ...
 
 
 class NoPlan:
     """The plan of a batch without interventions: every hook is the identity."""
 
     def before_layer(self, engine, layer, state):
+        return None
+
+    def key_mask(self, layer, state):
         return None
 
     def edits(self, layer, state):
@@ -53,8 +63,14 @@ class NoPlan:
     def adjust_logits(self, state, logits):
         return logits
 
-    def key_mask(self, layer, state):
-        return None
+    def expand_tokens(self, tokens):
+        return tokens
+
+    def select_main(self, state, keep):
+        index = torch.tensor(keep, device=state.hidden.device)
+        state.cache.select_rows(index)
+        state.next_position = state.next_position.index_select(0, index)
+        state.row_start = state.row_start.index_select(0, index)
 
 
 @dataclass
@@ -70,6 +86,7 @@ class ForwardState:
     layer: int = 0
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     input_ids: torch.Tensor | None = None  # (B, T) prompt ids (prefill)
+    k_len: int = 0  # keys the current layer attends over (its cache plus the new rows)
     next_position: torch.Tensor | None = None  # (B,) rotary position of the next fed token
 
     # AttentionContext protocol (kernels/dispatch.py): the attention function calls these.
@@ -149,7 +166,7 @@ class Engine:
             cache = state.cache
             cache.begin_layer(layer_idx, state.row_start)
             q_len = state.hidden.shape[1]
-            k_len = cache.length(layer_idx) + q_len
+            k_len = state.k_len = cache.length(layer_idx) + q_len
             start = cache.start[layer_idx]
             key = (id(start), q_len, k_len)
             if key not in state.masks:
@@ -178,7 +195,8 @@ class Engine:
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict, plan: Any = None
     ) -> tuple[torch.Tensor, ForwardState]:
-        """Forward over the left-padded prompt; returns next-token logits (B, V) and the state."""
+        """Forward over the left-padded prompt; returns next-token logits (B, V) of every batch
+        row (helper rows included; see `Plan.adjust_logits`) and the state."""
         plan = plan or NoPlan()
         attention_mask = attention_mask.to(torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # as transformers' generate
@@ -197,7 +215,7 @@ class Engine:
         if dropped is not None:
             hidden = hidden.index_select(0, dropped)
             state.position_ids = state.position_ids.index_select(0, dropped)
-        logits = plan.adjust_logits(state, self.logits(hidden[:, -1]))
+        logits = self.logits(hidden[:, -1])
         state.next_position = state.position_ids[:, -1] + 1  # (B,)
         return logits, state
 
@@ -211,16 +229,7 @@ class Engine:
         state.masks = {}
         hidden = self.run_layers(state)
         state.next_position = state.next_position + 1
-        return state.plan.adjust_logits(state, self.logits(hidden[:, -1]))
-
-    def select_rows(self, state: ForwardState, index: torch.Tensor) -> None:
-        """Keep only the rows in `index` (finished requests leave the batch)."""
-        state.cache.select_rows(index)
-        state.next_position = state.next_position.index_select(0, index)
-        state.row_start = state.row_start.index_select(0, index)
-        select = getattr(state.plan, "select_rows", None)
-        if select is not None:
-            select(index)
+        return self.logits(hidden[:, -1])
 
 
 @dataclass

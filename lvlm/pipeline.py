@@ -50,6 +50,7 @@ class Pipeline:
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
+        self._profile: dict[str, Any] | None = None
 
     @property
     def max_context(self) -> int:
@@ -75,14 +76,14 @@ class Pipeline:
     def render_prompt(self, request: Request) -> str:
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise PromptError("the prompt is empty")
-        content: list[dict[str, str]] = [{"type": "image"}] if request.image is not None else []
+        content: list[dict[str, str]] = [{"type": "image"} for _ in _images(request)]
         content.append({"type": "text", "text": request.prompt})
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def prepare(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """Processor outputs for a left-padded batch (input_ids, attention_mask, vision inputs)."""
         texts = [self.render_prompt(r) for r in requests]
-        images = [load_image(r.image) for r in requests if r.image is not None]
+        images = [load_image(image) for r in requests for image in _images(r)]
         self.tokenizer.padding_side = "left"
         batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         lengths = batch["attention_mask"].sum(-1).tolist()
@@ -100,57 +101,90 @@ class Pipeline:
             vision["pixel_values"] = vision["pixel_values"].to(self.model.dtype)
         return vision
 
-    def build_plan(self, requests: Sequence[Request], batch: dict[str, torch.Tensor]):
+    def build_plan(self, requests: Sequence[Request], plan_factory=None):
+        if plan_factory is not None:
+            return plan_factory(self.facts, requests)
         if not any(r.interventions for r in requests):
             return NoPlan()
         from interventions.plan import build_plan
 
-        return build_plan(self, requests, batch)
+        return build_plan(self.facts, requests, profile=self.profile())
+
+    def profile(self) -> dict[str, Any]:
+        """Cached per-model constants (sink dimensions, ...) for the interventions."""
+        if self._profile is None:
+            from lvlm.profile import load_or_compute
+
+            self._profile = load_or_compute(self)
+        return self._profile
 
     # -- generation -------------------------------------------------------------------------
-    def generate(self, requests: Sequence[Request], on_token: OnToken | None = None) -> list[Result]:
+    def generate(self, requests: Sequence[Request], on_token: OnToken | None = None, *,
+                 plan_factory: Callable | None = None) -> list[Result]:
+        """Run the requests as one batch. `plan_factory(facts, requests)` overrides the plan built
+        from the requests' interventions (multi-pass methods use it for their probe passes)."""
         requests = list(requests)
         if not requests:
             return []
         for r in requests:
             if r.max_new_tokens < 1:
                 raise PromptError("max_new_tokens must be at least 1")
-        batch = self.prepare(requests)
-        plan = self.build_plan(requests, batch)
+        requests, pre_reports = self.refine(requests)
+        plan = self.build_plan(requests, plan_factory)
+        batch = self.prepare(requests + list(getattr(plan, "twin_requests", list)()))
+        if hasattr(plan, "bind"):
+            plan.bind(batch)
         engine = self.engine
-        (logits, state), prefill_ms = timed(
-            lambda: engine.prefill(batch["input_ids"], batch["attention_mask"], self.vision_inputs(batch), plan),
-            self.device,
-        )
+
+        def prefill():
+            logits, state = engine.prefill(batch["input_ids"], batch["attention_mask"], self.vision_inputs(batch), plan)
+            return plan.adjust_logits(state, logits), state
+
+        (logits, state), prefill_ms = timed(prefill, self.device)
         rows = [_RowState(self, r, i) for i, r in enumerate(requests)]
-        active = list(range(len(rows)))  # request index of each batch row
+        active = list(range(len(rows)))  # request index of each main batch row
         t_decode = time.perf_counter()
         while True:
             tokens = [rows[i].push(logits[b]) for b, i in enumerate(active)]
-            for b, i in enumerate(active):
+            for i in active:
                 delta = rows[i].take_delta()
                 if delta and on_token is not None:
                     on_token(i, delta)
-            keep = [b for b, i in enumerate(active) if not rows[i].finished]
-            for b, i in enumerate(active):
                 if rows[i].finished:
                     rows[i].decode_ms = 1000.0 * (time.perf_counter() - t_decode)
+            keep = [b for b, i in enumerate(active) if not rows[i].finished]
             if not keep:
                 break
             if len(keep) < len(active):
-                index = torch.tensor(keep, device=self.device)
-                engine.select_rows(state, index)
+                plan.select_main(state, keep)
                 active = [active[b] for b in keep]
                 tokens = [tokens[b] for b in keep]
-            logits = engine.decode_one_token(torch.tensor(tokens, device=self.device), state)
+            fed = plan.expand_tokens(torch.tensor(tokens, device=self.device))
+            logits = plan.adjust_logits(state, engine.decode_one_token(fed, state))
         prompt_lengths = batch["attention_mask"].sum(-1).tolist()
-        reports = getattr(plan, "reports", lambda: [{} for _ in requests])()
+        reports = plan.reports() if hasattr(plan, "reports") else [{} for _ in requests]
         results = []
         for i, row in enumerate(rows):
-            report = {"attention_backend": engine.attention_backend, **reports[i]}
+            report = {"attention_backend": engine.attention_backend, **pre_reports[i], **reports[i]}
             timings = Timings(prefill_ms=prefill_ms, decode_ms=row.decode_ms, decode_tokens=len(row.ids) - 1)
             results.append(Result(row.text, row.ids, row.finish_reason, int(prompt_lengths[i]), timings, report))
         return results
+
+    def refine(self, requests: list[Request]) -> tuple[list[Request], list[dict[str, Any]]]:
+        """Multi-pass methods that rewrite a request before the batch runs (CARVE)."""
+        reports: list[dict[str, Any]] = [{} for _ in requests]
+        if not any(c.name == "carve" for r in requests for c in r.interventions):
+            return requests, reports
+        from interventions.carve import refine_requests
+
+        return refine_requests(self, requests)
+
+
+def _images(request: Request) -> list:
+    """A request's images: none, one, or several (CARVE's code mode passes two)."""
+    if request.image is None:
+        return []
+    return list(request.image) if isinstance(request.image, (list, tuple)) else [request.image]
 
 
 class _RowState:

@@ -75,6 +75,9 @@ def _text_config(vocab_size: int, tok: PreTrainedTokenizerFast) -> LlamaConfig:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        # Larger than Llama's 0.02 so that random attention is peaked rather than uniform and
+        # the attention interventions visibly act on the tiny model.
+        initializer_range=0.1,
     )
 
 
@@ -87,6 +90,7 @@ def _vision_config() -> CLIPVisionConfig:
         image_size=IMAGE_SIZE,
         patch_size=PATCH,
         projection_dim=32,
+        initializer_range=0.1,
     )
 
 

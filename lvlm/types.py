@@ -10,7 +10,7 @@ from PIL import Image
 
 @dataclass
 class Request:
-    """One generation request: a user prompt with at most one image.
+    """One generation request: a user prompt with an image (or none, or a list of images).
 
     `prompt` is the user's text only; the engine applies the model's chat template and inserts
     the image placeholder. `interventions` is a list of intervention configs (see
@@ -18,7 +18,7 @@ class Request:
     """
 
     prompt: str
-    image: Image.Image | None = None
+    image: Image.Image | list[Image.Image] | None = None
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0

@@ -1,0 +1,187 @@
+"""CARVE: contrastive attention refinement of the input image (Ge et al., arXiv 2509.06461).
+
+CARVE edits the image, not the attention:
+1. Two short greedy generations (≤ 32 tokens), with the task question Q and with the general
+   instruction G, read out A^{(l,t)}: the newest query row's head-mean attention over the visual
+   keys at step t in layer l (the kernel's READOUT, with the KV cache; no attention matrix).
+2. Contrast Â = A^Q / (A^G + λ), λ = 1e-8, over the steps both generations reached; fusion
+   S = Σ_t w_t Σ_{l∈Lsel} grid(Â^{(l,t)}), w_t = t − t_start + 1, grid() = the patch grid resized
+   bilinearly to the image; Lsel = layers 20..25 of a 32-layer backbone, scaled by depth.
+3. Mask: the top 20 % of pixels, connected components, keep the max(K_min = 3, ⌊#regions·p⌋)
+   regions with the largest attention sum, zero the rest, crop to their bounding box, upscale
+   (aspect kept, Lanczos).
+4. Final answer to Q with the refined image (paper) or with the original and refined images
+   together (released code): `mode` = "paper" | "code".
+The pipeline reaches this module through a narrow protocol: `generate(requests, plan_factory=)`
+and `facts`; nothing of `lvlm/` is imported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from interventions.plan import BatchPlan, Component
+from interventions.registry import InterventionError, register
+from kernels.edits import KEY_VISUAL
+
+GENERAL_PROMPT = "Write a general description of the image."
+MODES = ("paper", "code")
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Layers 20..25 for 28–32-layer backbones, scaled proportionally for other depths."""
+    if 28 <= num_layers <= 32:
+        return tuple(range(20, 26))
+    lo, hi = round(20 * num_layers / 32), round(25 * num_layers / 32)
+    return tuple(range(min(lo, num_layers - 1), min(hi, num_layers - 1) + 1))
+
+
+@register("carve", paper="arXiv 2509.06461 (Ge et al.)", order=90,
+          summary="contrast task vs general attention to crop the image to the relevant regions, then re-ask")
+@dataclass(frozen=True)
+class CARVEConfig:
+    max_steps: int = field(default=32, metadata={"doc": "tokens of each read-out generation"})
+    general_prompt: str = field(default=GENERAL_PROMPT, metadata={"doc": "the general instruction G"})
+    lam: float = field(default=1e-8, metadata={"doc": "lambda in A^Q / (A^G + lambda)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"doc": "read-out layers; default 20..25 of 32, scaled"})
+    top_p: float = field(default=0.2, metadata={"doc": "fraction of pixels kept before connected components"})
+    k_min: int = field(default=3, metadata={"doc": "minimum number of regions kept"})
+    mode: str = field(default="paper", metadata={"doc": "paper: refined image only; code: original + refined"})
+
+    def __post_init__(self):
+        if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= 256:
+            raise ValueError(f"max_steps must be an integer in [1, 256], got {self.max_steps!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.k_min, int) or self.k_min < 1:
+            raise ValueError(f"k_min must be an integer >= 1, got {self.k_min!r}")
+        if not isinstance(self.lam, (int, float)) or self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+    def readout_layers(self, num_layers: int) -> tuple[int, ...]:
+        layers = self.layers if self.layers is not None else default_layers(num_layers)
+        bad = [l for l in layers if not 0 <= l < num_layers]
+        if bad:
+            raise ValueError(f"carve: layers {bad} outside the model's 0..{num_layers - 1}")
+        return layers
+
+
+class Readout(Component):
+    """Collects A^{(l,t)} for every main row: {request: [step][layer] -> (|V|,) fp32}."""
+
+    name = "carve-readout"
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = set(layers)
+        self.maps: dict[int, list[dict[int, torch.Tensor]]] = {}
+        self._step_of: dict[int, int] = {}
+
+    def contribute(self, plan, layer, state, fields):
+        if layer in self.layers:
+            fields["readout"] = True
+
+    def after_attention(self, plan, layer, state, out, readout):
+        if readout is None or layer not in self.layers:
+            return out
+        cls = plan.key_class(layer, state)
+        for b, (r, is_twin) in enumerate(zip(plan.rows, plan.twin)):
+            if is_twin:
+                continue
+            steps = self.maps.setdefault(r, [])
+            if layer == min(self.layers):
+                steps.append({})
+            steps[-1][layer] = readout[b][(cls[b] & KEY_VISUAL) != 0].float().cpu()
+        return out
+
+
+def fuse(maps_q: list[dict[int, torch.Tensor]], maps_g: list[dict[int, torch.Tensor]], *, side: int,
+         size: tuple[int, int], lam: float) -> np.ndarray:
+    """S (H, W) float: time-weighted sum over steps and layers of grid(A^Q / (A^G + λ))."""
+    width, height = size
+    total = torch.zeros(1, 1, height, width)
+    steps = min(len(maps_q), len(maps_g))
+    for t in range(steps):
+        w_t = t + 1  # t_start = 0: later steps weigh more
+        for layer, a_q in maps_q[t].items():
+            contrast = a_q[: side * side] / (maps_g[t][layer][: side * side] + lam)  # (side²,)
+            grid = contrast.reshape(1, 1, side, side)
+            total += w_t * torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    return total[0, 0].numpy()
+
+
+def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: int) -> tuple[Image.Image, dict]:
+    """Keep the top-p pixels' strongest regions, zero the rest, crop and upscale (Lanczos)."""
+    threshold = np.quantile(score, 1.0 - top_p)
+    regions, count = ndimage.label(score >= threshold)
+    if count == 0:
+        return image, {"regions": 0, "kept": 0, "box": [0, 0, image.width, image.height]}
+    sums = ndimage.sum(score, regions, index=np.arange(1, count + 1))
+    n_keep = max(k_min, int(count * top_p))
+    kept = np.argsort(sums)[::-1][:n_keep] + 1
+    keep = np.isin(regions, kept)
+    ys, xs = np.nonzero(keep)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    pixels = np.asarray(image.convert("RGB")).copy()
+    pixels[~keep] = 0
+    crop = Image.fromarray(pixels).crop(box)
+    factor = min(image.width / crop.width, image.height / crop.height)
+    refined = crop.resize((max(1, round(crop.width * factor)), max(1, round(crop.height * factor))), Image.LANCZOS)
+    return refined, {"regions": int(count), "kept": int(len(kept)), "box": list(box),
+                     "mask_fraction": round(float(keep.mean()), 4)}
+
+
+def refine_requests(pipe: Any, requests: Sequence[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Replace the image of every CARVE request by its refined image (or image pair)."""
+    facts = pipe.facts
+    requests = list(requests)
+    reports: list[dict[str, Any]] = [{} for _ in requests]
+    jobs = []
+    for i, request in enumerate(requests):
+        config = next((c for c in request.interventions if c.name == "carve"), None)
+        if config is None:
+            continue
+        if request.image is None:
+            raise InterventionError("carve needs an image: it refines the input image", param="interventions.carve")
+        jobs.append((i, config))
+    if not jobs:
+        return requests, reports
+    t0 = time.perf_counter()
+    layers = sorted({l for _, c in jobs for l in c.readout_layers(facts.num_layers)})
+    probes = []
+    for i, config in jobs:
+        base = replace(requests[i], interventions=(), max_new_tokens=config.max_steps, temperature=0.0, stop=())
+        probes += [base, replace(base, prompt=config.general_prompt)]
+    readout = Readout(layers)
+
+    def plan_factory(facts_, reqs):
+        plan = BatchPlan(facts_, reqs)
+        plan.components.append(readout)
+        return plan
+
+    pipe.generate(probes, plan_factory=plan_factory)
+    for n, (i, config) in enumerate(jobs):
+        own = set(config.readout_layers(facts.num_layers))
+        pick = lambda maps: [{l: a for l, a in step.items() if l in own} for step in maps]
+        image = requests[i].image
+        score = fuse(pick(readout.maps.get(2 * n, [])), pick(readout.maps.get(2 * n + 1, [])),
+                     side=facts.vision_grid, size=image.size, lam=config.lam)
+        refined, info = refine_image(image, score, top_p=config.top_p, k_min=config.k_min)
+        new_image = refined if config.mode == "paper" else [image, refined]
+        others = tuple(c for c in requests[i].interventions if c.name != "carve")
+        requests[i] = replace(requests[i], image=new_image, interventions=others)
+        reports[i]["carve"] = {"mode": config.mode, "layers": sorted(own), "extra_passes": 2, **info}
+    added = 1000.0 * (time.perf_counter() - t0)
+    for i, _ in jobs:
+        reports[i]["added_ms"] = reports[i].get("added_ms", 0.0) + added
+    return requests, reports

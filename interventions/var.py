@@ -1,0 +1,136 @@
+"""VAR: Visual Attention Redistribution (Kang et al., ICLR 2025, arXiv 2503.03321).
+
+Sink tokens carry massive activations in a few residual dimensions D_sink. At prefill, for
+layers 2..L−1, a key j is a sink of layer l when φ(x_j) = max_{d∈D_sink} |x_j[d] / RMS(x_j)| > τ
+on the hidden state entering layer l (fp32, RMS without the norm weight). The sink sets are
+frozen for decoding. In every forward, a text query row after the image is "image-centric" in a
+head when its visual attention A_V ≥ 0.2 and its sink share (weight on visual sinks / A_V) is at
+most 1 − ρ; such a row gives the fraction p of its sink attention to the non-sink visual keys,
+in proportion to their weights (kernels: SINK_REDIST).
+
+Parameter convention: p is the fraction recycled and ρ the minimum non-sink visual ratio, as in
+the paper. The released code's `p` and `rho` mean 1−p and 1−ρ (confirmed by the authors): its
+shipped p = 0.6 recycles 40 %, our default p = 0.4. `VARConfig.from_code_convention` converts.
+Layers 0 and 1 are never modified; the paper excludes the last layer (default 2..L−2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from interventions.plan import BatchPlan, Component, Stopwatch
+from interventions.registry import register
+from kernels.edits import KEY_SINK, KEY_VISUAL
+
+# Sink dimensions reported by Kang et al. per backbone: (model_type, hidden, layers) -> D_sink.
+KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
+    ("llama", 4096, 32): (1415, 2533),  # Llama-2-7B backbones (LLaVA-1.5-7B)
+    ("llama", 5120, 40): (2100, 4743),  # Llama-2-13B backbones (LLaVA-1.5-13B, LLaVA-1.6-vicuna-13B)
+    ("qwen2", 3584, 28): (458, 2570),  # Qwen2-VL-7B
+}
+
+
+def sink_scores(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """φ per token: (B, T, E) -> (B, T) fp32, max over D_sink of |x[d] / RMS(x)|."""
+    x = hidden.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # (B, T, 1)
+    return (x[..., list(dims)] / rms).abs().amax(-1)
+
+
+def _unit(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@register("var", paper="arXiv 2503.03321 (Kang et al., ICLR 2025)", order=20,
+          summary="recycle attention from visual sinks to the other image tokens in image-centric heads")
+@dataclass(frozen=True)
+class VARConfig:
+    p: float = field(default=0.4, metadata={"doc": "fraction of sink attention recycled, in [0, 1] (code's p = 1 - this)"})
+    rho: float = field(default=0.5, metadata={"doc": "paper's minimum non-sink visual ratio, in [0, 1] (code's rho = 1 - this)"})
+    tau: float = field(default=20.0, metadata={"doc": "sink threshold on phi (> 0)"})
+    min_visual: float = field(default=0.2, metadata={"doc": "minimum visual attention A_V of an image-centric row"})
+    sink_dims: tuple[int, ...] | None = field(default=None, metadata={"doc": "D_sink; default from the model profile"})
+    include_last: bool = field(default=False, metadata={"doc": "also modify the last layer"})
+
+    def __post_init__(self):
+        _unit("p", self.p)
+        _unit("rho", self.rho)
+        _unit("min_visual", self.min_visual)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0:
+            raise ValueError(f"tau must be a number > 0, got {self.tau!r}")
+        if self.sink_dims is not None:
+            dims = tuple(int(d) for d in self.sink_dims)
+            if not dims or min(dims) < 0:
+                raise ValueError("sink_dims must be a non-empty list of dimension indices")
+            object.__setattr__(self, "sink_dims", dims)
+
+    @classmethod
+    def from_code_convention(cls, p: float, rho: float, **kwargs) -> "VARConfig":
+        """Build from the released code's parameters (its p and rho are 1−p and 1−ρ)."""
+        return cls(p=1.0 - p, rho=1.0 - rho, **kwargs)
+
+    def layers(self, num_layers: int) -> range:
+        return range(2, num_layers if self.include_last else num_layers - 1)
+
+    @staticmethod
+    def plan_component(plan: BatchPlan, configs: dict, profile: dict) -> "VAR":
+        return VAR(plan, configs, profile)
+
+
+class VAR(Component):
+    name = "var"
+
+    def __init__(self, plan: BatchPlan, configs: dict[int, VARConfig], profile: dict):
+        self.configs = configs
+        hidden = plan.facts.hidden_size
+        self.dims: dict[int, tuple[int, ...]] = {}
+        for r, c in configs.items():
+            dims = c.sink_dims if c.sink_dims is not None else tuple(profile.get("sink_dims") or ())
+            if any(d >= hidden for d in dims):
+                raise ValueError(f"var: sink_dims {dims} outside the hidden size {hidden}")
+            self.dims[r] = dims
+        self.sinks: dict[int, dict[int, dict[str, int]]] = {r: {} for r in configs}
+
+    def before_layer(self, plan, engine, layer, state):
+        if state.phase != "prefill" or not 2 <= layer < plan.facts.num_layers:
+            return
+        with Stopwatch(plan, self.configs):
+            cls = plan.key_class(layer, state)  # (B, T) uint8
+            valid = torch.arange(cls.shape[1], device=cls.device)[None, :] >= state.row_start[:, None]
+            for b, (r, is_twin) in enumerate(zip(plan.rows, plan.twin)):
+                if r not in self.configs or is_twin or not self.dims[r]:
+                    continue
+                phi = sink_scores(state.hidden[b : b + 1], self.dims[r])[0]  # (T,)
+                sink = (phi > self.configs[r].tau) & valid[b]
+                cls[b] |= sink.to(torch.uint8) * KEY_SINK
+                visual = (cls[b] & KEY_VISUAL) != 0
+                self.sinks[r][layer] = {"visual": int((sink & visual).sum()), "text": int((sink & ~visual).sum())}
+
+    def contribute(self, plan, layer, state, fields):
+        active = {r: c for r, c in self.configs.items() if layer in c.layers(plan.facts.num_layers) and self.dims[r]}
+        if not active:
+            return
+        device = state.hidden.device
+        fields["sink_p"] = plan.values({r: c.p for r, c in active.items()}, heads=plan.facts.num_heads, device=device)
+        fields["sink_rho"] = plan.values({r: c.rho for r, c in active.items()}, device=device)
+        fields["sink_min_visual"] = plan.values({r: c.min_visual for r, c in active.items()}, device=device)
+        fields["sink_query_start"] = self._query_start(plan, state).to(device)
+
+    @staticmethod
+    def _query_start(plan: BatchPlan, state) -> torch.Tensor:
+        """(B,) int32: key index of the first text query row after the image (prefill); 0 at decode."""
+        if state.phase == "decode":
+            return torch.zeros(len(plan.rows), dtype=torch.int32)
+        visual = plan.visual.cpu()  # (B, T)
+        t = visual.shape[1]
+        last = torch.where(visual, torch.arange(t)[None, :], torch.full_like(visual, -1, dtype=torch.long)).amax(-1)
+        return torch.where(last >= 0, last + 1, torch.full_like(last, t)).to(torch.int32)
+
+    def finish(self, plan):
+        for r, c in self.configs.items():
+            plan.report(r, var={"p": c.p, "rho": c.rho, "tau": c.tau, "sink_dims": list(self.dims[r]),
+                                "sinks": self.sinks[r]})

@@ -1,0 +1,114 @@
+"""VHR: Vision-aware Head Reinforcement (He et al., ACL 2025, arXiv 2412.13949).
+
+At prefill the request runs next to an image-removed twin row in lock-step. In each target
+layer l, at the last prompt position, the Vision-aware Head Divergence of head h is
+VHD = ‖o(with image) − o(image removed)‖₂. Heads whose divergence AND image-removed energy
+TA = ‖o(image removed)‖₂² both exceed mean + std of their layer are outliers and get VHD := 0.
+The heads with VHD above the layer's median are reinforced: o ← α·o, before `o_proj`. Because
+layer l's selection is computed after layers < l were reinforced, the twin advances through the
+same layers in the same batch. The selection is frozen for decoding (a per-row head scale in the
+attention epilogue) and the twin leaves the batch after prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from interventions.plan import BatchPlan, Component
+from interventions.registry import register
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """{1} ∪ last 14 layers (LLaVA-1.5-7B: 1 and 18..31); shallower models keep the shape."""
+    return tuple(sorted({1, *range(max(0, num_layers - 14), num_layers)} & set(range(num_layers))))
+
+
+def head_divergence(o_img: torch.Tensor, o_txt: torch.Tensor) -> torch.Tensor:
+    """(H, D), (H, D) -> VHD (H,) fp32 after the outlier rule (§1.2 of methods.md)."""
+    vhd = (o_img.float() - o_txt.float()).norm(dim=-1)  # (H,)
+    ta = o_txt.float().pow(2).sum(-1)  # (H,)
+    # population std over the heads of the layer (torch.std is the sample std by default)
+    outlier = (vhd > vhd.mean() + vhd.std(unbiased=False)) & (ta > ta.mean() + ta.std(unbiased=False))
+    return torch.where(outlier, torch.zeros_like(vhd), vhd)
+
+
+def select_heads(vhd: torch.Tensor) -> torch.Tensor:
+    """(H,) -> (H,) bool: heads strictly above the median divergence."""
+    return vhd > vhd.median()
+
+
+@register("vhr", paper="arXiv 2412.13949 (He et al., ACL 2025)", order=30,
+          summary="reinforce vision-aware heads: scale the heads whose output depends most on the image")
+@dataclass(frozen=True)
+class VHRConfig:
+    alpha: float = field(default=2.0, metadata={"doc": "reinforcement factor for selected heads (> 0)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"doc": "target layers; default {1} ∪ last 14"})
+    reinforce_twin: bool = field(default=True, metadata={"doc": "also reinforce the image-removed row"})
+
+    def __post_init__(self):
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+    def target_layers(self, num_layers: int) -> tuple[int, ...]:
+        layers = self.layers if self.layers is not None else default_layers(num_layers)
+        bad = [l for l in layers if not 0 <= l < num_layers]
+        if bad:
+            raise ValueError(f"vhr: layers {bad} outside the model's 0..{num_layers - 1}")
+        return layers
+
+    @staticmethod
+    def plan_component(plan: BatchPlan, configs: dict, profile: dict) -> "VHR":
+        return VHR(plan, configs)
+
+
+class VHR(Component):
+    name = "vhr"
+
+    def __init__(self, plan: BatchPlan, configs: dict[int, VHRConfig]):
+        self.configs = configs
+        self.targets = {r: set(c.target_layers(plan.facts.num_layers)) for r, c in configs.items()}
+        self.heads: dict[int, dict[int, torch.Tensor]] = {r: {} for r in configs}  # request -> layer -> (H,) bool
+        self.vhd: dict[int, dict[int, list[float]]] = {r: {} for r in configs}
+        for r in configs:
+            plan.need_twin(r)
+
+    def _scale(self, plan: BatchPlan, layer: int, device) -> torch.Tensor | None:
+        """(B, H) head scales of a target layer for the current layout, or None if all neutral."""
+        rows = {r for r in self.configs if layer in self.heads[r]}
+        if not rows:
+            return None
+        scale = torch.ones(len(plan.rows), plan.facts.num_heads)
+        for b, (r, is_twin) in enumerate(zip(plan.rows, plan.twin)):
+            if r in rows and (not is_twin or self.configs[r].reinforce_twin):
+                scale[b, self.heads[r][layer]] = float(self.configs[r].alpha)
+        return scale.to(device)
+
+    def contribute(self, plan, layer, state, fields):
+        if state.phase == "decode":
+            scale = self._scale(plan, layer, state.hidden.device)
+            if scale is not None:
+                fields["head_scale"] = scale if "head_scale" not in fields else fields["head_scale"] * scale
+
+    def after_attention(self, plan, layer, state, out, readout):
+        if state.phase != "prefill":
+            return out
+        for r in self.configs:
+            if layer not in self.targets[r]:
+                continue
+            main, twin = plan.main_row(r), plan.twin_row(r)
+            vhd = head_divergence(out[main, :, -1], out[twin, :, -1])  # out (B, H, Tq, D)
+            self.heads[r][layer] = select_heads(vhd).cpu()
+            self.vhd[r][layer] = [round(v, 5) for v in vhd.tolist()]
+        scale = self._scale(plan, layer, out.device)
+        if scale is None:
+            return out
+        return out * scale[:, :, None, None].to(out.dtype)
+
+    def finish(self, plan: BatchPlan) -> None:
+        for r in self.configs:
+            selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(self.heads[r].items())}
+            plan.report(r, vhr={"alpha": self.configs[r].alpha, "heads": selected, "twin_rows": 1})

@@ -1,0 +1,181 @@
+"""VTE: visual-token exit (after DyVTE, Wu et al., arXiv 2411.19628).
+
+After an exit layer k, chosen at prefill, ALL visual tokens of the row leave the hidden states:
+layers k+1..L−1 never compute or store them, text tokens keep their original rotary positions
+(the gap stays), and layers ≤ k keep their visual keys/values for decoding. The saving only
+exists when rows are physically removed, so this is what the engine does; `emulate=True` masks
+the visual keys instead (identical outputs, no saving) and serves as the test oracle.
+
+Policies:
+- "fixed": exit after layer k (default k = L // 2); k = L − 1 never exits.
+- "dynamic" (training-free): exit after the first layer ≥ min_layer at which the last prompt
+  row's head-mean attention mass on visual keys has stayed below `threshold` for `patience`
+  consecutive layers (read out by the kernel's READOUT, no attention matrix materialized).
+- "router": DyVTE-style trained router (an MLP on [mean of the text hidden states after the
+  image; last hidden state], exit when its sigmoid > 0.5), from a user's weights file
+  (torch.save of {"w1": (Hd, 2E), "b1": (Hd,), "w2": (1, Hd), "b2": (1,)}); none are published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from interventions.plan import BatchPlan, Component
+from interventions.registry import register
+from kernels.edits import KEY_VISUAL
+
+POLICIES = ("fixed", "dynamic", "router")
+
+
+@register("vte", paper="arXiv 2411.19628 (Wu et al., DyVTE)", order=10,
+          summary="remove all visual tokens from the hidden states after an exit layer (faster prefill and decode)")
+@dataclass(frozen=True)
+class VTEConfig:
+    policy: str = field(default="fixed", metadata={"doc": "fixed | dynamic | router"})
+    exit_layer: int | None = field(default=None, metadata={"doc": "fixed exit layer k (default L // 2)"})
+    threshold: float = field(default=0.1, metadata={"doc": "dynamic: visual attention mass below which to exit"})
+    patience: int = field(default=1, metadata={"doc": "dynamic: consecutive layers below the threshold"})
+    min_layer: int = field(default=2, metadata={"doc": "dynamic/router: earliest exit layer"})
+    router_path: str | None = field(default=None, metadata={"doc": "router: path of the trained router weights"})
+    emulate: bool = field(default=False, metadata={"doc": "mask visual keys instead of removing rows (oracle)"})
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.exit_layer is not None and (isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int) or self.exit_layer < 0):
+            raise ValueError(f"exit_layer must be an integer >= 0, got {self.exit_layer!r}")
+        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
+        if self.policy == "router" and not self.router_path:
+            raise ValueError("policy 'router' needs router_path (trained router weights)")
+
+    @staticmethod
+    def plan_component(plan: BatchPlan, configs: dict, profile: dict) -> "VTE":
+        return VTE(plan, configs)
+
+
+class Router(torch.nn.Module):
+    """DyVTE-style exit router: MLP over [mean text-after-image hidden; last hidden]."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.w1, self.b1 = weights["w1"].float(), weights["b1"].float()
+        self.w2, self.b2 = weights["w2"].float(), weights["b2"].float()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (2E,) -> probability of exiting
+        h = torch.nn.functional.gelu(features.float() @ self.w1.T + self.b1)
+        return torch.sigmoid(h @ self.w2.T + self.b2).squeeze(-1)
+
+
+class VTE(Component):
+    name = "vte"
+
+    def __init__(self, plan: BatchPlan, configs: dict[int, VTEConfig]):
+        num_layers = plan.facts.num_layers
+        self.configs = configs
+        self.exit: dict[int, int | None] = {}  # request -> decided exit layer (None: not yet)
+        self.below: dict[int, int] = {r: 0 for r in configs}
+        self.removed: dict[int, int] = {r: 0 for r in configs}
+        self.routers: dict[int, Router] = {}
+        for r, c in configs.items():
+            if c.exit_layer is not None and c.exit_layer >= num_layers:
+                raise ValueError(f"vte: exit_layer {c.exit_layer} outside the model's 0..{num_layers - 1}")
+            if c.min_layer >= num_layers:
+                raise ValueError(f"vte: min_layer {c.min_layer} outside the model's 0..{num_layers - 1}")
+            self.exit[r] = (c.exit_layer if c.exit_layer is not None else num_layers // 2) if c.policy == "fixed" else None
+            if c.policy == "router":
+                self.routers[r] = Router(torch.load(c.router_path, map_location="cpu", weights_only=True))
+
+    def exited(self, r: int, layer: int) -> bool:
+        """True when request r's visual tokens are gone from `layer` on."""
+        k = self.exit.get(r)
+        return k is not None and layer > k
+
+    # -- prefill: decide and remove ---------------------------------------------------------
+    def before_layer(self, plan, engine, layer, state):
+        if state.phase != "prefill":
+            return
+        for r, router in self.routers.items():
+            if self.exit[r] is None and layer - 1 >= self.configs[r].min_layer:
+                if float(router(self._router_features(plan, state, r))) > 0.5:
+                    self.exit[r] = layer - 1
+        leaving = [r for r, c in self.configs.items() if not c.emulate and self.exit[r] == layer - 1]
+        if leaving:
+            self._remove_visual_rows(plan, state, leaving)
+
+    def _router_features(self, plan, state, r: int) -> torch.Tensor:
+        b = plan.main_row(r)
+        visual = plan.visual[b]
+        after = torch.arange(visual.shape[0], device=visual.device) > visual.nonzero().max() if visual.any() else visual
+        text = state.hidden[b][after & (torch.arange(visual.shape[0], device=visual.device) >= state.row_start[b])]
+        return torch.cat([text.float().mean(0), state.hidden[b, -1].float()])
+
+    def _remove_visual_rows(self, plan: BatchPlan, state, leaving: list[int]) -> None:
+        """Drop the visual rows of the leaving requests and re-pack the batch, left-padded."""
+        B, T = plan.visual.shape
+        positions = torch.arange(T, device=plan.visual.device)
+        keep = positions[None, :] >= state.row_start.to(positions.device)[:, None]  # (B, T) non-padding
+        for b, (r, is_twin) in enumerate(zip(plan.rows, plan.twin)):
+            if r in leaving and not is_twin:
+                keep[b] &= ~plan.visual[b]
+                self.removed[r] = int(plan.visual[b].sum())
+        lengths = keep.sum(-1)  # (B,)
+        new_t = int(lengths.max())
+        # destination column of each kept token: right-aligned, order preserved
+        dest = new_t - lengths[:, None] + keep.long().cumsum(-1) - 1  # (B, T)
+        rows = torch.arange(B, device=keep.device)[:, None].expand(B, T)[keep]
+        cols = dest[keep]
+        hidden = state.hidden.new_zeros(B, new_t, state.hidden.shape[-1])
+        hidden[rows, cols] = state.hidden[keep]
+        position_ids = state.position_ids.new_zeros(B, new_t)
+        position_ids[rows, cols] = state.position_ids[keep]
+        visual = plan.visual.new_zeros(B, new_t)
+        visual[rows, cols] = plan.visual[keep]
+        state.hidden, state.position_ids, plan.visual = hidden, position_ids, visual
+        state.row_start = (new_t - lengths).to(torch.int32)
+        state.masks = {}
+
+    def contribute(self, plan, layer, state, fields):
+        dynamic = [r for r, c in self.configs.items() if c.policy == "dynamic" and self.exit[r] is None]
+        if state.phase == "prefill" and dynamic and layer >= min(self.configs[r].min_layer for r in dynamic):
+            fields["readout"] = True
+
+    def after_attention(self, plan, layer, state, out, readout):
+        if state.phase != "prefill" or readout is None:
+            return out
+        for r, c in self.configs.items():
+            if c.policy != "dynamic" or self.exit[r] is not None or layer < c.min_layer:
+                continue
+            b = plan.main_row(r)
+            visual = (plan.key_class(layer, state)[b] & KEY_VISUAL) != 0
+            mass = float(readout[b][visual].sum())
+            self.below[r] = self.below[r] + 1 if mass < c.threshold else 0
+            if self.below[r] >= c.patience and layer < plan.facts.num_layers - 1:
+                self.exit[r] = layer
+        return out
+
+    # -- emulation oracle: mask visual keys after the exit layer -----------------------------------
+    def key_mask(self, plan, layer, state):
+        emulated = [r for r, c in self.configs.items() if c.emulate and self.exited(r, layer)]
+        if not emulated:
+            return None
+        cls = plan.key_class(layer, state)
+        visible = torch.ones_like(cls, dtype=torch.bool)
+        for b, (r, is_twin) in enumerate(zip(plan.rows, plan.twin)):
+            if r in emulated and not is_twin:
+                visible[b] = (cls[b] & KEY_VISUAL) == 0
+        return visible
+
+    def finish(self, plan):
+        L = plan.facts.num_layers
+        for r, c in self.configs.items():
+            k = self.exit[r]
+            exited = k is not None and k < L - 1
+            plan.report(r, vte={"policy": c.policy, "exit_layer": k if exited else None,
+                                "visual_tokens_removed": self.removed[r] if exited else 0,
+                                "kv_entries_saved": self.removed[r] * (L - 1 - k) if exited else 0,
+                                "emulated": c.emulate})

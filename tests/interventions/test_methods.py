@@ -1,0 +1,285 @@
+"""Each intervention: neutral parameters, effect, parity with independent implementations."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import lvlm
+from interventions import InterventionError, resolve
+from interventions.plan import build_plan
+from interventions.vhr import default_layers
+from lvlm import tiny
+
+IMG = Image.new("RGB", (40, 30), "red")
+IMG2 = Image.radial_gradient("L").convert("RGB").resize((48, 40))
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return lvlm.load("tiny-llava")
+
+
+def run(pipe, spec, image=IMG, prompt="Describe it.", n=NEW):
+    (res,) = pipe.generate([lvlm.Request(prompt, image, max_new_tokens=n, interventions=resolve(spec))])
+    return res
+
+
+NEUTRAL = {
+    "vhr": [{"name": "vhr", "alpha": 1.0}],
+    "var": [{"name": "var", "p": 0.0, "sink_dims": [3, 7], "tau": 2.0}],
+    "pai": [{"name": "pai", "alpha": 0.0}],
+    "vte": [{"name": "vte", "exit_layer": 3}],  # k = L - 1: never exits
+    "carve": [{"name": "carve", "top_p": 1.0, "max_steps": 4}],  # keeps every pixel
+}
+ACTIVE = {
+    "vhr": [{"name": "vhr", "alpha": 4.0, "layers": [0, 1, 2, 3]}],
+    "var": [{"name": "var", "p": 1.0, "rho": 0.0, "min_visual": 0.0, "sink_dims": [3, 7], "tau": 1.5, "include_last": True}],
+    "pai": [{"name": "pai", "alpha": 3.0}],
+    "vte": [{"name": "vte", "exit_layer": 0}],
+    "carve": [{"name": "carve", "max_steps": 4, "top_p": 0.1, "k_min": 1}],
+}
+
+
+@pytest.mark.parametrize("method", sorted(NEUTRAL))
+def test_neutral_parameters_change_nothing(pipe, method):
+    base = run(pipe, None, image=IMG2)
+    assert run(pipe, NEUTRAL[method], image=IMG2).token_ids == base.token_ids
+
+
+@pytest.mark.parametrize("method", sorted(ACTIVE))
+def test_active_method_changes_output(pipe, method):
+    base = run(pipe, None, image=IMG2, n=12)
+    active = run(pipe, ACTIVE[method], image=IMG2, n=12)
+    assert active.token_ids != base.token_ids
+    assert method in active.report
+
+
+def test_mixed_batch_equals_rows_alone(pipe):
+    specs = [None, "vhr", "var", "pai", "vte", "vhr+var", "var+vte", [{"name": "pai", "contrast": True}]]
+    specs[2] = ACTIVE["var"]
+    images = [IMG, IMG2, Image.new("RGB", (64, 64), "blue"), IMG2, IMG, IMG2, IMG, IMG2]
+    prompts = ["Describe it.", "What is this?", "Colors?", "Describe it.", "Hi", "Objects?", "Count.", "Where?"]
+    reqs = [lvlm.Request(p, im, max_new_tokens=6, interventions=resolve(s)) for p, im, s in zip(prompts, images, specs)]
+    together = pipe.generate(reqs)
+    alone = [pipe.generate([r])[0] for r in reqs]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [sorted(r.report) for r in together] == [sorted(r.report) for r in alone]
+
+
+# -- VHR against an independent implementation on transformers' own forward (eager + hooks) --------
+def vhr_reference_tokens(batch, layers, alpha, n):
+    """Greedy tokens of row 0 with VHR done by o_proj pre-hooks on transformers' eager model."""
+    model, _ = tiny.build("tiny-llava")
+    model.set_attn_implementation("eager")
+    cfg = model.config.text_config
+    H, D = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    chosen = {}
+
+    def hook(layer):
+        def pre(module, args):
+            x = args[0]  # (B, T, H*D): head outputs before o_proj
+            B, T, _ = x.shape
+            heads = x.view(B, T, H, D)
+            if T > 1:  # prefill: rows 0 (image) and 1 (image removed)
+                o_img, o_txt = heads[0, -1], heads[1, -1]
+                vhd = torch.linalg.vector_norm(o_img - o_txt, dim=-1)
+                ta = (o_txt * o_txt).sum(-1)
+                big_vhd = vhd > vhd.mean() + vhd.std(correction=0)
+                big_ta = ta > ta.mean() + ta.std(correction=0)
+                vhd = torch.where(big_vhd & big_ta, 0.0, vhd)
+                chosen[layer] = vhd > torch.quantile(vhd, 0.5, interpolation="lower")
+            scale = torch.where(chosen[layer], alpha, 1.0)
+            return ((heads * scale[None, None, :, None]).view(B, T, H * D),)
+
+        return pre
+
+    for layer in layers:
+        model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(hook(layer))
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False)
+    selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(chosen.items())}
+    return out[0, batch["input_ids"].shape[1]:].tolist(), selected
+
+
+def test_vhr_matches_hooked_transformers(pipe):
+    req = lvlm.Request("Describe it.", IMG2, max_new_tokens=NEW, interventions=resolve([{"name": "vhr", "alpha": 3.0, "layers": [1, 2, 3]}]))
+    (ours,) = pipe.generate([req])
+    batch = pipe.prepare([req, replace(req, image=None, interventions=())])
+    tokens, selected = vhr_reference_tokens(batch, [1, 2, 3], 3.0, NEW)
+    assert ours.report["vhr"]["heads"] == selected
+    assert all(len(h) == 2 for h in selected.values())  # half of 4 heads, above the median
+    eos = pipe.tokenizer.eos_token_id
+    assert ours.token_ids == (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+
+
+def test_vhr_default_layers():
+    assert default_layers(32) == (1, *range(18, 32))
+    assert default_layers(4) == (0, 1, 2, 3)
+
+
+# -- VAR and PAI against an independent materialized attention on transformers' forward ---------------
+class Materialized:
+    """A test-local attention function: softmax written out, with PAI and VAR edits."""
+
+    def __init__(self, visual, pai_alpha=0.0, var=None):
+        self.visual, self.pai_alpha, self.var = visual, pai_alpha, var
+        self.sinks: dict[int, torch.Tensor] = {}
+
+    def layer_hook(self, layer):
+        def pre(module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).float()
+            if self.var is not None and layer >= 2:
+                rms = torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+                phi = (x[..., self.var["dims"]] / rms).abs().max(-1).values
+                self.sinks[layer] = (phi > self.var["tau"]) & kwargs["attention_mask"][:, 0].diagonal(dim1=-2, dim2=-1).eq(0)
+        return pre
+
+    def __call__(self, module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
+        layer = module.layer_idx
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = q @ k.transpose(-1, -2) * scaling  # (B, H, T, T)
+        if self.pai_alpha and layer >= 2:
+            last = s[:, :, -1]
+            s[:, :, -1] = torch.where(self.visual[:, None, :], last + self.pai_alpha * last.abs(), last)
+        a = torch.softmax(s + mask, dim=-1)
+        if self.var is not None and 2 <= layer <= self.var["last"]:
+            S = self.sinks[layer][:, None, None, :]
+            V = self.visual[:, None, None, :]
+            N = V & ~S
+            after_image = torch.arange(s.shape[-1]) > self.visual.long().argmax(-1, keepdim=True) + self.visual.sum(-1, keepdim=True) - 1
+            a_v, a_sv, a_s, a_n = (a * V).sum(-1), (a * (S & V)).sum(-1), (a * S).sum(-1), (a * N).sum(-1)
+            pick = (a_v >= self.var["min_visual"]) & (a_sv <= (1 - self.var["rho"]) * a_v) & (a_n > 0) & after_image[:, None, :]
+            p = self.var["p"]
+            new = torch.where(S, (1 - p) * a, a)
+            new = torch.where(N, a + (p * a_s / a_n.clamp_min(1e-30))[..., None] * a, new)
+            a = torch.where(pick[..., None], new, a)
+        return (a @ v).transpose(1, 2).contiguous(), a
+
+
+def materialized_logits(batch, visual, **kw):
+    model, _ = tiny.build("tiny-llava")
+    fn = Materialized(visual, **kw)
+    AttentionInterface.register("test_materialized", fn)
+    AttentionMaskInterface.register("test_materialized", eager_mask)
+    model.set_attn_implementation({"text_config": "test_materialized", "vision_config": "sdpa"})
+    for i, layer in enumerate(model.model.language_model.layers):
+        layer.register_forward_pre_hook(fn.layer_hook(i), with_kwargs=True)
+    with torch.no_grad():
+        return model(**batch).logits[:, -1], fn
+
+
+def plan_logits(pipe, req):
+    batch = pipe.prepare([req])
+    plan = build_plan(pipe.facts, [req], profile={})
+    plan.bind(batch)
+    logits, state = pipe.engine.prefill(batch["input_ids"], batch["attention_mask"], pipe.vision_inputs(batch), plan)
+    return batch, logits, plan
+
+
+def test_pai_matches_materialized(pipe):
+    req = lvlm.Request("Describe it.", IMG2, interventions=resolve([{"name": "pai", "alpha": 0.7}]))
+    batch, ours, _ = plan_logits(pipe, req)
+    visual = batch["input_ids"] == pipe.facts.image_token_id
+    ref, _ = materialized_logits(batch, visual, pai_alpha=0.7)
+    plain, _ = materialized_logits(batch, visual)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, plain, atol=1e-3)
+
+
+def test_var_matches_materialized(pipe):
+    var = {"p": 0.8, "rho": 0.2, "min_visual": 0.1, "tau": 1.5}
+    req = lvlm.Request("Describe it.", IMG2, interventions=resolve([{"name": "var", "sink_dims": [3, 7], **var}]))
+    batch, ours, plan = plan_logits(pipe, req)
+    visual = batch["input_ids"] == pipe.facts.image_token_id
+    ref, fn = materialized_logits(batch, visual, var={**var, "dims": [3, 7], "last": pipe.facts.num_layers - 2})
+    plain, _ = materialized_logits(batch, visual)
+    sinks = plan.reports()[0]["var"]["sinks"]
+    for layer, found in fn.sinks.items():
+        assert sinks[layer]["visual"] + sinks[layer]["text"] == int(found.sum())
+    assert sum(s["visual"] for s in sinks.values()) > 0
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, plain, atol=1e-4)
+
+
+# -- VTE ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_vte_equals_masked_emulation(pipe, k):
+    removed = run(pipe, [{"name": "vte", "exit_layer": k}], image=IMG2, n=10)
+    masked = run(pipe, [{"name": "vte", "exit_layer": k, "emulate": True}], image=IMG2, n=10)
+    assert removed.token_ids == masked.token_ids
+    assert removed.report["vte"]["exit_layer"] == k
+    assert removed.report["vte"]["visual_tokens_removed"] == 16
+
+
+def test_vte_removal_shortens_later_layers(pipe):
+    req = lvlm.Request("Describe it.", IMG2, interventions=resolve([{"name": "vte", "exit_layer": 1}]))
+    _, _, plan = plan_logits(pipe, req)
+    batch = pipe.prepare([req])
+    plan = build_plan(pipe.facts, [req], profile={})
+    plan.bind(batch)
+    _, state = pipe.engine.prefill(batch["input_ids"], batch["attention_mask"], pipe.vision_inputs(batch), plan)
+    lengths = [state.cache.length(l) for l in range(pipe.facts.num_layers)]
+    assert lengths[0] == lengths[1] == batch["input_ids"].shape[1]
+    assert lengths[2] == lengths[3] == lengths[0] - 16
+
+
+def test_vte_dynamic_policy_exits(pipe):
+    res = run(pipe, [{"name": "vte", "policy": "dynamic", "threshold": 1.0, "min_layer": 1}])
+    assert res.report["vte"]["exit_layer"] == 1
+    never = run(pipe, [{"name": "vte", "policy": "dynamic", "threshold": 0.0}])
+    assert never.report["vte"]["exit_layer"] is None
+    assert never.token_ids == run(pipe, None).token_ids
+
+
+def test_vte_router_weights(pipe, tmp_path):
+    E = pipe.facts.hidden_size
+    path = tmp_path / "router.pt"
+    torch.save({"w1": torch.zeros(4, 2 * E), "b1": torch.zeros(4), "w2": torch.zeros(1, 4), "b2": torch.full((1,), 5.0)}, path)
+    res = run(pipe, [{"name": "vte", "policy": "router", "router_path": str(path), "min_layer": 1}])
+    assert res.report["vte"]["exit_layer"] == 1  # the router says "exit" at the first allowed layer
+
+
+# -- CARVE -----------------------------------------------------------------------------------------
+def test_carve_reports_and_refines(pipe):
+    res = run(pipe, ACTIVE["carve"], image=IMG2)
+    info = res.report["carve"]
+    assert info["extra_passes"] == 2 and info["kept"] >= 1 and 0 < info["mask_fraction"] <= 0.25
+    assert res.report["added_ms"] > 0
+    code = run(pipe, [{"name": "carve", "mode": "code", "max_steps": 4}], image=IMG2)
+    assert code.prompt_tokens > res.prompt_tokens  # two images in the final prompt
+
+
+# -- invalid configurations --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nope", "unknown intervention 'nope'; valid names: none, carve, pai, var, vhr, vte"),
+        ([{"name": "vhr", "alpha": 0}], "alpha must be a number > 0"),
+        ([{"name": "vhr", "alpha": -1}], "alpha must be a number > 0"),
+        ([{"name": "var", "p": 1.5}], "p must be a number in [0, 1]"),
+        ([{"name": "var", "rho": -0.1}], "rho must be a number in [0, 1]"),
+        ([{"name": "pai", "alpha": -0.5}], "alpha must be >= 0"),
+        ([{"name": "vte", "policy": "magic"}], "policy must be one of fixed, dynamic, router"),
+        ([{"name": "vhr", "beta": 1}], "unknown parameter(s) beta"),
+        ("vhr+vhr", "requested twice"),
+        ([{"alpha": 1}], "needs a string 'name'"),
+    ],
+)
+def test_invalid_configs(spec, message):
+    with pytest.raises(InterventionError) as err:
+        resolve(spec)
+    assert message in str(err.value)
+
+
+def test_invalid_for_the_model(pipe):
+    with pytest.raises(ValueError, match="exit_layer 9 outside the model's 0..3"):
+        run(pipe, [{"name": "vte", "exit_layer": 9}])
+    with pytest.raises(ValueError, match=r"layers \[7\] outside"):
+        run(pipe, [{"name": "vhr", "layers": [7]}])
+    with pytest.raises(InterventionError, match="carve needs an image"):
+        run(pipe, "carve", image=None)

@@ -18,6 +18,7 @@ the same arguments:
 Each field of `AttentionEdits` switches on one feature flag when it is not None/False. All
 per-row and per-head parameters are tensors so that a new request never recompiles a kernel.
 A row whose parameter is neutral (head_scale 1, boost_alpha 0, sink_p 0) gets the plain output.
+A query row that sees no key at all (left padding, or every visible key dropped) gets o = 0.
 
 Key classes are bit flags in `key_class` (B, Tk) uint8:
     KEY_VISUAL = 1   the key is an image token (the row's visual positions V)

@@ -78,6 +78,50 @@ def generate(
     )
 
 
+@app.command()
+def profile(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), hub id or path"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    refresh: bool = typer.Option(False, "--refresh", help="recompute even if a cached profile exists"),
+) -> None:
+    """Compute and cache a model's intervention profile (sink dimensions, sink counts per layer)."""
+    import lvlm
+    from lvlm.profile import cache_path, load_or_compute
+
+    pipe = lvlm.load(model, device=device, dtype=dtype)
+    with console.status(f"profiling {pipe.model_id}"):
+        data = load_or_compute(pipe, refresh=refresh)
+    print(json.dumps(data, indent=2))
+    console.print(f"[dim]cached at {cache_path(pipe)}[/dim]")
+
+
+@app.command()
+def bench(
+    what: str = typer.Argument("interventions", help="interventions | attention | load"),
+    args: list[str] = typer.Argument(None, help="arguments passed to the benchmark script"),
+) -> None:
+    """Run a benchmark script from benchmarks/ (prints side-by-side ratios)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{what}.py"
+    if not script.exists():
+        console.print(f"[red]error:[/red] no benchmark {what!r} (looked for {script}; benchmarks run from a source checkout)")
+        raise typer.Exit(2)
+    sys.argv = [str(script), *(args or [])]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def _mount_subcommands() -> None:
+    from eval.cli import app as eval_app
+
+    app.add_typer(eval_app, name="eval", help="CHAIR and POPE evaluation (local, service or Ray runs).")
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     app(sys.argv[1:])
 

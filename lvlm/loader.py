@@ -1,7 +1,8 @@
 """`load(name_or_path)`: a Pipeline for the embedded model, a tiny test model, or a checkpoint.
 
 Names: "shapes" (the embedded model trained in this repo, the default), "tiny-llava" and
-"tiny-llava-next" (random weights, for tests). Anything else is a Hugging Face hub id or a local
+"tiny-llava-next" (random weights, for tests), "random-llava-1.5-7b" (random weights at
+LLaVA-1.5-7B's shapes, for GPU benchmarks). Anything else is a Hugging Face hub id or a local
 directory; its family is detected from the config through the adapter table. Images are
 processed by the PIL image processors (no torchvision needed).
 """
@@ -46,7 +47,7 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
     attn = register()
     torch_dtype = _dtype(dtype, device)
     if name in tiny.NAMES:
-        model, processor = tiny.build(name)
+        model, processor = tiny.build(name, device=device)
         model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
         model = model.to(device=device, dtype=torch_dtype)
         return Pipeline(model, processor, adapter_for(model.config), name)

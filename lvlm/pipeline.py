@@ -207,7 +207,7 @@ class _RowState:
     def push(self, logits: torch.Tensor) -> int:
         token = self.sampler(logits.cpu())
         self.ids.append(token)
-        if token in self.pipe.eos_ids:
+        if token in self.pipe.eos_ids and not self.request.ignore_eos:
             self.finished, self.finish_reason = True, "stop"
             visible = self.ids[:-1]
         else:

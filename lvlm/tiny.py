@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 IMAGE_SIZE, PATCH = 32, 8
-NAMES = ("tiny-llava", "tiny-llava-next")
+NAMES = ("tiny-llava", "tiny-llava-next", "random-llava-1.5-7b")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -94,9 +94,37 @@ def _vision_config() -> CLIPVisionConfig:
     )
 
 
-def build(name: str = "tiny-llava", seed: int = 0):
-    """Return (model, processor) of a tiny random-weight model; same seed, same weights."""
+def llava_15_7b_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
+    """LLaVA-1.5-7B's shapes (Llama-2-7B text model, CLIP ViT-L/14-336 tower: 576 image tokens)
+    with the character vocabulary: for benchmarks at real shapes without downloading weights."""
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None):
+    """Return (model, processor) of a random-weight model; same seed, same weights.
+
+    `device` builds the weights there directly (the 7B-shaped model is only practical on a GPU).
+    """
     tok = char_tokenizer()
+    if name == "random-llava-1.5-7b":
+        torch.manual_seed(seed)
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration(llava_15_7b_config(tok))
+        crop = {"height": 336, "width": 336}
+        processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size=crop),
+                                   tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        return model.eval(), processor
     image_token_id = tok.convert_tokens_to_ids("<image>")
     common = dict(
         text_config=_text_config(len(tok), tok),

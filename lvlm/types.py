@@ -24,6 +24,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
     interventions: tuple[Any, ...] = ()
 
 

@@ -1,0 +1,104 @@
+"""Throughput of every intervention vs no intervention, measured side by side in one run.
+
+For each configuration the same batch of requests is generated `--repeats` times (after one
+warm-up); the table reports the median prefill time, decode tokens/s and their ratios to the
+baseline, plus VTE's prefill speed-up. Run on CPU with the tiny model, or on a GPU at
+LLaVA-1.5-7B shapes:
+
+    python benchmarks/interventions.py                                  # tiny-llava, CPU
+    python benchmarks/interventions.py --model random-llava-1.5-7b --device cuda --dtype float16 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lvlm  # noqa: E402
+from interventions import resolve  # noqa: E402
+
+
+def configs(num_layers: int) -> dict[str, object]:
+    half = num_layers // 2
+    return {
+        "none": None,
+        "vhr": "vhr",
+        "var": [{"name": "var", "sink_dims": [0, 1], "tau": 2.0}],  # forced sinks: the kernel path always runs
+        "pai": "pai",
+        "vhr+var+pai": [{"name": "vhr"}, {"name": "var", "sink_dims": [0, 1], "tau": 2.0}, {"name": "pai"}],
+        f"vte k={half}": [{"name": "vte", "exit_layer": half}],
+        f"vte k={half} masked": [{"name": "vte", "exit_layer": half, "emulate": True}],
+    }
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run(pipe, requests, repeats: int):
+    pipe.generate(requests)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        results = pipe.generate(requests)
+        prefill.append(results[0].timings.prefill_ms)
+        tokens = sum(r.timings.decode_tokens for r in results)
+        ms = max(r.timings.decode_ms for r in results)
+        decode.append(1000.0 * tokens / ms if ms else 0.0)
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-llava")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = ap.parse_args()
+
+    pipe = lvlm.load(args.model, device=args.device, dtype=args.dtype)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(args.batch)]
+    rows = []
+    base = None
+    for name, spec in configs(pipe.facts.num_layers).items():
+        requests = [
+            lvlm.Request("Please describe this image in detail.", im, max_new_tokens=args.new_tokens,
+                         interventions=resolve(spec), ignore_eos=True)  # same token count for every config
+            for im in images
+        ]
+        prefill_ms, tok_s = run(pipe, requests, args.repeats)
+        base = base or (prefill_ms, tok_s)
+        rows.append({"config": name, "prefill_ms": prefill_ms, "decode_tok_s": tok_s,
+                     "prefill_speedup": base[0] / prefill_ms, "decode_ratio": tok_s / base[1]})
+
+    table = Table(title=f"{args.model} on {machine(args.device)} | batch {args.batch}, {args.new_tokens} new tokens, "
+                        f"attention backend {pipe.engine.attention_backend}")
+    for col in ("config", "prefill ms", "prefill speed-up", "decode tok/s", "decode vs none"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["config"], f"{r['prefill_ms']:.1f}", f"{r['prefill_speedup']:.2f}x",
+                      f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f}x")
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(args.device), "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

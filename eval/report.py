@@ -1,0 +1,184 @@
+"""Evaluation reports: JSON with full provenance, a Markdown table, PNG charts, written atomically.
+
+docs/eval.md ("Running evaluations"): results are only comparable on the same image list, ground
+truth, prompt, decoding and metric flavour, so every report carries model id and revision, dtype,
+processor settings, prompt, decoding parameters, interventions with their parameters, seed, image
+ids hash, question-file hash, metric flavour, package version and attention backend. Every file is
+written to a temporary file in the same folder, fsynced and renamed over the target, so a reader
+never sees a half-written report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "lvlm-hallu"
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything needed to say whether two reports are comparable. Unknown fields stay None."""
+
+    benchmark: str = "unknown"  # compare() fills it from the task
+    model_id: str | None = None
+    model_revision: str | None = None
+    dtype: str | None = None
+    processor: Mapping[str, Any] | None = None
+    prompt: str | None = None
+    decoding: Mapping[str, Any] | None = None
+    seed: int | None = None
+    image_ids_hash: str | None = None
+    n_images: int | None = None
+    question_file_hash: Mapping[str, str] | str | None = None
+    ground_truth: str | None = None
+    metric_flavour: str | None = None
+    options: Mapping[str, Any] | None = None  # e.g. short_caption, answer parser
+    attention_backend: str | None = None
+    package_version: str = field(default_factory=package_version)
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    extra: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """One intervention configuration's metrics (x100 where papers print x100)."""
+
+    name: str
+    interventions: Any  # the spec as passed (string or list of {name, **params}), opaque here
+    metrics: Mapping[str, float]
+    details: Mapping[str, Any] | None = None  # e.g. resolved configs, per-split metrics, file paths
+
+
+@dataclass(frozen=True)
+class Report:
+    provenance: Provenance
+    results: tuple[ConfigResult, ...]
+
+    def to_dict(self) -> dict:
+        return {"provenance": asdict(self.provenance), "results": [asdict(r) for r in self.results]}
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    json: Path
+    markdown: Path
+    png: Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write via a temp file in the same folder + fsync + os.replace (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _metric_names(results: Sequence[ConfigResult]) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        names.extend(k for k in r.metrics if k not in names)
+    return names
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+
+
+def markdown(report: Report) -> str:
+    p = report.provenance
+    names = _metric_names(report.results)
+    lines = [f"# {p.benchmark} report", ""]
+    lines.append("| configuration | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---:|" * len(names))
+    for r in report.results:
+        lines.append(f"| {r.name} | " + " | ".join(_fmt(r.metrics.get(n, "")) for n in names) + " |")
+    lines += ["", "## Provenance", ""]
+    for key, value in asdict(p).items():
+        if value is not None:
+            shown = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+            lines.append(f"- **{key}**: `{shown}`" if "\n" not in shown else f"- **{key}**: {json.dumps(shown)}")
+    return "\n".join(lines) + "\n"
+
+
+def chart_png(report: Report) -> bytes:
+    """One bar panel per metric, one bar per configuration (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # headless; never pick up a GUI backend in a worker
+    import matplotlib.pyplot as plt
+
+    names = _metric_names(report.results) or ["(no metrics)"]
+    configs = [r.name for r in report.results]
+    ncols = min(4, len(names))  # wrap POPE's many panels into rows
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, names):
+        values = [float(r.metrics.get(metric, float("nan"))) for r in report.results]
+        bars = ax.bar(range(len(configs)), values, color=[colors[i % len(colors)] for i in range(len(configs))])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        finite = [v for v in values if v == v]
+        ax.set_ylim(0, max([1.0, *finite]) * 1.15)  # all-zero panels keep a sensible axis
+        ax.set_title(metric)
+        ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
+    fig.suptitle(f"{report.provenance.benchmark}: {report.provenance.model_id or ''}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(report: Report, out_dir: str | Path, stem: str | None = None, *, charts: bool = True) -> ReportPaths:
+    """Write `<stem>.json`, `<stem>.md` and `<stem>.png` into `out_dir`, each atomically."""
+    out_dir = Path(out_dir)
+    stem = stem or f"{report.provenance.benchmark}_report"
+    json_path = atomic_write_text(out_dir / f"{stem}.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    md_path = atomic_write_text(out_dir / f"{stem}.md", markdown(report))
+    png_path = atomic_write_bytes(out_dir / f"{stem}.png", chart_png(report)) if charts and report.results else None
+    return ReportPaths(json_path, md_path, png_path)

@@ -1,0 +1,341 @@
+"""Resumable evaluation runner: local model, remote service, or Ray actors (docs/eval.md, "Running").
+
+Items with stable keys are answered in batches by an `answer(batch) -> list[str]` callable. Each
+result is appended to a JSON-lines file as soon as its batch finishes (write, flush, fsync), so
+a crash loses at most the batches in flight. A restarted run reads the file, skips finished keys,
+discards a torn last line (the only line a crash can leave half-written) and never writes a key
+twice. The adapters build `answer` from an `lvlm` pipeline (`generate(requests)`), from any client
+with the service SDK's `chat(image, prompt, ...)`, or spread batches over Ray actors that each hold
+a model built by a user factory; the driver alone writes the results file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eval.errors import ResultsFileError
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: a stable key, a prompt, an optional image path, metadata copied to the record."""
+
+    key: str
+    prompt: str
+    image: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+AnswerFn = Callable[[Sequence[Item]], Sequence[str]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The results file
+
+
+class ResultsFile:
+    """Append-only JSON-lines results keyed by item key, safe to reopen after a crash."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict] = self._load()
+
+    def _load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        # A crash can only tear the last line (no trailing newline): drop it and truncate the file
+        # there, so the next append starts on a clean line.
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        records: dict[str, dict] = {}
+        for n, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                key = rec["key"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ResultsFileError(f"{self.path}:{n}: corrupt record before the last line ({err})") from err
+            records.setdefault(key, rec)  # first write wins; duplicates are never produced by us
+        return records
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def append(self, records: Iterable[dict]) -> None:
+        fresh = [r for r in records if r["key"] not in self.records]
+        if not fresh:
+            return
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in fresh:
+            self.records[r["key"]] = r
+
+
+def make_record(item: Item, answer: str) -> dict:
+    return {"key": item.key, **item.meta, "answer": str(answer)}
+
+
+def _batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def _check_keys(items: Sequence[Item]) -> None:
+    keys = [it.key for it in items]
+    if len(set(keys)) != len(keys):
+        dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"item keys must be unique; repeated: {dupes}")
+
+
+def _progress(total: int, done: int, description: str, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+    task = progress.add_task(description, total=total, completed=done)
+    return progress, task
+
+
+def run(
+    items: Sequence[Item],
+    answer: AnswerFn,
+    results_path: str | Path,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    description: str = "eval",
+) -> dict[str, dict]:
+    """Answer every unfinished item, appending records as batches finish; return all records by key."""
+    _check_keys(items)
+    results = ResultsFile(results_path)
+    todo = [it for it in items if it.key not in results]
+    bar, task = _progress(len(items), len(items) - len(todo), description, progress)
+    with bar:
+        for batch in _batches(todo, batch_size):
+            answers = list(answer(batch))
+            if len(answers) != len(batch):
+                raise RuntimeError(f"answer() returned {len(answers)} answers for {len(batch)} items")
+            results.append(make_record(it, a) for it, a in zip(batch, answers, strict=True))
+            bar.advance(task, len(batch))
+    return {it.key: results.records[it.key] for it in items}
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+def load_image(path: str | None):
+    """PIL image in RGB (LLaVA processors expect 3 channels), or None for a text-only item."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def split_spec(spec: Any) -> tuple[Any, ...]:
+    """A preset string "vhr+var" -> ("vhr", "var"); "none"/None -> (); lists pass through."""
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        return tuple(s.strip() for s in spec.split("+") if s.strip() not in ("", "none"))
+    return tuple(spec)
+
+
+def local_answer(
+    pipeline: Any,
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    interventions: Any = None,
+    resolve: Callable[[Any], tuple[Any, ...]] | None = None,
+    image_loader: Callable[[str | None], Any] = load_image,
+) -> AnswerFn:
+    """`answer` over an `lvlm` pipeline: one `lvlm.types.Request` per item, one `generate` per batch.
+
+    `interventions` is passed through opaquely: `resolve` (e.g. `interventions.resolve`) turns the
+    spec into configs once; without it the spec's names are passed as a tuple.
+    """
+    from lvlm.types import Request
+
+    configs = tuple(resolve(interventions)) if resolve is not None else split_spec(interventions)
+
+    def answer(batch: Sequence[Item]) -> list[str]:
+        requests = [
+            Request(
+                prompt=it.prompt,
+                image=image_loader(it.image),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=tuple(stop),
+                interventions=configs,
+            )
+            for it in batch
+        ]
+        return [r.text for r in pipeline.generate(requests)]
+
+    return answer
+
+
+def remote_answer(
+    client: Any,
+    *,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    interventions: Any = None,
+    concurrency: int | None = None,
+    image_loader: Callable[[str | None], Any] = load_image,
+) -> AnswerFn:
+    """`answer` over a service client with `chat(image, prompt, *, interventions, max_tokens, temperature)`.
+
+    The batch's requests are sent concurrently so the server's dynamic batching can group them.
+    """
+
+    def one(it: Item) -> str:
+        out = client.chat(
+            image_loader(it.image),
+            it.prompt,
+            interventions=interventions,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+        return str(getattr(out, "text", out))  # "str-like": a str or a response with .text
+
+    def answer(batch: Sequence[Item]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=concurrency or max(1, len(batch))) as pool:
+            return list(pool.map(one, batch))
+
+    return answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+class _ModelActor:
+    """Holds one model replica; `adapter(model)` turns it into an AnswerFn per call."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.model = factory()
+
+    def answer(self, adapter: Callable[[Any], AnswerFn], batch: Sequence[Item]) -> list[str]:
+        return list(adapter(self.model)(batch))
+
+    def info(self) -> dict[str, Any]:
+        info = getattr(self.model, "info", None)
+        return dict(info() if callable(info) else info or {})
+
+
+class RayPool:
+    """N Ray actors, each holding a model from `factory()`; batches go to whichever actor is free.
+
+    The actors are reused across runs (configurations), so each model is loaded once.
+    """
+
+    def __init__(
+        self, factory: Callable[[], Any], num_actors: int = 2, *, actor_options: Mapping[str, Any] | None = None
+    ):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False)
+        remote_cls = ray.remote(**dict(actor_options or {"num_cpus": 1}))(_ModelActor)
+        self.actors = [remote_cls.remote(factory) for _ in range(num_actors)]
+
+    def run(
+        self,
+        items: Sequence[Item],
+        results_path: str | Path,
+        adapter: Callable[[Any], AnswerFn] = local_answer,
+        *,
+        batch_size: int = 8,
+        progress: bool = True,
+        description: str = "eval (ray)",
+    ) -> dict[str, dict]:
+        import ray
+
+        _check_keys(items)
+        results = ResultsFile(results_path)
+        todo = [it for it in items if it.key not in results]
+        pending = list(_batches(todo, batch_size))[::-1]  # pop() from the end = submission order
+        in_flight: dict[Any, tuple[Any, list[Item]]] = {}
+        bar, task = _progress(len(items), len(items) - len(todo), description, progress)
+
+        def submit(actor: Any) -> None:
+            if pending:
+                batch = pending.pop()
+                in_flight[actor.answer.remote(adapter, batch)] = (actor, batch)
+
+        with bar:
+            for actor in self.actors:  # two batches per actor keep it busy while the driver writes
+                submit(actor)
+                submit(actor)
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                actor, batch = in_flight.pop(ready[0])
+                answers = ray.get(ready[0])
+                if len(answers) != len(batch):
+                    raise RuntimeError(f"actor returned {len(answers)} answers for {len(batch)} items")
+                results.append(make_record(it, a) for it, a in zip(batch, answers, strict=True))
+                bar.advance(task, len(batch))
+                submit(actor)
+        return {it.key: results.records[it.key] for it in items}
+
+    def info(self) -> dict[str, Any]:
+        """The first replica's `model.info()` (model id, dtype, attention backend ...), for provenance."""
+        import ray
+
+        return ray.get(self.actors[0].info.remote()) if self.actors else {}
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def run_ray(
+    items: Sequence[Item],
+    factory: Callable[[], Any],
+    results_path: str | Path,
+    *,
+    adapter: Callable[[Any], AnswerFn] = local_answer,
+    num_actors: int = 2,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """One-shot Ray run: start `num_actors` model actors, answer the items, stop the actors."""
+    pool = RayPool(factory, num_actors)
+    try:
+        return pool.run(items, results_path, adapter, batch_size=batch_size, progress=progress)
+    finally:
+        pool.shutdown()

@@ -55,9 +55,15 @@ def backend_for(device_type: str) -> str:
     return "reference"
 
 
+def triton_supports(q: torch.Tensor) -> bool:
+    """The Triton kernels take power-of-two head dims >= 16 (LLaVA: 128)."""
+    d = q.shape[-1]
+    return d >= 16 and d & (d - 1) == 0
+
+
 def edited_attention(q, k, v, kv_start, *, scale: float, edits: AttentionEdits):
     """Run one attention call with edits on the device's backend: (o (B,H,Tq,D), readout)."""
-    if backend_for(q.device.type) == "triton":
+    if backend_for(q.device.type) == "triton" and triton_supports(q):
         from kernels import triton_attention
 
         return triton_attention.attention(q, k, v, kv_start, scale=scale, edits=edits)

@@ -6,7 +6,7 @@
   dimension at the inputs of layers 2..L−1; dimensions that are extreme (above τ = 20, or, for
   small models without such outliers, at least 8× the median dimension and ≥ 4) are sinks.
 - `sink_counts`: the number of tokens with φ > τ per layer on the calibration inputs.
-- `vhd_mean` (VHR, arXiv 2412.13949): mean head divergence per target layer on the inputs.
+- `vhd_mean` (VHR, arXiv 2412.13949): mean head divergence per layer on the inputs.
 The cache lives in `$LVLM_CACHE` (default `~/.cache/lvlm`)/profiles/<model>.json.
 """
 
@@ -25,7 +25,7 @@ from PIL import Image
 from lvlm.engine import NoPlan
 from lvlm.types import Request
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 CALIBRATION_PROMPTS = ("Describe this image.", "What objects are in the picture?")
 
 
@@ -90,6 +90,7 @@ def compute(pipe, tau: float = 20.0) -> dict[str, Any]:
             phi = sink_scores(recorder.all[l], tuple(dims))
             counts[l] = round(float(((phi > tau) & valid).sum(-1).float().mean()), 2)
     return {
+        "vhd_mean": vhd_statistics(pipe),
         "version": PROFILE_VERSION,
         "model_id": pipe.model_id,
         "sink_dims": dims,
@@ -98,6 +99,29 @@ def compute(pipe, tau: float = 20.0) -> dict[str, Any]:
         "sink_counts": counts,
         "tau": tau,
     }
+
+
+def vhd_statistics(pipe) -> dict[int, float]:
+    """Mean head divergence per layer (VHR's VHD, all layers, no reinforcement) on the inputs."""
+    from interventions.plan import build_plan
+    from interventions.vhr import VHRConfig
+
+    config = VHRConfig(alpha=1.0, layers=tuple(range(pipe.facts.num_layers)))
+    requests = [Request(CALIBRATION_PROMPTS[0], image, max_new_tokens=1, interventions=(config,))
+                for image in calibration_images()]
+    plans = []
+
+    def factory(facts, reqs):
+        plans.append(build_plan(facts, reqs, profile={}))
+        return plans[-1]
+
+    pipe.generate(requests, plan_factory=factory)
+    vhr = next(c for c in plans[0].components if c.name == "vhr")
+    per_layer = {}
+    for layer in range(pipe.facts.num_layers):
+        values = [v for r in vhr.vhd for v in vhr.vhd[r].get(layer, [])]
+        per_layer[layer] = round(float(np.mean(values)), 5) if values else 0.0
+    return per_layer
 
 
 def load_or_compute(pipe, *, refresh: bool = False) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def bench(
 
 def _mount_subcommands() -> None:
     from eval.cli import app as eval_app
+    from serve.cli import serve_command
 
+    app.command("serve", help="Serve a model over an OpenAI-compatible HTTP API (Ray Serve).")(serve_command)
     app.add_typer(eval_app, name="eval", help="CHAIR and POPE evaluation (local, service or Ray runs).")
 
 

@@ -46,7 +46,7 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
     name = name_or_path or default_model()
     attn = register()
     torch_dtype = _dtype(dtype, device)
-    if name in tiny.NAMES:
+    if name in tiny.ALL:
         model, processor = tiny.build(name, device=device)
         model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
         model = model.to(device=device, dtype=torch_dtype)

@@ -38,7 +38,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 IMAGE_SIZE, PATCH = 32, 8
-NAMES = ("tiny-llava", "tiny-llava-next", "random-llava-1.5-7b")
+NAMES = ("tiny-llava", "tiny-llava-next")  # test models
+RANDOM_7B = "random-llava-1.5-7b"  # benchmark model (GPU)
+ALL = (*NAMES, RANDOM_7B)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -114,7 +116,7 @@ def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None):
     `device` builds the weights there directly (the 7B-shaped model is only practical on a GPU).
     """
     tok = char_tokenizer()
-    if name == "random-llava-1.5-7b":
+    if name == RANDOM_7B:
         torch.manual_seed(seed)
         with torch.device(device or "cpu"):
             model = LlavaForConditionalGeneration(llava_15_7b_config(tok))
@@ -146,7 +148,7 @@ def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None):
         image_processor = LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
         processor_cls = LlavaNextProcessor
     else:
-        raise ValueError(f"unknown tiny model {name!r}; choose from {', '.join(NAMES)}")
+        raise ValueError(f"unknown tiny model {name!r}; choose from {', '.join(ALL)}")
     processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tok,

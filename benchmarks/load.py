@@ -1,0 +1,260 @@
+"""Load generator for the service: bounded, loopback only, mixed interventions.
+
+Sends concurrent chat requests (a mix of intervention sets and images) until `--requests` are
+done or `--duration` seconds have passed, whichever comes first, then reports throughput,
+p50/p99 latency (overall and per intervention set), errors, and the engine batch sizes the
+service saw (read from the difference of its /metrics before and after the run).
+
+    python benchmarks/load.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8
+    # or start a local service per (batch size, batch wait) and compare them side by side:
+    python benchmarks/load.py --start --model tiny-llava --batch-sizes 1,8 --batch-wait-ms 10,50
+
+It refuses targets that do not resolve to loopback only: it is a tool for measuring your own
+service, not for loading anyone else's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import ipaddress
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import httpx  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+DEFAULT_MIX = ["none", "vhr", "var", "vhr+var", "pai"]
+COLOURS = ["red", "green", "blue", "orange", "purple", "black"]
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        addresses = set()
+    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        sys.exit(f"refusing {url}: the load generator only targets loopback addresses")
+
+
+def image_url(i: int) -> str:
+    image = Image.new("RGB", (96, 96), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10 + i % 5 * 4, 10, 60, 60), fill=COLOURS[i % len(COLOURS)])
+    draw.rectangle((50, 50, 90, 80 - i % 7), fill=COLOURS[(i + 2) % len(COLOURS)])
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class Sample:
+    label: str
+    status: int
+    seconds: float
+    completion_tokens: int = 0
+
+
+@dataclass
+class RunResult:
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+    batches: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        ok = [s for s in self.samples if s.status == 200]
+        lat = sorted(s.seconds for s in ok)
+        per = {}
+        for label in sorted({s.label for s in ok}):
+            xs = sorted(s.seconds for s in ok if s.label == label)
+            per[label] = {"n": len(xs), "p50_s": round(pct(xs, 50), 3), "p99_s": round(pct(xs, 99), 3)}
+        return {
+            "requests": len(self.samples), "ok": len(ok), "errors": len(self.samples) - len(ok),
+            "wall_s": round(self.wall_s, 2),
+            "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0,
+            "completion_tok_s": round(sum(s.completion_tokens for s in ok) / self.wall_s, 1) if self.wall_s else 0.0,
+            "p50_s": round(pct(lat, 50), 3), "p99_s": round(pct(lat, 99), 3),
+            "per_intervention": per, "batches": self.batches,
+        }
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[min(98, max(0, int(q) - 1))] if q < 100 else xs[-1]
+
+
+def batch_histogram(metrics_text: str) -> dict[str, float]:
+    out = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("lvlm_batch_size_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def batch_delta(before: dict, after: dict) -> dict:
+    count = after.get("lvlm_batch_size_count", 0) - before.get("lvlm_batch_size_count", 0)
+    total = after.get("lvlm_batch_size_sum", 0) - before.get("lvlm_batch_size_sum", 0)
+    single = after.get('lvlm_batch_size_bucket{le="1.0"}', 0) - before.get('lvlm_batch_size_bucket{le="1.0"}', 0)
+    return {"batches": int(count), "mean_size": round(total / count, 2) if count else 0.0,
+            "rows": int(total), "multi_row_batches": int(count - single)}
+
+
+async def run_load(url: str, *, requests: int, duration_s: float, concurrency: int, max_tokens: int,
+                   mix: list[str], api_key: str | None) -> RunResult:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    images = [image_url(i) for i in range(12)]
+    result = RunResult()
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, trust_env=False) as http:
+        before = batch_histogram((await http.get("/metrics")).text)
+        started = time.perf_counter()
+        deadline = started + duration_s
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < requests and time.perf_counter() < deadline:
+                i = next_index
+                next_index += 1
+                label = mix[i % len(mix)]
+                body = {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
+                    {"type": "text", "text": ["Describe this image.", "What objects are there?",
+                                              "Is there a red circle in the image?"][i % 3]}]}],
+                    "max_tokens": max_tokens, "temperature": 0.0, "interventions": label}
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post("/v1/chat/completions", json=body)
+                    tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+                    result.samples.append(Sample(label, r.status_code, time.perf_counter() - t0, tokens))
+                except httpx.HTTPError:
+                    result.samples.append(Sample(label, 0, time.perf_counter() - t0))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.wall_s = time.perf_counter() - started
+        after = batch_histogram((await http.get("/metrics")).text)
+    result.batches = batch_delta(before, after)
+    return result
+
+
+def available_mix(url: str, api_key: str | None, wanted: list[str]) -> list[str]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    names = {i["name"] for i in httpx.get(f"{url}/v1/interventions", headers=headers, trust_env=False).json()["data"]}
+    return [spec for spec in wanted if all(part in names or part == "none" for part in spec.split("+"))]
+
+
+def start_service(model: str, max_batch_size: int, port: int, batch_wait_s: float) -> str:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from serve.app import run
+    from serve.config import ServeConfig
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    config = ServeConfig(model=model, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s,
+                         eval_jobs=False)
+    run(config, host="127.0.0.1", port=port)
+    return f"http://127.0.0.1:{port}"
+
+
+def print_summary(title: str, s: dict) -> None:
+    b = s["batches"]
+    print(f"\n## {title}")
+    print(f"requests {s['requests']} (ok {s['ok']}, errors {s['errors']}) in {s['wall_s']} s: "
+          f"{s['throughput_rps']} req/s, {s['completion_tok_s']} completion tok/s")
+    print(f"latency p50 {s['p50_s']} s, p99 {s['p99_s']} s")
+    print(f"engine batches {b.get('batches')}, mean rows per batch {b.get('mean_size')}, "
+          f"batches with >1 row {b.get('multi_row_batches')}")
+    for label, v in s["per_intervention"].items():
+        print(f"  {label:<10} n={v['n']:<4} p50 {v['p50_s']} s  p99 {v['p99_s']} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default=None, help="running service (loopback only)")
+    ap.add_argument("--start", action="store_true",
+                    help="start a local service (Ray) for each --batch-sizes x --batch-wait-ms pair")
+    ap.add_argument("--model", default="tiny-llava")
+    ap.add_argument("--batch-sizes", default="8", help="with --start: comma-separated max batch sizes to compare")
+    ap.add_argument("--batch-wait-ms", default="50", help="with --start: comma-separated batch waits (ms) to compare")
+    ap.add_argument("--requests", type=int, default=64, help="stop after this many requests")
+    ap.add_argument("--duration", type=float, default=120.0, help="... or after this many seconds")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--mix", default=",".join(DEFAULT_MIX), help="intervention specs to cycle through")
+    ap.add_argument("--api-key", default=os.environ.get("LVLM_API_KEY"))
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    if not args.start and not args.url:
+        ap.error("give --url of a running service or --start")
+
+    runs = {}
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    if args.start:
+        from ray import serve
+
+        try:
+            grid = [(int(size), float(wait)) for size in args.batch_sizes.split(",")
+                    for wait in args.batch_wait_ms.split(",")]
+            for size, wait_ms in grid:
+                url = start_service(args.model, size, _free_port(), wait_ms / 1000)
+                mix = available_mix(url, None, args.mix.split(","))
+                result = asyncio.run(run_load(url, requests=args.requests, duration_s=args.duration,
+                                              concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                              mix=mix, api_key=None))
+                runs[f"max_batch_size={size}, wait={wait_ms:g}ms"] = result.summary()
+                serve.shutdown()
+        finally:
+            import ray
+
+            serve.shutdown()
+            ray.shutdown()
+    else:
+        check_loopback(args.url)
+        mix = available_mix(args.url, args.api_key, args.mix.split(","))
+        result = asyncio.run(run_load(args.url, requests=args.requests, duration_s=args.duration,
+                                      concurrency=args.concurrency, max_tokens=args.max_tokens, mix=mix,
+                                      api_key=args.api_key))
+        runs[args.url] = result.summary()
+
+    started = f"model {args.model}" if args.start else "running service"
+    print(f"machine: {machine}; {started}; concurrency {args.concurrency}; max_tokens {args.max_tokens}; "
+          f"mix {args.mix}")
+    for title, summary in runs.items():
+        print_summary(title, summary)
+    if len(runs) > 1:
+        names = list(runs)
+        base = runs[names[0]]["throughput_rps"]
+        for name in names[1:]:
+            ratio = runs[name]["throughput_rps"] / base if base else float("nan")
+            print(f"\nthroughput {name} / {names[0]}: {ratio:.2f}x")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "runs": runs}, f, indent=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()

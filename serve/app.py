@@ -1,0 +1,397 @@
+"""The HTTP service: an OpenAI-compatible FastAPI app served by Ray Serve.
+
+`Service` holds one replica's state (pipeline, limits, metrics, engine runner, admission
+counter, jobs); `build_app(service)` builds the FastAPI routes around it, so the same app runs
+under Ray Serve and, with a fake pipeline, in-process under httpx's ASGI transport for tests.
+`LVLMServer` is the Ray Serve deployment: it loads and warms the model in its constructor and
+feeds non-streaming chat requests through `@serve.batch`, whose batches run on a worker thread
+(`asyncio.to_thread`) so the event loop keeps accepting requests while the model computes.
+Streaming requests take their own path (one request, tokens pushed out as they are decoded).
+
+Every route answers errors with OpenAI's error object, including FastAPI's own (unknown route,
+wrong method, validation): no exception leaves a route, so a bad request can never take the
+replica down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve import chat
+from serve.batching import EngineRunner, Outcome, TokenStream
+from serve.config import ServeConfig
+from serve.errors import BadRequest, MethodNotAllowed, NotFound, ServiceError, Unavailable, error_for
+from serve.limits import Admission, check_api_key, read_body
+from serve.metrics import Metrics
+from serve.schema import (
+    ChatCompletionRequest,
+    ChunkDelta,
+    EvalJob,
+    EvalJobList,
+    EvalJobRequest,
+    InterventionList,
+    ModelCard,
+    ModelList,
+)
+
+log = logging.getLogger("serve")
+EVAL_BODY_LIMIT = 64 * 1024
+Submit = Callable[[Any], Awaitable[Outcome]]
+
+
+class Service:
+    """One replica's state; the routes in `build_app` are thin wrappers over its methods."""
+
+    def __init__(self, pipeline: Any, config: ServeConfig, *, submit: Submit | None = None, jobs: Any = None,
+                 fetch_kwargs: dict | None = None):
+        self.pipeline, self.config, self.limits = pipeline, config, config.limits
+        self.metrics = Metrics()
+        self.runner = EngineRunner(pipeline.generate, on_batch=self.metrics.observe_batch)
+        self.admission = Admission(config.max_concurrent)
+        self.submit: Submit = submit or self._submit_alone
+        self.jobs = jobs
+        self.fetch_kwargs = fetch_kwargs or {}  # tests inject a resolver/transport for remote images
+        tokenizer = getattr(pipeline, "tokenizer", None)
+        self.model = chat.ModelInfo(
+            model_id=pipeline.model_id, aliases=frozenset({pipeline.model_id, config.model}),
+            max_context=int(pipeline.max_context),
+            count_tokens=(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+            if tokenizer is not None else None)
+
+    async def _submit_alone(self, request: Any) -> Outcome:
+        return (await asyncio.to_thread(self.runner.run_batch, [request]))[0]
+
+    def warm_up(self) -> None:
+        """One short generation so the first user request does not pay for lazy initialisation."""
+        from PIL import Image
+
+        from lvlm.types import Request
+
+        started = time.perf_counter()
+        outcome = self.runner.run_batch([Request("Describe this image.", Image.new("RGB", (64, 64), "gray"),
+                                                 max_new_tokens=2)])[0]
+        if outcome.error is not None:
+            log.warning("warm-up generation failed: %r", outcome.error)
+        log.info("warm-up took %.2fs", time.perf_counter() - started)
+
+    # -- chat -----------------------------------------------------------------------------------
+    async def chat(self, http: HTTPRequest) -> Response:
+        started = time.perf_counter()
+        body = parse(ChatCompletionRequest, await read_body(http, self.limits.max_body_bytes))
+        self.admission.acquire()
+        handed_off = False
+        label = "invalid"
+        try:
+            prepared = await chat.prepare(body, self.model, self.limits, **self.fetch_kwargs)
+            label = prepared.label
+            if prepared.stream:
+                response = await self._stream(prepared, started)
+                handed_off = True  # the stream releases the admission slot when it ends
+                return response
+            result = (await self.submit(prepared.request)).unwrap()
+            self._observe_success(label, started, result)
+            return JSONResponse(chat.completion(prepared, result).model_dump())
+        except Exception as err:
+            error = error_for(err)  # converted once here so an unexpected error is logged once
+            self.metrics.observe_chat(label, error.status, time.perf_counter() - started)
+            raise error from err
+        finally:
+            if not handed_off:
+                self.admission.release()
+
+    async def _stream(self, prepared: chat.PreparedChat, started: float) -> StreamingResponse:
+        stream = TokenStream(self.runner, prepared.request).start()
+        try:
+            # Wait for the first token before answering, so that errors the engine finds while
+            # preparing the batch (prompt too long for the context ...) are still proper 4xx.
+            first = await stream.next_delta()
+        except BaseException:
+            await stream.close()
+            raise
+
+        async def events():
+            try:
+                yield sse(chat.chunk(prepared, ChunkDelta(role="assistant", content="")))
+                delta = first
+                while delta is not None:
+                    yield sse(chat.chunk(prepared, ChunkDelta(content=delta)))
+                    delta = await stream.next_delta()
+                result = stream.result
+                yield sse(chat.chunk(prepared, finish=chat.finish_reason(result), result=result))
+                if prepared.include_usage:
+                    yield sse(chat.chunk(prepared, result=result, with_usage=True))
+                yield "data: [DONE]\n\n"
+                self._observe_success(prepared.label, started, result)
+            except Exception as err:  # noqa: BLE001 - headers are sent: report in-band, OpenAI style
+                error = error_for(err)
+                self.metrics.observe_chat(prepared.label, error.status, time.perf_counter() - started)
+                yield f"data: {json.dumps(error.body())}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await stream.close()
+                self.admission.release()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _observe_success(self, label: str, started: float, result: Any) -> None:
+        self.metrics.observe_chat(label, 200, time.perf_counter() - started, result.prompt_tokens,
+                                  result.completion_tokens, result.timings.decode_tokens_per_s)
+
+    # -- catalog --------------------------------------------------------------------------------
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model.model_id, max_context=self.model.max_context)])
+
+    def interventions(self) -> InterventionList:
+        from interventions import catalog
+
+        return InterventionList.model_validate({"data": chat.jsonable(catalog())})
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model.model_id, "inflight": self.admission.active,
+                "max_concurrent": self.admission.limit}
+
+    def render_metrics(self) -> Response:
+        self.metrics.inflight.set(self.admission.active)
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    # -- evaluation jobs ------------------------------------------------------------------------
+    def _jobs(self) -> Any:
+        if self.jobs is None:
+            raise Unavailable("evaluation jobs are not enabled on this server", code="eval_jobs_disabled")
+        return self.jobs
+
+    async def submit_job(self, http: HTTPRequest) -> EvalJob:
+        jobs = self._jobs()
+        body = parse(EvalJobRequest, await read_body(http, EVAL_BODY_LIMIT))
+        kinds = jobs.kinds()
+        if body.kind not in kinds:
+            raise BadRequest(f"unknown job kind {body.kind!r}; valid kinds: {', '.join(sorted(kinds))}",
+                             param="kind", code="invalid_value")
+        if body.limit > self.limits.max_eval_limit:
+            raise BadRequest(f"limit={body.limit} exceeds this server's limit of {self.limits.max_eval_limit}",
+                             param="limit", code="invalid_value")
+        if body.max_tokens is not None and body.max_tokens > self.limits.max_tokens:
+            raise BadRequest(f"max_tokens={body.max_tokens} exceeds this server's limit of {self.limits.max_tokens}",
+                             param="max_tokens", code="invalid_value")
+        from interventions import resolve
+
+        resolve(body.intervention_spec())  # 400 now rather than a failed job later
+        request = body.model_dump()
+        request["interventions"] = body.intervention_spec()
+        return job_model(await jobs.submit(body.kind, self.config.model, request, self.config.load_kwargs()))
+
+    async def job(self, job_id: str) -> EvalJob:
+        record = await self._jobs().get(job_id)
+        if record is None:
+            raise NotFound(f"no evaluation job {job_id!r}", param="id")
+        return job_model(record)
+
+    async def list_jobs(self) -> EvalJobList:
+        return EvalJobList(data=[job_model(r) for r in await self._jobs().list()])
+
+    async def cancel_job(self, job_id: str) -> EvalJob:
+        record = await self._jobs().cancel(job_id)
+        if record is None:
+            raise NotFound(f"no evaluation job {job_id!r}", param="id")
+        return job_model(record)
+
+
+def job_model(record: dict) -> EvalJob:
+    return EvalJob.model_validate({**record, "progress": {"done": record["done"], "total": record["total"]}})
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body into `model`; every problem is a 400 naming the offending field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        raise validation_error(err.errors()) from None
+
+
+def validation_error(errors: list[dict]) -> BadRequest:
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return BadRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                          code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return BadRequest(f"{param or 'body'}: {first['msg']}{more}", param=param, code="invalid_value")
+
+
+def sse(payload: Any) -> str:
+    data = payload.model_dump(exclude_none=True) if isinstance(payload, BaseModel) else payload
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+def build_app(service: Service) -> FastAPI:
+    """The FastAPI app around one `Service`."""
+    app = FastAPI(title="lvlm-hallu", version="0.1.0",
+                  description="OpenAI-compatible chat completions with per-request hallucination interventions")
+    metrics = service.metrics
+
+    def route(name: str, *, auth: bool = True):
+        """Auth, metrics, and the OpenAI error shape for everything a handler raises."""
+
+        def wrap(handler):
+            @functools.wraps(handler)
+            async def run(http: HTTPRequest, **kwargs):
+                started = time.perf_counter()
+                try:
+                    if auth:
+                        check_api_key(http.headers.get("authorization"), service.config.api_key)
+                    out = await handler(http, **kwargs)
+                    response = out if isinstance(out, Response) else JSONResponse(
+                        out.model_dump() if isinstance(out, BaseModel) else out)
+                except Exception as err:  # noqa: BLE001 - every failure becomes an error object
+                    response = error_response(error_for(err))
+                metrics.observe_request(name, response.status_code, time.perf_counter() - started)
+                return response
+
+            return run
+
+        return wrap
+
+    @app.post("/v1/chat/completions")
+    @route("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest):
+        return await service.chat(http)
+
+    @app.get("/v1/models")
+    @route("/v1/models")
+    async def list_models(http: HTTPRequest):
+        return service.models()
+
+    @app.get("/v1/interventions")
+    @route("/v1/interventions")
+    async def list_interventions(http: HTTPRequest):
+        return service.interventions()
+
+    @app.get("/health")
+    @route("/health", auth=False)
+    async def health(http: HTTPRequest):
+        return service.health()
+
+    @app.get("/metrics")
+    @route("/metrics")
+    async def prometheus(http: HTTPRequest):
+        return service.render_metrics()
+
+    @app.post("/v1/eval/jobs")
+    @route("/v1/eval/jobs")
+    async def submit_job(http: HTTPRequest):
+        return await service.submit_job(http)
+
+    @app.get("/v1/eval/jobs")
+    @route("/v1/eval/jobs")
+    async def list_jobs(http: HTTPRequest):
+        return await service.list_jobs()
+
+    @app.get("/v1/eval/jobs/{job_id}")
+    @route("/v1/eval/jobs/{id}")
+    async def get_job(http: HTTPRequest, job_id: str):
+        return await service.job(job_id)
+
+    @app.delete("/v1/eval/jobs/{job_id}")
+    @route("/v1/eval/jobs/{id}")
+    async def cancel_job(http: HTTPRequest, job_id: str):
+        return await service.cancel_job(job_id)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(http: HTTPRequest, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {http.method} {http.url.path}"))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"method {http.method} is not allowed on {http.url.path}"))
+        err = ServiceError(str(exc.detail))
+        err.status, err.type = exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(http: HTTPRequest, exc: RequestValidationError):
+        return error_response(validation_error(list(exc.errors())))
+
+    return app
+
+
+# -- Ray Serve --------------------------------------------------------------------------------
+def _deployment_class():
+    """The deployment class; defined lazily so that importing this module does not import Ray."""
+    from ray import serve
+
+    @serve.deployment(name="LVLMServer")
+    @serve.ingress()
+    class LVLMServer:
+        async def __init__(self, config: ServeConfig):
+            import lvlm
+
+            from serve.jobs import RayJobs
+
+            # Loading takes seconds to minutes; a thread keeps the replica's loop responsive.
+            pipeline = await asyncio.to_thread(lvlm.load, config.model, **config.load_kwargs())
+            jobs = None
+            if config.eval_jobs:
+                jobs = RayJobs(worker_options={"num_cpus": config.eval_num_cpus, "num_gpus": config.eval_num_gpus},
+                               max_running=config.eval_max_running)
+            self.service = Service(pipeline, config, submit=self._generate_batch, jobs=jobs)
+            self._generate_batch.set_max_batch_size(config.max_batch_size)
+            self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+            if config.warmup:
+                await asyncio.to_thread(self.service.warm_up)
+
+        def __serve_build_asgi_app__(self):
+            return build_app(self.service)
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def _generate_batch(self, requests: list) -> list[Outcome]:
+            # Outcomes, not exceptions: an exception here would fail every caller in the batch.
+            return await asyncio.to_thread(self.service.runner.run_batch, requests)
+
+    return LVLMServer
+
+
+def build_application(config: ServeConfig):
+    """The Ray Serve application for `serve.run` (replicas, GPUs, autoscaling from `config`)."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        # Must be >= max_batch_size x max_concurrent_batches or batches never fill (default 5).
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "health_check_timeout_s": 60,  # a long CPU batch must not look like a dead replica
+    }
+    if config.max_replicas and config.max_replicas > config.replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": config.replicas, "max_replicas": config.max_replicas,
+            "target_ongoing_requests": max(1, config.max_batch_size),
+        }
+    else:
+        options["num_replicas"] = config.replicas
+    return _deployment_class().options(**options).bind(config)
+
+
+def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, name: str = "lvlm",
+        route_prefix: str = "/") -> Any:
+    """Start Serve's HTTP proxy on host:port and deploy the app (Ray must be initialised)."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_application(config), name=name, route_prefix=route_prefix)
+
+
+__all__ = ["Service", "build_app", "build_application", "run"]

@@ -1,0 +1,145 @@
+"""Batch execution and token streaming around one model pipeline, as plain classes.
+
+Ray Serve's `@serve.batch` decides WHEN rows form a batch (max_batch_size, batch_wait_timeout_s);
+these classes decide HOW a batch runs, and they are what the unit tests exercise (Ray's
+`_local_testing_mode` cannot run `@serve.batch`):
+
+- `EngineRunner.run_batch` runs one engine call for the whole batch. Requests were validated one
+  by one before they were batched, but if the batched call still raises (a prompt that only the
+  engine can tell is too long, a model error on one row) the rows are retried one at a time, so
+  only the bad row fails and its neighbours get exactly what they would get alone. Results come
+  back as `Outcome`s rather than raising, because one exception from a batch method would fail
+  every caller in the batch.
+- A lock serialises engine calls: the streaming path and the batch path share one model, and two
+  concurrent forwards would only fight over the same cores (or GPU) and memory.
+- `TokenStream` bridges the engine's `on_token(row, delta)` callback, called on the worker
+  thread, to an async iterator on the event loop. When the client goes away the next callback
+  raises `StreamCancelled`, which stops the decode loop instead of finishing it for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+Generate = Callable[..., list]  # Pipeline.generate(requests, on_token=None) -> list[Result]
+
+
+@dataclass
+class Outcome:
+    """What one row of a batch produced: a Result, or the exception that row alone raised."""
+
+    result: Any = None
+    error: Optional[BaseException] = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class StreamCancelled(Exception):
+    """Raised inside the engine's token callback when the stream's consumer has gone away."""
+
+
+class EngineRunner:
+    """Runs engine calls one at a time and isolates rows that fail."""
+
+    def __init__(self, generate: Generate, *, on_batch: Callable[[int, bool], None] | None = None):
+        self._generate = generate
+        self._lock = threading.Lock()
+        self._on_batch = on_batch
+
+    def run_batch(self, requests: Sequence[Any]) -> list[Outcome]:
+        """Generate for every request; a failing batch is retried row by row."""
+        with self._lock:
+            try:
+                results = self._generate(list(requests))
+                if len(results) != len(requests):
+                    raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
+                self._report(len(requests), False)
+                return [Outcome(result=r) for r in results]
+            except Exception as err:  # noqa: BLE001 - every failure becomes a per-row outcome
+                if len(requests) == 1:
+                    self._report(1, False)
+                    return [Outcome(error=err)]
+            self._report(len(requests), True)
+            return [self._run_one(r) for r in requests]
+
+    def run_stream(self, request: Any, on_token: Callable[[int, str], None]) -> Any:
+        """Generate one request, calling `on_token(0, delta)` as text is decoded; raises on failure."""
+        with self._lock:
+            self._report(1, False)
+            results = self._generate([request], on_token=on_token)
+        return results[0]
+
+    def _run_one(self, request: Any) -> Outcome:
+        try:
+            return Outcome(result=self._generate([request])[0])
+        except Exception as err:  # noqa: BLE001
+            return Outcome(error=err)
+
+    def _report(self, size: int, fell_back: bool) -> None:
+        if self._on_batch is not None:
+            self._on_batch(size, fell_back)
+
+
+_DONE = object()
+
+
+class TokenStream:
+    """Runs one streamed generation on a worker thread and yields its text deltas on the loop.
+
+    Iterate with `async for delta in stream`; afterwards `stream.result` holds the Result. An
+    engine error is raised from the iteration. `close()` cancels a generation still running.
+    """
+
+    def __init__(self, runner: EngineRunner, request: Any):
+        self._runner, self._request = runner, request
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._cancelled = threading.Event()
+        self._task: asyncio.Task | None = None
+        self.result: Any = None
+
+    def start(self) -> "TokenStream":
+        self._task = asyncio.ensure_future(asyncio.to_thread(self._runner.run_stream, self._request, self._on_token))
+        self._task.add_done_callback(lambda _task: self._queue.put_nowait(_DONE))
+        return self
+
+    def _on_token(self, row: int, delta: str) -> None:  # called on the worker thread
+        if self._cancelled.is_set():
+            raise StreamCancelled("client disconnected")
+        if delta:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+
+    async def next_delta(self) -> Optional[str]:
+        """The next text delta, or None once generation has finished (then `result` is set)."""
+        if self._task is None:
+            self.start()
+        item = await self._queue.get()
+        if item is _DONE:
+            self._queue.put_nowait(_DONE)  # later calls see the end too
+            self.result = self._task.result()  # raises the engine's error, if any
+            return None
+        return item
+
+    def __aiter__(self) -> "TokenStream":
+        return self
+
+    async def __anext__(self) -> str:
+        delta = await self.next_delta()
+        if delta is None:
+            raise StopAsyncIteration
+        return delta
+
+    async def close(self) -> None:
+        """Stop the generation if it is still running and wait for the thread to let go."""
+        self._cancelled.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # noqa: BLE001 - StreamCancelled or an error nobody is waiting for
+                pass

@@ -1,0 +1,187 @@
+"""From an OpenAI chat request to an engine `Request`, and from a `Result` back to OpenAI shapes.
+
+`prepare` does all per-request validation BEFORE the request joins a batch: message structure,
+images (decoded and size-checked), interventions (resolved against the registry, so unknown
+names and out-of-range parameters are 400s), token and prompt limits. A request that passes
+reaches the engine as a plain dataclass; a request that fails never touches its neighbours.
+
+Conversation shape: the engine answers one user turn with at most one image. System (and
+developer) messages are prepended to the user's text; assistant turns and several user turns are
+refused rather than silently flattened into a different prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from interventions import resolve
+from lvlm.types import Request, Result
+from serve.errors import BadRequest, NotFound
+from serve.images import load_image
+from serve.limits import Limits
+from serve.schema import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    ImagePart,
+    InterventionReport,
+    TextPart,
+    Usage,
+)
+
+ENGINE_MAX_IMAGES = 1  # lvlm.types.Request carries one image; a second would be dropped silently
+
+
+@dataclass
+class ModelInfo:
+    """What request validation needs to know about the served model."""
+
+    model_id: str
+    aliases: frozenset[str]
+    max_context: int
+    count_tokens: Optional[Callable[[str], int]] = None  # text tokens of a prompt, if the model can tell
+
+
+@dataclass
+class PreparedChat:
+    request: Request
+    model: str
+    label: str  # intervention set for metrics, e.g. "none", "vhr+var"
+    applied: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    id: str = dataclasses.field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A resolved intervention config as JSON-friendly data for reports."""
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    return {"name": getattr(config, "name", type(config).__name__), **jsonable(fields)}
+
+
+def split_messages(body: ChatCompletionRequest) -> tuple[str, list[tuple[str, str]]]:
+    """The prompt text and the image URLs (with their JSON path) of a single-turn conversation."""
+    system, user_text, images, users = [], [], [], 0
+    for i, message in enumerate(body.messages):
+        if message.role == "assistant":
+            raise BadRequest("multi-turn conversations are not supported: send one user message",
+                             param=f"messages.{i}.role", code="unsupported_conversation")
+        target = system if message.role in ("system", "developer") else user_text
+        users += message.role == "user"
+        if users > 1:
+            raise BadRequest("only one user message per request is supported", param=f"messages.{i}",
+                             code="unsupported_conversation")
+        if message.content is None:
+            continue
+        if isinstance(message.content, str):
+            target.append(message.content)
+            continue
+        for j, part in enumerate(message.content):
+            if isinstance(part, TextPart):
+                target.append(part.text)
+            elif isinstance(part, ImagePart):
+                if message.role != "user":
+                    raise BadRequest("images are only allowed in the user message",
+                                     param=f"messages.{i}.content.{j}")
+                images.append((part.image_url.url, f"messages.{i}.content.{j}.image_url.url"))
+    if users == 0:
+        raise BadRequest("the conversation needs a user message", param="messages", code="unsupported_conversation")
+    prompt = "\n".join(t for t in user_text if t)
+    if system:
+        prompt = "\n".join(t for t in system if t) + "\n\n" + prompt
+    return prompt, images
+
+
+async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits, **fetch_kwargs: Any) -> PreparedChat:
+    """Validate one chat request and build its engine Request (raises ServiceError subclasses)."""
+    if body.model is not None and body.model not in model.aliases:
+        raise NotFound(f"model {body.model!r} is not served here; available: {model.model_id}",
+                       param="model", code="model_not_found")
+    prompt, image_urls = split_messages(body)
+    if not prompt.strip():
+        raise BadRequest("the prompt is empty", param="messages", code="invalid_prompt")
+    max_images = min(limits.max_images, ENGINE_MAX_IMAGES)
+    if len(image_urls) > max_images:
+        raise BadRequest(f"{len(image_urls)} images given; at most {max_images} per request",
+                         param="messages", code="too_many_images")
+    if len(prompt) > limits.max_prompt_chars:
+        raise BadRequest(f"prompt of {len(prompt)} characters exceeds the limit of {limits.max_prompt_chars}",
+                         param="messages", code="context_length_exceeded")
+    max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
+    if max_tokens > limits.max_tokens:
+        raise BadRequest(f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}",
+                         param="max_tokens", code="invalid_value")
+    if max_tokens >= model.max_context:
+        raise BadRequest(f"max_tokens={max_tokens} does not fit the model's context of {model.max_context} tokens",
+                         param="max_tokens", code="context_length_exceeded")
+    if model.count_tokens is not None:
+        n = model.count_tokens(prompt)
+        if n + max_tokens > model.max_context:
+            raise BadRequest(f"prompt of {n} tokens plus max_tokens={max_tokens} exceeds the model's context of "
+                             f"{model.max_context} tokens", param="messages", code="context_length_exceeded")
+    configs = resolve(body.intervention_spec())  # InterventionError -> 400 via error_for
+    image = None
+    if image_urls:
+        url, param = image_urls[0]
+        image = await load_image(url, limits, param, **fetch_kwargs)
+    request = Request(prompt=prompt, image=image, max_new_tokens=max_tokens, temperature=body.temperature,
+                      top_p=body.top_p, seed=body.seed, stop=body.stop_sequences(), interventions=configs)
+    applied = [config_dict(c) for c in configs]
+    return PreparedChat(
+        request=request, model=model.model_id, label="+".join(a["name"] for a in applied) or "none",
+        applied=applied, stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+def report(prepared: PreparedChat, result: Result) -> InterventionReport:
+    t = result.timings
+    return InterventionReport(applied=prepared.applied, details=jsonable(result.report),
+                              prefill_ms=round(t.prefill_ms, 3), decode_ms=round(t.decode_ms, 3),
+                              decode_tokens_per_s=round(t.decode_tokens_per_s, 3))
+
+
+def usage(result: Result) -> Usage:
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                 total_tokens=result.prompt_tokens + result.completion_tokens)
+
+
+def completion(prepared: PreparedChat, result: Result) -> ChatCompletion:
+    return ChatCompletion(
+        id=prepared.id, created=prepared.created, model=prepared.model,
+        choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=finish_reason(result))],
+        usage=usage(result), intervention_report=report(prepared, result))
+
+
+def chunk(prepared: PreparedChat, delta: ChunkDelta | None = None, *, finish: str | None = None,
+          result: Result | None = None, with_usage: bool = False) -> ChatCompletionChunk:
+    """One stream chunk; the usage-only chunk (OpenAI's include_usage) has no choices."""
+    choices = [] if with_usage else [ChunkChoice(delta=delta or ChunkDelta(), finish_reason=finish)]
+    return ChatCompletionChunk(
+        id=prepared.id, created=prepared.created, model=prepared.model, choices=choices,
+        usage=usage(result) if with_usage and result is not None else None,
+        intervention_report=report(prepared, result) if finish and result is not None else None)
+
+
+def finish_reason(result: Result) -> str:
+    return result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
+
+
+def jsonable(value: Any) -> Any:
+    """Engine reports may hold tuples, numpy/torch scalars or tensors: make them JSON data."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    tolist = getattr(value, "tolist", None)
+    return jsonable(tolist()) if callable(tolist) else repr(value)

@@ -1,0 +1,162 @@
+"""Image intake: data URLs and (when the operator allows them) remote http(s) URLs.
+
+Safety rules, each a 4xx with the OpenAI error object:
+- bytes over `max_image_bytes` → 413 (checked from the base64 length before decoding);
+- width × height over `max_image_pixels` → 413, read from the header before `load()`, so a
+  decompression bomb (a tiny PNG declaring 100k × 100k pixels) never allocates its pixels;
+- not an image, a format outside PNG/JPEG/WebP/GIF/BMP, truncated or corrupt data → 400;
+- remote URLs: off by default; when on, the host is resolved and EVERY address must be globally
+  routable (no loopback, link-local such as 169.254.169.254 metadata services, private, shared,
+  reserved or multicast), the connection goes to the address that was checked (so a second DNS
+  answer cannot rebind it to an internal host), redirects are re-checked hop by hop, and the
+  download is capped in bytes and wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+from typing import Awaitable, Callable
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from serve.errors import BadRequest, PayloadTooLarge
+from serve.limits import Limits
+
+FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+def open_image(data: bytes, limits: Limits, param: str = "messages") -> Image.Image:
+    """Decode image bytes into an RGB image within the limits."""
+    if not data:
+        raise BadRequest("image is empty (0 bytes)", param=param, code="invalid_image")
+    if len(data) > limits.max_image_bytes:
+        raise PayloadTooLarge(f"image of {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes",
+                              param=param)
+    try:
+        image = Image.open(io.BytesIO(data), formats=sorted(FORMATS))  # lazy: parses the header only
+    except Image.DecompressionBombError as err:
+        raise PayloadTooLarge(f"image dimensions are too large: {err}", param=param, code="image_too_large") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise BadRequest("image data is not a decodable PNG, JPEG, WebP, GIF or BMP image",
+                         param=param, code="invalid_image") from err
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadRequest(f"image has invalid dimensions {width}x{height}", param=param, code="invalid_image")
+    if width * height > limits.max_image_pixels:
+        raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of {limits.max_image_pixels} "
+                              "pixels", param=param, code="image_too_large")
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise PayloadTooLarge(f"image dimensions are too large: {err}", param=param, code="image_too_large") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise BadRequest(f"image data is truncated or corrupt ({err})", param=param, code="invalid_image") from err
+
+
+def decode_data_url(url: str, limits: Limits, param: str = "messages") -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise BadRequest("image data URLs must look like data:image/png;base64,<data>", param=param,
+                         code="invalid_image_url")
+    payload = "".join(payload.split())  # some encoders wrap lines; whitespace is not data
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise PayloadTooLarge(f"image exceeds the limit of {limits.max_image_bytes} bytes", param=param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadRequest(f"image data URL is not valid base64 ({err})", param=param, code="invalid_image_url") from err
+
+
+def is_public_address(address: str) -> bool:
+    """True only for globally routable unicast addresses (IPv4-mapped IPv6 judged as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+async def fetch_remote(url: str, limits: Limits, *, param: str = "messages", resolve: Resolver = resolve_host,
+                       transport: httpx.AsyncBaseTransport | None = None) -> bytes:
+    """Download a remote image under the rules in the module docstring."""
+    if not limits.allow_remote_images:
+        raise BadRequest("remote image URLs are disabled on this server; send the image as a data URL",
+                         param=param, code="remote_images_disabled")
+    try:
+        return await asyncio.wait_for(_fetch(url, limits, param, resolve, transport), limits.remote_timeout_s)
+    except asyncio.TimeoutError as err:
+        raise BadRequest(f"fetching the image took longer than {limits.remote_timeout_s:g}s", param=param,
+                         code="remote_image_timeout") from err
+
+
+async def _fetch(url: str, limits: Limits, param: str, resolve: Resolver,
+                 transport: httpx.AsyncBaseTransport | None) -> bytes:
+    # trust_env=False: an HTTP(S)_PROXY from the environment would connect on our behalf and
+    # bypass the address check.
+    async with httpx.AsyncClient(transport=transport, timeout=limits.remote_timeout_s,
+                                 follow_redirects=False, trust_env=False) as client:
+        for _ in range(limits.remote_max_redirects + 1):
+            target = httpx.URL(url)
+            if target.scheme not in ("http", "https") or not target.host:
+                raise BadRequest("remote image URLs must be http(s) URLs with a host", param=param,
+                                 code="invalid_image_url")
+            port = target.port or (443 if target.scheme == "https" else 80)
+            try:
+                addresses = await resolve(target.host, port)
+            except OSError as err:
+                raise BadRequest(f"cannot resolve image host {target.host!r}", param=param,
+                                 code="invalid_image_url") from err
+            if not addresses or not all(is_public_address(a) for a in addresses):
+                raise BadRequest(f"image host {target.host!r} resolves to a non-public address; loopback, "
+                                 "link-local, private and reserved addresses are refused", param=param,
+                                 code="forbidden_image_url")
+            # Connect to the address we checked; Host header and TLS SNI keep the real name.
+            pinned = target.copy_with(host=addresses[0])
+            headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*"}
+            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+            async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
+                if response.is_redirect and "location" in response.headers:
+                    url = str(target.join(response.headers["location"]))
+                    continue
+                if response.status_code != 200:
+                    raise BadRequest(f"fetching the image failed with HTTP {response.status_code}", param=param,
+                                     code="remote_image_error")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limits.max_image_bytes:
+                    raise PayloadTooLarge(f"remote image exceeds the limit of {limits.max_image_bytes} bytes",
+                                          param=param)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > limits.max_image_bytes:
+                        raise PayloadTooLarge(f"remote image exceeds the limit of {limits.max_image_bytes} bytes",
+                                              param=param)
+                return bytes(data)
+        raise BadRequest(f"too many redirects (more than {limits.remote_max_redirects})", param=param,
+                         code="remote_image_error")
+
+
+async def load_image(url: str, limits: Limits, param: str = "messages", **fetch_kwargs) -> Image.Image:
+    """An RGB image from a content part's URL (data: or, when allowed, http(s))."""
+    if url.startswith("data:"):
+        data = decode_data_url(url, limits, param)
+    elif url.startswith(("http://", "https://")):
+        data = await fetch_remote(url, limits, param=param, **fetch_kwargs)
+    else:
+        raise BadRequest("image_url.url must be a data: URL (or http(s) when enabled)", param=param,
+                         code="invalid_image_url")
+    # Decoding is CPU work; keep it off the event loop so other requests keep flowing.
+    return await asyncio.to_thread(open_image, data, limits, param)

@@ -1,0 +1,387 @@
+"""Evaluation jobs (CHAIR, POPE) on Ray, outside the request path.
+
+Layout:
+- `JobBoard`: the plain state machine of every job (queued → running → succeeded | failed |
+  cancelled, with progress and partial metrics); updates after a terminal state are ignored, so
+  a late progress report cannot revive a cancelled job. Unit-tested without Ray.
+- `JobRegistry`: one named Ray actor (`lvlm-eval-jobs`) that owns the board, so every replica of
+  the service sees the same jobs; it starts one `EvalWorker` actor per job (at most
+  `max_running` at once, the rest wait queued) and kills it on cancel or when it is done.
+- `EvalWorker`: loads its own model with `lvlm.load`, builds the job's items, answers them with
+  the `eval` package's resumable runner and reports progress to the registry after each batch.
+- `JOB_KINDS`: job functions by name. "chair" and "pope" run on the embedded shapes world
+  (images and COCO-style annotations generated deterministically into the job's folder); more
+  kinds (real COCO, custom question files) plug in with `@job_kind("name")`.
+
+`eval`, `lvlm` and the shapes world are imported inside the worker only: the service process
+never pays for them, and the app imports this module without touching torch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REGISTRY_NAME = "lvlm-eval-jobs"
+REGISTRY_NAMESPACE = "lvlm"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+# -- job kinds --------------------------------------------------------------------------------
+@dataclass
+class JobContext:
+    """What a job function gets: its request, a model loader, a work folder and a progress hook."""
+
+    job_id: str
+    request: dict[str, Any]  # EvalJobRequest fields
+    model: str
+    load_kwargs: dict[str, Any]
+    workdir: Path
+    report: Callable[[int, int, Optional[dict]], None]  # (done, total, partial metrics)
+
+    def load_pipeline(self) -> Any:
+        import lvlm
+
+        return lvlm.load(self.model, **self.load_kwargs)
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    run: Callable[[JobContext], dict]  # returns the final metrics
+    summary: str
+
+
+JOB_KINDS: dict[str, JobKind] = {}
+
+
+def job_kind(name: str, summary: str) -> Callable[[Callable[[JobContext], dict]], Callable[[JobContext], dict]]:
+    def wrap(fn: Callable[[JobContext], dict]) -> Callable[[JobContext], dict]:
+        JOB_KINDS[name] = JobKind(name, fn, summary)
+        return fn
+
+    return wrap
+
+
+def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial: Callable[[dict], dict]) -> dict:
+    """Answer `items` with the eval runner over a local pipeline; report after every batch."""
+    import interventions
+    from eval.runner import local_answer, run
+
+    req = ctx.request
+    pipeline = ctx.load_pipeline()
+    answer = local_answer(pipeline, max_new_tokens=req["max_tokens"], interventions=req.get("interventions"),
+                          resolve=interventions.resolve, seed=req.get("seed"))
+    records: dict[str, dict] = {}
+    total = len(items)
+
+    def answer_and_report(batch):
+        answers = answer(batch)
+        for it, text in zip(batch, answers):
+            records[it.key] = {"key": it.key, **it.meta, "answer": text}
+        ctx.report(len(records), total, partial(records))
+        return answers
+
+    ctx.report(0, total, None)
+    done = run(items, answer_and_report, ctx.workdir / f"{task.name}.jsonl", batch_size=req["batch_size"],
+               progress=False)
+    metrics, _details = task.score(done)
+    return {k: round(float(v), 4) for k, v in metrics.items()}
+
+
+@job_kind("chair", "CHAIR on captions of shapes-world test images (limit = images)")
+def run_chair(ctx: JobContext) -> dict:
+    from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms, score_captions
+    from eval.coco import image_file_names, load_coco
+    from eval.compare import CHAIR_PROMPT, ChairTask
+    from lvlm.shapes import SYNONYMS_PATH, build_split
+
+    req, opts = ctx.request, ctx.request.get("options") or {}
+    req["max_tokens"] = req.get("max_tokens") or int(opts.get("max_new_tokens", 64))
+    inst, caps = build_split(ctx.workdir / "data", "test", req["limit"], seed=req.get("seed") or None)
+    parser = CaptionParser(load_synonyms(SYNONYMS_PATH))
+    coco = load_coco(inst)
+    names = image_file_names(coco)
+    ids = sorted(names)
+    gt = ground_truth_from_coco(coco, caps, parser=parser, image_ids=ids)
+    files = {i: str(ctx.workdir / "data" / "images" / names[i]) for i in ids}
+    task = ChairTask(files, gt, parser, prompt=opts.get("prompt", CHAIR_PROMPT),
+                     short_caption=bool(opts.get("short_caption", False)))
+
+    def partial(records: dict) -> dict:
+        result = score_captions([(r["image_id"], r["answer"]) for r in records.values()], gt, parser,
+                                short_caption=task.short_caption)
+        return {k: round(float(v), 4) for k, v in result.metrics().items()}
+
+    return _answer_with_progress(ctx, task, task.items(), partial)
+
+
+@job_kind("pope", "POPE on shapes-world test images (limit = questions per split; options.splits, options.parser)")
+def run_pope(ctx: JobContext) -> dict:
+    from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
+    from eval.coco import image_file_names, load_coco
+    from eval.compare import PopeTask
+    from eval.pope import SPLITS, build_split as build_pope_split, get_parser, metrics_from_predictions
+    from lvlm.shapes import SYNONYMS_PATH, build_split
+
+    req, opts = ctx.request, ctx.request.get("options") or {}
+    req["max_tokens"] = req.get("max_tokens") or int(opts.get("max_new_tokens", 8))
+    splits = opts.get("splits") or list(SPLITS)
+    parser_name = opts.get("parser", "pope")
+    get_parser(parser_name)
+    # Negatives are drawn from the objects of the sampled images, so a handful of images would
+    # leave none to ask about: sample at least 8 images and keep the first `limit` questions
+    # (an even count keeps the yes/no interleaving balanced).
+    n_images = max(8, -(-req["limit"] // 6))
+    keep = req["limit"] + req["limit"] % 2
+    inst, caps = build_split(ctx.workdir / "data", "test", 3 * n_images, seed=req.get("seed") or None)
+    coco = load_coco(inst)
+    gt = ground_truth_from_coco(coco, caps, parser=CaptionParser(load_synonyms(SYNONYMS_PATH)))
+    questions = {s: build_pope_split(gt.objects, s, n_images=n_images, seed=req.get("seed", 0),
+                                     image_names=image_file_names(coco))[:keep] for s in splits}
+    task = PopeTask(questions, ctx.workdir / "data" / "images", parser=parser_name)
+    parse = get_parser(parser_name)
+
+    def partial(records: dict) -> dict:
+        preds = [parse(r["answer"], r["label"]) for r in records.values()]
+        m = metrics_from_predictions(preds, [r["label"] for r in records.values()], parser_name).metrics()
+        return {f"answered {k}": round(float(v), 4) for k, v in m.items()}
+
+    return _answer_with_progress(ctx, task, task.items(), partial)
+
+
+# -- state ------------------------------------------------------------------------------------
+@dataclass
+class JobRecord:
+    id: str
+    kind: str
+    model: str
+    request: dict[str, Any]
+    state: str = "queued"
+    done: int = 0
+    total: int = 0
+    metrics: Optional[dict[str, Any]] = None
+    error: Optional[dict[str, Any]] = None
+    created_at: float = field(default_factory=time.time)
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class JobBoard:
+    """Job states and their transitions; keeps the `keep` most recent finished jobs."""
+
+    def __init__(self, keep: int = 200):
+        self.jobs: dict[str, JobRecord] = {}
+        self.keep = keep
+
+    def create(self, kind: str, model: str, request: dict[str, Any]) -> JobRecord:
+        job = JobRecord(id=f"evaljob-{uuid.uuid4().hex[:16]}", kind=kind, model=model, request=request)
+        self.jobs[job.id] = job
+        self._trim()
+        return job
+
+    def get(self, job_id: str) -> Optional[JobRecord]:
+        return self.jobs.get(job_id)
+
+    def list(self) -> list[JobRecord]:
+        return sorted(self.jobs.values(), key=lambda j: j.created_at)
+
+    def queued(self) -> list[JobRecord]:
+        return [j for j in self.list() if j.state == "queued"]
+
+    def running(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state == "queued":
+            job.state, job.started_at = "running", time.time()
+
+    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict] = None) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state not in TERMINAL:
+            job.done, job.total = done, total
+            if metrics is not None:
+                job.metrics = metrics
+
+    def succeed(self, job_id: str, metrics: dict) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state not in TERMINAL:
+            job.state, job.metrics, job.finished_at = "succeeded", metrics, time.time()
+            job.done = max(job.done, job.total)
+
+    def fail(self, job_id: str, message: str, type_: str = "job_error") -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state not in TERMINAL:
+            job.state, job.finished_at = "failed", time.time()
+            job.error = {"message": message, "type": type_, "param": None, "code": "job_failed"}
+
+    def cancel(self, job_id: str) -> bool:
+        """Mark cancelled; False when the job had already finished."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state in TERMINAL:
+            return False
+        job.state, job.finished_at = "cancelled", time.time()
+        return True
+
+    def _trim(self) -> None:
+        finished = [j for j in self.list() if j.state in TERMINAL]
+        for job in finished[: max(0, len(self.jobs) - self.keep)]:
+            del self.jobs[job.id]
+
+
+# -- Ray actors -------------------------------------------------------------------------------
+class EvalWorker:
+    """Runs one job in its own process (a Ray actor): own model, own work folder."""
+
+    def run(self, job_id: str, kind: str, model: str, request: dict, load_kwargs: dict, registry: Any,
+            root: str) -> tuple[Optional[dict], Optional[str]]:
+        """Run the job; returns (metrics, error) and also pushes them to the registry at once."""
+        workdir = Path(root) / job_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        registry.started.remote(job_id)
+
+        def report(done: int, total: int, metrics: Optional[dict]) -> None:
+            registry.progress.remote(job_id, done, total, metrics)
+
+        ctx = JobContext(job_id, dict(request), model, dict(load_kwargs), workdir, report)
+        try:
+            outcome = (JOB_KINDS[kind].run(ctx), None)
+        except Exception as err:  # noqa: BLE001 - the job fails, the worker reports why
+            outcome = (None, f"{type(err).__name__}: {err}")
+        registry.finished.remote(job_id, *outcome)
+        return outcome
+
+
+class JobRegistry:
+    """Named Ray actor holding the `JobBoard` and the worker actors of running jobs."""
+
+    def __init__(self, worker_options: dict[str, Any], max_running: int = 1, root: str | None = None):
+        import ray
+
+        self.board = JobBoard()
+        self.worker_class = ray.remote(EvalWorker)
+        self.worker_options = worker_options
+        self.max_running = max_running
+        self.root = root or tempfile.mkdtemp(prefix="lvlm-eval-jobs-")
+        self.workers: dict[str, Any] = {}  # job id -> (actor, ref of its run call)
+        self.specs: dict[str, tuple[str, dict]] = {}  # job id -> (model, load kwargs)
+
+    def submit(self, kind: str, model: str, request: dict, load_kwargs: dict) -> dict:
+        job = self.board.create(kind, model, request)
+        self.specs[job.id] = (model, load_kwargs)
+        self._schedule()
+        return job.to_dict()
+
+    def get(self, job_id: str) -> Optional[dict]:
+        self._reap()
+        job = self.board.get(job_id)
+        return None if job is None else job.to_dict()
+
+    def list(self) -> list[dict]:
+        self._reap()
+        return [j.to_dict() for j in self.board.list()]
+
+    def cancel(self, job_id: str) -> Optional[dict]:
+        import ray
+
+        job = self.board.get(job_id)
+        if job is None:
+            return None
+        if self.board.cancel(job_id) and job_id in self.workers:
+            ray.kill(self.workers.pop(job_id)[0])  # stops the generation mid-batch
+        self._schedule()
+        return job.to_dict()
+
+    # called by workers
+    def started(self, job_id: str) -> None:
+        self.board.running(job_id)
+
+    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict]) -> None:
+        self.board.progress(job_id, done, total, metrics)
+
+    def finished(self, job_id: str, metrics: Optional[dict], error: Optional[str]) -> None:
+        import ray
+
+        self._record(job_id, metrics, error)
+        entry = self.workers.pop(job_id, None)
+        if entry is not None:
+            ray.kill(entry[0])  # its run() has nothing left to do but return
+        self._schedule()  # a slot is free: start the next queued job without waiting for a poll
+
+    def _record(self, job_id: str, metrics: Optional[dict], error: Optional[str]) -> None:
+        if error is None:
+            self.board.succeed(job_id, metrics or {})
+        else:
+            self.board.fail(job_id, error)
+
+    def _schedule(self) -> None:
+        import ray
+
+        self._reap()
+        me = ray.get_runtime_context().current_actor
+        for job in self.board.queued():
+            if job.id in self.workers:
+                continue
+            if len(self.workers) >= self.max_running:
+                break
+            model, load_kwargs = self.specs[job.id]
+            worker = self.worker_class.options(**self.worker_options).remote()
+            ref = worker.run.remote(job.id, job.kind, model, job.request, load_kwargs, me, self.root)
+            # The job stays "queued" until the worker reports `started`: Ray may still be waiting
+            # for a CPU or GPU to place the worker on.
+            self.workers[job.id] = (worker, ref)
+
+    def _reap(self) -> None:
+        """Collect the outcomes of finished runs; a worker that died fails its job."""
+        import ray
+
+        if not self.workers:
+            return
+        refs = {ref: job_id for job_id, (_, ref) in self.workers.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in ready:
+            job_id = refs[ref]
+            worker, _ = self.workers.pop(job_id)
+            try:
+                # The run's return value is the same outcome `finished` carries; it counts when
+                # that message is still queued behind the call that got us here.
+                self._record(job_id, *ray.get(ref))
+            except Exception as err:  # noqa: BLE001 - the worker process died (OOM, node lost)
+                self.board.fail(job_id, f"evaluation worker died: {type(err).__name__}")
+            ray.kill(worker)
+        if ready:
+            self._schedule()
+
+
+class RayJobs:
+    """The service's view of the registry actor (async, for the replica's event loop)."""
+
+    def __init__(self, *, worker_options: dict[str, Any], max_running: int = 1):
+        import ray
+
+        self._actor = ray.remote(JobRegistry).options(
+            name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True, lifetime="detached",
+            num_cpus=0, max_concurrency=1,
+        ).remote(worker_options, max_running)
+
+    @staticmethod
+    def kinds() -> dict[str, str]:
+        return {k.name: k.summary for k in JOB_KINDS.values()}
+
+    async def submit(self, kind: str, model: str, request: dict, load_kwargs: dict) -> dict:
+        return await self._actor.submit.remote(kind, model, request, load_kwargs)
+
+    async def get(self, job_id: str) -> Optional[dict]:
+        return await self._actor.get.remote(job_id)
+
+    async def list(self) -> list[dict]:
+        return await self._actor.list.remote()
+
+    async def cancel(self, job_id: str) -> Optional[dict]:
+        return await self._actor.cancel.remote(job_id)
+

@@ -1,0 +1,261 @@
+"""Wire schemas of the HTTP API, shared by the server (serve/app.py) and the SDK (serve/client.py).
+
+The chat shapes follow OpenAI's chat-completions API so the official `openai` client works
+unchanged; our additions are top-level fields that OpenAI clients carry as extras:
+`interventions` on the request (a preset string such as "vhr+var", or a list of
+`{"name": ..., **params}` objects) and `intervention_report` on responses and on the last
+stream chunk. Errors use OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
+
+This module imports only pydantic (the SDK must work in a process without torch), and pydantic
+stays at the HTTP boundary: the server turns these models into dataclasses before batching.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Wire(BaseModel):
+    # Unknown request fields are ignored like OpenAI does for fields it does not know of; the
+    # few that change semantics (n, stream_options ...) are declared and checked explicitly.
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- chat request ---------------------------------------------------------------------------
+class ImageURL(_Wire):
+    url: str = Field(description="data:image/...;base64,... URL, or http(s) when the operator allows it")
+    detail: Optional[str] = None
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Wire):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class InterventionSpec(BaseModel):
+    """`{"name": "vhr", **params}`; parameters are validated by the intervention registry."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+Interventions = Union[str, list[Union[str, InterventionSpec]], None]
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Wire):
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    # Greedy by default (not OpenAI's 1.0): hallucination benchmarks and their papers decode greedily.
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
+    stop: Union[str, list[str], None] = None
+    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    interventions: Interventions = None
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if isinstance(value, list) and any(not s for s in value):
+            raise ValueError("stop sequences must be non-empty")
+        return value
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def intervention_spec(self) -> Any:
+        """The `interventions` field as plain data for `interventions.resolve`."""
+        if isinstance(self.interventions, list):
+            return [i.model_dump() if isinstance(i, InterventionSpec) else i for i in self.interventions]
+        return self.interventions
+
+
+# -- chat response ----------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class InterventionReport(BaseModel):
+    """What the interventions did for this request: the resolved configs and the engine's report
+    (selected heads, sinks found, exit layer, extra passes ...), plus timings."""
+
+    model_config = ConfigDict(extra="allow")
+    applied: list[dict[str, Any]] = Field(default_factory=list)
+    details: dict[str, Any] = Field(default_factory=dict)
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    intervention_report: InterventionReport = Field(default_factory=InterventionReport)
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.content
+
+
+class ChunkDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+    intervention_report: Optional[InterventionReport] = None
+
+
+# -- errors -----------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# -- catalog endpoints ------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "lvlm-hallu"
+    max_context: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class InterventionParam(BaseModel):
+    name: str
+    type: str
+    default: Any = None
+    doc: str = ""
+
+
+class InterventionInfo(BaseModel):
+    name: str
+    paper: str = ""
+    summary: str = ""
+    params: list[InterventionParam] = Field(default_factory=list)
+
+
+class InterventionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[InterventionInfo]
+
+
+# -- evaluation jobs --------------------------------------------------------------------------
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class EvalJobRequest(_Wire):
+    """An evaluation run on the service's Ray cluster (CHAIR captioning or POPE questions)."""
+
+    kind: str = Field(description="job kind: 'chair' or 'pope' (an unknown kind is a 400 listing the valid ones)")
+    interventions: Interventions = None
+    limit: int = Field(default=50, ge=1, le=5000, description="images (CHAIR) or questions per split (POPE)")
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=8, ge=1, le=64)
+    options: dict[str, Any] = Field(default_factory=dict, description="kind-specific options (split, prompt ...)")
+
+    def intervention_spec(self) -> Any:
+        if isinstance(self.interventions, list):
+            return [i.model_dump() if isinstance(i, InterventionSpec) else i for i in self.interventions]
+        return self.interventions
+
+
+class JobProgress(BaseModel):
+    done: int = 0
+    total: int = 0
+
+
+class EvalJob(BaseModel):
+    id: str
+    object: Literal["eval.job"] = "eval.job"
+    kind: str
+    state: JobState
+    progress: JobProgress = Field(default_factory=JobProgress)
+    metrics: Optional[dict[str, Any]] = None  # partial while running, final once succeeded
+    error: Optional[ErrorBody] = None
+    model: str = ""
+    created_at: float = 0.0
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    request: Optional[EvalJobRequest] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+class EvalJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EvalJob]

@@ -1,0 +1,335 @@
+"""The FastAPI app (serve/app.py) in process, with the fake pipeline: behaviour, the SDK client,
+the official openai client, and the bad-input suite (every malformed request gets the right 4xx
+with OpenAI's error object, and the service keeps answering good requests afterwards)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve.app import Service, build_app
+from serve.client import AuthenticationError, BadRequestError, Client, NotFoundError, RateLimitError
+from serve.config import ServeConfig
+from serve.limits import Limits
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def png(size=(20, 10), color="red") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    data = bytearray(png((8, 8)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def body(prompt="Describe this image.", image: str | None = url(png()), **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": image}}] if image is not None else []
+    return {"model": "fake-lvlm", "messages": [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}],
+            "max_tokens": 8, **extra}
+
+
+class FakeJobs:
+    """In-process stand-in for serve.jobs.RayJobs (the Ray one is covered by the integration test)."""
+
+    def __init__(self):
+        from serve.jobs import JobBoard
+
+        self.board = JobBoard()
+
+    @staticmethod
+    def kinds():
+        return {"chair": "", "pope": ""}
+
+    async def submit(self, kind, model, request, load_kwargs):
+        return self.board.create(kind, model, request).to_dict()
+
+    async def get(self, job_id):
+        job = self.board.get(job_id)
+        return job and job.to_dict()
+
+    async def list(self):
+        return [j.to_dict() for j in self.board.list()]
+
+    async def cancel(self, job_id):
+        self.board.cancel(job_id)
+        return await self.get(job_id)
+
+
+LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_image_pixels=2000 * 2000, max_tokens=64,
+                max_prompt_chars=2000, allow_remote_images=True, remote_timeout_s=2.0)
+
+
+@pytest.fixture
+def service(fake_pipeline):
+    config = ServeConfig(model="fake", api_key=KEY, limits=LIMITS, max_batch_size=4)
+    return Service(fake_pipeline, config, jobs=FakeJobs())
+
+
+@pytest.fixture
+def http(service):
+    with TestClient(build_app(service), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_chat_completion_with_interventions(http, fake_pipeline):
+    r = http.post("/v1/chat/completions", headers=AUTH,
+                  json=body(interventions=[{"name": "vhr", "alpha": 1.5}, "var"], max_tokens=6))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "fake-lvlm"
+    text = out["choices"][0]["message"]["content"]
+    assert text.split()[:3] == ["Describe", "20x10", next(b for b in fake_pipeline.batches[-1][0][1] if "vhr" in b)]
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len("Describe this image."), "completion_tokens": 6, "total_tokens": 26}
+    report = out["intervention_report"]
+    assert [a["name"] for a in report["applied"]] == ["vhr", "var"] and report["applied"][0]["alpha"] == 1.5
+    assert report["details"] == {"rows": 1, "heads": [1, 2]} and report["prefill_ms"] == 1.0
+
+
+def test_preset_string_and_system_prompt(http, fake_pipeline):
+    payload = body(interventions="vhr+var")
+    payload["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    r = http.post("/v1/chat/completions", headers=AUTH, json=payload)
+    assert r.status_code == 200, r.text
+    prompt, applied = fake_pipeline.batches[-1][0]
+    assert prompt == "Be brief.\n\nDescribe this image." and [a.split("(")[0] for a in applied] == ["vhr", "var"]
+
+
+def test_streaming_sse_in_openai_chunk_format(http, fake_pipeline):
+    payload = body(stream=True, stream_options={"include_usage": True}, interventions="vhr", max_tokens=5)
+    with http.stream("POST", "/v1/chat/completions", headers=AUTH, json=payload) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert len(text.split()) == 5 and text.startswith("Describe 20x10 vhr(")
+    final = [c for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")]
+    assert final[0]["choices"][0]["finish_reason"] == "length"
+    assert final[0]["intervention_report"]["applied"][0]["name"] == "vhr"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_sdk_client_in_process(http, tmp_path):
+    path = tmp_path / "cat.png"
+    Image.new("RGB", (12, 12), "blue").save(path)
+    client = Client(api_key=KEY, http_client=http)
+    reply = client.chat(path, "What is this?", interventions="vhr", max_tokens=4)
+    assert reply.text.split()[:2] == ["What", "12x12"] and reply.intervention_report.applied[0]["name"] == "vhr"
+    assert reply.usage.completion_tokens == 4
+    pil_reply = client.chat(Image.new("RGB", (7, 5)), "Hi there", max_tokens=3)
+    assert pil_reply.text == "Hi 7x5 none"
+    assert "".join(client.stream(png(), "Stream me", max_tokens=4)) == "Stream 20x10 none w0"
+    assert [m.id for m in client.list_models()] == ["fake-lvlm"]
+    names = [i.name for i in client.list_interventions()]
+    assert {"vhr", "var"} <= set(names)
+    vhr = next(i for i in client.list_interventions() if i.name == "vhr")
+    assert any(p.name == "alpha" and p.default == 2.0 for p in vhr.params) and vhr.paper
+    job = client.submit_eval("pope", limit=3, interventions="vhr")
+    assert job.state == "queued" and client.job(job.id).id == job.id
+    assert client.cancel(job.id).state == "cancelled" and client.wait(job.id, timeout=1).finished
+    with pytest.raises(BadRequestError) as info:
+        client.chat(png(), "x", interventions="nonsense")
+    assert "nonsense" in info.value.message and info.value.param == "interventions"
+    with pytest.raises(NotFoundError):
+        client.job("evaljob-missing")
+    with pytest.raises(AuthenticationError):
+        Client(api_key="wrong", http_client=http).list_models()
+
+
+def test_openai_client_in_process(http):
+    openai = pytest.importorskip("openai")
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+    reply = oai.chat.completions.create(
+        model="fake-lvlm", max_tokens=4,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(png())}},
+                                               {"type": "text", "text": "Look"}]}],
+        extra_body={"interventions": [{"name": "vhr", "alpha": 3.0}]})
+    assert reply.choices[0].message.content.startswith("Look 20x10 vhr(")
+    assert reply.model_extra["intervention_report"]["applied"][0]["alpha"] == 3.0
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="fake-lvlm", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert info.value.body["param"] == "n"
+
+
+def test_concurrency_limit_answers_429(http, service):
+    for _ in range(service.admission.limit):
+        service.admission.acquire()
+    r = http.post("/v1/chat/completions", headers=AUTH, json=body())
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+    assert http.get("/health").json()["inflight"] == service.admission.limit  # cheap routes still answer
+    with pytest.raises(RateLimitError):
+        Client(api_key=KEY, http_client=http).chat(png(), "x")
+
+
+def test_health_needs_no_key_and_metrics_count_requests(http):
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/metrics").status_code == 401
+    http.post("/v1/chat/completions", headers=AUTH, json=body(interventions="vhr"))
+    http.post("/v1/chat/completions", headers=AUTH, json=body(interventions="nope"))
+    text = http.get("/metrics", headers=AUTH).text
+    assert 'lvlm_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'lvlm_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
+    assert 'lvlm_intervention_requests_total{interventions="vhr",status="200"} 1.0' in text
+    assert 'lvlm_tokens_total{kind="completion"} 8.0' in text
+    assert "lvlm_batch_size_count 1.0" in text
+
+
+# -- the bad-input suite ------------------------------------------------------------------------
+def raw(content: bytes):
+    return {"content": content, "headers": {**AUTH, "content-type": "application/json"}}
+
+
+def msgs(content):
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 8}
+
+
+def img_part(u):
+    return {"type": "image_url", "image_url": {"url": u}}
+
+
+TEXT = {"type": "text", "text": "What is in the image?"}
+
+BAD_REQUESTS = [
+    # (id, request kwargs for http.post, status, error code (None: any), param (None: any))
+    ("invalid-json", raw(b'{"messages": [}'), 400, "invalid_json", None),
+    ("not-an-object", raw(b"[1, 2, 3]"), 400, "invalid_value", None),
+    ("empty-body", raw(b""), 400, "invalid_json", None),
+    ("no-messages", {"json": {"max_tokens": 4}}, 400, "invalid_value", "messages"),
+    ("empty-messages", {"json": {"messages": []}}, 400, "invalid_value", "messages"),
+    ("wrong-type-max-tokens", {"json": body(max_tokens="ten")}, 400, "invalid_value", "max_tokens"),
+    ("zero-max-tokens", {"json": body(max_tokens=0)}, 400, "invalid_value", "max_tokens"),
+    ("temperature-out-of-range", {"json": body(temperature=7)}, 400, "invalid_value", "temperature"),
+    ("top-p-zero", {"json": body(top_p=0)}, 400, "invalid_value", "top_p"),
+    ("n-2", {"json": body(n=2)}, 400, "invalid_value", "n"),
+    ("five-stop-strings", {"json": body(stop=["a", "b", "c", "d", "e"])}, 400, "invalid_value", "stop"),
+    ("unknown-role", {"json": {"messages": [{"role": "robot", "content": "hi"}]}}, 400, "invalid_value", None),
+    ("unknown-part-type", {"json": msgs([{"type": "audio", "audio": "x"}, TEXT])}, 400, "invalid_value", None),
+    ("content-wrong-type", {"json": msgs(42)}, 400, "invalid_value", None),
+    ("bad-base64", {"json": msgs([img_part("data:image/png;base64,%%%notb64"), TEXT])}, 400, "invalid_image_url", None),
+    ("not-a-data-url", {"json": msgs([img_part("ftp://x/y.png"), TEXT])}, 400, "invalid_image_url", None),
+    ("non-image-bytes", {"json": msgs([img_part(url(b"hello, I am text")), TEXT])}, 400, "invalid_image", None),
+    ("truncated-png", {"json": msgs([img_part(url(png((64, 64))[:70])), TEXT])}, 400, "invalid_image", None),
+    ("zero-byte-image", {"json": msgs([img_part("data:image/png;base64,"), TEXT])}, 400, "invalid_image", None),
+    ("decompression-bomb", {"json": msgs([img_part(url(png_declaring(100_000, 100_000))), TEXT])}, 413,
+     "image_too_large", None),
+    ("over-pixel-limit", {"json": msgs([img_part(url(png_declaring(3000, 3000))), TEXT])}, 413, "image_too_large", None),
+    ("image-over-byte-limit", {"json": msgs([img_part(url(b"\x89PNG" + b"0" * 200_000)), TEXT])}, 413,
+     "payload_too_large", None),
+    ("too-many-images", {"json": msgs([img_part(url(png())), img_part(url(png())), TEXT])}, 400, "too_many_images",
+     "messages"),
+    ("unknown-intervention", {"json": body(interventions=[{"name": "telepathy"}])}, 400, "invalid_intervention",
+     "interventions"),
+    ("unknown-preset", {"json": body(interventions="vhr+magic")}, 400, "invalid_intervention", "interventions"),
+    ("out-of-range-parameter", {"json": body(interventions=[{"name": "vhr", "alpha": -1}])}, 400,
+     "invalid_intervention", "interventions.vhr"),
+    ("unknown-parameter", {"json": body(interventions=[{"name": "vhr", "bogus": 1}])}, 400, "invalid_intervention",
+     "interventions.vhr.bogus"),
+    ("intervention-twice", {"json": body(interventions="vhr+vhr")}, 400, "invalid_intervention", "interventions"),
+    ("interventions-wrong-type", {"json": body(interventions=5)}, 400, "invalid_value", None),
+    ("intervention-without-name", {"json": body(interventions=[{"alpha": 2}])}, 400, "invalid_value", None),
+    ("prompt-over-char-limit", {"json": body(prompt="word " * 500)}, 400, "context_length_exceeded", "messages"),
+    ("prompt-over-context", {"json": body(prompt="x" * 250)}, 400, "context_length_exceeded", "messages"),
+    ("max-tokens-over-limit", {"json": body(max_tokens=65)}, 400, "invalid_value", "max_tokens"),
+    ("empty-prompt", {"json": body(prompt="  ", image=None)}, 400, "invalid_prompt", "messages"),
+    ("multi-turn", {"json": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                          {"role": "user", "content": "c"}]}}, 400, "unsupported_conversation", None),
+    ("unknown-model", {"json": body(model="gpt-4o")}, 404, "model_not_found", "model"),
+    ("engine-rejects-prompt", {"json": body(prompt="BOOM goes the engine")}, 400, "invalid_prompt", "messages"),
+    ("remote-url-loopback", {"json": msgs([img_part("http://127.0.0.1:8000/health"), TEXT])}, 400,
+     "forbidden_image_url", None),
+    ("remote-url-metadata", {"json": msgs([img_part("http://169.254.169.254/latest/meta-data/"), TEXT])}, 400,
+     "forbidden_image_url", None),
+    ("remote-url-ipv6-loopback", {"json": msgs([img_part("http://[::1]:8000/x.png"), TEXT])}, 400,
+     "forbidden_image_url", None),
+    ("missing-auth", {"json": body(), "headers": {}}, 401, "invalid_api_key", None),
+    ("wrong-auth", {"json": body(), "headers": {"Authorization": "Bearer nope"}}, 401, "invalid_api_key", None),
+    ("oversized-body", {"json": body(prompt="y" * 500_000)}, 413, "payload_too_large", None),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_gets_the_right_4xx(http, case):
+    _, kwargs, status, code, param = case
+    kwargs = {"headers": AUTH, **kwargs}
+    r = http.post("/v1/chat/completions", **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_bad_inputs_in_a_row_leave_the_service_answering(http, fake_pipeline):
+    for _, kwargs, status, _, _ in BAD_REQUESTS:
+        assert http.post("/v1/chat/completions", **{"headers": AUTH, **kwargs}).status_code == status
+    r = http.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Still alive?", max_tokens=3))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Still 20x10 none"
+
+
+@pytest.mark.parametrize("method, path, payload, status", [
+    ("GET", "/v1/nothing-here", None, 404),
+    ("GET", "/v1/chat/completions", None, 405),
+    ("POST", "/v1/eval/jobs", {"kind": "bleu"}, 400),
+    ("POST", "/v1/eval/jobs", {"kind": "pope", "limit": 0}, 400),
+    ("POST", "/v1/eval/jobs", {"kind": "pope", "interventions": "telepathy"}, 400),
+    ("POST", "/v1/eval/jobs", {"kind": "pope", "max_tokens": 10_000}, 400),
+    ("GET", "/v1/eval/jobs/evaljob-unknown", None, 404),
+    ("DELETE", "/v1/eval/jobs/evaljob-unknown", None, 404),
+])
+def test_other_routes_answer_errors_in_openai_shape(http, method, path, payload, status):
+    r = http.request(method, path, headers=AUTH, json=payload)
+    assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_jobs_disabled_is_503(fake_pipeline):
+    service = Service(fake_pipeline, ServeConfig(model="fake"))
+    with TestClient(build_app(service)) as client:
+        r = client.post("/v1/eval/jobs", json={"kind": "pope"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "eval_jobs_disabled"
+
+
+def test_async_client_in_process(service):
+    import asyncio
+
+    import httpx
+
+    from serve.client import AsyncClient
+
+    async def go():
+        transport = httpx.ASGITransport(app=build_app(service))
+        async with AsyncClient(api_key=KEY, http_client=httpx.AsyncClient(transport=transport,
+                                                                          base_url="http://testserver")) as client:
+            reply = await client.chat(png(), "Async hello", interventions="var", max_tokens=3)
+            deltas = [d async for d in client.stream(png(), "Async stream", max_tokens=3)]
+            names = [i.name for i in await client.list_interventions()]
+            try:
+                await client.chat(png(), "x", max_tokens=10_000)
+            except BadRequestError as err:
+                error = err
+            return reply, deltas, names, error
+
+    reply, deltas, names, error = asyncio.run(go())
+    assert reply.text.startswith("Async 20x10 var(") and "".join(deltas) == "Async 20x10 none"
+    assert "vhr" in names and error.param == "max_tokens" and error.status_code == 400

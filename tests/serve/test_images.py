@@ -1,0 +1,209 @@
+"""Image intake (serve/images.py) and request limits (serve/limits.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import struct
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+from serve.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
+from serve.images import decode_data_url, fetch_remote, is_public_address, load_image, open_image
+from serve.limits import Admission, Limits, check_api_key, read_body
+
+
+def png_bytes(size=(24, 16), color="red") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR claims width x height (a decompression bomb's header)."""
+    data = bytearray(png_bytes((8, 8)))
+    ihdr = 8 + 8  # signature, then length + type of the first chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1000 * 1000)
+
+
+def test_open_image_decodes_png_and_jpeg_to_rgb():
+    assert open_image(png_bytes((24, 16)), LIMITS).size == (24, 16)
+    buf = io.BytesIO()
+    Image.new("L", (10, 12), 128).save(buf, format="JPEG")
+    image = open_image(buf.getvalue(), LIMITS)
+    assert image.mode == "RGB" and image.size == (10, 12)
+
+
+@pytest.mark.parametrize("data, error, code", [
+    (b"", BadRequest, "invalid_image"),
+    (b"this is not an image at all", BadRequest, "invalid_image"),
+    (png_bytes((64, 64))[:60], BadRequest, "invalid_image"),  # truncated
+    (png_declaring(5000, 5000), PayloadTooLarge, "image_too_large"),  # over our pixel limit
+    (png_declaring(100_000, 100_000), PayloadTooLarge, "image_too_large"),  # over Pillow's bomb limit
+    (b"\x00" * 200_001, PayloadTooLarge, "payload_too_large"),
+])
+def test_open_image_refuses_bad_data(data, error, code):
+    with pytest.raises(error) as info:
+        open_image(data, LIMITS)
+    assert info.value.code == code
+
+
+def test_pixel_limit_is_checked_before_decoding(monkeypatch):
+    def no_load(self):
+        raise AssertionError("load() must not run for an oversized image")
+
+    bomb = png_declaring(2000, 2000)
+    monkeypatch.setattr("PIL.PngImagePlugin.PngImageFile.load", no_load)
+    with pytest.raises(PayloadTooLarge):
+        open_image(bomb, LIMITS)
+
+
+def test_data_urls():
+    assert decode_data_url(data_url(b"abc"), LIMITS) == b"abc"
+    wrapped = "data:image/png;base64," + "YW\nJj"
+    assert decode_data_url(wrapped, LIMITS) == b"abc"
+    for bad in ("data:image/png;base64,@@@notbase64", "data:image/png,rawtext", "image/png;base64,YWJj",
+                "data:image/png;base64,YWJ"):
+        with pytest.raises(BadRequest):
+            decode_data_url(bad, LIMITS)
+    with pytest.raises(PayloadTooLarge):
+        decode_data_url("data:image/png;base64," + "A" * 300_000, LIMITS)
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("169.254.169.254", False), ("10.0.0.1", False), ("192.168.1.1", False),
+    ("172.16.0.1", False), ("100.64.0.1", False), ("0.0.0.0", False), ("::1", False), ("fe80::1", False),
+    ("fd00::1", False), ("::ffff:127.0.0.1", False), ("::ffff:169.254.169.254", False), ("224.0.0.1", False),
+    ("240.0.0.1", False),
+])
+def test_public_address_check(address, public):
+    assert is_public_address(address) is public
+
+
+def fake_resolver(table):
+    async def resolve(host, port):
+        return table[host]
+
+    return resolve
+
+
+REMOTE = Limits(allow_remote_images=True, max_image_bytes=50_000, remote_timeout_s=2.0)
+
+
+def test_remote_fetch_connects_to_the_checked_address_and_keeps_the_host_name():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers["host"]))
+        return httpx.Response(200, content=png_bytes())
+
+    data = asyncio.run(fetch_remote("http://images.example/cat.png", REMOTE,
+                                    resolve=fake_resolver({"images.example": ["93.184.216.34"]}),
+                                    transport=httpx.MockTransport(handler)))
+    assert data == png_bytes() and seen == [("http://93.184.216.34/cat.png", "images.example")]
+
+
+@pytest.mark.parametrize("url, table", [
+    ("http://127.0.0.1/x.png", {"127.0.0.1": ["127.0.0.1"]}),
+    ("http://169.254.169.254/latest/meta-data", {"169.254.169.254": ["169.254.169.254"]}),
+    ("http://localhost:8000/x.png", {"localhost": ["127.0.0.1", "::1"]}),
+    # one private address among public ones is enough to refuse (DNS answers can rotate)
+    ("http://mixed.example/x.png", {"mixed.example": ["93.184.216.34", "10.1.2.3"]}),
+])
+def test_remote_fetch_refuses_internal_hosts(url, table):
+    def handler(request):
+        raise AssertionError("no connection may be made")
+
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(fetch_remote(url, REMOTE, resolve=fake_resolver(table), transport=httpx.MockTransport(handler)))
+    assert info.value.code == "forbidden_image_url"
+
+
+def test_remote_redirect_to_internal_host_is_refused():
+    def handler(request):
+        return httpx.Response(302, headers={"location": "http://metadata.internal/latest"})
+
+    table = {"images.example": ["93.184.216.34"], "metadata.internal": ["169.254.169.254"]}
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(fetch_remote("http://images.example/a.png", REMOTE, resolve=fake_resolver(table),
+                                 transport=httpx.MockTransport(handler)))
+    assert info.value.code == "forbidden_image_url"
+
+
+def test_remote_size_limit_and_disabled_by_default():
+    def handler(request):
+        return httpx.Response(200, content=b"\x89PNG" + b"0" * 60_000)
+
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(fetch_remote("http://images.example/big.png", REMOTE,
+                                 resolve=fake_resolver({"images.example": ["93.184.216.34"]}),
+                                 transport=httpx.MockTransport(handler)))
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(load_image("http://images.example/a.png", Limits()))
+    assert info.value.code == "remote_images_disabled"
+    with pytest.raises(BadRequest):
+        asyncio.run(load_image("file:///etc/passwd", REMOTE))
+
+
+def test_remote_fetch_time_limit():
+    async def slow_resolve(host, port):
+        await asyncio.sleep(5)
+        return ["93.184.216.34"]
+
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(fetch_remote("http://slow.example/a.png", Limits(allow_remote_images=True, remote_timeout_s=0.2),
+                                 resolve=slow_resolve))
+    assert info.value.code == "remote_image_timeout"
+
+
+def test_api_key_check():
+    check_api_key(None, None)
+    check_api_key("Bearer s3cret", "s3cret")
+    for header in (None, "", "Bearer wrong", "Basic s3cret", "s3cret", "Bearer s3cret2"):
+        with pytest.raises(Unauthorized):
+            check_api_key(header, "s3cret")
+
+
+def test_admission_limit():
+    admission = Admission(2)
+    admission.acquire()
+    admission.acquire()
+    with pytest.raises(Overloaded) as info:
+        admission.acquire()
+    assert info.value.status == 429 and info.value.headers() == {"Retry-After": "1"}
+    admission.release()
+    admission.acquire()
+    assert admission.active == 2
+
+
+class FakeBody:
+    def __init__(self, chunks, declared=None):
+        self.headers = {} if declared is None else {"content-length": str(declared)}
+        self.chunks = chunks
+
+    async def stream(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+def test_read_body_limit():
+    assert asyncio.run(read_body(FakeBody([b"ab", b"cd"], 4), 4)) == b"abcd"
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(FakeBody([b"ab"], 10), 4))  # declared length is enough to refuse
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(FakeBody([b"abc", b"def"]), 4))  # chunked, no length header

@@ -78,7 +78,7 @@ def vhr_reference_tokens(batch, layers, alpha, n):
     model.set_attn_implementation("eager")
     cfg = model.config.text_config
     H, D = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    chosen = {}
+    chosen, divergence = {}, {}
 
     def hook(layer):
         def pre(module, args):
@@ -92,6 +92,7 @@ def vhr_reference_tokens(batch, layers, alpha, n):
                 big_vhd = vhd > vhd.mean() + vhd.std(correction=0)
                 big_ta = ta > ta.mean() + ta.std(correction=0)
                 vhd = torch.where(big_vhd & big_ta, 0.0, vhd)
+                divergence[layer] = vhd.tolist()
                 chosen[layer] = vhd > torch.quantile(vhd, 0.5, interpolation="lower")
             scale = torch.where(chosen[layer], alpha, 1.0)
             return ((heads * scale[None, None, :, None]).view(B, T, H * D),)
@@ -102,15 +103,19 @@ def vhr_reference_tokens(batch, layers, alpha, n):
         model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(hook(layer))
     out = model.generate(**batch, max_new_tokens=n, do_sample=False)
     selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(chosen.items())}
-    return out[0, batch["input_ids"].shape[1]:].tolist(), selected
+    return out[0, batch["input_ids"].shape[1]:].tolist(), selected, divergence
 
 
 def test_vhr_matches_hooked_transformers(pipe):
     req = lvlm.Request("Describe it.", IMG2, max_new_tokens=NEW, interventions=resolve([{"name": "vhr", "alpha": 3.0, "layers": [1, 2, 3]}]))
-    (ours,) = pipe.generate([req])
+    plans = []
+    (ours,) = pipe.generate([req], plan_factory=lambda facts, reqs: plans.append(build_plan(facts, reqs)) or plans[-1])
     batch = pipe.prepare([req, replace(req, image=None, interventions=())])
-    tokens, selected = vhr_reference_tokens(batch, [1, 2, 3], 3.0, NEW)
+    tokens, selected, divergence = vhr_reference_tokens(batch, [1, 2, 3], 3.0, NEW)
     assert ours.report["vhr"]["heads"] == selected
+    (vhr,) = plans[0].components
+    for layer, values in divergence.items():
+        assert vhr.vhd[0][layer] == pytest.approx(values, abs=1e-4)
     assert all(len(h) == 2 for h in selected.values())  # half of 4 heads, above the median
     eos = pipe.tokenizer.eos_token_id
     assert ours.token_ids == (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)

@@ -1,0 +1,309 @@
+"""Train the shapes model on scenes generated on the fly.
+
+Two tasks, mixed 40/60 in every batch:
+  (a) description: "Describe this image." (or a paraphrase) -> "There are two trees, a house ..."
+  (b) POPE-style question: "Is there a {kind} in the image?" -> "Yes" / "No", balanced; half of
+      the negatives are the absent co-occurrence partner of a present object (hard negatives),
+      the rest uniform over absent kinds. Half the questions carry the LLaVA-1.5 suffix.
+The loss is next-token cross entropy on the answer tokens (and the closing </s>) only, averaged
+per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
+that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
+
+Batch b of the run is built from train-split scenes b*B .. b*B+B-1, so a resumed run sees exactly
+the data it would have seen; checkpoints hold model, optimizer, schedule, step and RNG states.
+
+    python -m lvlm.shapes.train --out runs/shapes --steps 1800 --threads 1 [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lvlm.shapes import model as M
+from lvlm.shapes import text, world
+
+IGNORE = -100
+QUESTION_PROBE_LAYER = 2  # hidden_states index: output of the 2nd of 4 decoder layers
+# Questions are the harder skill (match a word of the prompt against the image) and carry one
+# informative token against a caption's dozen, so they get the larger share of examples.
+CAPTION_SHARE = 0.4
+
+
+def make_example(index: int) -> tuple[object, str, str, tuple[str, ...]]:
+    """(image, prompt, answer, present kinds) for training scene `index`."""
+    scene, img = world.make_scene("train", index)
+    rng = random.Random(f"task/{index}")
+    present = sorted(scene.counts())
+    if rng.random() < CAPTION_SHARE:
+        return img, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), tuple(present)
+    absent = [k for k in world.CATEGORIES if k not in present]
+    if rng.random() < 0.5 and present:
+        kind, answer = rng.choice(present), "Yes"
+    else:
+        hard = [world.PARTNER[k] for k in present if world.PARTNER.get(k) in absent]
+        kind = rng.choice(hard) if hard and rng.random() < 0.5 else rng.choice(absent)
+        answer = "No"
+    prompt = text.question(kind) + (text.POPE_SUFFIX if rng.random() < 0.5 else "")
+    return img, prompt, answer, tuple(present)
+
+
+def collate(processor, examples) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the answer only. (B, T) ids, (B, 3, H, W) pixels."""
+    tok = processor.tokenizer
+    n_img = (world.IMAGE_SIZE // M.PATCH) ** 2
+    rows, labels, word_pos = [], [], []
+    for _, prompt, answer, _ in examples:
+        head = tok(M.prompt_text(prompt))["input_ids"]
+        tail = tok(" " + answer + "</s>", add_special_tokens=False)["input_ids"]
+        at = head.index(M.IMAGE_ID)  # expand the one <image> into n_img placeholders
+        head = head[:at] + [M.IMAGE_ID] * n_img + head[at + 1:]
+        rows.append(head + tail)
+        labels.append([IGNORE] * len(head) + tail)
+        asked = re.match(r"Is there an? (\w+) in", prompt)
+        word = tok(" " + asked.group(1), add_special_tokens=False)["input_ids"][0] if asked else None
+        word_pos.append(head.index(word, at + n_img) if asked else -1)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), M.PAD_ID)
+    lab = torch.full((len(rows), T), IGNORE)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+    pixels = processor.image_processor([e[0] for e in examples], return_tensors="pt")["pixel_values"]
+    objects = torch.tensor([[float(k in e[3]) for k in world.CATEGORIES] for e in examples])
+    answer_yes = torch.tensor([float(e[2] == "Yes") for e in examples])
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": pixels,
+            "objects": objects, "word_pos": torch.tensor(word_pos), "answer_yes": answer_yes}
+
+
+class ObjectProbe(torch.nn.Module):
+    """Auxiliary multi-label object classifier on the projected image tokens.
+
+    Why: LLaVA starts from a pretrained CLIP; ours starts from scratch, and through the language
+    loss alone the vision tower stays blind for hundreds of steps (the LM first fits the priors).
+    This probe stands in for vision pretraining: it pushes object identity into the visual tokens
+    from step 0. It is trained jointly and discarded; the shipped model is plain LLaVA.
+
+    kind "mean": a linear head on the mean visual token.
+    kind "words": the score of object k is a soft maximum over visual tokens of <token, E[word k]>,
+    E the LM's own (tied) word embeddings. It aligns each visual token with the word of the object
+    it shows, so that "Is there a box" can find the box by plain query-key matching; with the
+    mean head the yes/no answers stayed at chance for 1000 steps.
+    """
+
+    def __init__(self, model, n_objects: int, kind: str = "words", word_ids: list[int] | None = None):
+        super().__init__()
+        hidden = model.config.text_config.hidden_size
+        self.kind = kind
+        if kind == "mean":
+            self.head = torch.nn.Linear(hidden, n_objects)
+        elif kind == "words":
+            self.embed = model.get_input_embeddings()  # shared, not a copy
+            self.register_buffer("word_ids", torch.tensor(word_ids), persistent=False)
+            self.bias = torch.nn.Parameter(torch.zeros(n_objects))
+            self.scale = torch.nn.Parameter(torch.tensor(hidden ** -0.5))
+        else:
+            raise KeyError(f"unknown probe kind {kind!r}; valid: mean, words")
+        self.features = None
+        model.model.multi_modal_projector.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.features = output  # (B, n_img, H) projected visual tokens
+
+    def loss(self, objects: torch.Tensor) -> torch.Tensor:
+        f = self.features
+        if self.kind == "mean":
+            logits = self.head(f.mean(1))  # (B, n_objects)
+        else:
+            words = self.embed(self.word_ids)  # (n_objects, H)
+            scores = torch.einsum("bth,kh->btk", f, words) * self.scale  # (B, n_img, n_objects)
+            logits = torch.logsumexp(scores, dim=1) - math.log(f.shape[1]) + self.bias
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, objects)
+
+    def state_dict(self, *args, **kwargs):
+        # The embeddings belong to the model; keep only the probe's own tensors.
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("embed.")}
+
+    def load_state_dict(self, state, strict=True):
+        return super().load_state_dict(state, strict=False)
+
+
+class QuestionProbe(torch.nn.Module):
+    """Auxiliary yes/no head on the hidden state of the asked object's word (e.g. " box").
+
+    Why: answering "Is there a box" takes two hops (the answer position must find the word,
+    and the word must be matched against the image); with only the answer loss neither hop gets
+    a first-order gradient and the answers stayed at chance for 1000 steps. Supervising the
+    first hop at the word itself gives the second an easy feature to read. Discarded after
+    training.
+    """
+
+    def __init__(self, hidden: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def loss(self, hidden_states, word_pos: torch.Tensor, answer_yes: torch.Tensor) -> torch.Tensor:
+        rows = (word_pos >= 0).nonzero().squeeze(1)  # question examples only
+        if rows.numel() == 0:
+            return hidden_states[0].sum() * 0.0
+        layer = min(self.layer, len(hidden_states) - 1)  # the tiny test preset has one layer
+        h = hidden_states[layer][rows, word_pos[rows]]  # (n, H)
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.head(h).squeeze(1), answer_yes[rows])
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy averaged per example, then over the batch. logits (B, T, V), labels (B, T).
+
+    Why not transformers' token mean: a caption has ~13 answer tokens and "Yes</s>" two, so a
+    token mean lets captions drown the yes/no signal and questions stay at chance for long.
+    """
+    logits = logits[:, :-1]  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1): token t predicts t+1
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="none")  # (B, T-1)
+    n = (target != IGNORE).sum(1).clamp(min=1)
+    return (per_token.sum(1) / n).mean()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, cosine decay to 10% of peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save_checkpoint(path: Path, model, probe, qprobe, opt, step: int) -> None:
+    state = {"model": model.state_dict(), "probe": probe.state_dict(), "qprobe": qprobe.state_dict(),
+             "optimizer": opt.state_dict(),
+             "step": step,
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash while saving never leaves a broken checkpoint
+
+
+def restore(path: Path, model, probe, qprobe, opt, device) -> int:
+    """Load a checkpoint into the live objects; returns the step to continue from."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    probe.load_state_dict(state["probe"])
+    qprobe.load_state_dict(state["qprobe"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
+
+
+def train_step(model, probe, qprobe, opt, params, batch, aux_weight: float):
+    """One optimizer step; returns the (answer loss, probe loss) tensors."""
+    objects, word_pos, answer_yes = (batch.pop(k) for k in ("objects", "word_pos", "answer_yes"))
+    labels = batch.pop("labels")
+    out = model(**batch, output_hidden_states=True)
+    loss = answer_loss(out.logits, labels)
+    aux = probe.loss(objects) + qprobe.loss(out.hidden_states, word_pos, answer_yes)
+    (loss + aux_weight * aux).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, aux
+
+
+def setup(args):
+    """Processor and model: fresh, or reloaded from the run dir so a resume uses the same vocab."""
+    proc_dir = args.out / "processor"
+    if args.resume and proc_dir.exists():
+        from transformers import LlavaProcessor
+
+        processor = LlavaProcessor.from_pretrained(proc_dir)
+    else:
+        processor = M.build_processor(M.build_tokenizer(n_scenes=args.tokenizer_scenes))
+        processor.save_pretrained(proc_dir)
+    torch.manual_seed(args.seed)
+    model = M.build_model(M.Preset.from_name(args.preset), processor.tokenizer)
+    return processor, model
+
+
+def train(args) -> dict:
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    processor, model = setup(args)
+    word_ids = [processor.tokenizer(" " + k, add_special_tokens=False)["input_ids"][0]
+                for k in world.CATEGORIES]
+    probe = ObjectProbe(model, len(world.CATEGORIES), args.probe, word_ids)
+    qprobe = QuestionProbe(model.config.text_config.hidden_size, QUESTION_PROBE_LAYER)
+    model.to(args.device).train()
+    probe.to(args.device)
+    qprobe.to(args.device)
+    own = {id(p) for p in model.parameters()}
+    params = list(model.parameters()) + [p for p in probe.parameters() if id(p) not in own]
+    params += list(qprobe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    ckpt = args.out / "checkpoint.pt"
+    start = restore(ckpt, model, probe, qprobe, opt, args.device) if args.resume and ckpt.exists() else 0
+    log = (args.out / "train_log.jsonl").open("a")
+    t0, losses, auxes = time.time(), [], []
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
+    for step in bar:
+        batch = collate(processor, [make_example(step * args.batch_size + j)
+                                    for j in range(args.batch_size)])
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss, aux = train_step(model, probe, qprobe, opt, params, batch, args.aux_weight)
+        losses.append(loss.item())
+        auxes.append(aux.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            k = min(args.log_every, len(losses))
+            rec = {"step": step + 1, "loss": sum(losses[-k:]) / k, "aux": sum(auxes[-k:]) / k,
+                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt, model, probe, qprobe, opt, step + 1)
+    log.close()
+    final = args.out / "model"
+    model.eval()
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    return {"start_step": start, "steps": args.steps, "losses": losses,
+            "wall_s": time.time() - t0, "model_dir": str(final)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Train the embedded shapes LLaVA model.")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--preset", default="default", help="model sizes: default | tiny (tests)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
+    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")
+    ap.add_argument("--tokenizer-scenes", type=int, default=3000, help="scenes in the BPE corpus")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=20)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    out = train(parse_args(argv))
+    print(f"trained steps {out['start_step']}..{out['steps']} in {out['wall_s']:.0f}s -> {out['model_dir']}")
+
+
+if __name__ == "__main__":
+    main()

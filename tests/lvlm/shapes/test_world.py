@@ -1,0 +1,107 @@
+"""The shapes world generator: determinism, COCO validity (pycocotools), split hygiene, priors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from pycocotools.coco import COCO
+
+from lvlm.shapes import CATEGORIES, PAIRS, SPLITS, SYNONYMS_PATH, build_split, make_scene, world
+from lvlm.shapes.quality import load_synonyms, mentions
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    build_split(out, "test", N)
+    return out
+
+
+def test_same_seed_same_bytes(test_split, tmp_path):
+    build_split(tmp_path, "test", N)
+    for name in ("instances_test.json", "captions_test.json"):
+        assert (tmp_path / "annotations" / name).read_bytes() == (test_split / "annotations" / name).read_bytes()
+    pngs = sorted(p.name for p in (test_split / "images").iterdir())
+    assert len(pngs) == N
+    for name in pngs:
+        assert (tmp_path / "images" / name).read_bytes() == (test_split / "images" / name).read_bytes()
+
+
+def test_other_seed_other_images(test_split, tmp_path):
+    build_split(tmp_path, "test", 3, seed=123)
+    a = sorted((test_split / "images").iterdir())[0].read_bytes()
+    b = sorted((tmp_path / "images").iterdir())[0].read_bytes()
+    assert a != b
+
+
+def test_scene_does_not_depend_on_n():
+    # Image i is a function of (seed, split, i) only: a bigger --n extends, never reshuffles.
+    scene, img = make_scene("val", 5)
+    scene2, img2 = make_scene("val", 5)
+    assert scene == scene2 and img.tobytes() == img2.tobytes()
+    assert scene.image_id == SPLITS["val"][0] + 6
+
+
+def test_coco_files_load_with_consistent_ids(test_split):
+    inst = COCO(str(test_split / "annotations" / "instances_test.json"))
+    caps = COCO(str(test_split / "annotations" / "captions_test.json"))
+    img_ids = sorted(inst.getImgIds())
+    assert img_ids == sorted(caps.getImgIds()) and len(img_ids) == N
+    assert all(isinstance(i, int) for i in img_ids)
+    cats = inst.loadCats(inst.getCatIds())
+    assert [c["name"] for c in sorted(cats, key=lambda c: c["id"])] == CATEGORIES
+    anns = inst.loadAnns(inst.getAnnIds())
+    assert len({a["id"] for a in anns}) == len(anns)
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        assert a["image_id"] in img_ids and a["category_id"] in inst.getCatIds()
+        assert a["iscrowd"] == 0 and w > 0 and h > 0 and 0 < a["area"] <= w * h
+        assert 0 <= x and x + w <= world.IMAGE_SIZE and 0 <= y and y + h <= world.IMAGE_SIZE
+    for i in img_ids:
+        assert len(caps.getAnnIds(imgIds=[i])) == 5
+
+
+def test_captions_mention_only_present_objects(test_split):
+    table = load_synonyms()
+    inst = COCO(str(test_split / "annotations" / "instances_test.json"))
+    data = json.loads((test_split / "annotations" / "captions_test.json").read_text())
+    for c in data["annotations"]:
+        present = {inst.cats[a["category_id"]]["name"] for a in inst.imgToAnns[c["image_id"]]}
+        assert mentions(c["caption"], table), c
+        assert set(mentions(c["caption"], table)) <= present, c
+
+
+def test_splits_are_disjoint():
+    ids = {s: {make_scene(s, i)[0].image_id for i in range(20)} for s in SPLITS}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert make_scene("train", 0)[1].tobytes() != make_scene("test", 0)[1].tobytes()
+
+
+def test_co_occurrence_priors_hold():
+    rng = random.Random(0)
+    scenes = [{k for k, _ in world.sample_kinds(rng)} for _ in range(3000)]
+    for a, b in PAIRS:
+        with_a = [s for s in scenes if a in s]
+        without_a = [s for s in scenes if a not in s]
+        p_b_given_a = sum(b in s for s in with_a) / len(with_a)
+        p_b_given_not_a = sum(b in s for s in without_a) / len(without_a)
+        assert p_b_given_a > 0.75, (a, b, p_b_given_a)
+        assert p_b_given_not_a < 0.25, (a, b, p_b_given_not_a)
+
+
+def test_partners_are_often_weak_evidence():
+    # The temptation to hallucinate: objects that joined through a prior are often small or faint.
+    scenes = [make_scene("train", i)[0] for i in range(300)]
+    weak = [i.small or i.faint for s in scenes for i in s.instances]
+    assert 0.1 < sum(weak) / len(weak) < 0.5
+
+
+def test_synonym_table_format():
+    lines = SYNONYMS_PATH.read_text().splitlines()
+    assert [ln.split(", ")[0] for ln in lines] == CATEGORIES
+    table = load_synonyms()
+    assert table["boxes"] == "box" and table["fish"] == "fish" and table["sailboat"] == "boat"

@@ -70,14 +70,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help="random-llava-1.5-7b only: keep this many 7B-shaped layers (CPU-sized runs)")
+    ap.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
     args = ap.parse_args()
 
-    pipe = lvlm.load(args.model, device=args.device, dtype=args.dtype)
+    pipe = lvlm.load(args.model, device=args.device, dtype=args.dtype, text_layers=args.text_layers)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(args.batch)]
     rows = []
     base = None
-    for name, spec in configs(pipe.facts.num_layers).items():
+    chosen = configs(pipe.facts.num_layers)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    for name, spec in chosen.items():
         requests = [
             lvlm.Request("Please describe this image in detail.", im, max_new_tokens=args.new_tokens,
                          interventions=resolve(spec), ignore_eos=True)  # same token count for every config
@@ -88,7 +94,8 @@ def main() -> None:
         rows.append({"config": name, "prefill_ms": prefill_ms, "decode_tok_s": tok_s,
                      "prefill_speedup": base[0] / prefill_ms, "decode_ratio": tok_s / base[1]})
 
-    table = Table(title=f"{args.model} on {machine(args.device)} | batch {args.batch}, {args.new_tokens} new tokens, "
+    layers = f"{pipe.facts.num_layers} layers, " if args.text_layers else ""
+    table = Table(title=f"{args.model} ({layers}{pipe.model.dtype}) on {machine(args.device)} | batch {args.batch}, {args.new_tokens} new tokens, "
                         f"attention backend {pipe.engine.attention_backend}")
     for col in ("config", "prefill ms", "prefill speed-up", "decode tok/s", "decode vs none"):
         table.add_column(col, justify="right")

@@ -41,13 +41,17 @@ def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         revision: str | None = None) -> Pipeline:
-    """Load a model and its processor as a `Pipeline` (attention routed through kernels.dispatch)."""
+         revision: str | None = None, text_layers: int | None = None) -> Pipeline:
+    """Load a model and its processor as a `Pipeline` (attention routed through kernels.dispatch).
+
+    `text_layers` truncates the random-weight benchmark model's language model (same width and
+    heads as LLaVA-1.5-7B, fewer layers) so that 7B-shaped layers fit a CPU benchmark.
+    """
     name = name_or_path or default_model()
     attn = register()
     torch_dtype = _dtype(dtype, device)
     if name in tiny.ALL:
-        model, processor = tiny.build(name, device=device)
+        model, processor = tiny.build(name, device=device, text_layers=text_layers)
         model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
         model = model.to(device=device, dtype=torch_dtype)
         return Pipeline(model, processor, adapter_for(model.config), name)

@@ -96,11 +96,11 @@ def _vision_config() -> CLIPVisionConfig:
     )
 
 
-def llava_15_7b_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
+def llava_15_7b_config(tok: PreTrainedTokenizerFast, text_layers: int = 32) -> LlavaConfig:
     """LLaVA-1.5-7B's shapes (Llama-2-7B text model, CLIP ViT-L/14-336 tower: 576 image tokens)
     with the character vocabulary: for benchmarks at real shapes without downloading weights."""
     text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        vocab_size=len(tok), hidden_size=4096, intermediate_size=11008, num_hidden_layers=text_layers,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -110,7 +110,7 @@ def llava_15_7b_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None):
+def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None, text_layers: int | None = None):
     """Return (model, processor) of a random-weight model; same seed, same weights.
 
     `device` builds the weights there directly (the 7B-shaped model is only practical on a GPU).
@@ -119,7 +119,7 @@ def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None):
     if name == RANDOM_7B:
         torch.manual_seed(seed)
         with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration(llava_15_7b_config(tok))
+            model = LlavaForConditionalGeneration(llava_15_7b_config(tok, text_layers or 32))
         crop = {"height": 336, "width": 336}
         processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size=crop),
                                    tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",

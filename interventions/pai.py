@@ -71,12 +71,13 @@ class PAI(Component):
                 plan.need_twin(r, for_decode=True)
 
     def contribute(self, plan, layer, state, fields):
-        active = {
-            r: c.alpha for r, c in self.configs.items()
+        active = frozenset(
+            r for r, c in self.configs.items()
             if layer >= c.start_layer and not (c.contrast and c.skip_first_boost and state.phase == "prefill")
-        }
+        )
         if active:
-            fields["boost_alpha"] = plan.values(active, heads=plan.facts.num_heads, device=state.hidden.device)
+            fields["boost_alpha"] = plan.memo(("pai", active), lambda: plan.values(
+                {r: self.configs[r].alpha for r in active}, heads=plan.facts.num_heads, device=state.hidden.device))
 
     def adjust_logits(self, plan, logits, main):
         out = main

@@ -57,6 +57,19 @@ class BatchPlan:
         self.components: list[Component] = []
         self.reports_: list[dict[str, Any]] = [{} for _ in self.requests]
         self.visual: torch.Tensor | None = None  # (B, T) bool: image tokens of the prefill layout
+        self._memo: dict[Any, Any] = {}  # per-layout tensors, cleared when rows leave the batch
+
+    def layout_changed(self) -> None:
+        """Rows left the batch or were re-packed: per-layout tensors must be rebuilt."""
+        self._memo.clear()
+
+    def memo(self, key: Any, build):
+        """`build()` once per batch layout: per-row parameter tensors are the same for every
+        layer and step until rows leave, and building them (with a host-to-device copy) on every
+        layer of every decode step would cost more than the edits themselves."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     # -- building -----------------------------------------------------------------------------
     def configs(self, name: str) -> dict[int, Any]:
@@ -118,7 +131,7 @@ class BatchPlan:
     def key_class(self, layer: int, state) -> torch.Tensor:
         """(B, Tk) uint8 key classes of a layer, kept in the cache and grown at each decode step."""
         extras = state.cache.extras[layer]
-        k_len = state.k_len  # the engine runs one layer at a time
+        k_len = state.key_length(layer)
         cls = extras.get("key_class")
         if cls is None:  # prefill: visual bits of the layer's input layout
             cls = self.visual.to(torch.uint8) * KEY_VISUAL
@@ -172,6 +185,7 @@ class BatchPlan:
             state.next_position = state.next_position.index_select(0, index)
         self.rows = [self.rows[b] for b in keep]
         self.twin = [self.twin[b] for b in keep]
+        self.layout_changed()
         return index
 
     # -- the pipeline's view: main rows only ---------------------------------------------------------

@@ -111,14 +111,19 @@ class VAR(Component):
                 self.sinks[r][layer] = {"visual": int((sink & visual).sum()), "text": int((sink & ~visual).sum())}
 
     def contribute(self, plan, layer, state, fields):
-        active = {r: c for r, c in self.configs.items() if layer in c.layers(plan.facts.num_layers) and self.dims[r]}
-        if not active:
-            return
+        active = frozenset(r for r, c in self.configs.items() if layer in c.layers(plan.facts.num_layers) and self.dims[r])
+        if active:
+            fields.update(plan.memo(("var", state.phase, active), lambda: self._fields(plan, state, active)))
+
+    def _fields(self, plan, state, active) -> dict:
         device = state.hidden.device
-        fields["sink_p"] = plan.values({r: c.p for r, c in active.items()}, heads=plan.facts.num_heads, device=device)
-        fields["sink_rho"] = plan.values({r: c.rho for r, c in active.items()}, device=device)
-        fields["sink_min_visual"] = plan.values({r: c.min_visual for r, c in active.items()}, device=device)
-        fields["sink_query_start"] = self._query_start(plan, state).to(device)
+        configs = {r: self.configs[r] for r in active}
+        return {
+            "sink_p": plan.values({r: c.p for r, c in configs.items()}, heads=plan.facts.num_heads, device=device),
+            "sink_rho": plan.values({r: c.rho for r, c in configs.items()}, device=device),
+            "sink_min_visual": plan.values({r: c.min_visual for r, c in configs.items()}, device=device),
+            "sink_query_start": self._query_start(plan, state).to(device),
+        }
 
     @staticmethod
     def _query_start(plan: BatchPlan, state) -> torch.Tensor:

@@ -89,7 +89,7 @@ class VHR(Component):
 
     def contribute(self, plan, layer, state, fields):
         if state.phase == "decode":
-            scale = self._scale(plan, layer, state.hidden.device)
+            scale = plan.memo(("vhr", layer), lambda: self._scale(plan, layer, state.hidden.device))
             if scale is not None:
                 fields["head_scale"] = scale if "head_scale" not in fields else fields["head_scale"] * scale
 

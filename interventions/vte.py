@@ -138,6 +138,7 @@ class VTE(Component):
         state.hidden, state.position_ids, plan.visual = hidden, position_ids, visual
         state.row_start = (new_t - lengths).to(torch.int32)
         state.masks = {}
+        plan.layout_changed()
 
     def contribute(self, plan, layer, state, fields):
         dynamic = [r for r, c in self.configs.items() if c.policy == "dynamic" and self.exit[r] is None]

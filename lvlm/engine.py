@@ -86,7 +86,7 @@ class ForwardState:
     layer: int = 0
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     input_ids: torch.Tensor | None = None  # (B, T) prompt ids (prefill)
-    k_len: int = 0  # keys the current layer attends over (its cache plus the new rows)
+    attending: bool = False  # True while the current layer's attention runs (its cache already holds the new keys)
     next_position: torch.Tensor | None = None  # (B,) rotary position of the next fed token
 
     # AttentionContext protocol (kernels/dispatch.py): the attention function calls these.
@@ -95,6 +95,10 @@ class ForwardState:
 
     def kv_start(self, layer: int) -> torch.Tensor:
         return self.cache.start[layer]
+
+    def key_length(self, layer: int) -> int:
+        """Keys of `layer` in this forward: its cache plus the new rows (before or during attention)."""
+        return self.cache.length(layer) + (0 if self.attending else self.hidden.shape[1])
 
     def after_attention(self, layer: int, out: torch.Tensor, readout) -> torch.Tensor:
         return self.plan.after_attention(layer, self, out, readout)
@@ -166,7 +170,7 @@ class Engine:
             cache = state.cache
             cache.begin_layer(layer_idx, state.row_start)
             q_len = state.hidden.shape[1]
-            k_len = state.k_len = cache.length(layer_idx) + q_len
+            k_len = cache.length(layer_idx) + q_len
             start = cache.start[layer_idx]
             key = (id(start), q_len, k_len)
             if key not in state.masks:
@@ -176,6 +180,7 @@ class Engine:
             if extra is not None:
                 mask = mask & extra[:, None, None, :]
             cos_sin = self.rotary(state.hidden, position_ids=state.position_ids)
+            state.attending = True
             state.hidden = layer(
                 state.hidden,
                 attention_mask=mask,
@@ -185,6 +190,7 @@ class Engine:
                 position_embeddings=cos_sin,
                 lvlm_ctx=state,
             )
+            state.attending = False
         return self.norm(state.hidden)
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,22 @@ def test_mixed_batch_equals_rows_alone(pipe):
     assert [sorted(r.report) for r in together] == [sorted(r.report) for r in alone]
 
 
+def test_rows_repacked_by_token_exit_keep_their_own_edits(pipe):
+    """A VAR row shorter than a VTE row: the exit re-packs the batch, VAR must follow the new layout."""
+    reqs = [
+        lvlm.Request("Describe every object in this picture, please.", IMG2, max_new_tokens=6,
+                     interventions=resolve([{"name": "vte", "exit_layer": 2}])),
+        lvlm.Request("Hi", IMG2, max_new_tokens=6, interventions=resolve(ACTIVE["var"])),
+        lvlm.Request("What?", IMG2, max_new_tokens=6, interventions=resolve([{"name": "pai", "alpha": 2.0}])),
+    ]
+    together = pipe.generate(reqs)
+    alone = [pipe.generate([r])[0] for r in reqs]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    batch_logits = plan_logits(pipe, reqs)[1]
+    for i, req in enumerate(reqs):
+        torch.testing.assert_close(batch_logits[i], plan_logits(pipe, [req])[1][0], atol=1e-4, rtol=1e-4)
+
+
 # -- VHR against an independent implementation on transformers' own forward (eager + hooks) --------
 def vhr_reference_tokens(batch, layers, alpha, n):
     """Greedy tokens of row 0 with VHR done by o_proj pre-hooks on transformers' eager model."""
@@ -178,9 +194,10 @@ def materialized_logits(batch, visual, **kw):
         return model(**batch).logits[:, -1], fn
 
 
-def plan_logits(pipe, req):
-    batch = pipe.prepare([req])
-    plan = build_plan(pipe.facts, [req], profile={})
+def plan_logits(pipe, reqs):
+    reqs = reqs if isinstance(reqs, list) else [reqs]
+    batch = pipe.prepare(reqs)
+    plan = build_plan(pipe.facts, reqs, profile={})
     plan.bind(batch)
     logits, state = pipe.engine.prefill(batch["input_ids"], batch["attention_mask"], pipe.vision_inputs(batch), plan)
     return batch, logits, plan

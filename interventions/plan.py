@@ -178,11 +178,7 @@ class BatchPlan:
         return self._select(state, keep)
 
     def _select(self, state, keep: list[int]) -> torch.Tensor:
-        index = torch.tensor(keep, device=state.hidden.device)
-        state.cache.select_rows(index)
-        state.row_start = state.row_start.index_select(0, index)
-        if state.next_position is not None:
-            state.next_position = state.next_position.index_select(0, index)
+        index = state.keep_rows(keep)
         self.rows = [self.rows[b] for b in keep]
         self.twin = [self.twin[b] for b in keep]
         self.layout_changed()

@@ -40,6 +40,9 @@ class Plan(Protocol):
     def adjust_logits(self, state: "ForwardState", logits: torch.Tensor) -> torch.Tensor: ...
     def expand_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...
     def select_main(self, state: "ForwardState", keep: list[int]) -> None: ...
+    def twin_requests(self) -> list: ...
+    def bind(self, batch: dict[str, torch.Tensor]) -> None: ...
+    def reports(self) -> list[dict]: ...
 
 
 class NoPlan:
@@ -67,10 +70,16 @@ class NoPlan:
         return tokens
 
     def select_main(self, state, keep):
-        index = torch.tensor(keep, device=state.hidden.device)
-        state.cache.select_rows(index)
-        state.next_position = state.next_position.index_select(0, index)
-        state.row_start = state.row_start.index_select(0, index)
+        state.keep_rows(keep)
+
+    def twin_requests(self):
+        return []
+
+    def bind(self, batch):
+        return None
+
+    def reports(self):
+        return None
 
 
 @dataclass
@@ -95,6 +104,15 @@ class ForwardState:
 
     def kv_start(self, layer: int) -> torch.Tensor:
         return self.cache.start[layer]
+
+    def keep_rows(self, keep: list[int]) -> torch.Tensor:
+        """Keep these batch rows in the cache and the per-row positions; returns the index."""
+        index = torch.tensor(keep, device=self.hidden.device)
+        self.cache.select_rows(index)
+        self.row_start = self.row_start.index_select(0, index)
+        if self.next_position is not None:
+            self.next_position = self.next_position.index_select(0, index)
+        return index
 
     def key_length(self, layer: int) -> int:
         """Keys of `layer` in this forward: its cache plus the new rows (before or during attention)."""

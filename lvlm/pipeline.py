@@ -131,9 +131,8 @@ class Pipeline:
                 raise PromptError("max_new_tokens must be at least 1")
         requests, pre_reports = self.refine(requests)
         plan = self.build_plan(requests, plan_factory)
-        batch = self.prepare(requests + list(getattr(plan, "twin_requests", list)()))
-        if hasattr(plan, "bind"):
-            plan.bind(batch)
+        batch = self.prepare(requests + plan.twin_requests())
+        plan.bind(batch)
         engine = self.engine
 
         def prefill():
@@ -162,7 +161,7 @@ class Pipeline:
             fed = plan.expand_tokens(torch.tensor(tokens, device=self.device))
             logits = plan.adjust_logits(state, engine.decode_one_token(fed, state))
         prompt_lengths = batch["attention_mask"].sum(-1).tolist()
-        reports = plan.reports() if hasattr(plan, "reports") else [{} for _ in requests]
+        reports = plan.reports() or [{} for _ in requests]
         results = []
         for i, row in enumerate(rows):
             report = {"attention_backend": engine.attention_backend, **pre_reports[i], **reports[i]}

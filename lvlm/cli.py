@@ -1,4 +1,9 @@
-"""The `lvlm` command line: generate, serve, eval, profile, bench."""
+"""Model commands of the `lvlm` command line: generate, profile, bench.
+
+These are plain functions with typer options; the root command (`lvlm_hallu/cli.py`, the top
+floor that may import every package) mounts them next to `eval` and `serve`, so that `lvlm/`
+never imports the evaluation or the service.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLaVA-class models with hallucination interventions.")
 console = Console(stderr=True)
 
 
-@app.callback()
-def _root() -> None:
-    """LLaVA-class models with training-free hallucination interventions."""
-
-
-@app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="user prompt"),
     image: Optional[str] = typer.Option(None, "--image", "-i", help="image file (omit for a text-only prompt)"),
@@ -78,7 +76,6 @@ def generate(
     )
 
 
-@app.command()
 def profile(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), hub id or path"),
     device: str = typer.Option("cpu", "--device"),
@@ -96,7 +93,6 @@ def profile(
     console.print(f"[dim]cached at {cache_path(pipe)}[/dim]")
 
 
-@app.command()
 def bench(
     what: str = typer.Argument("interventions", help="interventions | attention | load"),
     args: list[str] = typer.Argument(None, help="arguments passed to the benchmark script"),
@@ -111,22 +107,3 @@ def bench(
         raise typer.Exit(2)
     sys.argv = [str(script), *(args or [])]
     runpy.run_path(str(script), run_name="__main__")
-
-
-def _mount_subcommands() -> None:
-    from eval.cli import app as eval_app
-    from serve.cli import serve_command
-
-    app.command("serve", help="Serve a model over an OpenAI-compatible HTTP API (Ray Serve).")(serve_command)
-    app.add_typer(eval_app, name="eval", help="CHAIR and POPE evaluation (local, service or Ray runs).")
-
-
-_mount_subcommands()
-
-
-def main() -> None:
-    app(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    main()

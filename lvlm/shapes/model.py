@@ -67,7 +67,11 @@ class Preset:
     @classmethod
     def from_name(cls, name: str) -> "Preset":
         presets = {
-            "default": cls(),
+            # 8 layers of 8 heads: deep and wide enough for attention sinks and vision-aware
+            # heads to have room to form (docs/shapes-model.md, "Why this size").
+            "default": cls(text_hidden=256, text_layers=8, text_heads=8, text_kv_heads=8, text_ffn=704),
+            # The first shipped model (4 layers, 192 wide): no sinks, VHR band covered every layer.
+            "v1": cls(),
             # For tests: trains a few steps in seconds.
             "tiny": cls(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,
                         text_layers=1, text_heads=2, text_kv_heads=2, text_ffn=128),

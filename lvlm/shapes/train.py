@@ -247,7 +247,7 @@ def train(args) -> dict:
     own = {id(p) for p in model.parameters()}
     params = list(model.parameters()) + [p for p in probe.parameters() if id(p) not in own]
     params += list(qprobe.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     ckpt = args.out / "checkpoint.pt"
     start = restore(ckpt, model, probe, qprobe, opt, args.device) if args.resume and ckpt.exists() else 0
     log = (args.out / "train_log.jsonl").open("a")
@@ -287,6 +287,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.1,
+                    help="AdamW weight decay (higher decay favours attention sinks: arXiv 2410.10781)")
     ap.add_argument("--preset", default="default", help="model sizes: default | tiny (tests)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))

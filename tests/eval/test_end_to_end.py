@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lvlm.cli import app
+from lvlm_hallu.cli import app
 from lvlm.shapes import SYNONYMS_PATH, build_split
 
 

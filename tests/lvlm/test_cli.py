@@ -3,7 +3,7 @@ import json
 from PIL import Image
 from typer.testing import CliRunner
 
-from lvlm.cli import app
+from lvlm_hallu.cli import app
 
 
 def test_generate_prints_answer_and_timings(tmp_path):

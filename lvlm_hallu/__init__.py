@@ -1,0 +1,1 @@
+"""The project's top floor: the `lvlm` command that mounts every package's commands."""

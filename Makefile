@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= shapes
 
-.PHONY: install test serve demo bench clean
+.PHONY: install test serve demo bench gpu-check clean test-newest-transformers
 
 install: $(VENV)/.installed
 
@@ -29,12 +29,31 @@ test: install
 serve: install
 	$(VENV)/bin/lvlm serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# One held-out shapes image where the default interventions remove a hallucinated object.
 demo: install
-	$(VENV)/bin/lvlm generate --model $(MODEL) --prompt "Describe this image."
+	$(VENV)/bin/lvlm demo --model $(MODEL)
+
+# Checking a new transformers release: the suite in a scratch venv with the newest transformers,
+# whatever pyproject.toml's range says. When it passes, widen the range there (README, "Versions").
+NEWEST_VENV ?= $(or $(TMPDIR),/tmp)/lvlm-hallu-newest-transformers
+test-newest-transformers:
+	test -x $(NEWEST_VENV)/bin/python || $(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[test]"
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) transformers
+	@$(NEWEST_VENV)/bin/python -c "import transformers; print('testing transformers', transformers.__version__)"
+	$(if $(shell command -v nvidia-smi 2>/dev/null),,TRITON_INTERPRET=1) $(NEWEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/interventions.py
+
+# The whole GPU validation (kernel checks at LLaVA-1.5-7B shapes for every flag combination, both
+# benchmarks) into docs/gpu-check.md; without a GPU a dry run that says what it skips. Uses only
+# torch, triton and transformers: on a lent GPU machine it runs with the system Python
+# when the project's venv is absent, with no install step.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

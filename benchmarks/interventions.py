@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,6 +45,25 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def print_table(title: str, columns, cells) -> None:
+    """A rich table when rich is installed, else plain text (GPU machines have torch only)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+        for row in (columns, *cells):
+            print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in cells:
+        table.add_row(*row)
+    Console(width=160).print(table)
 
 
 def run(pipe, requests, repeats: int):
@@ -95,14 +112,12 @@ def main() -> None:
                      "prefill_speedup": base[0] / prefill_ms, "decode_ratio": tok_s / base[1]})
 
     layers = f"{pipe.facts.num_layers} layers, " if args.text_layers else ""
-    table = Table(title=f"{args.model} ({layers}{pipe.model.dtype}) on {machine(args.device)} | batch {args.batch}, {args.new_tokens} new tokens, "
-                        f"attention backend {pipe.engine.attention_backend}")
-    for col in ("config", "prefill ms", "prefill speed-up", "decode tok/s", "decode vs none"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["config"], f"{r['prefill_ms']:.1f}", f"{r['prefill_speedup']:.2f}x",
-                      f"{r['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f}x")
-    Console().print(table)
+    title = (f"{args.model} ({layers}{pipe.model.dtype}) on {machine(args.device)} | batch {args.batch}, "
+             f"{args.new_tokens} new tokens, attention backend {pipe.engine.attention_backend}")
+    columns = ("config", "prefill ms", "prefill speed-up", "decode tok/s", "decode vs none")
+    cells = [(r["config"], f"{r['prefill_ms']:.1f}", f"{r['prefill_speedup']:.2f}x", f"{r['decode_tok_s']:.1f}",
+              f"{r['decode_ratio']:.2f}x") for r in rows]
+    print_table(title, columns, cells)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(args.device), "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
 

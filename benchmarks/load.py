@@ -6,8 +6,9 @@ p50/p99 latency (overall and per intervention set), errors, and the engine batch
 service saw (read from the difference of its /metrics before and after the run).
 
     python benchmarks/load.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8
-    # or start a local service per (batch size, batch wait) and compare them side by side:
-    python benchmarks/load.py --start --model tiny-llava --batch-sizes 1,8 --batch-wait-ms 10,50
+    # or start a local service per (scheduler, batch size, batch wait) and compare them side by side,
+    # each at every concurrency (static vs continuous batching, docs/benchmarks.md):
+    python benchmarks/load.py --start --model shapes --schedulers static,continuous --concurrency 8,32
 
 It refuses targets that do not resolve to loopback only: it is a tool for measuring your own
 service, not for loading anyone else's.
@@ -117,11 +118,12 @@ def batch_delta(before: dict, after: dict) -> dict:
 
 
 async def run_load(url: str, *, requests: int, duration_s: float, concurrency: int, max_tokens: int,
-                   mix: list[str], api_key: str | None) -> RunResult:
+                   mix: list[str], api_key: str | None, transport=None) -> RunResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     images = [image_url(i) for i in range(12)]
     result = RunResult()
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, trust_env=False) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, trust_env=False,
+                                 transport=transport) as http:
         before = batch_histogram((await http.get("/metrics")).text)
         started = time.perf_counter()
         deadline = started + duration_s
@@ -159,7 +161,7 @@ def available_mix(url: str, api_key: str | None, wanted: list[str]) -> list[str]
     return [spec for spec in wanted if all(part in names or part == "none" for part in spec.split("+"))]
 
 
-def start_service(model: str, max_batch_size: int, port: int, batch_wait_s: float) -> str:
+def start_service(model: str, max_batch_size: int, port: int, batch_wait_s: float, scheduler: str = "continuous") -> str:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -169,9 +171,72 @@ def start_service(model: str, max_batch_size: int, port: int, batch_wait_s: floa
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     config = ServeConfig(model=model, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s,
-                         eval_jobs=False)
+                         eval_jobs=False, scheduler=scheduler)
     run(config, host="127.0.0.1", port=port)
     return f"http://127.0.0.1:{port}"
+
+
+class LocalBatcher:
+    """In-process stand-in for Ray's `@serve.batch` (static batching): a batch closes at
+    `max_batch_size` requests or `wait_s` after its first request, and batches run one at a time
+    (Ray's default `max_concurrent_batches=1`) on a worker thread."""
+
+    def __init__(self, runner, max_batch_size: int, wait_s: float):
+        self.runner, self.max_batch_size, self.wait_s = runner, max_batch_size, wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = None
+
+    async def submit(self, request):
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((request, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch_size and (left := deadline - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            outcomes = await asyncio.to_thread(self.runner.run_batch, [r for r, _ in batch])
+            for (_, future), outcome in zip(batch, outcomes):
+                future.set_result(outcome)
+
+
+def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float, concurrencies: list[int],
+                   args) -> dict:
+    """The service's FastAPI app with a real pipeline, driven over httpx's ASGI transport: no Ray,
+    no HTTP sockets, the same Service, runners and admission limits."""
+    from serve.app import Service, build_app
+    from serve.config import ServeConfig
+
+    config = ServeConfig(model=args.model, max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s,
+                         eval_jobs=False, scheduler=scheduler, max_prefill_rows=args.max_prefill_rows)
+    out = {}
+
+    async def one(concurrency: int):
+        service = Service(pipeline, config)
+        if scheduler == "static":
+            service.submit = LocalBatcher(service.runner, max_batch_size, wait_s).submit
+        transport = httpx.ASGITransport(app=build_app(service))
+        try:
+            return await run_load("http://in-process", requests=args.requests, duration_s=args.duration,
+                                  concurrency=concurrency, max_tokens=args.max_tokens, mix=args.mix.split(","),
+                                  api_key=None, transport=transport)
+        finally:
+            if hasattr(service.runner, "close"):
+                service.runner.close()
+
+    for concurrency in concurrencies:
+        wait = f", wait={wait_s * 1000:g}ms" if scheduler == "static" else ""
+        out[f"{scheduler}, max_batch_size={max_batch_size}{wait}, concurrency={concurrency}"] = \
+            asyncio.run(one(concurrency)).summary()
+    return out
 
 
 def print_summary(title: str, s: dict) -> None:
@@ -189,6 +254,8 @@ def print_summary(title: str, s: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="running service (loopback only)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="no Ray: the service app in this process over an ASGI transport, per scheduler")
     ap.add_argument("--start", action="store_true",
                     help="start a local service (Ray) for each --batch-sizes x --batch-wait-ms pair")
     ap.add_argument("--model", default="tiny-llava")
@@ -196,30 +263,50 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-wait-ms", default="50", help="with --start: comma-separated batch waits (ms) to compare")
     ap.add_argument("--requests", type=int, default=64, help="stop after this many requests")
     ap.add_argument("--duration", type=float, default=120.0, help="... or after this many seconds")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--schedulers", default="continuous", help="with --start: comma-separated, static and/or continuous")
+    ap.add_argument("--max-prefill-rows", type=int, default=4, help="--in-process, continuous: prefill bound per step")
+    ap.add_argument("--concurrency", default="8", help="comma-separated concurrencies, each run in turn")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--mix", default=",".join(DEFAULT_MIX), help="intervention specs to cycle through")
     ap.add_argument("--api-key", default=os.environ.get("LVLM_API_KEY"))
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
-    if not args.start and not args.url:
-        ap.error("give --url of a running service or --start")
+    if not args.start and not args.url and not args.in_process:
+        ap.error("give --url of a running service, --start or --in-process")
 
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
     runs = {}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
-    if args.start:
+    if args.in_process:
+        import lvlm
+
+        pipeline = lvlm.load(args.model)
+        pipeline.generate([__import__("lvlm").Request("Hi", Image.new("RGB", (64, 64)), max_new_tokens=2)])  # warm-up
+        # concurrency-major, schedulers back to back: on a shared machine whose load drifts, the
+        # configurations compared at one concurrency run minutes apart at most
+        for concurrency in concurrencies:
+            for sched in args.schedulers.split(","):
+                for size in args.batch_sizes.split(","):
+                    for wait in args.batch_wait_ms.split(","):
+                        for title, summary in run_in_process(pipeline, sched, int(size), float(wait) / 1000,
+                                                             [concurrency], args).items():
+                            repeat = sum(1 for name in runs if name.startswith(title))  # --schedulers a,b,a,b
+                            runs[title + (f" #{repeat + 1}" if repeat else "")] = summary
+    elif args.start:
         from ray import serve
 
         try:
-            grid = [(int(size), float(wait)) for size in args.batch_sizes.split(",")
-                    for wait in args.batch_wait_ms.split(",")]
-            for size, wait_ms in grid:
-                url = start_service(args.model, size, _free_port(), wait_ms / 1000)
+            grid = [(sched, int(size), float(wait)) for sched in args.schedulers.split(",")
+                    for size in args.batch_sizes.split(",") for wait in args.batch_wait_ms.split(",")]
+            for sched, size, wait_ms in grid:
+                url = start_service(args.model, size, _free_port(), wait_ms / 1000, sched)
                 mix = available_mix(url, None, args.mix.split(","))
-                result = asyncio.run(run_load(url, requests=args.requests, duration_s=args.duration,
-                                              concurrency=args.concurrency, max_tokens=args.max_tokens,
-                                              mix=mix, api_key=None))
-                runs[f"max_batch_size={size}, wait={wait_ms:g}ms"] = result.summary()
+                for concurrency in concurrencies:
+                    result = asyncio.run(run_load(url, requests=args.requests, duration_s=args.duration,
+                                                  concurrency=concurrency, max_tokens=args.max_tokens,
+                                                  mix=mix, api_key=None))
+                    wait = f", wait={wait_ms:g}ms" if sched == "static" else ""
+                    runs[f"{sched}, max_batch_size={size}{wait}, concurrency={concurrency}"] = result.summary()
                 serve.shutdown()
         finally:
             import ray
@@ -229,22 +316,25 @@ def main(argv: list[str] | None = None) -> None:
     else:
         check_loopback(args.url)
         mix = available_mix(args.url, args.api_key, args.mix.split(","))
-        result = asyncio.run(run_load(args.url, requests=args.requests, duration_s=args.duration,
-                                      concurrency=args.concurrency, max_tokens=args.max_tokens, mix=mix,
-                                      api_key=args.api_key))
-        runs[args.url] = result.summary()
+        for concurrency in concurrencies:
+            result = asyncio.run(run_load(args.url, requests=args.requests, duration_s=args.duration,
+                                          concurrency=concurrency, max_tokens=args.max_tokens, mix=mix,
+                                          api_key=args.api_key))
+            runs[f"{args.url}, concurrency={concurrency}"] = result.summary()
 
-    started = f"model {args.model}" if args.start else "running service"
+    started = f"model {args.model}" + (" in process (no Ray)" if args.in_process else "") \
+        if args.start or args.in_process else "running service"
     print(f"machine: {machine}; {started}; concurrency {args.concurrency}; max_tokens {args.max_tokens}; "
           f"mix {args.mix}")
     for title, summary in runs.items():
         print_summary(title, summary)
-    if len(runs) > 1:
-        names = list(runs)
-        base = runs[names[0]]["throughput_rps"]
+    for concurrency in concurrencies:  # each configuration against the first, at equal concurrency
+        names = [n for n in runs if f"concurrency={concurrency}" in n.split(" #")[0].split(", ")]
+        base = runs[names[0]] if names else None
         for name in names[1:]:
-            ratio = runs[name]["throughput_rps"] / base if base else float("nan")
-            print(f"\nthroughput {name} / {names[0]}: {ratio:.2f}x")
+            ratio = runs[name]["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else float("nan")
+            print(f"\nconcurrency {concurrency}: {name} / {names[0]}: throughput {ratio:.2f}x, "
+                  f"p99 {runs[name]['p99_s']} s vs {base['p99_s']} s")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"machine": machine, "args": vars(args), "runs": runs}, f, indent=2)

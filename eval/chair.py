@@ -310,6 +310,48 @@ def ground_truth_from_coco(
     return GroundTruth(MappingProxyType({k: frozenset(v) for k, v in objects.items()}), " + ".join(sources))
 
 
+class MinedObjects(Mapping[int, frozenset[str]]):
+    """image id -> instance categories ∪ objects of its human captions, mined on first access.
+
+    The same union as `ground_truth_from_coco`, for callers that visit only some images (POPE's
+    sampler): all of COCO val2014 has 200k captions, a POPE sample needs a few thousand.
+    `on_mine(image_id)` is called after each mined image (a progress bar).
+    """
+
+    def __init__(self, instances: COCO | None, captions: COCO | None, parser: CaptionParser, on_mine=None):
+        self._instances = instance_categories(instances) if instances is not None else {}
+        self._captions = captions_by_image(captions) if captions is not None else {}
+        self._parser = parser
+        self._on_mine = on_mine
+        # The instances file lists the images (and their file names) when there is one.
+        self._ids = sorted(self._instances) if instances is not None else sorted(self._captions)
+        self._done: dict[int, frozenset[str]] = {}
+
+    def __getitem__(self, image_id: int) -> frozenset[str]:
+        if image_id in self._done:
+            return self._done[image_id]
+        if image_id not in self._instances and image_id not in self._captions:
+            raise KeyError(image_id)
+        to_category = self._parser.synonyms.to_category
+        cats = set()
+        for name in self._instances.get(image_id, ()):
+            if name not in to_category:
+                raise AnnotationError(f"category {name!r} is not in the synonym table {self._parser.synonyms.source}")
+            cats.add(to_category[name])
+        for cap in self._captions.get(image_id, ()):
+            cats.update(self._parser.parse(cap).categories)
+        self._done[image_id] = frozenset(cats)
+        if self._on_mine is not None:
+            self._on_mine(image_id)
+        return self._done[image_id]
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 def ground_truth_from_json(path: str | Path) -> GroundTruth:
     """Read a {image_id: [category, ...]} mapping; JSON keys are strings of digits."""
     try:
@@ -343,10 +385,22 @@ class CaptionRecord:
 def read_captions(
     path: str | Path, *, image_id_key: str = "image_id", caption_key: str = "caption"
 ) -> list[CaptionRecord]:
-    """Generated captions from JSON lines {image_id, caption} (a JSON list is accepted too)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Generated captions from JSON lines {image_id, caption} (a JSON list is accepted too).
+
+    LLaVA-style answer logs name the fields differently ({"question_id": ..., "text": ...}): pass
+    `image_id_key="question_id", caption_key="text"`. A null caption is an error naming its
+    records (it would otherwise be scored as the text "None"); an empty caption is a caption with
+    no mentions, counted in `ChairResult.n_empty`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"captions file not found: {path}")
+    text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path}: not a JSON list: {err}") from err
     else:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -355,21 +409,33 @@ def read_captions(
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise AnnotationError(f"{path}:{n}: not JSON: {err}") from err
-    out = []
+    out, nulls = [], []
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or image_id_key not in row or caption_key not in row:
-            raise AnnotationError(f"{path}: record {n} needs {image_id_key!r} and {caption_key!r}")
-        out.append(CaptionRecord(check_image_id(row[image_id_key]), str(row[caption_key])))
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise AnnotationError(
+                f"{path}: record {n} needs {image_id_key!r} and {caption_key!r} (it has {found}); "
+                "name other fields with --image-id-key / --caption-key (LLaVA logs: question_id / text)"
+            )
+        caption = row[caption_key]
+        if caption is None:
+            nulls.append(n)
+            continue
+        if not isinstance(caption, str):
+            raise AnnotationError(f"{path}: record {n}: caption must be a string, got {type(caption).__name__}")
+        out.append(CaptionRecord(check_image_id(row[image_id_key]), caption))
+    if nulls:
+        shown = ", ".join(map(str, nulls[:10])) + (" ..." if len(nulls) > 10 else "")
+        raise AnnotationError(f"{path}: {len(nulls)} record(s) have a null {caption_key!r} (records {shown})")
     return out
 
 
 def drop_incomplete_sentence(text: str) -> str:
-    """Short-caption protocol: cut a caption truncated at 64 tokens after its last full sentence."""
-    stripped = text.rstrip()
-    if not stripped or stripped[-1] in ".!?":
-        return text
-    cut = max(stripped.rfind(c) for c in ".!?")
-    return stripped[: cut + 1]  # "" when no sentence was completed
+    """Short-caption protocol, the reference cut: keep the text up to its last "." ("" without one).
+
+    "A dog. Nice!" -> "A dog."; "A dog sits. A cat on the" -> "A dog sits."; "A cat on the" -> "".
+    """
+    return text[: text.rfind(".") + 1]
 
 
 @dataclass(frozen=True)
@@ -401,6 +467,7 @@ class ChairResult:
     captions: tuple[CaptionScore, ...] = field(repr=False)
     short_caption: bool = False
     flavour: str = FLAVOUR
+    n_empty: int = 0  # captions with no text (scored as captions without mentions)
 
     def metrics(self) -> dict[str, float]:
         """The four numbers as papers print them: CHAIR_s, CHAIR_i, Recall x100; Len as is."""
@@ -473,4 +540,5 @@ def score_captions(
         most_hallucinated=most,
         captions=tuple(scores),
         short_caption=short_caption,
+        n_empty=sum(not r.caption.strip() for r in records),
     )

@@ -2,54 +2,75 @@
 
 Follows docs/eval.md: CHAIR (Rohrbach et al. 2018, arXiv:1809.02156) on seeded samples of COCO
 images with the reference NLTK flavour; POPE (Li et al. 2023, arXiv:2305.10355) with the official
-answer parser by default. Models are loaded lazily (`lvlm.load`) inside the command that needs
-one; `--server` sends the requests to a running service through its SDK client instead, and
-`--ray-actors N` spreads them over N model replicas. Every run writes a resumable results file per
-configuration and a report (JSON, Markdown, PNG) into `--out`.
+answer parser by default. Inputs are checked before any model loads (eval/datasets.py);
+`--model shapes` with no dataset argument evaluates on the generated shapes world (eval/world.py);
+`--max-new-tokens` is fitted into the model's context (eval/context.py). Models are loaded lazily
+(`lvlm.load`) inside the command that needs one; `--server` sends the requests to a running
+service through its SDK client instead, and `--ray-actors N` spreads them over N model replicas.
+Every run has a fingerprint (eval/fingerprint.py); its default output folder is
+runs/eval/<benchmark>-<model>-<fingerprint>, with a resumable results file per configuration and
+a report (JSON, Markdown, PNG) with paired bootstrap intervals against the first configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eval.errors import EvalError
 
-app = typer.Typer(help="CHAIR and POPE evaluation (docs/eval.md).", no_args_is_help=True)
+# rich_markup_mode=None: help texts such as "{image_id: [category]}" are printed as written.
+app = typer.Typer(help="CHAIR and POPE evaluation (docs/eval.md).", no_args_is_help=True, rich_markup_mode=None)
 console = Console()
 
 CHAIR_MAX_NEW_TOKENS = 512  # the papers' long-caption protocol (64 with --short-caption)
+CHAIR_SHORT_MAX_NEW_TOKENS = 64
 POPE_MAX_NEW_TOKENS = 16  # one word or phrase
+RUNS = Path("runs/eval")
 
 # ---------------------------------------------------------------------------------------------
 # Shared options (typer reads the defaults; one definition keeps the commands consistent)
 
-ModelOpt = typer.Option("shapes", "--model", help="model name, hub id or local path for lvlm.load")
+ModelOpt = typer.Option(
+    "shapes", "--model", help="model name, hub id or local path for lvlm.load; shapes with no data options "
+    "evaluates on the generated shapes world"
+)
 ImagesOpt = typer.Option(None, "--images", help="folder with the images named in the annotations")
-AnnotationsOpt = typer.Option(None, "--annotations", help="folder with instances_val2014.json / captions_val2014.json")
+AnnotationsOpt = typer.Option(
+    None, "--annotations", help="folder with instances_*.json / captions_*.json (COCO 2014, 2017, shapes splits)"
+)
 InstancesOpt = typer.Option(None, "--instances", help="COCO instances file")
 CaptionsOpt = typer.Option(None, "--captions", help="COCO captions file (human captions)")
-NOpt = typer.Option(500, "-n", help="number of images to sample")
+NOpt = typer.Option(None, "-n", help="number of images to sample [default: 500; 20 on the generated shapes world]")
 SeedOpt = typer.Option(0, "--seed", help="seed of the image sample (recorded in the report)")
 BatchOpt = typer.Option(8, "--batch-size")
-MaxNewOpt = typer.Option(None, "--max-new-tokens", help="default: 512 (CHAIR), 64 (CHAIR short), 16 (POPE)")
-OutOpt = typer.Option(Path("runs/eval"), "--out", help="output folder (results, details, report)")
+MaxNewOpt = typer.Option(
+    None, "--max-new-tokens", help="[default: 512 (CHAIR), 64 (CHAIR short), 16 (POPE)]; lowered to fit the context"
+)
+OutOpt = typer.Option(None, "--out", help="output folder [default: runs/eval/<benchmark>-<model>-<fingerprint>]")
 ServerOpt = typer.Option(None, "--server", help="service base URL: use the remote runner")
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="LVLM_API_KEY")
 RayOpt = typer.Option(0, "--ray-actors", help="spread batches over N Ray model actors (0: in process)")
 ProgressOpt = typer.Option(True, "--progress/--no-progress")
+ResamplesOpt = typer.Option(1000, "--resamples", help="paired bootstrap resamples for the 95% intervals")
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
+    console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)  # paths stay whole for copying
     return typer.Exit(2)
+
+
+def _warn(text: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def _load_model(name: str) -> Any:
@@ -76,8 +97,6 @@ def _resolver() -> Any:
 
 def _config_dict(config: Any) -> dict[str, Any]:
     """An intervention config with all its parameters (defaults included) for the report."""
-    import dataclasses
-
     params = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {"repr": repr(config)}
     return {"name": getattr(config, "name", type(config).__name__), **params}
 
@@ -111,7 +130,7 @@ def _executor(
 ) -> tuple[Any, dict[str, Any], Any]:
     """(executor, provenance facts, cleanup) for the chosen runner: remote, Ray, or in process."""
     from eval.compare import answer_executor, local_adapter, ray_executor
-    from eval.runner import RayPool, local_answer, remote_answer
+    from eval.runner import local_answer, remote_answer
 
     if server:
         from serve.client import Client  # lazy: eval never imports serve/ at module load
@@ -138,7 +157,10 @@ def _executor(
         # One replica per GPU when there are enough; otherwise the replicas share the GPUs.
         gpus = ray.cluster_resources().get("GPU", 0)
         options = {"num_cpus": 1, **({"num_gpus": min(1.0, gpus / ray_actors)} if gpus else {})}
-        pool = RayPool(partial(_load_model, model), ray_actors, actor_options=options)
+        # Replicas under ray.util.ActorPool; images travel as bytes (docs/cluster.md).
+        from eval.cluster import ClusterPool
+
+        pool = ClusterPool(partial(_load_model, model), ray_actors, actor_options=options)
 
         def make_adapter(spec: Any) -> Any:
             return local_adapter(spec, resolve=resolve, **decoding)
@@ -177,102 +199,76 @@ def _named_config(text: str) -> tuple[str, Any]:
     return name.strip(), spec
 
 
+def _fit_decoding(task: Any, model: str, server: str | None, decoding: dict) -> dict:
+    """Lower max_new_tokens to the model's context before loading it (local runs)."""
+    if server:
+        return decoding
+    from eval.context import fit_max_new_tokens
+
+    items = task.items()
+    first_image = next((it.image for it in items if it.image), None)
+    tokens, warning = fit_max_new_tokens(decoding["max_new_tokens"], model, [it.prompt for it in items], first_image)
+    if warning:
+        _warn(warning)
+    return {**decoding, "max_new_tokens": tokens}
+
+
+def default_out(benchmark: str, model: str, digest: str) -> Path:
+    """runs/eval/<benchmark>-<model>-<fingerprint>: one folder per run fingerprint."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.rstrip("/")).name or model)[-40:]
+    return RUNS / f"{benchmark}-{name}-{digest}"
+
+
 def _print_report(report: Any, paths: Any) -> None:
+    from eval.report import format_interval
+
     names: list[str] = []
+    counts: list[str] = []
     for r in report.results:
         names.extend(k for k in r.metrics if k not in names)
+        counts.extend(k for k in (r.counts or {}) if k not in counts)
+
+    def cell(r: Any, n: str) -> str:
+        return f"{r.metrics[n]:.2f}" + (" *" if r.significant(n) else "") if n in r.metrics else ""
+
+    def count(r: Any, n: str) -> str:
+        return str((r.counts or {}).get(n, ""))
+
     table = Table(title=f"{report.provenance.benchmark} — {report.provenance.model_id or ''}")
-    if len(names) <= 6:
+    if len(names) + len(counts) <= 6:
         table.add_column("configuration")
-        for n in names:
+        for n in names + counts:
             table.add_column(n, justify="right")
         for r in report.results:
-            table.add_row(r.name, *[f"{r.metrics[n]:.2f}" if n in r.metrics else "" for n in names])
-    else:  # many metrics (POPE: 3 per split): one row per metric keeps the table readable
+            table.add_row(r.name, *[cell(r, n) for n in names], *[count(r, n) for n in counts])
+    else:  # many metrics (POPE: 5 per split): one row per metric keeps the table readable
         table.add_column("metric")
         for r in report.results:
             table.add_column(r.name, justify="right")
         for n in names:
-            table.add_row(n, *[f"{r.metrics[n]:.2f}" if n in r.metrics else "" for r in report.results])
+            table.add_row(n, *[cell(r, n) for r in report.results])
+        for n in counts:
+            table.add_row(n, *[count(r, n) for r in report.results])
     console.print(table)
+    sig = report.significance
+    if sig and len(report.results) > 1:
+        diff = Table(title=f"difference to {sig['baseline']}: paired bootstrap 95% interval (* excludes 0)")
+        diff.add_column("metric")
+        for r in report.results[1:]:
+            diff.add_column(r.name, justify="right")
+        for n in names:
+            diff.add_row(n, *[format_interval(r.intervals[n]) if n in (r.intervals or {}) else "" for r in
+                              report.results[1:]])
+        console.print(diff)
     console.print(f"report: {paths.json}, {paths.markdown}" + (f", {paths.png}" if paths.png else ""))
 
 
-# ---------------------------------------------------------------------------------------------
-# Task builders
-
-
-def _chair_task(
-    images, annotations, instances, captions, n, seed, image_list, gt_json, synonyms, short_caption, prompt
+def _run(
+    task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None,
+    *, sources=None, questions_built=False, resamples=1000, inspect_k=0,
 ):
-    from eval.chair import CaptionParser, ground_truth_from_coco, ground_truth_from_json, load_synonyms
-    from eval.coco import (
-        image_file_names,
-        image_ids,
-        load_coco,
-        read_image_list,
-        resolve_annotation_paths,
-        sample_image_ids,
-        validate_image_ids,
-    )
-    from eval.compare import ChairTask
-
-    inst_path, caps_path = resolve_annotation_paths(annotations, instances, captions)
-    if inst_path is None and caps_path is None:
-        raise EvalError("CHAIR needs --instances and/or --captions (or --annotations DIR) for the image list")
-    if images is None:
-        raise EvalError("--images DIR is required to run a model")
-    parser = CaptionParser(load_synonyms(synonyms))
-    source = load_coco(inst_path) if inst_path else load_coco(caps_path)
-    names = image_file_names(source)
-    ids = (
-        validate_image_ids(read_image_list(image_list), names)
-        if image_list
-        else sample_image_ids(image_ids(source), n, seed)
-    )
-    if gt_json:
-        gt = ground_truth_from_json(gt_json)
-    else:
-        gt = ground_truth_from_coco(source if inst_path else None, caps_path, parser=parser, image_ids=ids)
-        # the instances file was loaded once above; name it by path in the provenance
-        gt = dataclasses.replace(gt, source=" + ".join(str(p) for p in (inst_path, caps_path) if p))
-    files = {i: str(Path(images) / names[i]) for i in ids}
-    return ChairTask(files, gt, parser, prompt=prompt, short_caption=short_caption)
-
-
-def _pope_task(images, annotations, instances, captions, n, seed, questions, parser_name, out, synonyms):
-    from eval.compare import PopeTask
-    from eval.pope import SPLITS, build_splits, write_questions
-
-    if images is None:
-        raise EvalError("--images DIR is required to run a model")
-    if questions:
-        files = {}
-        for q in questions:
-            stem = Path(q).stem
-            split = next((s for s in SPLITS if s in stem), stem)
-            files[split] = q
-        return PopeTask.from_files(files, images, parser=parser_name)
-    # No question files: build the three splits from the CHAIR ground truth (instances + captions).
-    from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
-    from eval.coco import image_file_names, load_coco, resolve_annotation_paths
-
-    inst_path, caps_path = resolve_annotation_paths(annotations, instances, captions)
-    if inst_path is None:
-        raise EvalError("POPE needs --questions files or an instances file (--instances / --annotations)")
-    coco = load_coco(inst_path)
-    gt = ground_truth_from_coco(coco, caps_path, parser=CaptionParser(load_synonyms(synonyms)))
-    splits = build_splits(gt.objects, n_images=n, seed=seed, image_names=image_file_names(coco))
-    out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, qs in splits.items():
-        files[split] = out / f"pope_{split}_questions.jsonl"
-        write_questions(files[split], qs)
-    return PopeTask.from_files(files, images, parser=parser_name)
-
-
-def _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None):
-    from eval.compare import compare
+    from eval.compare import compare, plan_configs, run_fingerprint
+    from eval.fingerprint import model_identity
     from eval.report import Provenance
 
     # Resolving locally validates the specs before any generation and records every parameter;
@@ -282,17 +278,74 @@ def _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size
     if describe is not None:
         for spec in configs:
             describe(spec)
-    execute, facts, cleanup = _executor(model, server, api_key, ray_actors, decoding, batch_size, progress)
+    decoding = _fit_decoding(task, model, server, decoding)
+    fingerprint = run_fingerprint(task, model_identity(model, server=server), decoding)
+    out = out or default_out(task.name, model, fingerprint.short)
+    plan_configs(task, configs, out, fingerprint=fingerprint, describe=describe, names=names)  # refuses a mixed resume
+    if questions_built:  # the built splits, next to the answers they belong to
+        from eval.pope import write_questions
+
+        for split, qs in task.splits.items():
+            write_questions(Path(out) / f"pope_{split}_questions.jsonl", qs)
+    console.print(f"output: {out} (fingerprint {fingerprint.short})")
+    from lvlm.errors import LVLMError
+
     try:
-        provenance = Provenance(decoding=decoding, seed=seed, **facts)
-        report, paths = compare(task, configs, execute, out, provenance, describe=describe, names=names)
+        execute, facts, cleanup = _executor(model, server, api_key, ray_actors, decoding, batch_size, progress)
+    except (LVLMError, FileNotFoundError) as err:  # e.g. the embedded model's weights are missing
+        raise EvalError(f"cannot load model {model!r}: {err}") from err
+    try:
+        extra = {**(facts.pop("extra", None) or {}), **({"dataset": sources.describe()} if sources else {})}
+        provenance = Provenance(decoding=decoding, seed=seed, extra=extra or None, **facts)
+        report, paths = compare(task, configs, execute, out, provenance, describe=describe, names=names,
+                                fingerprint=fingerprint, resamples=resamples)
+    except LVLMError as err:  # the model's own typed errors (context, images) become messages too
+        raise EvalError(f"the model refused a request: {err}") from err
     finally:
         cleanup()
     _print_report(report, paths)
+    if inspect_k > 0:
+        _attach_inspections(task, configs, names, model, out, paths, inspect_k, decoding)
+
+
+def _attach_inspections(task, configs, names, model, out, paths, k, decoding) -> None:
+    """Inspect the first k images with each configuration; link the pages from the report."""
+    from eval.compare import config_name
+    from lvlm.errors import LVLMError
+    from lvlm.inspection.attach import attach
+
+    cases = [(it.key, it.image, it.prompt) for it in task.items()]
+    labels = names or [config_name(c) for c in configs]
+    try:
+        rows = attach(_load_model(model), cases, list(zip(labels, configs)), out, paths.markdown, k,
+                      max_new_tokens=decoding["max_new_tokens"])
+    except (LVLMError, FileNotFoundError) as err:
+        raise EvalError(f"cannot inspect: {err}") from err
+    console.print(f"inspections: {len(rows)} pages under {Path(out) / 'inspect'}, linked from {paths.markdown}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Commands
+
+
+def _chair(model, images, annotations, instances, captions, n, seed, image_list, gt_json, synonyms, short_caption,
+           prompt):
+    from eval.datasets import chair_task, resolve_sources
+
+    other = image_list is not None or gt_json is not None
+    sources = resolve_sources(model, images, annotations, instances, captions, synonyms, other_data=other,
+                              world_images=n)
+    return chair_task(sources, n, seed, image_list, gt_json, short_caption, prompt), sources
+
+
+def _pope(model, images, annotations, instances, captions, n, seed, questions, parser, synonyms, progress):
+    from eval.datasets import pope_task, resolve_sources
+
+    # about half of the world's scenes hold >= 3 objects (POPE's eligibility): generate enough of them
+    sources = resolve_sources(model, images, annotations, instances, captions, synonyms, other_data=bool(questions),
+                              world_images=None if n is None else 3 * n)
+    task, built = pope_task(sources, n, seed, questions, parser, progress=progress)
+    return task, built, sources
 
 
 @app.command()
@@ -302,32 +355,32 @@ def chair(
     annotations: Path | None = AnnotationsOpt,
     instances: Path | None = InstancesOpt,
     captions: Path | None = CaptionsOpt,
-    n: int = NOpt,
+    n: int | None = NOpt,
     seed: int = SeedOpt,
     batch_size: int = BatchOpt,
     max_new_tokens: int | None = MaxNewOpt,
     interventions: str = typer.Option("none", "--interventions", help='spec, e.g. "none", "vhr", "vhr+var"'),
-    out: Path = OutOpt,
+    out: Path | None = OutOpt,
     server: str | None = ServerOpt,
     api_key: str | None = ApiKeyOpt,
     ray_actors: int = RayOpt,
     image_list: Path | None = typer.Option(None, "--image-list", help="image ids to use instead of sampling"),
     gt_json: Path | None = typer.Option(None, "--gt-json", help="precomputed {image_id: [category]} ground truth"),
-    synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table (default: COCO)"),
+    synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table [default: COCO; shapes for shapes]"),
     short_caption: bool = typer.Option(
-        False, "--short-caption", help="64-token protocol: drop the last incomplete sentence"
+        False, "--short-caption", help="64-token protocol: score the text up to its last period"
     ),
     prompt: str = typer.Option("Please describe this image in detail.", "--prompt"),
     progress: bool = ProgressOpt,
 ) -> None:
     """Caption sampled images and score them with CHAIR."""
     try:
-        task = _chair_task(
-            images, annotations, instances, captions, n, seed, image_list, gt_json, synonyms, short_caption, prompt
-        )
-        tokens = max_new_tokens or (64 if short_caption else CHAIR_MAX_NEW_TOKENS)
+        task, sources = _chair(model, images, annotations, instances, captions, n, seed, image_list, gt_json,
+                               synonyms, short_caption, prompt)
+        tokens = max_new_tokens or (CHAIR_SHORT_MAX_NEW_TOKENS if short_caption else CHAIR_MAX_NEW_TOKENS)
         decoding = {"max_new_tokens": tokens, "temperature": 0.0}
-        _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress)
+        _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
+             sources=sources)
     except EvalError as err:
         raise _fail(err) from err
 
@@ -339,25 +392,27 @@ def pope(
     annotations: Path | None = AnnotationsOpt,
     instances: Path | None = InstancesOpt,
     captions: Path | None = CaptionsOpt,
-    n: int = NOpt,
+    n: int | None = NOpt,
     seed: int = SeedOpt,
     batch_size: int = BatchOpt,
     max_new_tokens: int | None = MaxNewOpt,
     interventions: str = typer.Option("none", "--interventions"),
-    out: Path = OutOpt,
+    out: Path | None = OutOpt,
     server: str | None = ServerOpt,
     api_key: str | None = ApiKeyOpt,
     ray_actors: int = RayOpt,
     questions: list[Path] | None = typer.Option(None, "--questions", help="official POPE question files (repeat)"),
     parser: str = typer.Option("pope", "--parser", help="answer parser: pope (official), opera, pai, vcd, lmms-eval"),
-    synonyms: Path | None = typer.Option(None, "--synonyms"),
+    synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table [default: COCO; shapes for shapes]"),
     progress: bool = ProgressOpt,
 ) -> None:
     """Ask POPE questions (built from the annotations or read from files) and score them."""
     try:
-        task = _pope_task(images, annotations, instances, captions, n, seed, questions, parser, out, synonyms)
+        task, built, sources = _pope(model, images, annotations, instances, captions, n, seed, questions, parser,
+                                     synonyms, progress)
         decoding = {"max_new_tokens": max_new_tokens or POPE_MAX_NEW_TOKENS, "temperature": 0.0}
-        _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress)
+        _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
+             sources=sources, questions_built=built)
     except EvalError as err:
         raise _fail(err) from err
 
@@ -374,11 +429,11 @@ def compare(
     annotations: Path | None = AnnotationsOpt,
     instances: Path | None = InstancesOpt,
     captions: Path | None = CaptionsOpt,
-    n: int = NOpt,
+    n: int | None = NOpt,
     seed: int = SeedOpt,
     batch_size: int = BatchOpt,
     max_new_tokens: int | None = MaxNewOpt,
-    out: Path = OutOpt,
+    out: Path | None = OutOpt,
     server: str | None = ServerOpt,
     api_key: str | None = ApiKeyOpt,
     ray_actors: int = RayOpt,
@@ -389,43 +444,53 @@ def compare(
     synonyms: Path | None = typer.Option(None, "--synonyms"),
     short_caption: bool = typer.Option(False, "--short-caption"),
     prompt: str = typer.Option("Please describe this image in detail.", "--prompt"),
+    resamples: int = ResamplesOpt,
     progress: bool = ProgressOpt,
+    inspect_k: int = typer.Option(0, "--inspect", help="attach inspections of the first K images (docs/inspect.md; "
+                                                       "runs the model in this process)"),
 ) -> None:
-    """Run one benchmark for several intervention configurations and write a comparison report."""
+    """Run one benchmark for several intervention configurations and write a comparison report
+    with paired bootstrap 95% intervals of each configuration's difference to the first."""
     try:
         if config:
             names, configs = (list(x) for x in zip(*[_named_config(c) for c in config], strict=True))
         else:
             configs = _split_configs(interventions)
             names = None
+        built = False
         if benchmark == "chair":
-            task = _chair_task(
-                images, annotations, instances, captions, n, seed, image_list, gt_json, synonyms, short_caption, prompt
-            )
-            tokens = max_new_tokens or (64 if short_caption else CHAIR_MAX_NEW_TOKENS)
+            task, sources = _chair(model, images, annotations, instances, captions, n, seed, image_list, gt_json,
+                                   synonyms, short_caption, prompt)
+            tokens = max_new_tokens or (CHAIR_SHORT_MAX_NEW_TOKENS if short_caption else CHAIR_MAX_NEW_TOKENS)
         elif benchmark == "pope":
-            task = _pope_task(images, annotations, instances, captions, n, seed, questions, parser, out, synonyms)
+            task, built, sources = _pope(model, images, annotations, instances, captions, n, seed, questions, parser,
+                                         synonyms, progress)
             tokens = max_new_tokens or POPE_MAX_NEW_TOKENS
         else:
             raise EvalError(f"unknown benchmark {benchmark!r}; valid: chair, pope")
         decoding = {"max_new_tokens": tokens, "temperature": 0.0}
-        _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names)
+        _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names,
+             sources=sources, questions_built=built, resamples=resamples, inspect_k=inspect_k)
     except EvalError as err:
         raise _fail(err) from err
 
 
 @app.command("score-chair")
 def score_chair(
-    captions_file: Path = typer.Argument(..., help="JSON lines {image_id, caption}"),
+    captions_file: Path = typer.Argument(..., help="JSON lines {image_id, caption} (or a JSON list)"),
     gt: Path | None = typer.Option(None, "--gt", help="COCO instances file"),
     captions_gt: Path | None = typer.Option(
         None, "--captions-gt", help="COCO captions file (objects mined from human captions)"
     ),
     gt_json: Path | None = typer.Option(None, "--gt-json", help="precomputed {image_id: [category]} mapping"),
     synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table (default: COCO)"),
-    short_caption: bool = typer.Option(False, "--short-caption", help="drop the last incomplete sentence"),
+    short_caption: bool = typer.Option(False, "--short-caption", help="score the text up to its last period"),
     out: Path | None = typer.Option(None, "--out", help="JSON output (default: <captions>_chair.json)"),
     top: int = typer.Option(10, "--top", help="most hallucinated categories to show"),
+    image_id_key: str = typer.Option(
+        "image_id", "--image-id-key", help="field of the image id (LLaVA logs: question_id)"
+    ),
+    caption_key: str = typer.Option("caption", "--caption-key", help="field of the caption (LLaVA logs: text)"),
 ) -> None:
     """Score existing captions with CHAIR, without a model."""
     from eval.chair import (
@@ -436,17 +501,21 @@ def score_chair(
         read_captions,
         score_captions,
     )
+    from eval.coco import load_coco
     from eval.report import atomic_write_text
 
     try:
         if gt_json is None and gt is None and captions_gt is None:
             raise EvalError("give --gt instances.json (optionally with --captions-gt) or --gt-json map.json")
-        records = read_captions(captions_file)
+        records = read_captions(captions_file, image_id_key=image_id_key, caption_key=caption_key)
         parser = CaptionParser(load_synonyms(synonyms))
         if gt_json is not None:
             truth = ground_truth_from_json(gt_json)
         else:
-            truth = ground_truth_from_coco(gt, captions_gt, parser=parser, image_ids={r.image_id for r in records})
+            inst = load_coco(gt, "instances") if gt else None
+            caps = load_coco(captions_gt, "captions") if captions_gt else None
+            truth = ground_truth_from_coco(inst, caps, parser=parser, image_ids={r.image_id for r in records})
+            truth = dataclasses.replace(truth, source=" + ".join(str(p) for p in (gt, captions_gt) if p))
         result = score_captions(records, truth, parser, short_caption=short_caption, top_k=top)
     except EvalError as err:
         raise _fail(err) from err
@@ -455,6 +524,8 @@ def score_chair(
         table.add_column(name, justify="right")
     table.add_row(*[f"{v:.1f}" for v in result.metrics().values()])
     console.print(table)
+    if result.n_empty:
+        console.print(f"empty captions: {result.n_empty} (scored as captions without mentions)")
     if result.most_hallucinated:
         console.print("most hallucinated: " + ", ".join(f"{c} ({k})" for c, k in result.most_hallucinated))
     out = out or captions_file.with_name(captions_file.stem + "_chair.json")

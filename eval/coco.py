@@ -22,22 +22,47 @@ from pycocotools.coco import COCO
 
 from eval.errors import AnnotationError, ImageIdError
 
-# File names used by the COCO 2014 release; --annotations DIR looks for these.
+# File names used by the COCO 2014 release; --annotations DIR prefers these, then any other
+# naming (val2017, the shapes world's test split ...): instances_*.json / captions_*.json.
 INSTANCES_FILE = "instances_val2014.json"
 CAPTIONS_FILE = "captions_val2014.json"
+KINDS = ("instances", "captions")
 
 
-def load_coco(path: str | Path) -> COCO:
-    """Load an instances or captions file with pycocotools (its progress prints are silenced)."""
+def annotation_kind(dataset: Mapping) -> str | None:
+    """"instances" (categories + annotations with category_id), "captions", or None."""
+    anns = dataset.get("annotations") or []
+    first = anns[0] if anns and isinstance(anns[0], dict) else {}
+    if "caption" in first:
+        return "captions"
+    if "categories" in dataset and ("category_id" in first or not anns):
+        return "instances"
+    return None
+
+
+def load_coco(path: str | Path, kind: str | None = None) -> COCO:
+    """Load an instances or captions file with pycocotools (its progress prints are silenced).
+
+    `kind` ("instances" or "captions") checks the file holds that kind of annotation, so a captions
+    file given as ground-truth instances is an error naming both, not a wrong score.
+    """
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"COCO annotation file not found: {path}")
     # pycocotools prints "loading annotations into memory..." to stdout; our CLI owns stdout.
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            return COCO(str(path))
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as err:
+            coco = COCO(str(path))
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as err:
             raise AnnotationError(f"{path} is not a COCO annotation file: {err}") from err
+    if "images" not in coco.dataset:
+        raise AnnotationError(f"{path} is not a COCO annotation file: it has no 'images' list")
+    if kind is not None:
+        found = annotation_kind(coco.dataset)
+        if found != kind:
+            what = f"a COCO {found} file" if found else "neither an instances nor a captions file"
+            raise AnnotationError(f"{path} is {what}; a COCO {kind} file ({kind}_*.json) is needed here")
+    return coco
 
 
 def _as_coco(source: COCO | str | Path) -> COCO:
@@ -141,16 +166,50 @@ def image_ids_hash(ids: Iterable[int]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
+def _find(root: Path, kind: str) -> Path | None:
+    """The `kind` file of an annotations folder: the 2014 name, else the only `kind`_*.json."""
+    for folder in (root, root / "annotations"):
+        preferred = folder / (INSTANCES_FILE if kind == "instances" else CAPTIONS_FILE)
+        if preferred.is_file():
+            return preferred
+        found = sorted(folder.glob(f"{kind}_*.json"))
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise AnnotationError(f"{folder} holds several {kind} files ({names}); choose one with --{kind}")
+        if found:
+            return found[0]
+    return None
+
+
 def resolve_annotation_paths(
     annotations: str | Path | None, instances: str | Path | None, captions: str | Path | None
 ) -> tuple[Path | None, Path | None]:
-    """Explicit --instances/--captions win; otherwise look for the 2014 file names in --annotations."""
+    """Explicit --instances/--captions win; otherwise look in --annotations DIR (or DIR/annotations)
+    for instances_*.json / captions_*.json: the 2014 names first, then any single other naming
+    (val2017, the shapes world's test split). A folder with neither is an error."""
     inst = Path(instances) if instances else None
     caps = Path(captions) if captions else None
     if annotations:
         root = Path(annotations)
-        if inst is None and (root / INSTANCES_FILE).is_file():
-            inst = root / INSTANCES_FILE
-        if caps is None and (root / CAPTIONS_FILE).is_file():
-            caps = root / CAPTIONS_FILE
+        if not root.is_dir():
+            raise AnnotationError(f"--annotations {root}: not a folder")
+        inst = inst or _find(root, "instances")
+        caps = caps or _find(root, "captions")
+        if inst is None and caps is None:
+            raise AnnotationError(
+                f"--annotations {root}: no instances_*.json or captions_*.json in it or in its annotations/ folder"
+            )
     return inst, caps
+
+
+def check_image_files(files: Iterable[str | Path], what: str = "image") -> None:
+    """Raise AnnotationError listing the missing files (all of them are checked before any model runs)."""
+    files = list(files)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        folders = sorted({str(Path(m).parent) for m in missing})
+        shown = ", ".join(Path(m).name for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise AnnotationError(
+            f"{len(missing)} of {len(files)} {what} files are missing (in {', '.join(folders[:3])}): {shown}; "
+            "check --images"
+        )

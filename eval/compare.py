@@ -3,15 +3,19 @@
 The same items (same images, same questions, same prompt and decoding) are answered once per
 configuration; configurations are passed through opaquely as `interventions` specs ("none",
 "vhr", "var", "vhr+var", or lists of {name, **params}) to whatever executes them (local pipeline,
-service client, Ray actors). Each configuration has its own resumable results file, so an
-interrupted comparison restarts where it stopped. Metrics follow docs/eval.md: CHAIR (Rohrbach et
-al. 2018, arXiv:1809.02156) and POPE (Li et al. 2023, arXiv:2305.10355).
+service client, Ray actors). Each configuration has its own resumable results file, stamped with
+the run fingerprint (eval/fingerprint.py), so an interrupted comparison restarts where it stopped
+and never reuses another run's answers. Every configuration after the first gets the paired
+bootstrap 95% interval of each metric's difference to the first (eval/significance.py): per image
+for CHAIR, per question (within its split) for POPE. Metrics follow docs/eval.md: CHAIR (Rohrbach
+et al. 2018, arXiv:1809.02156) and POPE (Li et al. 2023, arXiv:2305.10355).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -20,9 +24,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from eval.chair import FLAVOUR as CHAIR_FLAVOUR
 from eval.chair import CaptionParser, GroundTruth, score_captions
 from eval.coco import image_ids_hash
+from eval.fingerprint import Fingerprint, canonical, items_digest, sha256_text
 from eval.pope import (
     DEFAULT_PARSER,
     PROMPT_SUFFIX,
@@ -34,22 +41,35 @@ from eval.pope import (
     score_answers,
 )
 from eval.report import ConfigResult, Provenance, Report, ReportPaths, atomic_write_text, sha256_file, write_report
-from eval.runner import AnswerFn, Item, RayPool, run
+from eval.runner import AnswerFn, Item, RayPool, ResultsFile, run
+from eval.significance import RESAMPLES, UnitStats, paired_bootstrap, ratio
 
 CHAIR_PROMPT = "Please describe this image in detail."
 
-# (items, results_path, interventions spec) -> records by key
-Executor = Callable[[Sequence[Item], Path, Any], Mapping[str, dict]]
+# (items, results_path, interventions spec[, description=...]) -> records by key
+Executor = Callable[..., Mapping[str, dict]]
 
 
 class Task(Protocol):
+    """A benchmark: items to answer, scoring, provenance, fingerprint and per-unit statistics.
+
+    `score` returns (metrics, details); details may hold "counts" ({name: int}, shown in reports
+    next to the metrics, e.g. unparseable POPE answers). `unit_stats` gives the additive per-unit
+    statistics the paired bootstrap resamples; `fingerprint_fields` what the answers and scores
+    depend on besides model, decoding and interventions.
+    """
+
     name: str
 
     def items(self) -> list[Item]: ...
 
     def score(self, records: Mapping[str, dict]) -> tuple[dict[str, float], dict]: ...
 
+    def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats: ...
+
     def provenance_fields(self) -> dict[str, Any]: ...
+
+    def fingerprint_fields(self) -> dict[str, Any]: ...
 
 
 def config_name(spec: Any) -> str:
@@ -95,7 +115,33 @@ class ChairTask:
             self.parser,
             short_caption=self.short_caption,
         )
-        return result.metrics(), result.to_dict(details=True)
+        return result.metrics(), {**result.to_dict(details=True), "counts": {"empty captions": result.n_empty}}
+
+    def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:
+        """Per image: mentions, hallucinated mentions, hallucinated caption, GT size, recalled, words."""
+        rows = [
+            (1, len(c["mentioned"]), len(c["hallucinated"]), bool(c["hallucinated"]), len(c["gt"]),
+             len(c["recalled"]), len(c["words"]))
+            for c in details["captions"]
+        ]
+        keys = tuple(str(c["image_id"]) for c in details["captions"])
+        table = np.array(rows, dtype=np.float64).reshape(-1, len(CHAIR_STATS))  # (images, 7)
+        return UnitStats(CHAIR_STATS, {"all": table}, {"all": keys}, chair_metrics)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        gt = {str(i): sorted(self.gt[i]) for i in self.image_files}
+        return {
+            "benchmark": self.name,
+            "prompt": self.prompt,
+            "items": items_digest(self.items()),
+            "scorer": {
+                "flavour": CHAIR_FLAVOUR,
+                "short_caption": self.short_caption,
+                "synonyms_sha256": sha256_text(canonical(dict(self.parser.synonyms.to_category))),
+                "double_words_sha256": sha256_text(canonical(dict(self.parser.double_words))),
+                "ground_truth_sha256": sha256_text(canonical(gt)),
+            },
+        }
 
     def provenance_fields(self) -> dict[str, Any]:
         return {
@@ -106,6 +152,39 @@ class ChairTask:
             "metric_flavour": CHAIR_FLAVOUR,
             "options": {"short_caption": self.short_caption, "synonyms": self.parser.synonyms.source},
         }
+
+
+CHAIR_STATS = ("captions", "mentions", "hallucinated", "hallucinated_caption", "gt", "recalled", "words")
+
+
+def chair_metrics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CHAIR from summed per-image statistics (R, 7), exactly as eval.chair.score_captions computes it."""
+    captions, mentions, halluc, halluc_caps, gt, recalled, words = sums["all"].T  # each (R,)
+    return {
+        "CHAIR_s": ratio(halluc_caps, captions, 100.0),
+        "CHAIR_i": ratio(halluc, mentions, 100.0),
+        "Recall": ratio(recalled, gt, 100.0),
+        "Len": ratio(words, captions),
+    }
+
+
+POPE_METRICS = {"Acc": "Accuracy", "Prec": "Precision", "Rec": "Recall", "F1": "F1", "Yes": "Yes-ratio"}
+POPE_STATS = ("questions", "tp", "fp", "tn", "fn")
+
+
+def pope_metrics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """POPE per split and the mean F1 from summed one-hot outcomes (R, 5), as eval.pope computes them."""
+    out: dict[str, np.ndarray] = {}
+    f1s = []
+    for split, table in sums.items():
+        n, tp, fp, tn, fn = table.T  # each (R,)
+        precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+        f1 = ratio(2 * precision * recall, precision + recall)
+        f1s.append(f1)
+        values = {"Acc": ratio(tp + tn, n), "Prec": precision, "Rec": recall, "F1": f1, "Yes": ratio(tp + fp, n)}
+        out.update({f"{split} {k}": 100 * v for k, v in values.items()})
+    out["POPE (mean F1)"] = 100 * np.mean(f1s, axis=0) if f1s else np.zeros(1)
+    return out
 
 
 def _questions_hash(questions: Sequence[PopeQuestion]) -> str:
@@ -153,11 +232,38 @@ class PopeTask:
             per_split[split] = score_answers(questions, answers, self.parser)
         metrics: dict[str, float] = {}
         for split, m in per_split.items():
-            metrics[f"{split} Acc"] = m.metrics()["Accuracy"]
-            metrics[f"{split} F1"] = m.metrics()["F1"]
-            metrics[f"{split} Yes"] = m.metrics()["Yes-ratio"]
+            named = m.metrics()
+            for short, full in POPE_METRICS.items():
+                metrics[f"{split} {short}"] = named[full]
         metrics["POPE (mean F1)"] = mean_f1(per_split)
-        return metrics, {"splits": {s: m.to_dict() for s, m in per_split.items()}}
+        counts = {f"{split} unparseable": m.unparseable for split, m in per_split.items()}
+        return metrics, {"splits": {s: m.to_dict() for s, m in per_split.items()}, "counts": counts}
+
+    def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:
+        """Per question, within its split: one-hot TP, FP, TN, FN (unparsed answers in none)."""
+        parse = get_parser(self.parser)
+        groups, keys = {}, {}
+        for split, questions in self.splits.items():
+            rows = []
+            for q in questions:
+                pred = parse(records[f"{split}/{q.question_id}"]["answer"], q.label)
+                yes, pos = pred == "yes", q.label == "yes"
+                no = pred == "no"  # pred None (lmms-eval, unparsed) is in no cell: wrong either way
+                rows.append((1, yes and pos, yes and not pos, no and not pos, no and pos))
+            groups[split] = np.array(rows, dtype=np.float64).reshape(-1, len(POPE_STATS))  # (questions, 5)
+            keys[split] = tuple(str(q.question_id) for q in questions)
+        return UnitStats(POPE_STATS, groups, keys, pope_metrics)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.name,
+            "prompt": "{question}" + self.prompt_suffix,
+            "items": items_digest(self.items()),
+            "scorer": {
+                "parser": self.parser,
+                "questions_sha256": {s: _questions_hash(q) for s, q in self.splits.items()},
+            },
+        }
 
     def provenance_fields(self) -> dict[str, Any]:
         images = {image_id_of(q.image) or q.image for qs in self.splits.values() for q in qs}
@@ -179,9 +285,14 @@ class PopeTask:
 def answer_executor(make_answer: Callable[[Any], AnswerFn], *, batch_size: int = 8, progress: bool = True) -> Executor:
     """Executor from a factory spec -> AnswerFn (local pipeline or service client adapters)."""
 
-    def execute(items: Sequence[Item], path: Path, spec: Any) -> Mapping[str, dict]:
+    def execute(items: Sequence[Item], path: Path, spec: Any, description: str | None = None) -> Mapping[str, dict]:
         return run(
-            items, make_answer(spec), path, batch_size=batch_size, progress=progress, description=config_name(spec)
+            items,
+            make_answer(spec),
+            path,
+            batch_size=batch_size,
+            progress=progress,
+            description=description or config_name(spec),
         )
 
     return execute
@@ -196,9 +307,14 @@ def ray_executor(
 ) -> Executor:
     """Executor over Ray actors; `make_adapter(spec)` must be picklable (e.g. a functools.partial)."""
 
-    def execute(items: Sequence[Item], path: Path, spec: Any) -> Mapping[str, dict]:
+    def execute(items: Sequence[Item], path: Path, spec: Any, description: str | None = None) -> Mapping[str, dict]:
         return pool.run(
-            items, path, make_adapter(spec), batch_size=batch_size, progress=progress, description=config_name(spec)
+            items,
+            path,
+            make_adapter(spec),
+            batch_size=batch_size,
+            progress=progress,
+            description=description or config_name(spec),
         )
 
     return execute
@@ -215,6 +331,80 @@ def local_adapter(spec: Any, **decoding: Any) -> Callable[[Any], AnswerFn]:
 # Driver
 
 
+def run_fingerprint(task: Task, model: Mapping[str, Any], decoding: Mapping[str, Any]) -> Fingerprint:
+    """The run's fingerprint without interventions (they are added per configuration)."""
+    return Fingerprint.of(**task.fingerprint_fields(), model=dict(model), decoding=dict(decoding))
+
+
+@dataclass(frozen=True)
+class PlannedConfig:
+    """One configuration of a comparison: its spec, name, results file and fingerprint."""
+
+    spec: Any
+    name: str
+    results_path: Path
+    resolved: Any  # describe(spec): every parameter, or None
+    fingerprint: Fingerprint | None
+
+
+def plan_configs(
+    task: Task,
+    configs: Sequence[Any],
+    out_dir: str | Path,
+    *,
+    fingerprint: Fingerprint | None = None,
+    describe: Callable[[Any], Any] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[PlannedConfig]:
+    """Name, describe and fingerprint every configuration, and claim its results file.
+
+    Claiming writes the fingerprint header into a new results file or checks an existing one, so
+    a mismatched resume fails here (FingerprintMismatch), before anything is generated. Callers
+    that load a model call this first, then `compare`, which claims again (idempotent).
+    """
+    out_dir = Path(out_dir)
+    names = list(names) if names is not None else [config_name(c) for c in configs]
+    if len(names) != len(configs):
+        raise ValueError(f"{len(names)} names for {len(configs)} configurations")
+    if len(set(names)) != len(names):
+        raise ValueError(f"configuration names must be unique: {names}")
+    planned = []
+    for spec, name in zip(configs, names, strict=True):
+        resolved = describe(spec) if describe is not None else None
+        fp = None
+        if fingerprint is not None:
+            fp = fingerprint.extend(interventions=resolved if resolved is not None else spec)
+        path = out_dir / f"{task.name}_{slug(name)}.jsonl"
+        planned.append(PlannedConfig(spec, name, path, resolved, fp))
+    for plan in planned:  # only after every spec was described: a bad one fails before any file exists
+        if plan.fingerprint is not None:
+            ResultsFile(plan.results_path, plan.fingerprint)
+    return planned
+
+
+def _accepts_description(execute: Executor) -> bool:
+    try:
+        params = inspect.signature(execute).parameters
+    except (TypeError, ValueError):
+        return False
+    return "description" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _answer(task: Task, items: list[Item], execute: Executor, plan: PlannedConfig) -> dict[str, dict]:
+    """Run the items of one configuration; one progress bar per split (POPE) named by benchmark,
+    configuration and split."""
+    if not _accepts_description(execute):  # an older three-argument executor: one unnamed pass
+        return dict(execute(items, plan.results_path, plan.spec))
+    groups: dict[str | None, list[Item]] = {}
+    for it in items:
+        groups.setdefault(it.meta.get("split"), []).append(it)
+    records: dict[str, dict] = {}
+    for split, group in groups.items():
+        label = " ".join(x for x in (task.name, plan.name, split) if x)
+        records.update(execute(group, plan.results_path, plan.spec, description=label))
+    return {it.key: records[it.key] for it in items}
+
+
 def compare(
     task: Task,
     configs: Sequence[Any],
@@ -226,36 +416,51 @@ def compare(
     charts: bool = True,
     describe: Callable[[Any], Any] | None = None,
     names: Sequence[str] | None = None,
+    fingerprint: Fingerprint | None = None,
+    resamples: int = RESAMPLES,
+    bootstrap_seed: int = 0,
 ) -> tuple[Report, ReportPaths]:
     """Run `task` once per configuration, score it, and write the report (JSON, Markdown, PNG).
 
     `describe(spec)` (e.g. resolve + asdict) records each configuration with all its parameters,
     defaults included; every spec is described before anything runs, so a bad one fails early.
     `names` label the configurations (default: derived from the specs); they name the files too.
+    `fingerprint` (`run_fingerprint`) stamps every results file and refuses a mismatched resume.
+    Every configuration after the first gets paired bootstrap intervals against the first
+    (`resamples` resamples, `bootstrap_seed`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(names) if names is not None else [config_name(c) for c in configs]
-    if len(names) != len(configs):
-        raise ValueError(f"{len(names)} names for {len(configs)} configurations")
-    if len(set(names)) != len(names):
-        raise ValueError(f"configuration names must be unique: {names}")
-    described = [describe(c) for c in configs] if describe is not None else [None] * len(configs)
+    planned = plan_configs(task, configs, out_dir, fingerprint=fingerprint, describe=describe, names=names)
     items = task.items()
-    results = []
-    for spec, name, full in zip(configs, names, described, strict=True):
-        results_path = out_dir / f"{task.name}_{slug(name)}.jsonl"
-        records = execute(items, results_path, spec)
+    results, stats = [], []
+    for plan in planned:
+        records = _answer(task, items, execute, plan)
         metrics, details = task.score(records)
         details_path = atomic_write_text(
-            out_dir / f"{task.name}_{slug(name)}_details.json", json.dumps(details, indent=1, default=str)
+            out_dir / f"{task.name}_{slug(plan.name)}_details.json", json.dumps(details, indent=1, default=str)
         )
-        info = {"results_file": results_path.name, "details_file": details_path.name}
-        if full is not None:
-            info["interventions_resolved"] = full
-        results.append(ConfigResult(name, spec, metrics, info))
+        info: dict[str, Any] = {"results_file": plan.results_path.name, "details_file": details_path.name}
+        if plan.resolved is not None:
+            info["interventions_resolved"] = plan.resolved
+        if plan.fingerprint is not None:
+            info["fingerprint"] = plan.fingerprint.digest
+        stats.append(task.unit_stats(records, details) if hasattr(task, "unit_stats") else None)
+        intervals = None
+        if results and stats[0] is not None and stats[-1] is not None:
+            found = paired_bootstrap(stats[0], stats[-1], resamples=resamples, seed=bootstrap_seed,
+                                     names=[m for m in metrics if m in results[0].metrics])
+            intervals = {m: iv.to_dict() for m, iv in found.items()}
+        results.append(ConfigResult(plan.name, plan.spec, metrics, info, details.get("counts"), intervals))
     # Task facts fill what the caller left unknown; the caller's explicit values win.
     filled = {k: v for k, v in task.provenance_fields().items() if getattr(provenance, k) is None}
+    if fingerprint is not None and provenance.fingerprint is None:
+        filled["fingerprint"] = {"digest": fingerprint.digest, "fields": dict(fingerprint.fields)}
     provenance = dataclasses.replace(provenance, benchmark=task.name, **filled)
-    report = Report(provenance, tuple(results))
+    significance = None
+    if len(results) > 1:
+        unit = "image" if task.name == "chair" else "question (within its split)"
+        significance = {"baseline": results[0].name, "method": "paired bootstrap, percentile interval",
+                        "level": 0.95, "resamples": resamples, "seed": bootstrap_seed, "unit": unit}
+    report = Report(provenance, tuple(results), significance)
     return report, write_report(report, out_dir, stem or f"{task.name}_report", charts=charts)

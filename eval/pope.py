@@ -65,6 +65,29 @@ def _co_occurrence(lists: Mapping[int, frozenset[str]]) -> dict[str, list[str]]:
     return {a: [b for b, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))] for a, c in pairs.items()}
 
 
+def sample_images(
+    objects_by_image: Mapping[int, Iterable[str]], n_images: int, rng: random.Random, per_image: int = 3
+) -> dict[int, frozenset[str]]:
+    """`n_images` images with >= `per_image` objects, uniformly at random, in sampled order.
+
+    Walks a seeded permutation of all ids and keeps the first eligible ones (a uniform sample of the
+    eligible images), reading only the lists it visits: a lazily mined mapping (captions parsed on
+    access) then costs a few hundred images, not all of COCO.
+    """
+    keys = {int(k): k for k in objects_by_image}
+    order = rng.sample(sorted(keys), len(keys))
+    chosen: dict[int, frozenset[str]] = {}
+    for imid in order:
+        if len(chosen) == n_images:
+            break
+        objs = frozenset(objects_by_image[keys[imid]])
+        if len(objs) >= per_image:
+            chosen[imid] = objs
+    if len(chosen) < n_images:
+        raise PopeBuildError(f"only {len(chosen)} images have >= {per_image} objects; {n_images} requested")
+    return chosen
+
+
 def build_split(
     objects_by_image: Mapping[int, Iterable[str]],
     kind: str,
@@ -76,20 +99,19 @@ def build_split(
 ) -> list[PopeQuestion]:
     """One POPE split: `n_images` sampled images with >= `per_image` objects, 2*per_image questions each.
 
-    Positives are a seeded sample of the image's objects. Negatives are absent from the image and
-    not asked before for it: random = uniform over all objects of the sampled images; popular =
-    most frequent objects over the sampled images; adversarial = most frequent co-occurring
-    objects of the current positive, falling back to random.
+    As in the official files, the splits share images and positives: with one `seed`, the images
+    and each image's positives (a seeded sample of its objects) are drawn first and identically for
+    every `kind`; only the negatives, drawn after them, differ. Negatives are absent from the image
+    and not asked before for it: random = uniform over all objects of the sampled images; popular =
+    most frequent objects over the sampled images; adversarial = most frequent co-occurring objects
+    of the current positive, falling back to random.
     """
     if kind not in SPLITS:
         raise PopeBuildError(f"unknown POPE split {kind!r}; valid: {', '.join(SPLITS)}")
-    lists = {int(i): frozenset(objs) for i, objs in objects_by_image.items()}
-    eligible = sorted(i for i, objs in lists.items() if len(objs) >= per_image)
-    if len(eligible) < n_images:
-        raise PopeBuildError(f"only {len(eligible)} images have >= {per_image} objects; {n_images} requested")
     rng = random.Random(seed)
-    sampled = rng.sample(eligible, n_images)
-    chosen = {i: lists[i] for i in sampled}
+    chosen = sample_images(objects_by_image, n_images, rng, per_image)
+    positives = {imid: rng.sample(sorted(objs), per_image) for imid, objs in chosen.items()}
+    # From here on the draws depend on `kind`: negatives only.
     universe = sorted(set().union(*chosen.values())) if chosen else []
     popular = _popular_order(chosen)
     co_occur = _co_occurrence(chosen)
@@ -102,12 +124,10 @@ def build_split(
         return rng.choice(candidates)
 
     questions: list[PopeQuestion] = []
-    for imid in sampled:
-        present = chosen[imid]
+    for imid, present in chosen.items():
         name = image_names[imid] if image_names is not None else str(imid)
-        asked: set[str] = set()
-        for pos in rng.sample(sorted(present), per_image):
-            asked.add(pos)
+        asked: set[str] = set(positives[imid])
+        for pos in positives[imid]:
             if kind == "random":
                 neg = random_negative(present, asked)
             else:
@@ -122,7 +142,7 @@ def build_split(
 
 
 def build_splits(objects_by_image: Mapping[int, Iterable[str]], **kwargs) -> dict[str, list[PopeQuestion]]:
-    """All three splits from the same sampled images (same seed)."""
+    """All three splits from the same seed: same images, same positives, split-specific negatives."""
     return {kind: build_split(objects_by_image, kind, **kwargs) for kind in SPLITS}
 
 
@@ -167,6 +187,19 @@ def image_id_of(image: str) -> int | None:
 
 # ---------------------------------------------------------------------------------------------
 # Answer parsers: (answer, label) -> "yes" | "no" | None (None = unparseable, counted wrong)
+#
+# Unparseable answers (docs/eval.md): an answer is unparseable when the parser returns None
+# (lmms-eval: anything but an exact yes/no) or when it holds no explicit answer word at all (no
+# "yes", "no", "not" or "...n't" in any case: empty answers, "I cannot tell", descriptions). The
+# metrics count them by the parser's own rule (the official one reads them as "yes"); the report
+# shows how many there were, so a model that stops answering cannot hide behind the rule.
+
+_ANSWER_WORD = re.compile(r"\b(yes|no|not)\b|n't\b", re.IGNORECASE)
+
+
+def has_answer_word(answer: str) -> bool:
+    """True when the answer says yes or no explicitly somewhere (case-insensitive)."""
+    return _ANSWER_WORD.search(answer or "") is not None
 
 Parser = Callable[[str, str], "str | None"]
 
@@ -234,6 +267,7 @@ class PopeMetrics:
     f1: float
     yes_ratio: float
     parser: str = DEFAULT_PARSER
+    unparseable: int = 0  # unparsed + answers without a yes/no word (counted by the parser's rule)
 
     def metrics(self) -> dict[str, float]:
         """x100, as papers print them."""
@@ -254,7 +288,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def metrics_from_predictions(
-    predictions: Sequence[str | None], labels: Sequence[str], parser: str = DEFAULT_PARSER
+    predictions: Sequence[str | None], labels: Sequence[str], parser: str = DEFAULT_PARSER, unparseable: int = 0
 ) -> PopeMetrics:
     """Confusion counts and metrics; "yes" is the positive class; zero denominators give 0."""
     if len(predictions) != len(labels):
@@ -285,6 +319,7 @@ def metrics_from_predictions(
         f1=_ratio(2 * precision * recall, precision + recall),
         yes_ratio=_ratio(tp + fp, n),
         parser=parser,
+        unparseable=max(unparseable, unparsed),
     )
 
 
@@ -293,7 +328,8 @@ def score_answers(
 ) -> PopeMetrics:
     parse = get_parser(parser)
     preds = [parse(a, q.label) for q, a in zip(questions, answers, strict=True)]
-    return metrics_from_predictions(preds, [q.label for q in questions], parser)
+    unclear = sum(p is None or not has_answer_word(a) for p, a in zip(preds, answers, strict=True))
+    return metrics_from_predictions(preds, [q.label for q in questions], parser, unclear)
 
 
 def mean_f1(per_split: Mapping[str, PopeMetrics]) -> float:

@@ -3,9 +3,13 @@
 docs/eval.md ("Running evaluations"): results are only comparable on the same image list, ground
 truth, prompt, decoding and metric flavour, so every report carries model id and revision, dtype,
 processor settings, prompt, decoding parameters, interventions with their parameters, seed, image
-ids hash, question-file hash, metric flavour, package version and attention backend. Every file is
-written to a temporary file in the same folder, fsynced and renamed over the target, so a reader
-never sees a half-written report.
+ids hash, question-file hash, metric flavour, package version, attention backend and the run
+fingerprint (eval/fingerprint.py). Comparisons carry, per configuration after the first, the paired
+bootstrap 95% interval of each metric's difference to the first (eval/significance.py): the
+Markdown marks significant differences with "*" and lists the intervals, the PNG draws them as
+error bars (baseline value + interval) on each configuration's bar. Every file is written to a
+temporary file in the same folder, fsynced, made world-readable (0644) and renamed over the
+target, so a reader never sees a half-written report.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = "lvlm-hallu"
+REPORT_MODE = 0o644
 
 
 def package_version() -> str:
@@ -60,6 +65,7 @@ class Provenance:
     metric_flavour: str | None = None
     options: Mapping[str, Any] | None = None  # e.g. short_caption, answer parser
     attention_backend: str | None = None
+    fingerprint: Mapping[str, Any] | None = None  # {"digest", "fields"} of eval/fingerprint.py
     package_version: str = field(default_factory=package_version)
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     extra: Mapping[str, Any] | None = None
@@ -73,15 +79,25 @@ class ConfigResult:
     interventions: Any  # the spec as passed (string or list of {name, **params}), opaque here
     metrics: Mapping[str, float]
     details: Mapping[str, Any] | None = None  # e.g. resolved configs, per-split metrics, file paths
+    counts: Mapping[str, int] | None = None  # shown, never charted: e.g. unparseable POPE answers
+    # metric -> {"diff", "low", "high", "significant"}: this configuration minus the first one
+    intervals: Mapping[str, Mapping[str, Any]] | None = None
+
+    def significant(self, metric: str) -> bool:
+        return bool((self.intervals or {}).get(metric, {}).get("significant", False))
 
 
 @dataclass(frozen=True)
 class Report:
     provenance: Provenance
     results: tuple[ConfigResult, ...]
+    significance: Mapping[str, Any] | None = None  # baseline, method, level, resamples, seed, unit
 
     def to_dict(self) -> dict:
-        return {"provenance": asdict(self.provenance), "results": [asdict(r) for r in self.results]}
+        out = {"provenance": asdict(self.provenance), "results": [asdict(r) for r in self.results]}
+        if self.significance is not None:
+            out["significance"] = dict(self.significance)
+        return out
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, REPORT_MODE)  # mkstemp creates 0600; reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,20 +144,73 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
 
 
+def _count_names(results: Sequence[ConfigResult]) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        names.extend(k for k in (r.counts or {}) if k not in names)
+    return names
+
+
+def format_interval(iv: Mapping[str, Any]) -> str:
+    """"+1.23 [0.40, 2.05] *" (the star marks an interval that excludes 0)."""
+    star = " *" if iv.get("significant") else ""
+    return f"{iv['diff']:+.2f} [{iv['low']:+.2f}, {iv['high']:+.2f}]{star}"
+
+
 def markdown(report: Report) -> str:
     p = report.provenance
     names = _metric_names(report.results)
+    counts = _count_names(report.results)
     lines = [f"# {p.benchmark} report", ""]
-    lines.append("| configuration | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---:|" * len(names))
+    lines.append("| configuration | " + " | ".join(names + counts) + " |")
+    lines.append("|---|" + "---:|" * (len(names) + len(counts)))
     for r in report.results:
-        lines.append(f"| {r.name} | " + " | ".join(_fmt(r.metrics.get(n, "")) for n in names) + " |")
+        cells = [_fmt(r.metrics.get(n, "")) + (" *" if r.significant(n) else "") for n in names]
+        cells += [str((r.counts or {}).get(n, "")) for n in counts]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    sig = report.significance
+    if sig and any(r.intervals for r in report.results):
+        lines += [
+            "",
+            f"\\* the {100 * sig['level']:.0f}% interval of the difference to **{sig['baseline']}** excludes 0 "
+            f"({sig['method']}, per {sig['unit']}, {sig['resamples']} resamples, seed {sig['seed']}).",
+            "",
+            f"## Differences to {sig['baseline']} ({100 * sig['level']:.0f}% interval)",
+            "",
+            "| configuration | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for r in report.results[1:]:
+            iv = r.intervals or {}
+            lines.append(f"| {r.name} | " + " | ".join(format_interval(iv[n]) if n in iv else "" for n in names) + " |")
     lines += ["", "## Provenance", ""]
     for key, value in asdict(p).items():
         if value is not None:
             shown = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
             lines.append(f"- **{key}**: `{shown}`" if "\n" not in shown else f"- **{key}**: {json.dumps(shown)}")
     return "\n".join(lines) + "\n"
+
+
+def error_bars(results: Sequence[ConfigResult], metric: str) -> tuple[list[float], list[float]]:
+    """(below, above) bar lengths: the baseline value plus the difference interval, around each value.
+
+    A configuration's bar shows its value v = base + diff; its error bar spans base + [low, high],
+    the 95% interval of its difference to the baseline, so a bar whose error bar does not reach the
+    baseline's value differs significantly. The baseline and configurations without an interval
+    get no bar (0, 0).
+    """
+    below, above = [], []
+    base = float(results[0].metrics.get(metric, float("nan"))) if results else float("nan")
+    for r in results:
+        iv = (r.intervals or {}).get(metric)
+        if iv is None or metric not in r.metrics:
+            below.append(0.0)
+            above.append(0.0)
+            continue
+        v = float(r.metrics[metric])
+        below.append(max(0.0, v - (base + iv["low"])))
+        above.append(max(0.0, base + iv["high"] - v))
+    return below, above
 
 
 def chart_png(report: Report) -> bytes:
@@ -160,14 +230,28 @@ def chart_png(report: Report) -> bytes:
         ax.axis("off")
     for ax, metric in zip(axes.flat, names):
         values = [float(r.metrics.get(metric, float("nan"))) for r in report.results]
-        bars = ax.bar(range(len(configs)), values, color=[colors[i % len(colors)] for i in range(len(configs))])
+        low, high = error_bars(report.results, metric)
+        bars = ax.bar(
+            range(len(configs)),
+            values,
+            color=[colors[i % len(colors)] for i in range(len(configs))],
+            yerr=[low, high],
+            capsize=3,
+            error_kw={"elinewidth": 1},
+        )
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        finite = [v for v in values if v == v]
-        ax.set_ylim(0, max([1.0, *finite]) * 1.15)  # all-zero panels keep a sensible axis
+        tops = [v + h for v, h in zip(values, high) if v == v]
+        ax.set_ylim(0, max([1.0, *tops]) * 1.15)  # all-zero panels keep a sensible axis
         ax.set_title(metric)
         ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
     fig.suptitle(f"{report.provenance.benchmark}: {report.provenance.model_id or ''}")
-    fig.tight_layout()
+    sig = report.significance
+    if sig and any(r.intervals for r in report.results):
+        fig.text(0.5, 0.005, f"error bars: {sig['baseline']} + {100 * sig['level']:.0f}% paired bootstrap interval "
+                 f"of the difference (per {sig['unit']}, {sig['resamples']} resamples)", ha="center", fontsize=7)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+    else:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -4,9 +4,11 @@ Items with stable keys are answered in batches by an `answer(batch) -> list[str]
 result is appended to a JSON-lines file as soon as its batch finishes (write, flush, fsync), so
 a crash loses at most the batches in flight. A restarted run reads the file, skips finished keys,
 discards a torn last line (the only line a crash can leave half-written) and never writes a key
-twice. The adapters build `answer` from an `lvlm` pipeline (`generate(requests)`), from any client
+twice. Given a run fingerprint (eval/fingerprint.py), the file's first line records it and a resume
+with another fingerprint is refused with the list of differences, so runs are never mixed. The
+adapters build `answer` from an `lvlm` pipeline (`generate(requests)`), from any client
 with the service SDK's `chat(image, prompt, ...)`, or spread batches over Ray actors that each hold
-a model built by a user factory; the driver alone writes the results file.
+a model built by a user factory (eval/cluster.py); the driver alone writes the results file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.errors import ResultsFileError
+from eval.fingerprint import HEADER_KEY, Fingerprint, check_header
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,24 @@ AnswerFn = Callable[[Sequence[Item]], Sequence[str]]
 
 
 class ResultsFile:
-    """Append-only JSON-lines results keyed by item key, safe to reopen after a crash."""
+    """Append-only JSON-lines results keyed by item key, safe to reopen after a crash.
 
-    def __init__(self, path: str | Path):
+    With `fingerprint`, a new file starts with the header line {"fingerprint": ..., "digest": ...};
+    an existing file must carry the same fingerprint (FingerprintMismatch lists what differs).
+    Without it the header, if any, is kept in `header` and not checked.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: Fingerprint | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.header: dict | None = None
         self.records: dict[str, dict] = self._load()
+        if fingerprint is not None:
+            if self.header is None and not self.records:
+                self._write_lines([fingerprint.header()])
+                self.header = fingerprint.header()
+            else:
+                check_header(self.header, fingerprint, self.path)
 
     def _load(self) -> dict[str, dict]:
         if not self.path.exists():
@@ -65,6 +80,9 @@ class ResultsFile:
                 continue
             try:
                 rec = json.loads(line)
+                if n == 1 and isinstance(rec, dict) and HEADER_KEY in rec and "key" not in rec:
+                    self.header = rec
+                    continue
                 key = rec["key"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ResultsFileError(f"{self.path}:{n}: corrupt record before the last line ({err})") from err
@@ -78,13 +96,16 @@ class ResultsFile:
         fresh = [r for r in records if r["key"] not in self.records]
         if not fresh:
             return
-        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
+        self._write_lines(fresh)
+        for r in fresh:
+            self.records[r["key"]] = r
+
+    def _write_lines(self, rows: Sequence[dict]) -> None:
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         with open(self.path, "ab") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        for r in fresh:
-            self.records[r["key"]] = r
 
 
 def make_record(item: Item, answer: str) -> dict:
@@ -126,10 +147,14 @@ def run(
     batch_size: int = 8,
     progress: bool = True,
     description: str = "eval",
+    fingerprint: Fingerprint | None = None,
 ) -> dict[str, dict]:
-    """Answer every unfinished item, appending records as batches finish; return all records by key."""
+    """Answer every unfinished item, appending records as batches finish; return all records by key.
+
+    `fingerprint` (eval/fingerprint.py) is written into a new results file and checked on resume.
+    """
     _check_keys(items)
-    results = ResultsFile(results_path)
+    results = ResultsFile(results_path, fingerprint)
     todo = [it for it in items if it.key not in results]
     bar, task = _progress(len(items), len(items) - len(todo), description, progress)
     with bar:
@@ -237,105 +262,13 @@ def remote_answer(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray
+# Ray: eval/cluster.py (replicas under ray.util.ActorPool, images as bytes or URIs, retried batches)
 
 
-class _ModelActor:
-    """Holds one model replica; `adapter(model)` turns it into an AnswerFn per call."""
+def __getattr__(name: str) -> Any:
+    """`RayPool` / `run_ray` are eval.cluster's `ClusterPool` / `run_cluster` (same arguments)."""
+    if name in ("RayPool", "run_ray"):
+        from eval import cluster
 
-    def __init__(self, factory: Callable[[], Any]):
-        self.model = factory()
-
-    def answer(self, adapter: Callable[[Any], AnswerFn], batch: Sequence[Item]) -> list[str]:
-        return list(adapter(self.model)(batch))
-
-    def info(self) -> dict[str, Any]:
-        info = getattr(self.model, "info", None)
-        return dict(info() if callable(info) else info or {})
-
-
-class RayPool:
-    """N Ray actors, each holding a model from `factory()`; batches go to whichever actor is free.
-
-    The actors are reused across runs (configurations), so each model is loaded once.
-    """
-
-    def __init__(
-        self, factory: Callable[[], Any], num_actors: int = 2, *, actor_options: Mapping[str, Any] | None = None
-    ):
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
-        remote_cls = ray.remote(**dict(actor_options or {"num_cpus": 1}))(_ModelActor)
-        self.actors = [remote_cls.remote(factory) for _ in range(num_actors)]
-
-    def run(
-        self,
-        items: Sequence[Item],
-        results_path: str | Path,
-        adapter: Callable[[Any], AnswerFn] = local_answer,
-        *,
-        batch_size: int = 8,
-        progress: bool = True,
-        description: str = "eval (ray)",
-    ) -> dict[str, dict]:
-        import ray
-
-        _check_keys(items)
-        results = ResultsFile(results_path)
-        todo = [it for it in items if it.key not in results]
-        pending = list(_batches(todo, batch_size))[::-1]  # pop() from the end = submission order
-        in_flight: dict[Any, tuple[Any, list[Item]]] = {}
-        bar, task = _progress(len(items), len(items) - len(todo), description, progress)
-
-        def submit(actor: Any) -> None:
-            if pending:
-                batch = pending.pop()
-                in_flight[actor.answer.remote(adapter, batch)] = (actor, batch)
-
-        with bar:
-            for actor in self.actors:  # two batches per actor keep it busy while the driver writes
-                submit(actor)
-                submit(actor)
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                actor, batch = in_flight.pop(ready[0])
-                answers = ray.get(ready[0])
-                if len(answers) != len(batch):
-                    raise RuntimeError(f"actor returned {len(answers)} answers for {len(batch)} items")
-                results.append(make_record(it, a) for it, a in zip(batch, answers, strict=True))
-                bar.advance(task, len(batch))
-                submit(actor)
-        return {it.key: results.records[it.key] for it in items}
-
-    def info(self) -> dict[str, Any]:
-        """The first replica's `model.info()` (model id, dtype, attention backend ...), for provenance."""
-        import ray
-
-        return ray.get(self.actors[0].info.remote()) if self.actors else {}
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-
-
-def run_ray(
-    items: Sequence[Item],
-    factory: Callable[[], Any],
-    results_path: str | Path,
-    *,
-    adapter: Callable[[Any], AnswerFn] = local_answer,
-    num_actors: int = 2,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> dict[str, dict]:
-    """One-shot Ray run: start `num_actors` model actors, answer the items, stop the actors."""
-    pool = RayPool(factory, num_actors)
-    try:
-        return pool.run(items, results_path, adapter, batch_size=batch_size, progress=progress)
-    finally:
-        pool.shutdown()
+        return cluster.ClusterPool if name == "RayPool" else cluster.run_cluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

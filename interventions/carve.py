@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from interventions.defaults import Backbone, Default, round_half_up
 from interventions.plan import BatchPlan, Component
 from interventions.registry import InterventionError, register
 from kernels.edits import KEY_VISUAL
@@ -39,8 +40,16 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     """Layers 20..25 for 28–32-layer backbones, scaled proportionally for other depths."""
     if 28 <= num_layers <= 32:
         return tuple(range(20, 26))
-    lo, hi = round(20 * num_layers / 32), round(25 * num_layers / 32)
+    lo, hi = round_half_up(20 * num_layers / 32), round_half_up(25 * num_layers / 32)
     return tuple(range(min(lo, num_layers - 1), min(hi, num_layers - 1) + 1))
+
+
+def layers_default(backbone: Backbone) -> Default:
+    """Published for the 28–32-layer backbones of the paper, scaled by depth otherwise."""
+    published = backbone.published("carve", "layers")
+    if published is not None:
+        return published
+    return Default(default_layers(backbone.num_layers), "published" if 28 <= backbone.num_layers <= 32 else "scaled")
 
 
 @register("carve", paper="arXiv 2509.06461 (Ge et al.)", order=90,
@@ -54,6 +63,7 @@ class CARVEConfig:
     top_p: float = field(default=0.2, metadata={"doc": "fraction of pixels kept before connected components"})
     k_min: int = field(default=3, metadata={"doc": "minimum number of regions kept"})
     mode: str = field(default="paper", metadata={"doc": "paper: refined image only; code: original + refined"})
+    preset: str = field(default="default", metadata={"doc": "default | paper (no tuned values: CARVE is not searched)"})
 
     def __post_init__(self):
         if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= 256:
@@ -68,6 +78,8 @@ class CARVEConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.preset == "tuned":
+            raise ValueError("carve has no tuned values (`lvlm tune` does not search CARVE); use preset 'paper'")
 
     def readout_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(num_layers)
@@ -120,15 +132,23 @@ def fuse(maps_q: list[dict[int, torch.Tensor]], maps_g: list[dict[int, torch.Ten
     return total[0, 0].numpy()
 
 
-def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: int) -> tuple[Image.Image, dict]:
-    """Keep the top-p pixels' strongest regions, zero the rest, crop and upscale (Lanczos)."""
+def select_regions(score: np.ndarray, *, top_p: float, k_min: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """(H, W) score -> connected regions of the top-p pixels (H, W) int (0 = background), their
+    count, and the labels kept: the max(k_min, ⌊count·p⌋) regions with the largest score sum."""
     threshold = np.quantile(score, 1.0 - top_p)
     regions, count = ndimage.label(score >= threshold)
     if count == 0:
-        return image, {"regions": 0, "kept": 0, "box": [0, 0, image.width, image.height]}
+        return regions, 0, np.zeros(0, dtype=int)
     sums = ndimage.sum(score, regions, index=np.arange(1, count + 1))
     n_keep = max(k_min, int(count * top_p))
-    kept = np.argsort(sums)[::-1][:n_keep] + 1
+    return regions, int(count), np.argsort(sums)[::-1][:n_keep] + 1
+
+
+def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: int) -> tuple[Image.Image, dict]:
+    """Keep the top-p pixels' strongest regions, zero the rest, crop and upscale (Lanczos)."""
+    regions, count, kept = select_regions(score, top_p=top_p, k_min=k_min)
+    if count == 0:
+        return image, {"regions": 0, "kept": 0, "box": [0, 0, image.width, image.height]}
     keep = np.isin(regions, kept)
     ys, xs = np.nonzero(keep)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
@@ -141,8 +161,12 @@ def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: 
                      "mask_fraction": round(float(keep.mean()), 4)}
 
 
-def refine_requests(pipe: Any, requests: Sequence[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Replace the image of every CARVE request by its refined image (or image pair)."""
+def refine_requests(pipe: Any, requests: Sequence[Any], *, collect: dict[int, dict] | None = None
+                    ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Replace the image of every CARVE request by its refined image (or image pair).
+
+    `collect` (lvlm.inspection) receives, per CARVE request, the fused contrast map S, its
+    regions and kept labels, and the refined image."""
     facts = pipe.facts
     requests = list(requests)
     reports: list[dict[str, Any]] = [{} for _ in requests]
@@ -177,10 +201,15 @@ def refine_requests(pipe: Any, requests: Sequence[Any]) -> tuple[list[Any], list
         score = fuse(pick(readout.maps.get(2 * n, [])), pick(readout.maps.get(2 * n + 1, [])),
                      side=facts.vision_grid, size=image.size, lam=config.lam)
         refined, info = refine_image(image, score, top_p=config.top_p, k_min=config.k_min)
+        if collect is not None:
+            regions, _, kept = select_regions(score, top_p=config.top_p, k_min=config.k_min)
+            collect[i] = {"score": score, "regions": regions, "kept": kept, "refined": refined, "image": image}
         new_image = refined if config.mode == "paper" else [image, refined]
         others = tuple(c for c in requests[i].interventions if c.name != "carve")
         requests[i] = replace(requests[i], image=new_image, interventions=others)
-        reports[i]["carve"] = {"mode": config.mode, "layers": sorted(own), "extra_passes": 2, **info}
+        source = "request" if config.layers is not None else layers_default(Backbone(None, facts.hidden_size, facts.num_layers)).source
+        reports[i]["carve"] = {"mode": config.mode, "layers": sorted(own), "extra_passes": 2, **info,
+                               "preset": config.preset, "sources": {"layers": source}}
     added = 1000.0 * (time.perf_counter() - t0)
     for i, _ in jobs:
         reports[i]["added_ms"] = reports[i].get("added_ms", 0.0) + added

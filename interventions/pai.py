@@ -9,14 +9,19 @@ lock-step): final log-prob = γ·(log p_img − log p_txt) + log p_txt, over the
 p_img ≥ β·max p_img (γ = 1.1, β = 0.1); the others are excluded. The released code skips the
 attention edit on the first generated token when the contrast is on; that quirk is off here and
 available as `skip_first_boost`.
+
+Defaults (interventions/defaults.py): α = 0.2, layers [2, L), no contrast (published); the
+embedded model's shipped tuned values replace them (`preset`: default | paper | tuned).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from interventions.defaults import Backbone, Default
 from interventions.plan import BatchPlan, Component
 from interventions.registry import register
 
@@ -25,26 +30,38 @@ from interventions.registry import register
           summary="amplify the last query row's attention logits on image tokens")
 @dataclass(frozen=True)
 class PAIConfig:
-    alpha: float = field(default=0.2, metadata={"doc": "amplification s + alpha*|s| on visual keys (>= 0)"})
-    start_layer: int = field(default=2, metadata={"doc": "first edited layer; edits layers [start_layer, L)"})
-    contrast: bool = field(default=False, metadata={"doc": "logit contrast with an image-removed branch"})
+    PAPER: ClassVar[dict] = {"alpha": 0.2, "start_layer": 2, "contrast": False}
+
+    alpha: float | None = field(default=None, metadata={"doc": "amplification s + alpha*|s| on visual keys (>= 0); default 0.2"})
+    start_layer: int | None = field(default=None, metadata={"doc": "first edited layer; edits layers [start_layer, L); default 2"})
+    contrast: bool | None = field(default=None, metadata={"doc": "logit contrast with an image-removed branch; default false"})
     gamma: float = field(default=1.1, metadata={"doc": "contrast strength (> 0)"})
     beta: float = field(default=0.1, metadata={"doc": "plausibility cut: keep tokens with p >= beta * max p"})
     skip_first_boost: bool = field(default=False, metadata={"doc": "released-code quirk: no boost on the first token with contrast"})
+    preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
     def __post_init__(self):
         for name in ("alpha", "gamma", "beta"):
             value = getattr(self, name)
+            if value is None and name == "alpha":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        if self.alpha < 0:
+        if self.alpha is not None and self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.contrast is not None and not isinstance(self.contrast, bool):
+            raise ValueError(f"contrast must be true or false, got {self.contrast!r}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
         if not 0 <= self.beta <= 1:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if not isinstance(self.start_layer, int) or self.start_layer < 0:
+        if self.start_layer is not None and (isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int)
+                                             or self.start_layer < 0):
             raise ValueError(f"start_layer must be an integer >= 0, got {self.start_layer!r}")
+
+    @staticmethod
+    def paper_defaults(backbone: Backbone) -> dict[str, Default]:
+        return {k: Default(v, "published") for k, v in PAIConfig.PAPER.items()}
 
     @staticmethod
     def plan_component(plan: BatchPlan, configs: dict, profile: dict) -> "PAI":

@@ -46,6 +46,30 @@ class Component:
     def finish(self, plan: "BatchPlan") -> None:
         """Write this method's part of each request's intervention report."""
 
+    # -- continuous batching: requests join (with renumbering) and leave a running plan -----------
+    per_request_fields: tuple[str, ...] | None = None  # None: every dict keyed within `configs`
+
+    def _per_request(self) -> list[str]:
+        if self.per_request_fields is not None:
+            return list(self.per_request_fields)
+        keys = set(getattr(self, "configs", {}))
+        return [n for n, v in vars(self).items() if isinstance(v, dict) and set(v) <= keys]
+
+    def shift(self, offset: int) -> None:
+        """Renumber this component's requests by `offset` (its plan joins a running one)."""
+        for name in self._per_request():
+            setattr(self, name, {r + offset: v for r, v in getattr(self, name).items()})
+
+    def absorb(self, other: "Component", offset: int) -> None:
+        """Take over the requests of the same method from a joining plan, renumbered by offset."""
+        for name in other._per_request():
+            getattr(self, name).update({r + offset: v for r, v in getattr(other, name).items()})
+
+    def drop(self, requests: set[int]) -> None:
+        """Forget requests that left the batch."""
+        for name in self._per_request():
+            setattr(self, name, {r: v for r, v in getattr(self, name).items() if r not in requests})
+
 
 class BatchPlan:
     def __init__(self, facts: Any, requests: Sequence[Any]):
@@ -58,6 +82,7 @@ class BatchPlan:
         self.reports_: list[dict[str, Any]] = [{} for _ in self.requests]
         self.visual: torch.Tensor | None = None  # (B, T) bool: image tokens of the prefill layout
         self._memo: dict[Any, Any] = {}  # per-layout tensors, cleared when rows leave the batch
+        self._gone: set[int] = set()  # retired requests not forgotten yet (see `retire`)
 
     def layout_changed(self) -> None:
         """Rows left the batch or were re-packed: per-layout tensors must be rebuilt."""
@@ -117,7 +142,15 @@ class BatchPlan:
         return out.to(device)
 
     def report(self, request: int, **fields: Any) -> None:
-        self.reports_[request].update(fields)
+        """Merge into a request's report; a method's dict keeps what was reported before (its
+        preset and value sources, written when the plan was built) and merges "sources"."""
+        out = self.reports_[request]
+        for key, value in fields.items():
+            prior = out.get(key)
+            if isinstance(prior, dict) and isinstance(value, dict):
+                sources = {**prior.get("sources", {}), **value.get("sources", {})}
+                value = {**prior, **value, **({"sources": sources} if sources else {})}
+            out[key] = value
 
     def add_ms(self, request: int, ms: float) -> None:
         self.reports_[request]["added_ms"] = self.reports_[request].get("added_ms", 0.0) + ms
@@ -129,22 +162,21 @@ class BatchPlan:
 
     # -- key classes per layer ------------------------------------------------------------------
     def key_class(self, layer: int, state) -> torch.Tensor:
-        """(B, Tk) uint8 key classes of a layer, kept in the cache and grown at each decode step."""
-        extras = state.cache.extras[layer]
+        """(B, Tk) uint8 key classes of a layer: a view of the cache's key-class buffer, written
+        at prefill from the visual bits of the layer's input layout; generated tokens are plain
+        text keys (the buffer's unused columns are 0). In-place updates (sink bits) persist."""
+        cache = state.cache
         k_len = state.key_length(layer)
-        cls = extras.get("key_class")
-        if cls is None:  # prefill: visual bits of the layer's input layout
-            cls = self.visual.to(torch.uint8) * KEY_VISUAL
-        if cls.shape[1] < k_len:  # decode: generated tokens are plain text keys
-            pad = torch.zeros(cls.shape[0], k_len - cls.shape[1], dtype=torch.uint8, device=cls.device)
-            cls = torch.cat([cls, pad], dim=1)
-        extras["key_class"] = cls
-        return cls
+        if not cache.has_key_classes(layer):
+            return cache.set_key_classes(layer, self.visual.to(torch.uint8) * KEY_VISUAL)[:, :k_len]
+        return cache.key_classes(layer, k_len)
 
     # -- engine hooks ---------------------------------------------------------------------------
     def before_layer(self, engine, layer: int, state) -> None:
         for component in self.components:
             component.before_layer(self, engine, layer, state)
+        if state.phase == "prefill":  # every layer gets its classes, even if no method reads them yet
+            self.key_class(layer, state)
 
     def key_mask(self, layer: int, state) -> torch.Tensor | None:
         """(B, Tk) bool of keys a component hides in this layer (VTE's masked emulation), or None."""
@@ -206,6 +238,60 @@ class BatchPlan:
         self._select(state, keep)
 
 
+    # -- continuous batching ------------------------------------------------------------------------
+    def merge(self, other: "BatchPlan") -> list[int]:
+        """Take in the requests of a prefilled plan whose rows are appended after this plan's rows
+        (`ForwardState.merge`). Returns the row order that restores the layout (main rows first,
+        then twins): new row i is old concatenated row order[i]."""
+        self._forget()
+        offset = len(self.requests)
+        self.requests += other.requests
+        self.reports_ += other.reports_
+        n_self, n_other = self.twin.count(False), other.twin.count(False)
+        b_self = len(self.rows)
+        order = (list(range(n_self)) + [b_self + b for b in range(n_other)]
+                 + list(range(n_self, b_self)) + [b_self + b for b in range(n_other, len(other.rows))])
+        rows = [r + offset for r in other.rows]
+        self.rows = self.rows[:n_self] + rows[:n_other] + self.rows[n_self:] + rows[n_other:]
+        self.twin = self.twin[:n_self] + other.twin[:n_other] + self.twin[n_self:] + other.twin[n_other:]
+        self.twins_needed.update({r + offset: v for r, v in other.twins_needed.items()})
+        self._gone.update(r + offset for r in other._gone)  # retired at admission: forgotten next merge
+        mine = {type(c): c for c in self.components}
+        for component in other.components:
+            if type(component) in mine:
+                mine[type(component)].absorb(component, offset)
+            else:
+                component.shift(offset)
+                self.components.append(component)
+        from interventions.registry import component_factories
+
+        hook_order = list(component_factories())
+        self.components.sort(key=lambda c: hook_order.index(c.name) if c.name in hook_order else len(hook_order))
+        self.visual = None  # prefill layouts are gone; key classes live in the cache
+        self.layout_changed()
+        return order
+
+    def retire(self, requests: Sequence[int]) -> list[dict[str, Any]]:
+        """Final reports of requests whose rows left the batch. Their component state stays
+        readable (calibration reads it after `generate`) until the next `merge` forgets it."""
+        for component in self.components:
+            component.finish(self)
+        self._gone.update(requests)
+        return [dict(self.reports_[r]) for r in requests]
+
+    def _forget(self) -> None:
+        """Drop retired requests from the components (a long-running batch must not grow)."""
+        if not self._gone:
+            return
+        for r in self._gone:
+            self.reports_[r], self.requests[r] = {}, None
+            self.twins_needed.pop(r, None)
+        for component in self.components:
+            component.drop(self._gone)
+        self.components = [c for c in self.components if getattr(c, "configs", True)]
+        self._gone = set()
+
+
 class Stopwatch:
     """Adds the wall time of a block to each listed request's `added_ms` report."""
 
@@ -224,10 +310,18 @@ class Stopwatch:
 
 
 def build_plan(facts: Any, requests: Sequence[Any], *, profile: dict | None = None) -> BatchPlan:
-    """A plan for a batch: one component per method that at least one request asked for."""
+    """A plan for a batch: one component per method that at least one request asked for.
+
+    Model-aware parameters the requests left unset are filled first (interventions/defaults.py),
+    from the profile's published, calibrated and tuned values; their sources go to the report.
+    """
+    from interventions.defaults import resolve_requests
     from interventions.registry import component_factories
 
+    requests, provenance = resolve_requests(facts, requests, profile)
     plan = BatchPlan(facts, requests)
+    for r, methods in enumerate(provenance):
+        plan.report(r, **methods)
     for name, factory in component_factories().items():
         rows = plan.configs(name)
         if rows:

@@ -1,9 +1,13 @@
 """Registry of interventions: names -> config classes, presets, and request resolution.
 
-A request names its interventions as a preset string ("none", "vhr", "vhr+var") or a list of
-`{"name": ..., **params}` dicts. `resolve` turns either into a tuple of frozen config objects,
-validating every parameter; anything invalid raises `InterventionError` whose message names the
-problem and, for unknown names, lists the valid ones.
+A request names its interventions as a preset string ("none", "vhr", "vhr+var", "vhr:tuned+pai")
+or a list of `{"name": ..., "preset": ..., **params}` dicts. `resolve` turns either into a tuple of
+frozen config objects, validating every parameter; anything invalid raises `InterventionError`
+whose message names the problem and, for unknown names, lists the valid ones.
+
+Model-aware parameters (VHR's α and layers, VAR's p, ρ, τ ...) stay None when the request leaves
+them unset; the batch plan fills them once the model is known (interventions/defaults.py), from the
+method's `preset`: "default", "paper" (published or scaled values) or "tuned" (`lvlm tune`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence, Union
 
 Spec = Union[None, str, Sequence[Union[str, Mapping[str, Any]]]]
+
+PRESETS = ("default", "paper", "tuned")  # see interventions/defaults.py
 
 
 class InterventionError(ValueError):
@@ -56,6 +62,16 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def entry(name: str) -> Entry:
+    """The registry entry of `name`; an unknown name lists the valid ones."""
+    _load_methods()
+    found = _REGISTRY.get(name)
+    if found is None:
+        valid = ", ".join(["none", *names()])
+        raise InterventionError(f"unknown intervention {name!r}; valid names: {valid}", param="interventions")
+    return found
+
+
 def _load_methods() -> None:
     """Import the method modules so that their `register` decorators run."""
     from interventions import carve, pai, var, vhr, vte  # noqa: F401
@@ -69,12 +85,12 @@ def component_factories() -> dict[str, Callable]:
 
 
 def _build(name: str, params: Mapping[str, Any]) -> Any:
-    _load_methods()
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        valid = ", ".join(["none", *names()])
-        raise InterventionError(f"unknown intervention {name!r}; valid names: {valid}", param="interventions")
-    fields = {f.name for f in dataclasses.fields(entry.config)}
+    found = entry(name)
+    preset = params.get("preset", "default")
+    if preset not in PRESETS:
+        raise InterventionError(f"{name}: unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}",
+                                param=f"interventions.{name}.preset")
+    fields = {f.name for f in dataclasses.fields(found.config)}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise InterventionError(
@@ -82,7 +98,7 @@ def _build(name: str, params: Mapping[str, Any]) -> Any:
             param=f"interventions.{name}.{unknown[0]}",
         )
     try:
-        return entry.config(**params)
+        return found.config(**params)
     except InterventionError:
         raise
     except (TypeError, ValueError) as err:
@@ -96,8 +112,9 @@ def resolve(spec: Spec) -> tuple[Any, ...]:
     items: list[Any] = spec.split("+") if isinstance(spec, str) else list(spec)
     configs = []
     for item in items:
-        if isinstance(item, str):
-            name, params = item.strip(), {}
+        if isinstance(item, str):  # "vhr" or "vhr:tuned"
+            name, _, preset = item.strip().partition(":")
+            params = {"preset": preset.strip()} if preset else {}
         elif isinstance(item, Mapping):
             params = dict(item)
             name = params.pop("name", None)
@@ -119,15 +136,30 @@ def resolve(spec: Spec) -> tuple[Any, ...]:
     return tuple(configs)
 
 
-def catalog() -> list[dict[str, Any]]:
-    """Names, parameter schema with defaults, and the paper of every registered intervention."""
+def catalog(facts: Any = None, profile: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Names, parameter schema with defaults, presets and the paper of every registered intervention.
+
+    A parameter's "default" is the paper's model-independent constant (VHR alpha 2.0); model-aware
+    ones (layers, tau) say their rule in "doc". With the model's `facts` (and profile), "presets"
+    holds the values each preset resolves to on that model ("tuned": None when it has none).
+    """
+    from interventions import defaults
+
+    backbone = defaults.Backbone.of(facts, profile) if facts is not None else None
     out = []
     for name in names():
-        entry = _REGISTRY[name]
+        found = _REGISTRY[name]
+        paper = getattr(found.config, "PAPER", {})
         params = []
-        for f in dataclasses.fields(entry.config):
+        for f in dataclasses.fields(found.config):
             default = f.default if f.default is not dataclasses.MISSING else None
+            if default is None:
+                default = paper.get(f.name)
             params.append({"name": f.name, "type": getattr(f.type, "__name__", str(f.type)),
                            "default": default, "doc": f.metadata.get("doc", "")})
-        out.append({"name": name, "paper": entry.paper, "summary": entry.summary, "params": params})
+        info = {"name": name, "paper": found.paper, "summary": found.summary, "params": params,
+                "presets": list(PRESETS)}
+        if backbone is not None and hasattr(found.config, "paper_defaults"):
+            info["preset_values"] = defaults.preset_values(name, backbone, profile or {})
+        out.append(info)
     return out

@@ -11,24 +11,31 @@ in proportion to their weights (kernels: SINK_REDIST).
 Parameter convention: p is the fraction recycled and ρ the minimum non-sink visual ratio, as in
 the paper. The released code's `p` and `rho` mean 1−p and 1−ρ (confirmed by the authors): its
 shipped p = 0.6 recycles 40 %, our default p = 0.4. `VARConfig.from_code_convention` converts.
-Layers 0 and 1 are never modified; the paper excludes the last layer (default 2..L−2).
+Layers 0 and 1 are never modified; the paper excludes the last layer (default 2..L−2). As in the
+official code (HeadFork in VisAttnSink), a layer whose sink set holds no visual sink is left
+unmodified: BOS/text-sink attention is not redistributed there (`require_visual_sink=False`
+gives the other reading of the paper).
+
+Defaults (interventions/defaults.py): p = 0.4, ρ = 0.5 (published); τ = 20 on published
+backbones, else τ_E = 20·√(E/4096) (scaled: φ ≤ √E, so τ = 20 could never fire on a narrow model);
+D_sink published (LLaVA-1.5-7B {1415, 2533}) or calibrated by `lvlm profile` (lvlm/profile.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from interventions.defaults import PUBLISHED_BACKBONES, Backbone, Default, sink_threshold
 from interventions.plan import BatchPlan, Component, Stopwatch
 from interventions.registry import register
 from kernels.edits import KEY_SINK, KEY_VISUAL
 
 # Sink dimensions reported by Kang et al. per backbone: (model_type, hidden, layers) -> D_sink.
 KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
-    ("llama", 4096, 32): (1415, 2533),  # Llama-2-7B backbones (LLaVA-1.5-7B)
-    ("llama", 5120, 40): (2100, 4743),  # Llama-2-13B backbones (LLaVA-1.5-13B, LLaVA-1.6-vicuna-13B)
-    ("qwen2", 3584, 28): (458, 2570),  # Qwen2-VL-7B
+    key: entry["var"]["sink_dims"] for key, entry in PUBLISHED_BACKBONES.items() if "sink_dims" in entry.get("var", {})
 }
 
 
@@ -49,24 +56,40 @@ def _unit(name: str, value) -> float:
           summary="recycle attention from visual sinks to the other image tokens in image-centric heads")
 @dataclass(frozen=True)
 class VARConfig:
-    p: float = field(default=0.4, metadata={"doc": "fraction of sink attention recycled, in [0, 1] (code's p = 1 - this)"})
-    rho: float = field(default=0.5, metadata={"doc": "paper's minimum non-sink visual ratio, in [0, 1] (code's rho = 1 - this)"})
-    tau: float = field(default=20.0, metadata={"doc": "sink threshold on phi (> 0)"})
+    PAPER: ClassVar[dict] = {"p": 0.4, "rho": 0.5}
+
+    p: float | None = field(default=None, metadata={"doc": "fraction of sink attention recycled, in [0, 1] "
+                                                           "(code's p = 1 - this); default 0.4"})
+    rho: float | None = field(default=None, metadata={"doc": "paper's minimum non-sink visual ratio, in [0, 1] "
+                                                             "(code's rho = 1 - this); default 0.5"})
+    tau: float | None = field(default=None, metadata={"doc": "sink threshold on phi (> 0); default 20 on published "
+                                                             "backbones, else 20*sqrt(E/4096)"})
     min_visual: float = field(default=0.2, metadata={"doc": "minimum visual attention A_V of an image-centric row"})
     sink_dims: tuple[int, ...] | None = field(default=None, metadata={"doc": "D_sink; default from the model profile"})
     include_last: bool = field(default=False, metadata={"doc": "also modify the last layer"})
+    require_visual_sink: bool = field(default=True, metadata={
+        "doc": "leave a layer unmodified when it has no visual sink (official code); false: redistribute text-sink attention too"})
+    preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
     def __post_init__(self):
-        _unit("p", self.p)
-        _unit("rho", self.rho)
+        if self.p is not None:
+            _unit("p", self.p)
+        if self.rho is not None:
+            _unit("rho", self.rho)
         _unit("min_visual", self.min_visual)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0:
+        if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float))
+                                     or not self.tau > 0):
             raise ValueError(f"tau must be a number > 0, got {self.tau!r}")
         if self.sink_dims is not None:
             dims = tuple(int(d) for d in self.sink_dims)
             if not dims or min(dims) < 0:
                 raise ValueError("sink_dims must be a non-empty list of dimension indices")
             object.__setattr__(self, "sink_dims", dims)
+
+    @staticmethod
+    def paper_defaults(backbone: Backbone) -> dict[str, Default]:
+        return {"p": Default(VARConfig.PAPER["p"], "published"), "rho": Default(VARConfig.PAPER["rho"], "published"),
+                "tau": sink_threshold(backbone)}
 
     @classmethod
     def from_code_convention(cls, p: float, rho: float, **kwargs) -> "VARConfig":
@@ -88,11 +111,13 @@ class VAR(Component):
         self.configs = configs
         hidden = plan.facts.hidden_size
         self.dims: dict[int, tuple[int, ...]] = {}
+        self.dims_source: dict[int, str] = {}
         for r, c in configs.items():
             dims = c.sink_dims if c.sink_dims is not None else tuple(profile.get("sink_dims") or ())
             if any(d >= hidden for d in dims):
                 raise ValueError(f"var: sink_dims {dims} outside the hidden size {hidden}")
             self.dims[r] = dims
+            self.dims_source[r] = "request" if c.sink_dims is not None else profile.get("sink_dims_source", "calibrated")
         self.sinks: dict[int, dict[int, dict[str, int]]] = {r: {} for r in configs}
 
     def before_layer(self, plan, engine, layer, state):
@@ -110,8 +135,19 @@ class VAR(Component):
                 visual = (cls[b] & KEY_VISUAL) != 0
                 self.sinks[r][layer] = {"visual": int((sink & visual).sum()), "text": int((sink & ~visual).sum())}
 
+    def _acts(self, r: int, layer: int, num_layers: int) -> bool:
+        """Request r redistributes in `layer`: a VAR layer with sink dimensions and, unless the
+        request asks otherwise, at least one visual sink found there at prefill."""
+        c = self.configs[r]
+        if layer not in c.layers(num_layers) or not self.dims[r]:
+            return False
+        if c.require_visual_sink:
+            found = self.sinks[r].get(layer)
+            return found is not None and found["visual"] > 0
+        return True
+
     def contribute(self, plan, layer, state, fields):
-        active = frozenset(r for r, c in self.configs.items() if layer in c.layers(plan.facts.num_layers) and self.dims[r])
+        active = frozenset(r for r in self.configs if self._acts(r, layer, plan.facts.num_layers))
         if active:
             fields.update(plan.memo(("var", state.phase, active), lambda: self._fields(plan, state, active)))
 
@@ -137,5 +173,7 @@ class VAR(Component):
 
     def finish(self, plan):
         for r, c in self.configs.items():
+            acting = sorted(l for l in c.layers(plan.facts.num_layers) if self._acts(r, l, plan.facts.num_layers))
             plan.report(r, var={"p": c.p, "rho": c.rho, "tau": c.tau, "sink_dims": list(self.dims[r]),
-                                "sinks": self.sinks[r]})
+                                "sinks": self.sinks[r], "redistributed_layers": acting,
+                                "sources": {"sink_dims": self.dims_source[r]}})

@@ -13,16 +13,27 @@ attention epilogue) and the twin leaves the batch after prefill.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from interventions.defaults import Backbone, Default, round_half_up
 from interventions.plan import BatchPlan, Component
 from interventions.registry import register
 
+PAPER_BAND = 14  # last 14 of LLaVA-1.5-7B's 32 layers (plus layer 1)
+PAPER_DEPTH = 32
+
+
+def late_band(num_layers: int) -> int:
+    """How many last layers the band holds: round(14·L/32), at least 1."""
+    return max(1, round_half_up(PAPER_BAND * num_layers / PAPER_DEPTH))
+
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
-    """{1} ∪ last 14 layers (LLaVA-1.5-7B: 1 and 18..31); shallower models keep the shape."""
-    return tuple(sorted({1, *range(max(0, num_layers - 14), num_layers)} & set(range(num_layers))))
+    """{1} ∪ the last round(14·L/32) layers (32 layers: 1 and 18..31; 8 layers: 1 and 4..7)."""
+    last = range(max(0, num_layers - late_band(num_layers)), num_layers)
+    return tuple(sorted({1, *last} & set(range(num_layers))))
 
 
 def head_divergence(o_img: torch.Tensor, o_txt: torch.Tensor) -> torch.Tensor:
@@ -43,15 +54,27 @@ def select_heads(vhd: torch.Tensor) -> torch.Tensor:
           summary="reinforce vision-aware heads: scale the heads whose output depends most on the image")
 @dataclass(frozen=True)
 class VHRConfig:
-    alpha: float = field(default=2.0, metadata={"doc": "reinforcement factor for selected heads (> 0)"})
-    layers: tuple[int, ...] | None = field(default=None, metadata={"doc": "target layers; default {1} ∪ last 14"})
+    PAPER: ClassVar[dict] = {"alpha": 2.0}
+
+    alpha: float | None = field(default=None, metadata={"doc": "reinforcement factor for selected heads (> 0; "
+                                                               "> 1 reinforces); default 2.0"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={
+        "doc": "target layers; default {1} ∪ the last round(14·L/32) layers (LLaVA-1.5-7B: 1, 18..31)"})
     reinforce_twin: bool = field(default=True, metadata={"doc": "also reinforce the image-removed row"})
+    report_vhd: bool = field(default=False, metadata={"doc": "also report each target layer's per-head divergence (lvlm inspect)"})
+    preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
     def __post_init__(self):
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool)
+                                       or not self.alpha > 0):
             raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+    @staticmethod
+    def paper_defaults(backbone: Backbone) -> dict[str, Default]:
+        layers = backbone.published("vhr", "layers") or Default(default_layers(backbone.num_layers), "scaled")
+        return {"alpha": Default(VHRConfig.PAPER["alpha"], "published"), "layers": layers}
 
     def target_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(num_layers)
@@ -111,4 +134,7 @@ class VHR(Component):
     def finish(self, plan: BatchPlan) -> None:
         for r in self.configs:
             selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(self.heads[r].items())}
-            plan.report(r, vhr={"alpha": self.configs[r].alpha, "heads": selected, "twin_rows": 1})
+            plan.report(r, vhr={"alpha": self.configs[r].alpha, "layers": sorted(self.targets[r]), "heads": selected,
+                                "twin_rows": 1})
+            if self.configs[r].report_vhd:
+                plan.reports_[r]["vhr"]["vhd"] = {l: v for l, v in sorted(self.vhd[r].items())}

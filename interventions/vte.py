@@ -12,21 +12,63 @@ Policies:
   row's head-mean attention mass on visual keys has stayed below `threshold` for `patience`
   consecutive layers (read out by the kernel's READOUT, no attention matrix materialized).
 - "router": DyVTE-style trained router (an MLP on [mean of the text hidden states after the
-  image; last hidden state], exit when its sigmoid > 0.5), from a user's weights file
+  image; last hidden state], exit when its sigmoid > 0.5), from trained weights
   (torch.save of {"w1": (Hd, 2E), "b1": (Hd,), "w2": (1, Hd), "b2": (1,)}); none are published.
+  A request names a router by `router` NAME only; the file is `<name>.pt` in the directory the
+  operator configures (`lvlm serve --router-dir`, environment variable LVLM_ROUTER_DIR), loaded
+  with `weights_only=True`. Requests never name paths: a path would let any caller make the
+  server unpickle, or probe for, arbitrary files.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from interventions.defaults import Backbone, Default
 from interventions.plan import BatchPlan, Component
 from interventions.registry import register
 from kernels.edits import KEY_VISUAL
 
 POLICIES = ("fixed", "dynamic", "router")
+ROUTER_DIR_ENV = "LVLM_ROUTER_DIR"
+ROUTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # no dots or separators: never a path
+
+
+def router_dir() -> Path | None:
+    """The operator's router directory (LVLM_ROUTER_DIR), or None when routers are not offered."""
+    value = os.environ.get(ROUTER_DIR_ENV)
+    return Path(value) if value else None
+
+
+def router_names() -> list[str]:
+    """Names of the routers offered: the `<name>.pt` files of the router directory."""
+    directory = router_dir()
+    if directory is None or not directory.is_dir():
+        return []
+    return sorted(p.stem for p in directory.glob("*.pt") if p.is_file() and ROUTER_NAME.fullmatch(p.stem))
+
+
+def load_router_weights(name: str) -> dict[str, torch.Tensor]:
+    """Weights of router `name` from the router directory (tensors only: weights_only=True)."""
+    if name not in router_names():
+        raise ValueError(f"vte: no router named {name!r} in the router directory")
+    path = router_dir() / f"{name}.pt"
+    return _load_weights(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_weights(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:  # mtime: a replaced file reloads
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"w1", "b1", "w2", "b2"} - set(weights) if isinstance(weights, dict) else {"w1", "b1", "w2", "b2"}
+    if missing:
+        raise ValueError(f"vte: router weights lack {sorted(missing)}")
+    return weights
 
 
 @register("vte", paper="arXiv 2411.19628 (Wu et al., DyVTE)", order=10,
@@ -34,12 +76,13 @@ POLICIES = ("fixed", "dynamic", "router")
 @dataclass(frozen=True)
 class VTEConfig:
     policy: str = field(default="fixed", metadata={"doc": "fixed | dynamic | router"})
-    exit_layer: int | None = field(default=None, metadata={"doc": "fixed exit layer k (default L // 2)"})
+    exit_layer: int | None = field(default=None, metadata={"doc": "fixed exit layer k (default L // 2, or the tuned exit)"})
     threshold: float = field(default=0.1, metadata={"doc": "dynamic: visual attention mass below which to exit"})
     patience: int = field(default=1, metadata={"doc": "dynamic: consecutive layers below the threshold"})
     min_layer: int = field(default=2, metadata={"doc": "dynamic/router: earliest exit layer"})
-    router_path: str | None = field(default=None, metadata={"doc": "router: path of the trained router weights"})
+    router: str | None = field(default=None, metadata={"doc": "router: name of trained weights in the server's router directory"})
     emulate: bool = field(default=False, metadata={"doc": "mask visual keys instead of removing rows (oracle)"})
+    preset: str = field(default="default", metadata={"doc": "default | paper | tuned (exit from `lvlm tune`)"})
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -50,8 +93,15 @@ class VTEConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
-        if self.policy == "router" and not self.router_path:
-            raise ValueError("policy 'router' needs router_path (trained router weights)")
+        if self.router is not None and (not isinstance(self.router, str) or not ROUTER_NAME.fullmatch(self.router)):
+            raise ValueError("router must be a router name (letters, digits, '_' and '-'), not a path")
+        if self.policy == "router" and not self.router:
+            raise ValueError("policy 'router' needs router (the name of trained router weights)")
+
+    @staticmethod
+    def paper_defaults(backbone: Backbone) -> dict[str, Default]:
+        """DyVTE publishes no fixed exit layer: the fixed policy's default is the middle layer."""
+        return {"exit_layer": Default(backbone.num_layers // 2, "scaled")}
 
     @staticmethod
     def plan_component(plan: BatchPlan, configs: dict, profile: dict) -> "VTE":
@@ -88,7 +138,7 @@ class VTE(Component):
                 raise ValueError(f"vte: min_layer {c.min_layer} outside the model's 0..{num_layers - 1}")
             self.exit[r] = (c.exit_layer if c.exit_layer is not None else num_layers // 2) if c.policy == "fixed" else None
             if c.policy == "router":
-                self.routers[r] = Router(torch.load(c.router_path, map_location="cpu", weights_only=True))
+                self.routers[r] = Router(load_router_weights(c.router))
 
     def exited(self, r: int, layer: int) -> bool:
         """True when request r's visual tokens are gone from `layer` on."""

@@ -4,6 +4,7 @@ Every attention implementation in `kernels/` (the PyTorch reference and the Trit
 the same arguments:
 
     attention(q, k, v, kv_start, *, scale, edits=None) -> (o, readout)
+    (the Triton kernels also take `out=`: a (B, H, Tq, D) tensor of any strides to write o into)
 
     q         (B, H, Tq, D)    query rows; row i sits at key index Tk - Tq + i (right-aligned)
     k, v      (B, Hkv, Tk, D)  keys/values, H % Hkv == 0 (grouped-query attention)
@@ -69,18 +70,17 @@ class AttentionEdits:
 
     def validate(self, batch: int, heads: int, keys: int) -> None:
         """Raise ValueError when a tensor does not have the documented shape."""
-        expect = {
-            "head_scale": (batch, heads),
-            "boost_alpha": (batch, heads),
-            "key_class": (batch, keys),
-            "sink_p": (batch, heads),
-            "sink_rho": (batch,),
-            "sink_min_visual": (batch,),
-            "sink_query_start": (batch,),
-        }
-        for name, shape in expect.items():
-            t = getattr(self, name)
-            if t is not None and tuple(t.shape) != shape:
+        bh, b = (batch, heads), (batch,)
+        for t, name, shape in (  # runs on every kernel call: kept cheap (no dict, no conversions)
+            (self.head_scale, "head_scale", bh),
+            (self.boost_alpha, "boost_alpha", bh),
+            (self.key_class, "key_class", (batch, keys)),
+            (self.sink_p, "sink_p", bh),
+            (self.sink_rho, "sink_rho", b),
+            (self.sink_min_visual, "sink_min_visual", b),
+            (self.sink_query_start, "sink_query_start", b),
+        ):
+            if t is not None and t.shape != shape:
                 raise ValueError(f"AttentionEdits.{name} has shape {tuple(t.shape)}, expected {shape}")
         needs_classes = self.boost_alpha is not None or self.sink_p is not None or self.key_drop
         if needs_classes and self.key_class is None:

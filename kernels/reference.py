@@ -2,7 +2,8 @@
 
 This is the CPU path and the test oracle of the Triton kernels in `triton_attention.py`; the
 signature and semantics are those of `kernels/edits.py`. Every edit is written as its paper
-states it, on the full (B, H, Tq, Tk) matrices, in fp32:
+states it, on the full (B, H, Tq, Tk) matrices, in fp32 (or, for the benchmarks' fp16 eager
+baseline, in `compute_dtype`):
 
 - plain attention: a_ij = softmax_j(q_i·k_j·scale) over the keys j visible to query row i
   (causal, right-aligned queries, left padding before kv_start[b], grouped-query heads);
@@ -48,17 +49,17 @@ def _visible(kv_start: torch.Tensor, tq: int, tk: int, edits: AttentionEdits | N
     return visible
 
 
-def _softmax_weights(q, k, kv_start, scale, edits):
-    """Post-softmax weights (B, H, Tq, Tk) fp32 after LOGIT_BOOST, before SINK_REDIST."""
+def _softmax_weights(q, k, kv_start, scale, edits, dt=torch.float32):
+    """Post-softmax weights (B, H, Tq, Tk) in dt after LOGIT_BOOST, before SINK_REDIST."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if H % Hkv != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    kf = k.float().repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    kf = k.to(dt).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
+    s = torch.matmul(q.to(dt), kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     if edits is not None and edits.boost_alpha is not None:
         # PAI: s' = s + alpha·|s| on visual keys, last query row only, before masking.
-        alpha = edits.boost_alpha.float().to(s.device)[:, :, None]  # (B, H, 1)
+        alpha = edits.boost_alpha.to(s.device, dt)[:, :, None]  # (B, H, 1)
         visual = _key_bits(edits, KEY_VISUAL)[:, :, 0, :]  # (B, 1, Tk)
         last = s[:, :, -1, :]
         s[:, :, -1, :] = torch.where(visual, last + alpha * last.abs(), last)
@@ -80,9 +81,9 @@ def _redistribute(a, edits, tk):
     a_n = (a * nonsink_visual).sum(-1)  # weights on visual non-sinks
     share = torch.where(a_v > 0, a_sv / torch.where(a_v > 0, a_v, 1.0), 0.0)
 
-    p = edits.sink_p.float().to(a.device)[:, :, None]  # (B, H, 1)
-    rho = edits.sink_rho.float().to(a.device)[:, None, None]  # (B, 1, 1)
-    min_visual = edits.sink_min_visual.float().to(a.device)[:, None, None]
+    p = edits.sink_p.to(a.device, a.dtype)[:, :, None]  # (B, H, 1)
+    rho = edits.sink_rho.to(a.device, a.dtype)[:, None, None]  # (B, 1, 1)
+    min_visual = edits.sink_min_visual.to(a.device, a.dtype)[:, None, None]
     row_key = torch.arange(Tq, device=a.device) + (tk - Tq)  # (Tq,)
     eligible = row_key[None, None, :] >= edits.sink_query_start.to(a.device).long()[:, None, None]
     selected = (
@@ -104,18 +105,20 @@ def attention_probs(
     *,
     scale: float,
     edits: AttentionEdits | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Post-edit weights (B, H, Tq, Tk) fp32 and the read-out (B, Tk) fp32 or None.
+    """Post-edit weights (B, H, Tq, Tk) in compute_dtype (the oracle: fp32) and the read-out
+    (B, Tk) fp32 or None.
 
     The weights are those that multiply V: after LOGIT_BOOST, KEY_DROP and SINK_REDIST
     (HEAD_SCALE acts on the output, not on the weights).
     """
     if edits is not None:
         edits.validate(q.shape[0], q.shape[1], k.shape[2])
-    a = _softmax_weights(q, k, kv_start, scale, edits)
+    a = _softmax_weights(q, k, kv_start, scale, edits, compute_dtype)
     readout = None
     if edits is not None and edits.readout:
-        readout = a[:, :, -1, :].mean(dim=1)  # (B, Tk) head mean of the last query row
+        readout = a[:, :, -1, :].float().mean(dim=1)  # (B, Tk) head mean of the last query row
     if edits is not None and edits.sink_p is not None:
         a = _redistribute(a, edits, k.shape[2])
     return a, readout
@@ -129,12 +132,14 @@ def attention(
     *,
     scale: float,
     edits: AttentionEdits | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """o (B, H, Tq, D) in q's dtype and the read-out (B, Tk) fp32 or None; see `kernels/edits.py`."""
+    """o (B, H, Tq, D) in q's dtype and the read-out (B, Tk) fp32 or None; see `kernels/edits.py`.
+    `compute_dtype` fp16 gives the fp16 eager implementation the benchmarks compare against."""
     B, H, Tq, D = q.shape
-    a, readout = attention_probs(q, k, v, kv_start, scale=scale, edits=edits)
-    vf = v.float().repeat_interleave(H // v.shape[1], dim=1)  # (B, H, Tk, D)
+    a, readout = attention_probs(q, k, v, kv_start, scale=scale, edits=edits, compute_dtype=compute_dtype)
+    vf = v.to(compute_dtype).repeat_interleave(H // v.shape[1], dim=1)  # (B, H, Tk, D)
     o = torch.matmul(a, vf)  # (B, H, Tq, D)
     if edits is not None and edits.head_scale is not None:
-        o = o * edits.head_scale.float().to(o.device)[:, :, None, None]
+        o = o * edits.head_scale.to(o.device, compute_dtype)[:, :, None, None]
     return o.to(q.dtype), readout

@@ -1,4 +1,4 @@
-"""Model commands of the `lvlm` command line: generate, profile, bench.
+"""Model commands of the `lvlm` command line: generate, profile, bench, info.
 
 These are plain functions with typer options; the root command (`lvlm_hallu/cli.py`, the top
 floor that may import every package) mounts them next to `eval` and `serve`, so that `lvlm/`
@@ -16,6 +16,20 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
+DEVICE_MAP_HELP = ("split the model across devices (accelerate): auto | balanced | sequential, a JSON object "
+                   "{module: device} or a JSON file; see README 'Large models'")
+MAX_MEMORY_HELP = "memory per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"
+OFFLOAD_HELP = "folder for weights the device map offloads to disk"
+
+
+def placement(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[str]) -> dict:
+    """The `lvlm.load` keywords of the --device-map/--max-memory/--offload-folder options."""
+    from lvlm.devices import parse_device_map, parse_max_memory
+
+    out = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory),
+           "offload_folder": offload_folder}
+    return {k: v for k, v in out.items() if v is not None}
+
 
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="user prompt"),
@@ -26,22 +40,30 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    interventions: Optional[str] = typer.Option(None, "--interventions", help="preset such as 'vhr+var' or JSON list"),
+    interventions: Optional[str] = typer.Option(None, "--interventions", help="preset such as 'vhr+var' or JSON list; per method :paper (published/scaled values) or :tuned "
+                                                 "(`lvlm tune`), e.g. 'vhr:tuned+pai:paper' or '[{\"name\": \"vhr\", \"preset\": \"tuned\"}]'"),
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they are decoded"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
 ) -> None:
     """Answer one prompt about one image and print the answer and timings."""
     import lvlm
     from interventions import InterventionError, resolve
+    from interventions.inputs import require_image
     from lvlm.errors import LVLMError
     from lvlm.pipeline import load_image
 
     try:
         spec = json.loads(interventions) if interventions and interventions.lstrip().startswith("[") else interventions
         configs = resolve(spec)
-        pipe = lvlm.load(model, device=device, dtype=dtype)
+        require_image(configs, has_image=image is not None)  # before the load: refusing is instant
+        if image is None:
+            console.print("[yellow]text-only prompt:[/yellow] no --image given, the model answers from the text alone")
+        pipe = lvlm.load(model, device=device, dtype=dtype, **placement(device_map, max_memory, offload_folder))
         request = lvlm.Request(
             prompt=prompt,
             image=load_image(image) if image else None,
@@ -107,3 +129,48 @@ def bench(
         raise typer.Exit(2)
     sys.argv = [str(script), *(args or [])]
     runpy.run_path(str(script), run_name="__main__")
+
+
+def info(
+    model: Optional[str] = typer.Argument(None, help="'shapes' (default), 'tiny-llava', hub id or path"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
+    device: str = typer.Option("cpu", "--device", help="device whose free memory is the budget"),
+    tokens: Optional[int] = typer.Option(None, "--tokens", "-t", help="tokens per row (default: the model context)"),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="refuse (exit 2) unless this many rows fit"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP + " (the budget)"),
+    offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the estimate as JSON"),
+) -> None:
+    """Memory estimate before loading: weights, KV cache per 1k tokens, the largest batch that fits."""
+    from lvlm import memory
+    from lvlm.errors import LVLMError
+    from lvlm.loader import _dtype, _first_device
+
+    try:
+        kwargs = placement(device_map, max_memory, offload_folder)
+        if kwargs.get("device_map") is not None:
+            device = _first_device(kwargs["device_map"], kwargs.get("max_memory"))
+        torch_dtype = _dtype(dtype, device)
+        est = memory.estimate(memory.config_for(model), dtype=torch_dtype)
+        memory.check_load(est, device=device, **kwargs)
+        places = memory.budget(device, kwargs.get("max_memory"), spread=kwargs.get("device_map") is not None)
+        total = sum(places.values())
+        n = tokens or est.max_context
+        fits = est.largest_batch(total, n)
+        if batch is not None:
+            memory.check_batch(est, rows=batch, tokens=n, budget_bytes=total)
+    except (LVLMError, FileNotFoundError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    out = {**est.as_dict(), "budget_bytes": places, "tokens_per_row": n, "largest_batch": fits}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"model        {model or 'default'} ({est.num_layers} decoder layers, {est.dtype})")
+    print(f"parameters   {est.parameters / 1e6:,.1f} M = {memory.human(est.weight_bytes)} of weights")
+    print(f"KV cache     {out['kv_bytes_per_1k_tokens'] / 2**20:,.2f} MiB per 1k tokens per row "
+          f"(keys+values {1000 * est.kv_bytes_per_token / 2**20:,.2f} MiB, key classes {1000 * est.key_class_bytes_per_token / 2**10:,.1f} KiB)")
+    print("budget       " + ", ".join(f"{k}: {memory.human(v)}" for k, v in places.items())
+          + f" ({1 - memory.HEADROOM:.0%} usable)")
+    print(f"batch        at most {fits} rows of {n} tokens")

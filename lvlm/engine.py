@@ -20,7 +20,8 @@ import torch
 from kernels.dispatch import backend_for
 from kernels.edits import AttentionEdits
 from lvlm.adapters import Adapter, ModelFacts
-from lvlm.cache import KVCache
+from lvlm.cache import DEFAULT_CHUNK, KVCache
+from lvlm.devices import execution_device
 from lvlm.errors import PromptError
 
 
@@ -43,6 +44,7 @@ class Plan(Protocol):
     def twin_requests(self) -> list: ...
     def bind(self, batch: dict[str, torch.Tensor]) -> None: ...
     def reports(self) -> list[dict]: ...
+    def retire(self, requests: list[int]) -> list[dict]: ...
 
 
 class NoPlan:
@@ -81,6 +83,9 @@ class NoPlan:
     def reports(self):
         return None
 
+    def retire(self, requests):
+        return [{} for _ in requests]
+
 
 @dataclass
 class ForwardState:
@@ -93,10 +98,14 @@ class ForwardState:
     cache: KVCache
     plan: Any
     layer: int = 0
-    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # this forward's masks
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's (cos, sin)
+    rotary_for: torch.Tensor | None = None  # the position_ids `rotary` was computed for
     input_ids: torch.Tensor | None = None  # (B, T) prompt ids (prefill)
     attending: bool = False  # True while the current layer's attention runs (its cache already holds the new keys)
     next_position: torch.Tensor | None = None  # (B,) rotary position of the next fed token
+    key_masked: bool = False  # the current layer's mask includes a plan's key mask
+    padded_starts: dict = field(default_factory=dict)  # id(start) -> (start, any row padded), see key_layout
 
     # AttentionContext protocol (kernels/dispatch.py): the attention function calls these.
     def edits(self, layer: int) -> AttentionEdits | None:
@@ -105,10 +114,40 @@ class ForwardState:
     def kv_start(self, layer: int) -> torch.Tensor:
         return self.cache.start[layer]
 
+    def key_layout(self, layer: int) -> str:
+        """'masked' when the layer's mask hides more than causality and padding (a plan's key
+        mask, or a static-shape cache's unused tail), else 'padded' when a row's keys start after
+        column 0, else 'causal'. One host sync per new start tensor (they change only when rows
+        leave or join), none per layer or step."""
+        if self.key_masked or getattr(self.cache, "static_shapes", False):
+            return "masked"
+        start = self.cache.start[layer]
+        seen = self.padded_starts.get(id(start))
+        if seen is None or seen[0] is not start:  # holding the tensor keeps its id from being reused
+            seen = self.padded_starts[id(start)] = (start, bool((start > 0).any()))
+        return "padded" if seen[1] else "causal"
+
+    def permute_rows(self, order: list[int]) -> None:
+        """Reorder the batch rows (cache and per-row positions) without dropping any."""
+        index = torch.tensor(order, device=self.row_start.device)
+        self.cache.permute_rows(index)
+        self.row_start = self.row_start.index_select(0, index)
+        if self.next_position is not None:
+            self.next_position = self.next_position.index_select(0, index)
+        self.masks, self.padded_starts = {}, {}  # start tensors changed
+
+    def merge(self, other: "ForwardState") -> None:
+        """Append the rows of another prefilled state (requests joining a running batch)."""
+        self.cache.merge(other.cache)
+        self.row_start = torch.cat([self.row_start, other.row_start])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.masks, self.padded_starts = {}, {}  # start tensors changed
+
     def keep_rows(self, keep: list[int]) -> torch.Tensor:
         """Keep these batch rows in the cache and the per-row positions; returns the index."""
-        index = torch.tensor(keep, device=self.hidden.device)
+        index = torch.tensor(keep, device=self.row_start.device)
         self.cache.select_rows(index)
+        self.masks, self.padded_starts = {}, {}  # start tensors changed
         self.row_start = self.row_start.index_select(0, index)
         if self.next_position is not None:
             self.next_position = self.next_position.index_select(0, index)
@@ -122,34 +161,51 @@ class ForwardState:
         return self.plan.after_attention(layer, self, out, readout)
 
 
-def causal_mask(start: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
-    """(B, 1, Tq, Tk) bool: key j is visible to query i iff start <= j <= Tk - Tq + i.
+def causal_mask(start: torch.Tensor, q_len: int, k_len: int, used: int | None = None) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool: key j is visible to query i iff start <= j <= U - Tq + i, where U
+    (`used`, default Tk) is the number of keys written; columns U..Tk-1 (unused capacity of a
+    static-shape cache) are hidden.
 
     The diagonal is always visible so that padding query rows attend to themselves and stay
     finite instead of producing NaN from an all-masked softmax.
     """
+    used = k_len if used is None else used
     j = torch.arange(k_len, device=start.device)
-    i_abs = torch.arange(q_len, device=start.device) + (k_len - q_len)  # (Tq,)
+    i_abs = torch.arange(q_len, device=start.device) + (used - q_len)  # (Tq,)
     visible = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= i_abs[None, :, None])
     visible |= j[None, None, :] == i_abs[None, :, None]
     return visible[:, None]
 
 
 class Engine:
-    """Prefill and decode over one loaded model; stateless between calls."""
+    """Prefill and decode over one loaded model; stateless between calls.
 
-    def __init__(self, model: torch.nn.Module, adapter: Adapter, facts: ModelFacts):
+    `cache_chunk`: KV capacity grows by this many columns at a time. `static_shapes`: attention
+    reads the whole cache capacity with a mask, so decode-step shapes only change at a growth
+    (the prerequisite for capturing the decode step in a CUDA graph; plain plans only, because
+    the edited kernels take right-aligned keys). See lvlm/cache.py.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: Adapter, facts: ModelFacts, *,
+                 cache_chunk: int = DEFAULT_CHUNK, static_shapes: bool = False):
         self.model, self.adapter, self.facts = model, adapter, facts
+        self.cache_chunk, self.static_shapes = cache_chunk, static_shapes
         self.layers = adapter.get(model, "layers")
         self.rotary = adapter.get(model, "rotary")
         self.norm = adapter.get(model, "norm")
         self.embed = adapter.get(model, "embed")
         self.lm_head = adapter.get(model, "lm_head")
         self.image_features = adapter.get(model, "image_features")
+        # Under an accelerate device map each layer computes on its own device (#18): its cache,
+        # key classes and the per-row tensors the plan and kernels read are placed there.
+        self.layer_devices = [execution_device(layer) for layer in self.layers]
+        self._device = execution_device(self.embed)
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        """Where inputs go: the token embedding's execution device (its weight may sit on
+        "meta" when it is offloaded)."""
+        return self._device
 
     @property
     def attention_backend(self) -> str:
@@ -171,7 +227,7 @@ class Engine:
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             return_dict=True,
         )
-        features = torch.cat(list(out.pooler_output), dim=0).to(embeds.dtype)  # (N_img_tokens, E)
+        features = torch.cat(list(out.pooler_output), dim=0).to(embeds.device, embeds.dtype)  # (N_img_tokens, E)
         if int(image_mask.sum()) != features.shape[0]:
             raise PromptError(
                 f"the prompt has {int(image_mask.sum())} image tokens but the images give "
@@ -181,35 +237,63 @@ class Engine:
 
     # -- one forward over all layers -------------------------------------------------------
     def run_layers(self, state: ForwardState) -> torch.Tensor:
-        """Run every decoder layer on `state.hidden`; returns the final-norm hidden states."""
+        """Run every decoder layer on `state.hidden`; returns the final-norm hidden states.
+
+        Per forward, the rotary table is computed once (again only if a plan re-packs the rows,
+        e.g. a visual-token exit at prefill) and each distinct mask once (`attention_mask`)."""
+        cache = state.cache
         for layer_idx, layer in enumerate(self.layers):
             state.layer = layer_idx
+            device = self.layer_devices[layer_idx]
+            if state.hidden.device != device:  # a device-map boundary: plan tensors follow the layer
+                state.hidden, state.row_start = state.hidden.to(device), state.row_start.to(device)
             state.plan.before_layer(self, layer_idx, state)
-            cache = state.cache
             cache.begin_layer(layer_idx, state.row_start)
-            q_len = state.hidden.shape[1]
-            k_len = cache.length(layer_idx) + q_len
-            start = cache.start[layer_idx]
-            key = (id(start), q_len, k_len)
-            if key not in state.masks:
-                state.masks[key] = causal_mask(start, q_len, k_len)
-            mask = state.masks[key]
+            mask = self.attention_mask(state, layer_idx)
             extra = state.plan.key_mask(layer_idx, state)  # (B, Tk) bool: keys a plan hides
+            state.key_masked = extra is not None
             if extra is not None:
                 mask = mask & extra[:, None, None, :]
-            cos_sin = self.rotary(state.hidden, position_ids=state.position_ids)
             state.attending = True
             state.hidden = layer(
                 state.hidden,
                 attention_mask=mask,
                 position_ids=state.position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
-                position_embeddings=cos_sin,
+                position_embeddings=self.rotary_table(state),
                 lvlm_ctx=state,
             )
             state.attending = False
         return self.norm(state.hidden)
+
+    def rotary_table(self, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of (B, Tq, D) for the forward's positions, computed once per position layout."""
+        if state.rotary_for is not state.position_ids:
+            state.rotary = self.rotary(state.hidden, position_ids=state.position_ids)
+            state.rotary_for = state.position_ids
+        return state.rotary
+
+    def attention_mask(self, state: ForwardState, layer: int) -> torch.Tensor:
+        """The per-forward attention mask of a layer: (B, 1, Tq, Tk) bool, built once per distinct
+        (row starts, Tq, Tk) in a forward (layers share one unless a token exit changed theirs).
+
+        This is the one place masks are built; an attention path that needs another form (a
+        flash kernel taking `kv_start` and lengths instead of a dense mask) plugs in here."""
+        cache = state.cache
+        q_len = state.hidden.shape[1]
+        used = cache.length(layer) + q_len  # keys after this layer's update
+        k_len = cache.attended_length(layer, q_len)  # == used, or the capacity with static shapes
+        start = cache.start[layer]
+        key = (id(start), q_len, k_len, used)
+        if key not in state.masks:
+            state.masks[key] = causal_mask(start, q_len, k_len, used)
+        return state.masks[key]
+
+    def _check_plan(self, plan) -> None:
+        if self.static_shapes and not isinstance(plan, NoPlan):
+            raise ValueError("static_shapes supports batches without interventions only: the edited "
+                             "attention kernels read right-aligned keys, not a padded capacity")
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """(B, E) -> (B, V) fp32 logits of the next token."""
@@ -222,6 +306,7 @@ class Engine:
         """Forward over the left-padded prompt; returns next-token logits (B, V) of every batch
         row (helper rows included; see `Plan.adjust_logits`) and the state."""
         plan = plan or NoPlan()
+        self._check_plan(plan)
         attention_mask = attention_mask.to(torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # as transformers' generate
         row_start = (attention_mask.shape[1] - attention_mask.sum(-1)).to(torch.int32)
@@ -230,7 +315,8 @@ class Engine:
             hidden=self.embed_inputs(input_ids, vision),
             position_ids=position_ids,
             row_start=row_start,
-            cache=KVCache(len(self.layers)),
+            cache=KVCache(len(self.layers), chunk=self.cache_chunk, static_shapes=self.static_shapes,
+                          devices=self.layer_devices),
             plan=plan,
             input_ids=input_ids,
         )
@@ -247,6 +333,7 @@ class Engine:
     def decode_one_token(self, tokens: torch.Tensor, state: ForwardState) -> torch.Tensor:
         """Feed one token per row (B,); returns next-token logits (B, V)."""
         state.phase = "decode"
+        self._check_plan(state.plan)
         state.hidden = self.embed(tokens[:, None])  # (B, 1, E)
         state.position_ids = state.next_position[:, None]
         state.row_start = torch.zeros_like(state.row_start[: tokens.shape[0]])

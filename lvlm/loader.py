@@ -5,6 +5,12 @@ Names: "shapes" (the embedded model trained in this repo, the default), "tiny-ll
 LLaVA-1.5-7B's shapes, for GPU benchmarks). Anything else is a Hugging Face hub id or a local
 directory; its family is detected from the config through the adapter table. Images are
 processed by the PIL image processors (no torchvision needed).
+
+Big checkpoints: `device_map` ("auto", "balanced", "sequential" or {module: device}), `max_memory`
+({0: "20GiB", "cpu": "64GiB"}) and `offload_folder` go to transformers' `from_pretrained`, which
+places the modules through accelerate (several GPUs, CPU offload, disk offload). The engine then
+runs each decoder layer on its own device (lvlm/devices.py). Before loading, `lvlm.memory` checks
+that the weights fit the chosen devices and refuses with a clear message when they cannot.
 """
 
 from __future__ import annotations
@@ -18,7 +24,33 @@ from transformers import AutoConfig, AutoProcessor
 from kernels.dispatch import register
 from lvlm.adapters import adapter_for
 from lvlm.pipeline import Pipeline
-from lvlm import tiny
+from lvlm import memory, tiny
+
+
+def _first_device(device_map: str | dict, max_memory: dict | None) -> str:
+    """The device that decides the default dtype: the first GPU the map (or max_memory) names."""
+    if isinstance(device_map, dict):
+        named = list(device_map.values())
+    elif max_memory:
+        named = list(max_memory)
+    else:
+        named = [0] if torch.cuda.is_available() else ["cpu"]
+    for d in named:
+        if isinstance(d, int) or (isinstance(d, str) and (d.isdigit() or d.startswith("cuda"))):
+            return f"cuda:{d}" if isinstance(d, int) or d.isdigit() else d
+    return "cpu"
+
+
+def _dispatch(model, device_map: str | dict, max_memory: dict | None, offload_folder: str | None):
+    """Place an in-memory model (the built tiny models) with accelerate, as from_pretrained would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=model._no_split_modules)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("the device map offloads to 'disk': give an offload_folder")
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_folder).eval()
 
 
 def default_model() -> str:
@@ -41,19 +73,36 @@ def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         revision: str | None = None, text_layers: int | None = None) -> Pipeline:
+         revision: str | None = None, text_layers: int | None = None,
+         device_map: str | dict | None = None, max_memory: dict | None = None,
+         offload_folder: str | None = None) -> Pipeline:
     """Load a model and its processor as a `Pipeline` (attention routed through kernels.dispatch).
 
     `text_layers` truncates the random-weight benchmark model's language model (same width and
     heads as LLaVA-1.5-7B, fewer layers) so that 7B-shaped layers fit a CPU benchmark.
+    `device_map` / `max_memory` / `offload_folder`: see the module docstring (`device` is then
+    ignored: the map decides; the dtype default follows the map's first GPU, if any).
     """
     name = name_or_path or default_model()
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+    if max_memory is not None:  # '0' (from JSON, e.g. a stored eval job) means GPU 0, as 0 does
+        max_memory = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in max_memory.items()}
+    if device_map is not None:
+        device = _first_device(device_map, max_memory)
     attn = register()
     torch_dtype = _dtype(dtype, device)
+    if name == tiny.RANDOM_7B:  # 13 GiB at fp16: refuse a device it cannot fit before building it
+        config = tiny.llava_15_7b_config(tiny.char_tokenizer(), text_layers or 32)
+        memory.check_load(memory.estimate(config, dtype=torch_dtype), device=device, device_map=device_map,
+                          max_memory=max_memory, offload_folder=offload_folder)
     if name in tiny.ALL:
-        model, processor = tiny.build(name, device=device, text_layers=text_layers)
+        model, processor = tiny.build(name, device=None if device_map is not None else device, text_layers=text_layers)
         model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
-        model = model.to(device=device, dtype=torch_dtype)
+        if device_map is None:
+            model = model.to(device=device, dtype=torch_dtype)
+        else:
+            model = _dispatch(model.to(dtype=torch_dtype), device_map, max_memory, offload_folder)
         return Pipeline(model, processor, adapter_for(model.config), name)
     if name == "shapes":
         from lvlm.shapes import MODEL_DIR
@@ -66,10 +115,15 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
         path = name
     config = AutoConfig.from_pretrained(path, revision=revision)
     adapter = adapter_for(config)
+    memory.check_load(memory.estimate(config, dtype=torch_dtype), device=device, device_map=device_map,
+                      max_memory=max_memory, offload_folder=offload_folder)
     model_cls = getattr(transformers, adapter.model_class)
+    placement = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     model = model_cls.from_pretrained(
         path, revision=revision, dtype=torch_dtype,
-        attn_implementation={"text_config": attn, "vision_config": "sdpa"},
-    ).to(device).eval()
+        attn_implementation={"text_config": attn, "vision_config": "sdpa"}, **placement,
+    )
+    model = (model if device_map is not None else model.to(device)).eval()
     processor = AutoProcessor.from_pretrained(path, revision=revision, backend="pil")
     return Pipeline(model, processor, adapter, name)

@@ -2,8 +2,12 @@
 
 `Pipeline.generate` runs a list of `Request`s as one left-padded batch through the `Engine`:
 one prefill, then one decode step per token; rows leave the batch when they hit EOS, a stop
-string or their token limit. `on_token(row, text_delta)` streams text as it is decoded; the
-last few characters are held back while they could still be the start of a stop string.
+string or their token limit. `RunningBatch` is the machinery underneath, and it also lets rows
+join between decode steps (continuous batching, serve/scheduler.py). Each step moves the chosen
+tokens of the whole batch to the host once. Text is detokenized incrementally
+(lvlm/detokenize.py, amortized O(1) per token; the final text is the full decode). `on_token(row,
+text_delta)` streams text as it is decoded; the last few characters are held back while they
+could still be the start of a stop string.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lvlm.adapters import Adapter, ModelFacts
+from lvlm.detokenize import IncrementalDetokenizer
 from lvlm.engine import Engine, NoPlan, Sampler, timed
 from lvlm.errors import ImageError, PromptError
 from lvlm.types import Request, Result, Timings
@@ -126,48 +131,11 @@ class Pipeline:
         requests = list(requests)
         if not requests:
             return []
-        for r in requests:
-            if r.max_new_tokens < 1:
-                raise PromptError("max_new_tokens must be at least 1")
-        requests, pre_reports = self.refine(requests)
-        plan = self.build_plan(requests, plan_factory)
-        batch = self.prepare(requests + plan.twin_requests())
-        plan.bind(batch)
-        engine = self.engine
-
-        def prefill():
-            logits, state = engine.prefill(batch["input_ids"], batch["attention_mask"], self.vision_inputs(batch), plan)
-            return plan.adjust_logits(state, logits), state
-
-        (logits, state), prefill_ms = timed(prefill, self.device)
-        rows = [_RowState(self, r, i) for i, r in enumerate(requests)]
-        active = list(range(len(rows)))  # request index of each main batch row
-        t_decode = time.perf_counter()
-        while True:
-            tokens = [rows[i].push(logits[b]) for b, i in enumerate(active)]
-            for i in active:
-                delta = rows[i].take_delta()
-                if delta and on_token is not None:
-                    on_token(i, delta)
-                if rows[i].finished:
-                    rows[i].decode_ms = 1000.0 * (time.perf_counter() - t_decode)
-            keep = [b for b, i in enumerate(active) if not rows[i].finished]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                plan.select_main(state, keep)
-                active = [active[b] for b in keep]
-                tokens = [tokens[b] for b in keep]
-            fed = plan.expand_tokens(torch.tensor(tokens, device=self.device))
-            logits = plan.adjust_logits(state, engine.decode_one_token(fed, state))
-        prompt_lengths = batch["attention_mask"].sum(-1).tolist()
-        reports = plan.reports() or [{} for _ in requests]
-        results = []
-        for i, row in enumerate(rows):
-            report = {"attention_backend": engine.attention_backend, **pre_reports[i], **reports[i]}
-            timings = Timings(prefill_ms=prefill_ms, decode_ms=row.decode_ms, decode_tokens=len(row.ids) - 1)
-            results.append(Result(row.text, row.ids, row.finish_reason, int(prompt_lengths[i]), timings, report))
-        return results
+        batch = RunningBatch(self)
+        rows = batch.admit(requests, on_token, plan_factory=plan_factory)
+        while batch:
+            batch.step()
+        return [row.result for row in rows]
 
     def refine(self, requests: list[Request]) -> tuple[list[Request], list[dict[str, Any]]]:
         """Multi-pass methods that rewrite a request before the batch runs (CARVE)."""
@@ -186,47 +154,221 @@ def _images(request: Request) -> list:
     return list(request.image) if isinstance(request.image, (list, tuple)) else [request.image]
 
 
+class RunningBatch:
+    """Rows from one or more admissions decoding together (the engine side of batching).
+
+    `admit` prefills a group of requests (with their plan and twin rows), samples their first
+    token and merges them into the running rows; `step` runs one decode step for every row and
+    retires the rows that finished (EOS, stop string, token limit, `cancel`). `Pipeline.generate`
+    admits once and steps to the end (static batching); serve/scheduler.py admits between steps
+    (continuous batching). A merge left-pads the shorter cache and concatenates the plans
+    (`BatchPlan.merge`), so every row computes exactly what it would alone.
+    """
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+        self.state = None  # ForwardState of the running rows (None when empty)
+        self.plan: Any = None
+        self.rows: list[_RowState] = []  # main batch rows, in batch order
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, requests: Sequence[Request], on_token: OnToken | None = None, *,
+              plan_factory: Callable | None = None, streams: Sequence[OnToken | None] | None = None) -> list["_RowState"]:
+        """Prefill `requests` as one group and merge them into the batch; returns their rows, in
+        order (each gets `result` when it finishes). `on_token(i, delta)` streams request i;
+        `streams` gives each request its own `on_token(0, delta)` instead."""
+        pipe, engine = self.pipe, self.pipe.engine
+        requests = list(requests)
+        for r in requests:
+            if r.max_new_tokens < 1:
+                raise PromptError("max_new_tokens must be at least 1")
+        requests, pre_reports = pipe.refine(requests)
+        plan = pipe.build_plan(requests, plan_factory)
+        batch = pipe.prepare(requests + plan.twin_requests())
+        plan.bind(batch)
+
+        def prefill():
+            logits, state = engine.prefill(batch["input_ids"], batch["attention_mask"], pipe.vision_inputs(batch), plan)
+            return plan.adjust_logits(state, logits), state
+
+        (logits, state), prefill_ms = timed(prefill, pipe.device)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        rows = []
+        for i, r in enumerate(requests):
+            stream = streams[i] if streams is not None else (None if on_token is None else _indexed(on_token, i))
+            rows.append(_RowState(pipe, r, i, stream, prompt_tokens=int(lengths[i]), prefill_ms=prefill_ms,
+                                  pre_report=pre_reports[i]))
+        for i, row in enumerate(rows):
+            row.rid = i
+        self._advance(rows, logits)
+        keep = [b for b, row in enumerate(rows) if not row.finished]
+        done = [row for row in rows if row.finished]
+        if done:  # finished on their first token: retire before they join
+            reports = plan.retire([row.rid for row in done])
+            for row, report in zip(done, reports):
+                row.complete(report)
+            if not keep:
+                return rows
+            plan.select_main(state, keep)
+        self._merge(plan, state, [rows[b] for b in keep])
+        return rows
+
+    def _merge(self, plan: Any, state: Any, rows: list["_RowState"]) -> None:
+        if self.state is None:
+            self.state, self.plan, self.rows = state, plan, list(rows)
+            return
+        if isinstance(self.plan, NoPlan) and isinstance(plan, NoPlan):
+            self.state.merge(state)
+        else:
+            running = self.plan if not isinstance(self.plan, NoPlan) else self._plain_plan(self.rows)
+            joining = plan if not isinstance(plan, NoPlan) else self._plain_plan(rows)
+            offset = len(running.requests)
+            order = running.merge(joining)
+            self.state.merge(state)
+            if order != sorted(order):
+                self.state.permute_rows(order)
+            for row in rows:
+                row.rid += offset
+            self.plan = self.state.plan = running
+        self.rows += rows
+
+    def _plain_plan(self, rows: list["_RowState"]):
+        """A plan without components for rows that ran without one (so that plans can merge)."""
+        from interventions.plan import BatchPlan
+
+        for i, row in enumerate(rows):
+            row.rid = i
+        return BatchPlan(self.pipe.facts, [row.request for row in rows])
+
+    def step(self) -> list["_RowState"]:
+        """One decode step for every running row; returns the rows that finished in it."""
+        finished = self._retire()  # rows cancelled since the last step
+        if not self.rows:
+            return finished
+        engine = self.pipe.engine
+        tokens = torch.tensor([row.ids[-1] for row in self.rows], device=self.pipe.device)
+        fed = self.plan.expand_tokens(tokens)
+        logits = self.plan.adjust_logits(self.state, engine.decode_one_token(fed, self.state))
+        self._advance(self.rows, logits)
+        return finished + self._retire()
+
+    def cancel(self, row: "_RowState") -> None:
+        """Stop a row at the next step (client gone); it finishes with reason 'cancelled'."""
+        if not row.finished:
+            row.finished, row.finish_reason = True, "cancelled"
+
+    def _advance(self, rows: list["_RowState"], logits: torch.Tensor) -> None:
+        """Choose every row's next token with one device-to-host copy, then stream its text."""
+        if all(row.sampler.temperature <= 0 for row in rows):
+            tokens = logits.argmax(-1).tolist()  # the step's only device-to-host copy
+        else:
+            host = logits.cpu()
+            tokens = [row.sampler(host[b]) for b, row in enumerate(rows)]
+        for row, token in zip(rows, tokens):
+            if not row.finished:
+                row.push(token)
+                row.stream()
+
+    def _retire(self) -> list["_RowState"]:
+        done = [row for row in self.rows if row.finished]
+        if not done:
+            return []
+        keep = [b for b, row in enumerate(self.rows) if not row.finished]
+        reports = self.plan.retire([row.rid for row in done])
+        for row, report in zip(done, reports):
+            row.complete(report)
+        if keep:
+            self.plan.select_main(self.state, keep)
+            self.rows = [self.rows[b] for b in keep]
+        else:
+            self.state, self.plan, self.rows = None, None, []
+        return done
+
+
+def _indexed(on_token: OnToken, i: int) -> OnToken:
+    return lambda _row, delta: on_token(i, delta)
+
+
 class _RowState:
     """Tokens, text, stop checks and streaming bookkeeping of one request."""
 
-    def __init__(self, pipe: Pipeline, request: Request, index: int):
-        self.pipe, self.request = pipe, request
+    def __init__(self, pipe: Pipeline, request: Request, index: int, on_token: OnToken | None = None, *,
+                 prompt_tokens: int = 0, prefill_ms: float = 0.0, pre_report: dict | None = None):
+        self.pipe, self.request, self.on_token = pipe, request, on_token
         generator = None
         if request.temperature > 0:
             generator = torch.Generator().manual_seed(request.seed if request.seed is not None else index + int(time.time_ns()))
         self.sampler = Sampler(request.temperature, request.top_p, generator)
+        self.detok = IncrementalDetokenizer(pipe.tokenizer)
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
+        self.checked = 0  # stop strings are searched from here on (minus their length)
         self.finished = False
         self.finish_reason = "length"
+        self.rid = index  # request number in the batch plan
+        self.prompt_tokens, self.prefill_ms, self.pre_report = prompt_tokens, prefill_ms, pre_report or {}
+        self.t_start = time.perf_counter()
         self.decode_ms = 0.0
+        self.result: Result | None = None
         self.holdback = max((len(s) for s in request.stop), default=1) - 1
 
-    def push(self, logits: torch.Tensor) -> int:
-        token = self.sampler(logits.cpu())
+    def push(self, token: int) -> int:
         self.ids.append(token)
         if token in self.pipe.eos_ids and not self.request.ignore_eos:
-            self.finished, self.finish_reason = True, "stop"
-            visible = self.ids[:-1]
-        else:
-            visible = self.ids
-        self.text = self.pipe.tokenizer.decode(visible, skip_special_tokens=True)
-        for stop in self.request.stop:
-            cut = self.text.find(stop)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.finished, self.finish_reason = True, "stop"
-        if not self.finished and len(self.ids) >= self.request.max_new_tokens:
-            self.finished = True
+            self._finish("stop")
+            return token
+        self.detok.push(token)
+        self.text = self.detok.text
+        if self._stop_at(self.text, self.checked) is not None:
+            self._finish("stop")
+        elif len(self.ids) >= self.request.max_new_tokens:
+            self._finish("length")
+        self.checked = len(self.text)
         return token
 
+    def _stop_at(self, text: str, checked: int) -> int | None:
+        """Index of the earliest stop string in text (only matches ending after `checked`)."""
+        cuts = []
+        for stop in self.request.stop:
+            cut = text.find(stop, max(0, checked - len(stop) + 1))
+            if cut >= 0:
+                cuts.append(cut)
+        return min(cuts) if cuts else None
+
+    def _finish(self, reason: str) -> None:
+        """The final text is the full decode of the visible tokens (EOS excluded), cut at the first
+        stop string."""
+        self.detok.finish()  # an EOS token never entered the detokenizer
+        text = self.detok.text
+        cut = self._stop_at(text, 0)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        self.text, self.finished, self.finish_reason = text, True, reason
+
+    def stream(self) -> None:
+        delta = self.take_delta()
+        if delta and self.on_token is not None:
+            self.on_token(self.rid, delta)
+
     def take_delta(self) -> str:
-        # Hold back a possible stop-string prefix, and a trailing replacement character of an
-        # incomplete multi-byte sequence, until the row finishes.
+        # Hold back a possible stop-string prefix until the row finishes (the detokenizer already
+        # holds back incomplete multi-byte characters).
         end = len(self.text) if self.finished else max(self.sent, len(self.text) - self.holdback)
         if not self.finished and self.text[self.sent : end].endswith("\ufffd"):
             end -= 1
         delta, self.sent = self.text[self.sent : end], max(self.sent, end)
         return delta
 
+    def complete(self, report: dict) -> None:
+        """Build the Result once the row has left the batch."""
+        self.decode_ms = 1000.0 * (time.perf_counter() - self.t_start)
+        if self.finish_reason == "cancelled":
+            self.detok.finish()
+            self.text = self.text or self.detok.text
+        engine = self.pipe.engine
+        full_report = {"attention_backend": engine.attention_backend, **self.pre_report, **(report or {})}
+        timings = Timings(prefill_ms=self.prefill_ms, decode_ms=self.decode_ms, decode_tokens=max(0, len(self.ids) - 1))
+        self.result = Result(self.text, list(self.ids), self.finish_reason, self.prompt_tokens, timings, full_report)

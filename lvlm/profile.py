@@ -1,20 +1,35 @@
 """Per-model profile: constants the interventions need, computed once and cached on disk.
 
 - `sink_dims` (VAR, arXiv 2503.03321): the residual dimensions in which sink tokens carry massive
-  activations. Known backbones take the published values; any other backbone is calibrated: on a
-  few inputs, the first (BOS) token's RMS-normalized magnitude |x[d]| / RMS(x) is taken per
-  dimension at the inputs of layers 2..L−1; dimensions that are extreme (above τ = 20, or, for
-  small models without such outliers, at least 8× the median dimension and ≥ 4) are sinks.
-- `sink_counts`: the number of tokens with φ > τ per layer on the calibration inputs.
+  activations. Known backbones take the published values (interventions/defaults.py). Any other
+  backbone is calibrated with the paper's own sink test, φ(x) = |x[d]| / RMS(x) > τ, applied to
+  one dimension at a time on the first (BOS) token at the inputs of layers 2..L−1, with the
+  width-scaled threshold τ_E = 20·√(E/4096) (φ ≤ √E, so τ = 20 is unreachable below E = 400).
+  A dimension is a sink dimension when BOS is a sink through it alone in at least half of those
+  layers (massive activations appear in an early layer and persist, Sun et al. 2024); the
+  strongest `MAX_SINK_DIMS` by median magnitude are kept. BOS sees only itself (causal
+  attention), so its hidden states do not depend on the calibration input; the inputs matter for
+  the sink counts of the visual tokens.
+- `tau`, `tau_source`: the threshold used (published 20 or scaled τ_E), `bos_phi_max`: the largest
+  |x[d]| / RMS(x) of BOS per layer (the measured φ distribution), `sink_counts` /
+  `visual_sink_counts`: tokens with φ > τ per layer (all, and image tokens only).
 - `vhd_mean` (VHR, arXiv 2412.13949): mean head divergence per layer on the inputs.
-The cache lives in `$LVLM_CACHE` (default `~/.cache/lvlm`)/profiles/<model>.json.
+- `tuned`: `lvlm tune`'s choices and search tables per method (eval/tune.py); kept when the rest
+  of the profile is recomputed. `tuned_shipped` (not stored in the cache): tuned values shipped
+  with the package for the embedded model (`SHIPPED_TUNED`), used only when the shipped file
+  was written for the exact weights that are loaded (sha256 of model.safetensors).
+The cache lives in `$LVLM_CACHE` (default `~/.cache/lvlm`)/profiles/<model>-<digest>.json, the digest covering
+the model config and, for the embedded models (retrained in place), the weights.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +40,31 @@ from PIL import Image
 from lvlm.engine import NoPlan
 from lvlm.types import Request
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 CALIBRATION_PROMPTS = ("Describe this image.", "What objects are in the picture?")
+MAX_SINK_DIMS = 4
+PERSISTENCE = 0.5  # fraction of layers 2..L−1 in which BOS must be a sink through the dimension
+
+
+def _shipped_paths() -> dict[str, Path]:
+    from lvlm.shapes import ASSETS, MODEL_DIR
+
+    return {"shapes": (ASSETS / "tuned.json", MODEL_DIR / "model.safetensors")}
+
+
+def shipped_models() -> list[str]:
+    """Models whose package can ship tuned values (`lvlm tune --ship`)."""
+    return sorted(_shipped_paths())
 
 
 def cache_path(pipe) -> Path:
+    """One file per model config, and per weights for the embedded models (retrained in place)."""
     root = Path(os.environ.get("LVLM_CACHE", Path.home() / ".cache" / "lvlm"))
-    digest = hashlib.sha256(pipe.model.config.to_json_string().encode()).hexdigest()[:12]
+    identity = pipe.model.config.to_json_string()
+    paths = _shipped_paths().get(pipe.model_id)
+    if paths is not None and paths[1].exists():
+        identity += weights_digest(paths[1])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pipe.model_id)[-60:]
     return root / "profiles" / f"{slug}-{digest}.json"
 
@@ -56,14 +89,32 @@ class _LayerInputs(NoPlan):
         self.all[layer] = state.hidden.float()
 
 
+def backbone(pipe):
+    from interventions.defaults import Backbone
+
+    return Backbone.of_config(pipe.model.config)
+
+
 def known_sink_dims(config) -> tuple[int, ...] | None:
-    from interventions.var import KNOWN_SINK_DIMS
+    from interventions.defaults import Backbone
 
-    text = config.text_config
-    return KNOWN_SINK_DIMS.get((text.model_type, text.hidden_size, text.num_hidden_layers))
+    published = Backbone.of_config(config).published("var", "sink_dims")
+    return tuple(published.value) if published else None
 
 
-def compute(pipe, tau: float = 20.0) -> dict[str, Any]:
+def select_sink_dims(normed: torch.Tensor, tau: float) -> list[int]:
+    """(L', E) BOS |x[d]| / RMS(x) per VAR layer -> sink dimensions, strongest first (see module doc)."""
+    layers = normed.shape[0]
+    persistent = (normed > tau).sum(0) >= max(1, math.ceil(PERSISTENCE * layers))  # (E,)
+    strength = normed.median(0).values  # (E,)
+    dims = torch.nonzero(persistent).flatten().tolist()
+    return sorted(dims, key=lambda d: -float(strength[d]))[:MAX_SINK_DIMS]
+
+
+def compute(pipe) -> dict[str, Any]:
+    from interventions.defaults import sink_threshold
+    from interventions.var import sink_scores
+
     requests = [Request(p, image, max_new_tokens=1) for image in calibration_images() for p in CALIBRATION_PROMPTS]
     batch = pipe.prepare(requests)
     recorder = _LayerInputs()
@@ -71,68 +122,137 @@ def compute(pipe, tau: float = 20.0) -> dict[str, Any]:
     num_layers = pipe.facts.num_layers
     layers = [l for l in range(2, num_layers)] or list(range(num_layers))
     first = torch.stack([recorder.first[l] for l in layers])  # (L', B, E)
-    normed = (first / first.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()
-    per_dim = normed.amax(dim=(0, 1))  # (E,)
+    normed = (first / first.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs().amax(1)  # (L', E)
+    model = backbone(pipe)
+    tau, tau_source = sink_threshold(model)
     known = known_sink_dims(pipe.model.config)
     if known is not None:
         dims, source = list(known), "published"
     else:
-        median = float(per_dim.median())
-        extreme = (per_dim > tau) | ((per_dim >= 8 * median) & (per_dim >= 4.0))
-        dims = sorted(torch.nonzero(extreme).flatten().tolist(), key=lambda d: -float(per_dim[d]))[:4]
-        source = "calibrated"
-    counts = {}
+        dims, source = select_sink_dims(normed, tau), "calibrated"
+    counts, visual_counts = {}, {}
     if dims:
-        from interventions.var import sink_scores
-
         valid = torch.arange(batch["input_ids"].shape[1])[None, :] >= (batch["attention_mask"] == 0).sum(-1)[:, None]
+        visual = batch["input_ids"] == pipe.facts.image_token_id  # (B, T)
         for l in layers:
-            phi = sink_scores(recorder.all[l], tuple(dims))
-            counts[l] = round(float(((phi > tau) & valid).sum(-1).float().mean()), 2)
+            sink = (sink_scores(recorder.all[l], tuple(dims)) > tau) & valid  # (B, T)
+            counts[l] = round(float(sink.sum(-1).float().mean()), 2)
+            visual_counts[l] = round(float((sink & visual).sum(-1).float().mean()), 2)
     return {
         "vhd_mean": vhd_statistics(pipe),
         "version": PROFILE_VERSION,
         "model_id": pipe.model_id,
+        "backbone": model.as_dict(),
         "sink_dims": dims,
         "sink_dims_source": source,
-        "sink_dim_magnitude": {d: round(float(per_dim[d]), 2) for d in dims},
+        "sink_dim_magnitude": {d: round(float(normed[:, d].max()), 2) for d in dims},
+        "bos_phi_max": {l: round(float(normed[i].max()), 2) for i, l in enumerate(layers)},
         "sink_counts": counts,
+        "visual_sink_counts": visual_counts,
         "tau": tau,
+        "tau_source": tau_source,
     }
 
 
 def vhd_statistics(pipe) -> dict[int, float]:
     """Mean head divergence per layer (VHR's VHD, all layers, no reinforcement) on the inputs."""
-    from interventions.plan import build_plan
     from interventions.vhr import VHRConfig
 
-    config = VHRConfig(alpha=1.0, layers=tuple(range(pipe.facts.num_layers)))
+    config = VHRConfig(alpha=1.0, layers=tuple(range(pipe.facts.num_layers)), report_vhd=True)
     requests = [Request(CALIBRATION_PROMPTS[0], image, max_new_tokens=1, interventions=(config,))
                 for image in calibration_images()]
-    plans = []
+    # the plan's own defaults would need this profile: build it without one
+    from interventions.plan import build_plan
 
-    def factory(facts, reqs):
-        plans.append(build_plan(facts, reqs, profile={}))
-        return plans[-1]
-
-    pipe.generate(requests, plan_factory=factory)
-    vhr = next(c for c in plans[0].components if c.name == "vhr")
+    results = pipe.generate(requests, plan_factory=lambda facts, reqs: build_plan(facts, reqs, profile={}))
     per_layer = {}
     for layer in range(pipe.facts.num_layers):
-        values = [v for r in vhr.vhd for v in vhr.vhd[r].get(layer, [])]
+        values = [v for r in results for v in r.report["vhr"]["vhd"].get(layer, [])]
         per_layer[layer] = round(float(np.mean(values)), 5) if values else 0.0
     return per_layer
 
 
-def load_or_compute(pipe, *, refresh: bool = False) -> dict[str, Any]:
-    path = cache_path(pipe)
-    if path.exists() and not refresh:
-        data = json.loads(path.read_text())
-        if data.get("version") == PROFILE_VERSION:
-            return data
-    data = compute(pipe)
+# ---------------------------------------------------------------------------------------------
+# The cache file, tuned values
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "tuned_shipped"}, indent=2, default=list))
     tmp.replace(path)
+
+
+def weights_digest(path: Path) -> str:
+    path = Path(path)
+    stat = path.stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a replaced file hashes again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shipped_tuned(pipe) -> dict[str, Any]:
+    """{method: entry} shipped with the package for this model, or {} (none, or for other weights)."""
+    paths = _shipped_paths().get(pipe.model_id)
+    if paths is None or not paths[0].exists():
+        return {}
+    data = json.loads(paths[0].read_text())
+    if data.get("weights_sha256") != weights_digest(paths[1]):
+        warnings.warn(f"{paths[0]} was tuned for other weights of {pipe.model_id!r}; ignored "
+                      f"(run `lvlm tune --model {pipe.model_id} ... --ship` again)", stacklevel=2)
+        return {}
+    return {m: {**entry, "shipped": True} for m, entry in (data.get("methods") or {}).items()}
+
+
+def load_or_compute(pipe, *, refresh: bool = False) -> dict[str, Any]:
+    path = cache_path(pipe)
+    data = _read(path)
+    if data is None or data.get("version") != PROFILE_VERSION or refresh:
+        tuned = (data or {}).get("tuned") or {}  # same file name = same model config: keep its search
+        data = compute(pipe)
+        if tuned:
+            data["tuned"] = tuned
+        _write(path, data)
+    data["tuned_shipped"] = shipped_tuned(pipe)
     return data
+
+
+def save_tuned(pipe, entries: dict[str, dict[str, Any]]) -> Path:
+    """Store `lvlm tune` results ({method: entry}) in the model's profile; returns the file."""
+    data = load_or_compute(pipe)
+    data["tuned"] = {**(data.get("tuned") or {}), **entries}
+    path = cache_path(pipe)
+    _write(path, data)
+    if hasattr(pipe, "_profile"):  # the pipeline's in-memory copy is now stale
+        pipe._profile = None
+    return path
+
+
+def ship_tuned(pipe, entries: dict[str, dict[str, Any]]) -> Path:
+    """Write the package's tuned values for the embedded model (they become its defaults)."""
+    paths = _shipped_paths().get(pipe.model_id)
+    if paths is None:
+        raise ValueError(f"only the embedded models ({', '.join(_shipped_paths())}) ship tuned values; "
+                         f"{pipe.model_id!r} keeps them in its profile ({cache_path(pipe)})")
+    out = {"model_id": pipe.model_id, "weights_sha256": weights_digest(paths[1]),
+           "methods": {m: {k: v for k, v in e.items() if k != "shipped"} for m, e in entries.items()}}
+    paths[0].write_text(json.dumps(out, indent=1, default=list) + "\n")
+    if hasattr(pipe, "_profile"):
+        pipe._profile = None
+    return paths[0]

@@ -7,17 +7,21 @@ works in a process without torch or Ray.
 from serve.client import (
     APIConnectionError,
     APIError,
+    APITimeoutError,
     AsyncClient,
     AuthenticationError,
     BadRequestError,
     Client,
+    InvalidImageError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     RateLimitError,
+    Retry,
 )
 
 __all__ = [
-    "APIConnectionError", "APIError", "AsyncClient", "AuthenticationError", "BadRequestError", "Client",
-    "NotFoundError", "OverloadedError", "PayloadTooLargeError", "RateLimitError",
+    "APIConnectionError", "APIError", "APITimeoutError", "AsyncClient", "AuthenticationError", "BadRequestError",
+    "Client", "InvalidImageError", "NotFoundError", "OverloadedError", "PayloadTooLargeError", "RateLimitError",
+    "Retry",
 ]

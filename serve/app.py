@@ -7,6 +7,8 @@ under Ray Serve and, with a fake pipeline, in-process under httpx's ASGI transpo
 feeds non-streaming chat requests through `@serve.batch`, whose batches run on a worker thread
 (`asyncio.to_thread`) so the event loop keeps accepting requests while the model computes.
 Streaming requests take their own path (one request, tokens pushed out as they are decoded).
+HTTP reaches a replica through the gateway (serve/gateway.py), the application's ingress, which
+calls `LVLMServer.forward` and answers in OpenAI's shape when a replica dies.
 
 Every route answers errors with OpenAI's error object, including FastAPI's own (unknown route,
 wrong method, validation): no exception leaves a route, so a bad request can never take the
@@ -48,6 +50,19 @@ from serve.schema import (
 log = logging.getLogger("serve")
 EVAL_BODY_LIMIT = 64 * 1024
 Submit = Callable[[Any], Awaitable[Outcome]]
+SCHEDULERS = ("continuous", "static")
+
+
+def make_runner(pipeline: Any, config: ServeConfig, on_batch: Callable[[int, bool], None]) -> Any:
+    """The replica's engine runner: the continuous scheduler (default) or static batches."""
+    if config.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
+    if config.scheduler == "continuous" and hasattr(pipeline, "engine"):  # a fake pipeline has no engine
+        from serve.scheduler import ContinuousScheduler
+
+        return ContinuousScheduler(pipeline, max_rows=config.max_batch_size, max_prefill_rows=config.max_prefill_rows,
+                                   max_tokens=config.max_tokens_in_flight, on_batch=on_batch)
+    return EngineRunner(pipeline.generate, on_batch=on_batch)
 
 
 class Service:
@@ -57,7 +72,7 @@ class Service:
                  fetch_kwargs: dict | None = None):
         self.pipeline, self.config, self.limits = pipeline, config, config.limits
         self.metrics = Metrics()
-        self.runner = EngineRunner(pipeline.generate, on_batch=self.metrics.observe_batch)
+        self.runner = make_runner(pipeline, config, self.metrics.observe_batch)
         self.admission = Admission(config.max_concurrent)
         self.submit: Submit = submit or self._submit_alone
         self.jobs = jobs
@@ -67,10 +82,11 @@ class Service:
             model_id=pipeline.model_id, aliases=frozenset({pipeline.model_id, config.model}),
             max_context=int(pipeline.max_context),
             count_tokens=(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-            if tokenizer is not None else None)
+            if tokenizer is not None else None,
+            facts=getattr(pipeline, "facts", None))
 
     async def _submit_alone(self, request: Any) -> Outcome:
-        return (await asyncio.to_thread(self.runner.run_batch, [request]))[0]
+        return await self.runner.generate(request)
 
     def warm_up(self) -> None:
         """One short generation so the first user request does not pay for lazy initialisation."""
@@ -103,7 +119,7 @@ class Service:
             self._observe_success(label, started, result)
             return JSONResponse(chat.completion(prepared, result).model_dump())
         except Exception as err:
-            error = error_for(err)  # converted once here so an unexpected error is logged once
+            error = error_for(err, http.headers.get("x-request-id"))  # converted once: logged once
             self.metrics.observe_chat(label, error.status, time.perf_counter() - started)
             raise error from err
         finally:
@@ -123,9 +139,11 @@ class Service:
         async def events():
             try:
                 yield sse(chat.chunk(prepared, ChunkDelta(role="assistant", content="")))
-                delta = first
+                text, delta = chat.DeltaText(), first  # DeltaText: no leading space, as chat.completion
                 while delta is not None:
-                    yield sse(chat.chunk(prepared, ChunkDelta(content=delta)))
+                    content = text(delta)
+                    if content:
+                        yield sse(chat.chunk(prepared, ChunkDelta(content=content)))
                     delta = await stream.next_delta()
                 result = stream.result
                 yield sse(chat.chunk(prepared, finish=chat.finish_reason(result), result=result))
@@ -162,6 +180,14 @@ class Service:
         return {"status": "ok", "model": self.model.model_id, "inflight": self.admission.active,
                 "max_concurrent": self.admission.limit}
 
+    async def ready(self) -> JSONResponse:
+        """Readiness: 200 when the model is loaded and the job store (if jobs are on) answers,
+        else 503 with the same body, so a load balancer stops sending traffic here."""
+        jobs = await self.jobs_health()
+        ok = self.pipeline is not None and (jobs is None or bool(jobs.get("ok")))
+        body = {"ready": ok, "model": self.model.model_id, "jobs": jobs}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
     def render_metrics(self) -> Response:
         self.metrics.inflight.set(self.admission.active)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -186,10 +212,19 @@ class Service:
             raise BadRequest(f"max_tokens={body.max_tokens} exceeds this server's limit of {self.limits.max_tokens}",
                              param="max_tokens", code="invalid_value")
         from interventions import resolve
+        from interventions.validate import validate
 
-        resolve(body.intervention_spec())  # 400 now rather than a failed job later
+        validate(resolve(body.intervention_spec()), self.model.facts)  # 400 now rather than a failed job later
+        from serve.jobspec import JobSpecError, check_options, check_seed
+
+        try:  # the CLI's rules for the kind's options (serve/jobspec.py)
+            check_seed(body.seed)
+            options = check_options(body.kind, body.options, max_tokens=self.limits.max_tokens)
+        except JobSpecError as err:
+            raise BadRequest(str(err), param=err.param, code="invalid_value") from None
         request = body.model_dump()
         request["interventions"] = body.intervention_spec()
+        request["options"] = options
         return job_model(await jobs.submit(body.kind, self.config.model, request, self.config.load_kwargs()))
 
     async def job(self, job_id: str) -> EvalJob:
@@ -206,6 +241,27 @@ class Service:
         if record is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         return job_model(record)
+
+    async def resume_job(self, job_id: str) -> EvalJob:
+        """A failed or cancelled job continues from its results file (docs/cluster.md)."""
+        outcome = await self._jobs().resume(job_id)
+        if outcome is None:
+            raise NotFound(f"no evaluation job {job_id!r}", param="id")
+        if not outcome["resumed"]:
+            err = BadRequest(f"job {job_id} is {outcome['job']['state']}; only failed or cancelled jobs resume",
+                             param="id", code="job_not_resumable")
+            err.status = 409
+            raise err
+        return job_model(outcome["job"])
+
+    async def jobs_health(self) -> dict | None:
+        """The job store's state ({"ok", "path", "jobs", ...}); None when jobs are disabled."""
+        if self.jobs is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.jobs.health(), timeout=5.0)
+        except Exception as err:  # noqa: BLE001 - a registry that does not answer is unhealthy, not a 500
+            return {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
 
 
 def job_model(record: dict) -> EvalJob:
@@ -225,10 +281,15 @@ def validation_error(errors: list[dict]) -> BadRequest:
     if first.get("type") == "json_invalid":
         return BadRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                           code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Union members add their type to the location ("stop.str", "content.list[...]"): not a field.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return BadRequest(f"{param or 'body'}: {first['msg']}{more}", param=param, code="invalid_value")
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none"})
 
 
 def sse(payload: Any) -> str:
@@ -242,7 +303,8 @@ def error_response(err: ServiceError) -> JSONResponse:
 
 def build_app(service: Service) -> FastAPI:
     """The FastAPI app around one `Service`."""
-    app = FastAPI(title="lvlm-hallu", version="0.1.0",
+    # FastAPI's own /docs and /openapi.json take no key; ours below go through `route` (auth).
+    app = FastAPI(title="lvlm-hallu", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="OpenAI-compatible chat completions with per-request hallucination interventions")
     metrics = service.metrics
 
@@ -260,7 +322,7 @@ def build_app(service: Service) -> FastAPI:
                     response = out if isinstance(out, Response) else JSONResponse(
                         out.model_dump() if isinstance(out, BaseModel) else out)
                 except Exception as err:  # noqa: BLE001 - every failure becomes an error object
-                    response = error_response(error_for(err))
+                    response = error_response(error_for(err, http.headers.get("x-request-id")))
                 metrics.observe_request(name, response.status_code, time.perf_counter() - started)
                 return response
 
@@ -286,7 +348,12 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/health")
     @route("/health", auth=False)
     async def health(http: HTTPRequest):
-        return service.health()
+        return {**service.health(), "jobs": await service.jobs_health()}
+
+    @app.get("/ready")
+    @route("/ready", auth=False)
+    async def ready(http: HTTPRequest):
+        return await service.ready()
 
     @app.get("/metrics")
     @route("/metrics")
@@ -313,9 +380,27 @@ def build_app(service: Service) -> FastAPI:
     async def cancel_job(http: HTTPRequest, job_id: str):
         return await service.cancel_job(job_id)
 
+    @app.post("/v1/eval/jobs/{job_id}/resume")
+    @route("/v1/eval/jobs/{id}/resume")
+    async def resume_job(http: HTTPRequest, job_id: str):
+        return await service.resume_job(job_id)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    @route("/openapi.json")
+    async def openapi_schema(http: HTTPRequest):
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    @route("/docs")
+    async def docs(http: HTTPRequest):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="lvlm-hallu API")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(http: HTTPRequest, exc: StarletteHTTPException):
         if exc.status_code == 404:
+            metrics.observe_request("unmatched", 404, 0.0)  # scanners and typos show up in /metrics
             return error_response(NotFound(f"no route {http.method} {http.url.path}"))
         if exc.status_code == 405:
             return error_response(MethodNotAllowed(f"method {http.method} is not allowed on {http.url.path}"))
@@ -335,8 +420,8 @@ def _deployment_class():
     """The deployment class; defined lazily so that importing this module does not import Ray."""
     from ray import serve
 
+    # Not an ingress: the gateway (serve/gateway.py) is, and relays every HTTP request to `forward`.
     @serve.deployment(name="LVLMServer")
-    @serve.ingress()
     class LVLMServer:
         async def __init__(self, config: ServeConfig):
             import lvlm
@@ -347,16 +432,27 @@ def _deployment_class():
             pipeline = await asyncio.to_thread(lvlm.load, config.model, **config.load_kwargs())
             jobs = None
             if config.eval_jobs:
-                jobs = RayJobs(worker_options={"num_cpus": config.eval_num_cpus, "num_gpus": config.eval_num_gpus},
-                               max_running=config.eval_max_running)
-            self.service = Service(pipeline, config, submit=self._generate_batch, jobs=jobs)
+                worker_options = {"num_cpus": config.eval_num_cpus, "num_gpus": config.eval_num_gpus}
+                if config.env_vars():
+                    worker_options["runtime_env"] = {"env_vars": config.env_vars()}
+                jobs = RayJobs(worker_options=worker_options, max_running=config.eval_max_running,
+                               jobs_dir=config.eval_jobs_dir,
+                               retention={"keep_days": config.eval_keep_days, "keep_jobs": config.eval_keep_jobs})
+            static = config.scheduler == "static"  # continuous: the scheduler's queue, no @serve.batch
+            self.service = Service(pipeline, config, submit=self._generate_batch if static else None, jobs=jobs)
             self._generate_batch.set_max_batch_size(config.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
             if config.warmup:
                 await asyncio.to_thread(self.service.warm_up)
 
-        def __serve_build_asgi_app__(self):
-            return build_app(self.service)
+        async def forward(self, method: str, path: str, query: str, headers: list, body: bytes):
+            """One HTTP request relayed by the gateway (serve/gateway.py), answered as it streams."""
+            from serve.gateway import asgi_stream
+
+            if getattr(self, "_app", None) is None:
+                self._app = build_app(self.service)
+            async for item in asgi_stream(self._app, method, path, query, headers, body):
+                yield item
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def _generate_batch(self, requests: list) -> list[Outcome]:
@@ -375,6 +471,8 @@ def build_application(config: ServeConfig):
         "max_queued_requests": config.max_queued_requests,
         "health_check_timeout_s": 60,  # a long CPU batch must not look like a dead replica
     }
+    if config.env_vars():
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": config.env_vars()}
     if config.max_replicas and config.max_replicas > config.replicas:
         options["autoscaling_config"] = {
             "min_replicas": config.replicas, "max_replicas": config.max_replicas,
@@ -382,7 +480,11 @@ def build_application(config: ServeConfig):
         }
     else:
         options["num_replicas"] = config.replicas
-    return _deployment_class().options(**options).bind(config)
+    from serve.gateway import bind_gateway
+
+    # The gateway is the ingress: a replica that dies mid-request gets an OpenAI-shaped 503
+    # (and one retry for idempotent requests) instead of the proxy's plain-text 500.
+    return bind_gateway(_deployment_class().options(**options).bind(config), config)
 
 
 def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, name: str = "lvlm",

@@ -1,5 +1,9 @@
 """Batch execution and token streaming around one model pipeline, as plain classes.
 
+Two runners share one interface (`generate`, `run_batch`, `run_stream`): `EngineRunner` below
+(static batching, `lvlm serve --scheduler static`) and `serve.scheduler.ContinuousScheduler`
+(iteration-level batching, the default).
+
 Ray Serve's `@serve.batch` decides WHEN rows form a batch (max_batch_size, batch_wait_timeout_s);
 these classes decide HOW a batch runs, and they are what the unit tests exercise (Ray's
 `_local_testing_mode` cannot run `@serve.batch`):
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 Generate = Callable[..., list]  # Pipeline.generate(requests, on_token=None) -> list[Result]
 
@@ -68,8 +72,13 @@ class EngineRunner:
             self._report(len(requests), True)
             return [self._run_one(r) for r in requests]
 
-    def run_stream(self, request: Any, on_token: Callable[[int, str], None]) -> Any:
-        """Generate one request, calling `on_token(0, delta)` as text is decoded; raises on failure."""
+    async def generate(self, request: Any) -> Outcome:
+        """One request alone, on a worker thread."""
+        return (await asyncio.to_thread(self.run_batch, [request]))[0]
+
+    def run_stream(self, request: Any, on_token: Callable[[int, str], None], cancelled: Any = None) -> Any:
+        """Generate one request, calling `on_token(0, delta)` as text is decoded; raises on failure.
+        (`cancelled` is unused: the token callback raises StreamCancelled instead.)"""
         with self._lock:
             self._report(1, False)
             results = self._generate([request], on_token=on_token)
@@ -89,6 +98,10 @@ class EngineRunner:
 _DONE = object()
 
 
+async def _unwrap(outcome: Awaitable[Outcome]) -> Any:
+    return (await outcome).unwrap()
+
+
 class TokenStream:
     """Runs one streamed generation on a worker thread and yields its text deltas on the loop.
 
@@ -105,7 +118,12 @@ class TokenStream:
         self.result: Any = None
 
     def start(self) -> "TokenStream":
-        self._task = asyncio.ensure_future(asyncio.to_thread(self._runner.run_stream, self._request, self._on_token))
+        start_stream = getattr(self._runner, "start_stream", None)
+        if start_stream is not None:  # the continuous scheduler: no thread held per stream
+            future = start_stream(self._request, self._on_token, self._cancelled)
+            self._task = asyncio.ensure_future(_unwrap(asyncio.wrap_future(future)))
+        else:
+            self._task = asyncio.ensure_future(asyncio.to_thread(self._runner.run_stream, self._request, self._on_token))
         self._task.add_done_callback(lambda _task: self._queue.put_nowait(_DONE))
         return self
 

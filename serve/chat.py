@@ -2,7 +2,11 @@
 
 `prepare` does all per-request validation BEFORE the request joins a batch: message structure,
 images (decoded and size-checked), interventions (resolved against the registry, so unknown
-names and out-of-range parameters are 400s), token and prompt limits. A request that passes
+names and out-of-range parameters are 400s, then checked against the loaded model's facts by
+`interventions.validate`, so a layer index beyond the model or a non-finite value is a 400 too),
+unsupported OpenAI fields (a 400 naming the field), token and prompt limits. A temperature
+below `GREEDY_BELOW` decodes greedily: sampling at temperature T → 0 tends to the argmax, and
+dividing logits by 1e-300 would overflow to inf and NaN probabilities. A request that passes
 reaches the engine as a plain dataclass; a request that fails never touches its neighbours.
 
 Conversation shape: the engine answers one user turn with at most one image. System (and
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from interventions import resolve
+from interventions.inputs import require_image
+from interventions.validate import validate
 from lvlm.types import Request, Result
 from serve.errors import BadRequest, NotFound
 from serve.images import load_image
@@ -38,6 +44,7 @@ from serve.schema import (
 )
 
 ENGINE_MAX_IMAGES = 1  # lvlm.types.Request carries one image; a second would be dropped silently
+GREEDY_BELOW = 1e-4  # temperatures under this decode greedily (fp32 logits / T stays finite above it)
 
 
 @dataclass
@@ -48,6 +55,7 @@ class ModelInfo:
     aliases: frozenset[str]
     max_context: int
     count_tokens: Optional[Callable[[str], int]] = None  # text tokens of a prompt, if the model can tell
+    facts: Any = None  # the engine's ModelFacts (num_layers, hidden_size ...) for intervention checks
 
 
 @dataclass
@@ -106,6 +114,10 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
     if body.model is not None and body.model not in model.aliases:
         raise NotFound(f"model {body.model!r} is not served here; available: {model.model_id}",
                        param="model", code="model_not_found")
+    unsupported = body.unsupported()
+    if unsupported:
+        raise BadRequest(f"{unsupported[0]} is not supported by this server", param=unsupported[0],
+                         code="unsupported_parameter")
     prompt, image_urls = split_messages(body)
     if not prompt.strip():
         raise BadRequest("the prompt is empty", param="messages", code="invalid_prompt")
@@ -129,11 +141,14 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
             raise BadRequest(f"prompt of {n} tokens plus max_tokens={max_tokens} exceeds the model's context of "
                              f"{model.max_context} tokens", param="messages", code="context_length_exceeded")
     configs = resolve(body.intervention_spec())  # InterventionError -> 400 via error_for
+    validate(configs, model.facts)
+    require_image(configs, has_image=bool(image_urls))  # every method acts on image tokens
     image = None
     if image_urls:
         url, param = image_urls[0]
         image = await load_image(url, limits, param, **fetch_kwargs)
-    request = Request(prompt=prompt, image=image, max_new_tokens=max_tokens, temperature=body.temperature,
+    temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
+    request = Request(prompt=prompt, image=image, max_new_tokens=max_tokens, temperature=temperature,
                       top_p=body.top_p, seed=body.seed, stop=body.stop_sequences(), interventions=configs)
     applied = [config_dict(c) for c in configs]
     return PreparedChat(
@@ -154,10 +169,30 @@ def usage(result: Result) -> Usage:
                  total_tokens=result.prompt_tokens + result.completion_tokens)
 
 
+def answer_text(text: str) -> str:
+    """The answer without the one leading space that SentencePiece tokenizers (Llama's "▁The")
+    put before the first word; the stream drops it from its first non-empty delta the same way."""
+    return text[1:] if text.startswith(" ") else text
+
+
+class DeltaText:
+    """Stream deltas with `answer_text`'s rule applied, so the joined stream equals the answer."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, delta: str) -> str:
+        if not self.started and delta:
+            self.started = True
+            return answer_text(delta)
+        return delta
+
+
 def completion(prepared: PreparedChat, result: Result) -> ChatCompletion:
     return ChatCompletion(
         id=prepared.id, created=prepared.created, model=prepared.model,
-        choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=finish_reason(result))],
+        choices=[Choice(message=AssistantMessage(content=answer_text(result.text)),
+                        finish_reason=finish_reason(result))],
         usage=usage(result), intervention_report=report(prepared, result))
 
 

@@ -3,6 +3,11 @@
 Register on the main typer app with `app.command("serve")(serve_command)`; it also runs alone as
 `python -m serve.cli --model tiny-llava`.
 
+Before Ray starts, two checks answer in one line instead of a wall of Ray tracebacks: the port
+must be free (Ray's proxy binds with SO_REUSEPORT, so a second server on the same port would
+silently split the traffic with the first), and the model name must resolve to a known model or
+a readable checkpoint config.
+
 Ray 2.60 turns token authentication on by default. A local run sets `RAY_AUTH_MODE=disabled`
 unless the user chose a mode; joining a cluster keeps the cluster's mode and Ray reads the token
 from `RAY_AUTH_TOKEN`, which must then be set in this shell.
@@ -10,15 +15,20 @@ from `RAY_AUTH_TOKEN`, which must then be set in this shell.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
+import socket
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def serve_command(
@@ -29,6 +39,8 @@ def serve_command(
     max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="autoscale up to this many replicas"),
     max_batch_size: int = typer.Option(8, "--max-batch-size", help="requests per engine batch"),
     batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", help="how long a batch waits to fill"),
+    scheduler: str = typer.Option("continuous", "--scheduler",
+                                  help="continuous (rows join and leave between decode steps) or static (whole batches)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LVLM_API_KEY",
                                           help="require 'Authorization: Bearer <key>' (env LVLM_API_KEY)"),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
@@ -38,23 +50,51 @@ def serve_command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per replica (default: 1 on cuda)"),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="split the model over the replica's GPUs / CPU / disk (accelerate): auto | balanced | "
+        "sequential | JSON {module: device}; with --num-gpus N a replica spreads over its N GPUs"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="memory per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"),
+    offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help="folder for weights the device map offloads to disk"),
     eval_num_gpus: Optional[float] = typer.Option(
         None, "--eval-num-gpus",
         help="GPUs per eval-job worker (default: as --num-gpus; on one GPU use 0.5 and --num-gpus 0.5 to share)"),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="largest max_tokens a request may ask for"),
     max_concurrent: int = typer.Option(32, "--max-concurrent", help="generation requests per replica before 429"),
     eval_jobs: bool = typer.Option(True, "--eval-jobs/--no-eval-jobs", help="accept POST /v1/eval/jobs"),
+    jobs_dir: Optional[Path] = typer.Option(
+        None, "--jobs-dir", envvar="LVLM_JOBS_DIR",
+        help="eval job store (SQLite) and job folders; default $LVLM_CACHE/eval-jobs"),
+    jobs_keep_days: float = typer.Option(7.0, "--jobs-keep-days", min=0.001, help="remove finished jobs after N days"),
+    router_dir: Optional[Path] = typer.Option(
+        None, "--router-dir", help="directory of VTE router weights (<name>.pt), chosen by name in requests"),
 ) -> None:
     """Serve the OpenAI-compatible API (chat completions with interventions, eval jobs) on Ray Serve."""
     from serve.config import ServeConfig
     from serve.limits import Limits
 
+    name = model or _default_model()
+    problem = _port_problem(host, port) or _model_problem(name) or _router_dir_problem(router_dir)
+    if not problem and scheduler not in ("continuous", "static"):
+        problem = f"--scheduler must be 'continuous' or 'static', got {scheduler!r}"
+    if problem:
+        console.print(f"[red]error:[/red] {problem}", soft_wrap=True)  # one line, however long
+        raise typer.Exit(2)
+    try:
+        from lvlm.cli import placement
+
+        placed = placement(device_map, max_memory, offload_folder)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(2) from None
     device = device or _default_device()
     gpus = num_gpus if num_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
     config = ServeConfig(
-        model=model or _default_model(), device=device, dtype=dtype, replicas=replicas, max_replicas=max_replicas,
+        model=name, device=device, dtype=dtype, replicas=replicas, max_replicas=max_replicas, **placed,
         num_gpus=gpus, eval_num_gpus=gpus if eval_num_gpus is None else eval_num_gpus,
         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000, api_key=api_key, eval_jobs=eval_jobs,
+        scheduler=scheduler,
+        router_dir=str(router_dir.resolve()) if router_dir else None,
+        eval_jobs_dir=str(jobs_dir.expanduser().resolve()) if jobs_dir else None, eval_keep_days=jobs_keep_days,
         limits=Limits(allow_remote_images=allow_remote_images, max_tokens=max_tokens, max_concurrent=max_concurrent),
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -68,7 +108,7 @@ def serve_command(
     try:
         run(config, host=host, port=port)
     except Exception as err:  # noqa: BLE001 - a failed deployment is a message and exit code, not a trace
-        console.print(f"[red]error:[/red] the service did not start: {err}")
+        console.print(f"[red]error:[/red] the service did not start: {_first_line(err)}", soft_wrap=True)
         _stop(address)
         raise typer.Exit(1) from None
     base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
@@ -85,6 +125,76 @@ def serve_command(
         if address is not None:
             serve.delete("lvlm")  # leave the cluster as we found it
         _stop(address)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be ours, or None. A plain bind (no SO_REUSEPORT) fails on any listener."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use (another server?); choose another with --port"
+            return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    return None
+
+
+def _model_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded, found in seconds from its config alone, or None."""
+    from lvlm import tiny
+
+    if name in tiny.ALL:
+        return None
+    if name == "shapes":
+        from lvlm.shapes import MODEL_DIR
+
+        ok = (Path(MODEL_DIR) / "config.json").exists()
+        return None if ok else f"the embedded shapes model is missing at {MODEL_DIR}; train it with " \
+                               "`python -m lvlm.shapes.train`"
+    known = f"use 'shapes', {', '.join(repr(t) for t in sorted(tiny.ALL))}, a hub id (org/name) or a checkpoint directory"
+    local = Path(name).expanduser()
+    if not local.exists() and not HUB_ID.fullmatch(name):
+        return f"unknown model {name!r}: not a known name, a directory, or a hub id; {known}"
+    try:
+        from transformers import AutoConfig
+
+        from lvlm.adapters import adapter_for
+
+        if local.exists():
+            config = AutoConfig.from_pretrained(str(local))
+        else:
+            config = _hub_config(name)
+        adapter_for(config)
+    except Exception as err:  # noqa: BLE001 - any failure to read the config means "not loadable"
+        return f"unknown model {name!r} ({type(err).__name__}: {_first_line(err)}); {known}"
+    return None
+
+
+def _hub_config(name: str):
+    """The config of a hub model: from the local cache, else one quick look-up (no retry loop)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise
+    import huggingface_hub
+
+    huggingface_hub.model_info(name, timeout=10)  # raises at once when offline or unknown
+    return AutoConfig.from_pretrained(name)
+
+
+def _router_dir_problem(router_dir: Optional[Path]) -> str | None:
+    if router_dir is not None and not router_dir.is_dir():
+        return f"--router-dir {router_dir} is not a directory"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(err).__name__
 
 
 def _interrupt(signum, frame) -> None:

@@ -8,9 +8,17 @@
         job = client.wait(client.submit_eval("pope", limit=60).id, timeout=600)
 
 Images may be PIL images, paths, raw bytes, or URLs (data: or http(s)); they travel as data URLs
-in OpenAI's `image_url` content parts. Every non-2xx answer raises a subclass of `APIError`
-carrying the server's OpenAI-style error object. Imports only httpx, pydantic and serve.schema
-(PIL lazily, only when handed a PIL image) so it works in a process without torch.
+in OpenAI's `image_url` content parts; anything else raises `InvalidImageError`. Every non-2xx
+answer raises a subclass of `APIError` carrying the server's OpenAI-style error object; a
+request that never got an answer raises `APIConnectionError`, or `APITimeoutError` when it ran
+out of time. The base URL may end in `/v1` (the form OpenAI clients use).
+
+Retries (`Retry`, on by default: 2 retries, exponential backoff from 0.5 s, honouring
+Retry-After): 429 and 503 answers and failed connections are retried for every request, since
+the server did not start on them; a connection lost after the request was sent is retried only
+for idempotent calls (reads, chat) — never a job submission, never a stream after its first byte.
+Imports only httpx, pydantic and serve.schema (PIL lazily, only when handed a PIL image) so it
+works in a process without torch.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import base64
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 
@@ -75,13 +84,26 @@ class OverloadedError(RateLimitError):
 
 
 class APIConnectionError(APIError):
-    """The request never got an HTTP answer (refused connection, timeout)."""
+    """The request never got an HTTP answer (refused connection, connection lost)."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The request ran out of time (connect, read or write timeout)."""
+
+
+class InvalidImageError(APIError, ValueError):
+    """The image argument is not a PIL image, an existing file, bytes or a data:/http(s) URL."""
 
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
     413: PayloadTooLargeError, 422: BadRequestError, 429: RateLimitError, 503: OverloadedError,
 }
+
+
+# error.type -> HTTP status, for errors that arrive inside a stream (its headers said 200)
+_STATUS_OF_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
+                   "rate_limit_error": 429, "service_unavailable": 503}
 
 
 def _error_from(status: int, payload: Any, fallback_text: str) -> APIError:
@@ -92,6 +114,11 @@ def _error_from(status: int, payload: Any, fallback_text: str) -> APIError:
         err = ErrorBody(message=fallback_text.strip() or f"HTTP {status}", type="api_error")
     cls = _BY_STATUS.get(status, APIError)
     return cls(err.message, status_code=status, type=err.type, param=err.param, code=err.code)
+
+
+def _transport_error(err: httpx.HTTPError) -> APIConnectionError:
+    cls = APITimeoutError if isinstance(err, httpx.TimeoutException) else APIConnectionError
+    return cls(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -114,17 +141,25 @@ def image_data_url(image: Any) -> str:
     if isinstance(image, str) and image.startswith(("data:", "http://", "https://")):
         return image
     if isinstance(image, (str, os.PathLike)):
-        data = Path(image).read_bytes()
+        try:
+            data = Path(image).read_bytes()
+        except OSError as err:
+            raise InvalidImageError(f"cannot read image file {str(image)[:200]!r}: {err.strerror or err}") from err
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     elif hasattr(image, "save"):  # a PIL image; encoded losslessly
         import io
 
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        try:
+            image.save(buf, format="PNG")
+        except Exception as err:  # noqa: BLE001 - whatever PIL says, the argument was not usable
+            raise InvalidImageError(f"cannot encode the image as PNG: {err}") from err
         data = buf.getvalue()
     else:
-        raise TypeError(f"image must be a PIL image, a path, bytes or a URL, not {type(image).__name__}")
+        raise InvalidImageError(f"image must be a PIL image, a path, bytes or a URL, not {type(image).__name__}")
+    if not data:
+        raise InvalidImageError("image is empty (0 bytes)")
     mime = next((m for magic, m in _MAGIC if data.startswith(magic)), None)
     if mime is None:
         mime = "image/webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "application/octet-stream"
@@ -173,7 +208,8 @@ def _sse_event(line: str) -> Any:
         return _DONE
     payload = json.loads(data)
     if "error" in payload:  # an error after the stream started (headers were already 200)
-        raise _error_from(500, payload, data)
+        kind = payload["error"].get("type") if isinstance(payload["error"], dict) else None
+        raise _error_from(_STATUS_OF_TYPE.get(kind, 500), payload, data)
     return payload
 
 
@@ -181,15 +217,86 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def service_root(base_url: str) -> str:
+    """The service root for a base URL given either way: "http://h:8000" or "http://h:8000/v1"."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+@dataclass(frozen=True)
+class Retry:
+    """When and how long to wait before trying a request again (`Retry(max_retries=0)`: never)."""
+
+    max_retries: int = 2
+    backoff_s: float = 0.5  # first wait; doubles each retry
+    max_backoff_s: float = 8.0
+    statuses: tuple[int, ...] = (429, 503)
+
+    def wait_s(self, attempt: int, response: httpx.Response | None = None) -> float:
+        """Seconds before retry number `attempt` (0-based): Retry-After when the server sent one."""
+        after = response.headers.get("retry-after", "") if response is not None else ""
+        if after.replace(".", "", 1).isdigit():
+            return min(float(after), self.max_backoff_s)
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+
+    def decide(self, attempt: int, *, response: httpx.Response | None = None, error: httpx.HTTPError | None = None,
+               idempotent: bool = True) -> float | None:
+        """Seconds to wait before retrying, or None to give up and report."""
+        if attempt >= self.max_retries:
+            return None
+        if response is not None:
+            return self.wait_s(attempt, response) if response.status_code in self.statuses else None
+        # A connection that never opened means the server never saw the request: always safe.
+        never_sent = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
+        if never_sent or (idempotent and isinstance(error, (httpx.TransportError,))):
+            return self.wait_s(attempt)
+        return None
+
+
+def _retrying(retry: Retry, send: Callable[[], httpx.Response], *, idempotent: bool) -> httpx.Response:
+    attempt = 0
+    while True:
+        try:
+            response = send()
+        except httpx.HTTPError as err:
+            wait = retry.decide(attempt, error=err, idempotent=idempotent)
+            if wait is None:
+                raise _transport_error(err) from err
+        else:
+            wait = retry.decide(attempt, response=response)
+            if wait is None:
+                return response
+        time.sleep(wait)
+        attempt += 1
+
+
+async def _async_retrying(retry: Retry, send: Callable[[], Any], *, idempotent: bool) -> httpx.Response:
+    attempt = 0
+    while True:
+        try:
+            response = await send()
+        except httpx.HTTPError as err:
+            wait = retry.decide(attempt, error=err, idempotent=idempotent)
+            if wait is None:
+                raise _transport_error(err) from err
+        else:
+            wait = retry.decide(attempt, response=response)
+            if wait is None:
+                return response
+        await asyncio.sleep(wait)
+        attempt += 1
+
+
 # -- sync client ------------------------------------------------------------------------------
 class Client:
     """Blocking client. `api_key` defaults to $LVLM_API_KEY; use as a context manager or close()."""
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, api_key: str | None = None,
-                 timeout: float = 120.0, http_client: httpx.Client | None = None):
+                 timeout: float = 120.0, retry: Retry | None = None, http_client: httpx.Client | None = None):
         api_key = api_key if api_key is not None else os.environ.get("LVLM_API_KEY")
-        self._http = http_client or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._http = http_client or httpx.Client(base_url=service_root(base_url), timeout=timeout)
         self._http.headers.update(_headers(api_key))
+        self.retry = retry or Retry()
 
     def close(self) -> None:
         self._http.close()
@@ -200,11 +307,8 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
-            raise APIConnectionError(f"{type(err).__name__}: {err}") from err
+    def _request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> Any:
+        response = _retrying(self.retry, lambda: self._http.request(method, path, **kwargs), idempotent=idempotent)
         _raise_for_status(response)
         return response.json()
 
@@ -219,19 +323,30 @@ class Client:
     def stream_chunks(self, image: Any, prompt: str, **kwargs: Any) -> Iterator[ChatCompletionChunk]:
         """Every chunk of a streamed completion (the last ones carry usage and the report)."""
         body = chat_body(image, prompt, stream=True, **kwargs)
-        try:
-            with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if not response.is_success:
-                    response.read()
-                    _raise_for_status(response)
-                for line in response.iter_lines():
-                    event = _sse_event(line)
-                    if event is _DONE:
+        attempt, started = 0, False
+        while True:
+            try:
+                with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    if not response.is_success:
+                        response.read()
+                        wait = self.retry.decide(attempt, response=response)
+                        if wait is None:
+                            _raise_for_status(response)
+                    else:
+                        started = True  # from the first byte on, a retry could repeat text
+                        for line in response.iter_lines():
+                            event = _sse_event(line)
+                            if event is _DONE:
+                                return
+                            if event is not None:
+                                yield ChatCompletionChunk.model_validate(event)
                         return
-                    if event is not None:
-                        yield ChatCompletionChunk.model_validate(event)
-        except httpx.HTTPError as err:
-            raise APIConnectionError(f"{type(err).__name__}: {err}") from err
+            except httpx.HTTPError as err:
+                wait = None if started else self.retry.decide(attempt, error=err)
+                if wait is None:
+                    raise _transport_error(err) from err
+            time.sleep(wait)
+            attempt += 1
 
     def stream(self, image: Any, prompt: str, **kwargs: Any) -> Iterator[str]:
         """The text deltas of a streamed completion, as they are decoded."""
@@ -251,7 +366,8 @@ class Client:
 
     def submit_eval(self, kind: str, **kwargs: Any) -> EvalJob:
         """Start a CHAIR or POPE job; kwargs as `eval_body` (limit, interventions, options ...)."""
-        return EvalJob.model_validate(self._request("POST", "/v1/eval/jobs", json=eval_body(kind, **kwargs)))
+        return EvalJob.model_validate(self._request("POST", "/v1/eval/jobs", idempotent=False,
+                                                    json=eval_body(kind, **kwargs)))
 
     def job(self, job_id: str) -> EvalJob:
         return EvalJob.model_validate(self._request("GET", f"/v1/eval/jobs/{job_id}"))
@@ -280,10 +396,11 @@ class AsyncClient:
     """The same API as `Client`, awaitable; `stream` is an async iterator."""
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, api_key: str | None = None,
-                 timeout: float = 120.0, http_client: httpx.AsyncClient | None = None):
+                 timeout: float = 120.0, retry: Retry | None = None, http_client: httpx.AsyncClient | None = None):
         api_key = api_key if api_key is not None else os.environ.get("LVLM_API_KEY")
-        self._http = http_client or httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._http = http_client or httpx.AsyncClient(base_url=service_root(base_url), timeout=timeout)
         self._http.headers.update(_headers(api_key))
+        self.retry = retry or Retry()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -294,11 +411,9 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
-            raise APIConnectionError(f"{type(err).__name__}: {err}") from err
+    async def _request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> Any:
+        response = await _async_retrying(self.retry, lambda: self._http.request(method, path, **kwargs),
+                                         idempotent=idempotent)
         _raise_for_status(response)
         return response.json()
 
@@ -312,19 +427,30 @@ class AsyncClient:
 
     async def stream_chunks(self, image: Any, prompt: str, **kwargs: Any) -> AsyncIterator[ChatCompletionChunk]:
         body = chat_body(image, prompt, stream=True, **kwargs)
-        try:
-            async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if not response.is_success:
-                    await response.aread()
-                    _raise_for_status(response)
-                async for line in response.aiter_lines():
-                    event = _sse_event(line)
-                    if event is _DONE:
+        attempt, started = 0, False
+        while True:
+            try:
+                async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        wait = self.retry.decide(attempt, response=response)
+                        if wait is None:
+                            _raise_for_status(response)
+                    else:
+                        started = True  # from the first byte on, a retry could repeat text
+                        async for line in response.aiter_lines():
+                            event = _sse_event(line)
+                            if event is _DONE:
+                                return
+                            if event is not None:
+                                yield ChatCompletionChunk.model_validate(event)
                         return
-                    if event is not None:
-                        yield ChatCompletionChunk.model_validate(event)
-        except httpx.HTTPError as err:
-            raise APIConnectionError(f"{type(err).__name__}: {err}") from err
+            except httpx.HTTPError as err:
+                wait = None if started else self.retry.decide(attempt, error=err)
+                if wait is None:
+                    raise _transport_error(err) from err
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def stream(self, image: Any, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
         async for chunk in self.stream_chunks(image, prompt, **kwargs):
@@ -342,7 +468,8 @@ class AsyncClient:
         return await self._request("GET", "/health")
 
     async def submit_eval(self, kind: str, **kwargs: Any) -> EvalJob:
-        return EvalJob.model_validate(await self._request("POST", "/v1/eval/jobs", json=eval_body(kind, **kwargs)))
+        return EvalJob.model_validate(await self._request("POST", "/v1/eval/jobs", idempotent=False,
+                                                          json=eval_body(kind, **kwargs)))
 
     async def job(self, job_id: str) -> EvalJob:
         return EvalJob.model_validate(await self._request("GET", f"/v1/eval/jobs/{job_id}"))
@@ -366,6 +493,7 @@ class AsyncClient:
 
 
 __all__ = [
-    "APIConnectionError", "APIError", "AsyncClient", "AuthenticationError", "BadRequestError", "Client",
-    "NotFoundError", "OverloadedError", "PayloadTooLargeError", "RateLimitError", "image_data_url",
+    "APIConnectionError", "APIError", "APITimeoutError", "AsyncClient", "AuthenticationError", "BadRequestError",
+    "Client", "InvalidImageError", "NotFoundError", "OverloadedError", "PayloadTooLargeError", "RateLimitError",
+    "Retry", "image_data_url", "service_root",
 ]

@@ -13,20 +13,32 @@ class ServeConfig:
     model: str = "shapes"  # name or path for lvlm.load
     device: str = "cpu"
     dtype: Optional[str] = None
+    # accelerate placement (lvlm.load, README "Large models"): with num_gpus > 1 a replica's
+    # device map spreads the model over the GPUs Ray gives it (CUDA_VISIBLE_DEVICES).
+    device_map: Optional[str | dict] = None
+    max_memory: Optional[dict] = None
+    offload_folder: Optional[str] = None
     replicas: int = 1
     max_replicas: Optional[int] = None  # set (> replicas) to autoscale between replicas and this
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica; 1 = one replica per GPU
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # static: requests per batch; continuous: rows decoding at once
+    scheduler: str = "continuous"  # "continuous" (serve/scheduler.py) or "static" (@serve.batch)
+    max_prefill_rows: int = 4  # continuous: requests prefilled between two decode steps
+    max_tokens_in_flight: int = 65536  # continuous: prompt + max_new_tokens over the running rows
     batch_wait_timeout_s: float = 0.05  # docs/benchmarks.md "Service load": 10 ms left batches a third full
     max_queued_requests: int = 256  # in Ray's proxy queue before it answers 503
     warmup: bool = True
     api_key: Optional[str] = None
+    router_dir: Optional[str] = None  # VTE router weights, by name (<name>.pt); requests never name paths
     limits: Limits = field(default_factory=Limits)
     eval_jobs: bool = True
     eval_max_running: int = 1
     eval_num_cpus: float = 1.0
     eval_num_gpus: float = 0.0
+    eval_jobs_dir: Optional[str] = None  # SQLite job store + job folders (serve/jobstore.py default_jobs_dir)
+    eval_keep_days: float = 7.0  # retention: finished jobs older than this are removed with their folders
+    eval_keep_jobs: int = 200  # retention: at most this many finished jobs are kept
 
     @property
     def max_concurrent(self) -> int:
@@ -39,5 +51,10 @@ class ServeConfig:
         # still reach a replica whose generation slots are all taken.
         return self.max_concurrent + 16
 
+    def env_vars(self) -> dict[str, str]:
+        """Environment of replicas and eval workers (interventions.vte reads LVLM_ROUTER_DIR)."""
+        return {"LVLM_ROUTER_DIR": self.router_dir} if self.router_dir else {}
+
     def load_kwargs(self) -> dict:
-        return {"device": self.device, "dtype": self.dtype}
+        placement = {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
+        return {"device": self.device, "dtype": self.dtype, **{k: v for k, v in placement.items() if v is not None}}

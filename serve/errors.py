@@ -43,6 +43,9 @@ class BadRequest(ServiceError):
 class Unauthorized(ServiceError):
     status, type, default_code = 401, "authentication_error", "invalid_api_key"
 
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="lvlm-hallu"'}  # RFC 6750
+
 
 class NotFound(ServiceError):
     status, type, default_code = 404, "not_found_error", "not_found"
@@ -56,6 +59,10 @@ class PayloadTooLarge(ServiceError):
     status, type, default_code = 413, "invalid_request_error", "payload_too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, type, default_code = 415, "invalid_request_error", "unsupported_media_type"
+
+
 class Overloaded(ServiceError):
     status, type, default_code = 429, "rate_limit_error", "overloaded"
 
@@ -64,8 +71,9 @@ class Unavailable(ServiceError):
     status, type, default_code = 503, "service_unavailable", "unavailable"
 
 
-def error_for(exc: BaseException) -> ServiceError:
-    """The HTTP error for an exception raised while handling a request."""
+def error_for(exc: BaseException, request_id: str | None = None) -> ServiceError:
+    """The HTTP error for an exception raised while handling a request; an unexpected one is
+    logged with the request id the client got in `x-request-id`."""
     if isinstance(exc, ServiceError):
         return exc
     from interventions import InterventionError
@@ -77,6 +85,6 @@ def error_for(exc: BaseException) -> ServiceError:
         return BadRequest(str(exc), param="messages", code="invalid_image")
     if isinstance(exc, PromptError):
         return BadRequest(str(exc), param="messages", code="invalid_prompt")
-    log.error("request failed", exc_info=exc)
+    log.error("request %s failed", request_id or "-", exc_info=exc)
     return ServiceError(f"internal error ({type(exc).__name__}); the request was not completed",
                         code="internal_error")

@@ -2,8 +2,12 @@
 
 Safety rules, each a 4xx with the OpenAI error object:
 - bytes over `max_image_bytes` → 413 (checked from the base64 length before decoding);
-- width × height over `max_image_pixels` → 413, read from the header before `load()`, so a
-  decompression bomb (a tiny PNG declaring 100k × 100k pixels) never allocates its pixels;
+- width × height over `max_image_pixels`, a side over `max_image_side`, an aspect ratio over
+  `max_aspect_ratio`, or decoded memory (native pixels + the RGB copy) over `max_decoded_bytes`
+  → 413, all read from the header before `load()`. A decompression bomb (a tiny PNG declaring
+  100k × 100k pixels) never allocates its pixels, and a 139-byte 60000 × 1 PNG — few pixels,
+  but the CLIP preprocessor scales its short side to 336, i.e. a 20-million-pixel-wide image —
+  is refused in about a millisecond instead of stalling the replica for seconds;
 - not an image, a format outside PNG/JPEG/WebP/GIF/BMP, truncated or corrupt data → 400;
 - remote URLs: off by default; when on, the host is resolved and EVERY address must be globally
   routable (no loopback, link-local such as 169.254.169.254 metadata services, private, shared,
@@ -29,6 +33,8 @@ from serve.errors import BadRequest, PayloadTooLarge
 from serve.limits import Limits
 
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+ONE_BYTE_MODES = frozenset({"1", "L", "P"})  # Pillow stores these in 1 byte per pixel, "I;16*" in 2, others in 4
+RGB_BYTES = 4  # Pillow's RGB is 32 bits per pixel
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
@@ -49,9 +55,7 @@ def open_image(data: bytes, limits: Limits, param: str = "messages") -> Image.Im
     width, height = image.size
     if width < 1 or height < 1:
         raise BadRequest(f"image has invalid dimensions {width}x{height}", param=param, code="invalid_image")
-    if width * height > limits.max_image_pixels:
-        raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of {limits.max_image_pixels} "
-                              "pixels", param=param, code="image_too_large")
+    check_dimensions(width, height, image.mode, limits, param)
     try:
         image.load()
         return image.convert("RGB")
@@ -59,6 +63,28 @@ def open_image(data: bytes, limits: Limits, param: str = "messages") -> Image.Im
         raise PayloadTooLarge(f"image dimensions are too large: {err}", param=param, code="image_too_large") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise BadRequest(f"image data is truncated or corrupt ({err})", param=param, code="invalid_image") from err
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Memory that decoding takes: the native pixels plus the RGB copy the model gets."""
+    native = 1 if mode in ONE_BYTE_MODES else 2 if mode.startswith("I;16") else 4
+    return width * height * (native + (0 if mode == "RGB" else RGB_BYTES))
+
+
+def check_dimensions(width: int, height: int, mode: str, limits: Limits, param: str = "messages") -> None:
+    """413 for a header whose pixels, sides, aspect ratio or decoded memory exceed the limits."""
+    def refuse(why: str) -> PayloadTooLarge:
+        return PayloadTooLarge(f"image of {width}x{height} pixels {why}", param=param, code="image_too_large")
+
+    if width * height > limits.max_image_pixels:
+        raise refuse(f"exceeds the limit of {limits.max_image_pixels} pixels")
+    if max(width, height) > limits.max_image_side:
+        raise refuse(f"has a side over the limit of {limits.max_image_side} pixels")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise refuse(f"has an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1")
+    if decoded_bytes(width, height, mode) > limits.max_decoded_bytes:
+        raise refuse(f"would take {decoded_bytes(width, height, mode)} bytes decoded, over the limit of "
+                     f"{limits.max_decoded_bytes}")
 
 
 def decode_data_url(url: str, limits: Limits, param: str = "messages") -> bytes:

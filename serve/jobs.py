@@ -4,9 +4,12 @@ Layout:
 - `JobBoard`: the plain state machine of every job (queued → running → succeeded | failed |
   cancelled, with progress and partial metrics); updates after a terminal state are ignored, so
   a late progress report cannot revive a cancelled job. Unit-tested without Ray.
-- `JobRegistry`: one named Ray actor (`lvlm-eval-jobs`) that owns the board, so every replica of
-  the service sees the same jobs; it starts one `EvalWorker` actor per job (at most
-  `max_running` at once, the rest wait queued) and kills it on cancel or when it is done.
+- `JobRegistry`: one named Ray actor (`lvlm-eval-jobs`) that owns the jobs, so every replica of
+  the service sees the same ones. Their state is in the durable SQLite store of serve/jobstore.py
+  (same transitions as the board), so the registry restarts (`max_restarts`) without losing them
+  and failed or cancelled jobs resume from their results files (docs/cluster.md). It starts one
+  `EvalWorker` actor per job (at most `max_running` at once, the rest wait queued) and kills it
+  on cancel or when it is done.
 - `EvalWorker`: loads its own model with `lvlm.load`, builds the job's items, answers them with
   the `eval` package's resumable runner and reports progress to the registry after each batch.
 - `JOB_KINDS`: job functions by name. "chair" and "pope" run on the embedded shapes world
@@ -70,13 +73,21 @@ def job_kind(name: str, summary: str) -> Callable[[Callable[[JobContext], dict]]
 def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial: Callable[[dict], dict]) -> dict:
     """Answer `items` with the eval runner over a local pipeline; report after every batch."""
     import interventions
-    from eval.runner import local_answer, run
+    from eval.fingerprint import Fingerprint, items_digest, model_identity
+    from eval.runner import ResultsFile, local_answer, run
 
     req = ctx.request
+    path = ctx.workdir / f"{task.name}.jsonl"
+    # A resumed job continues its results file only if nothing its answers depend on has changed
+    # (the model's weights, the request, the items): FingerprintMismatch fails the job otherwise.
+    fingerprint = Fingerprint.of(benchmark=task.name,
+                                 model=model_identity(ctx.model), load=ctx.load_kwargs,
+                                 job={k: v for k, v in req.items() if k != "batch_size"}, items=items_digest(items))
+    ResultsFile(path, fingerprint)  # checked before the model loads
     pipeline = ctx.load_pipeline()
     answer = local_answer(pipeline, max_new_tokens=req["max_tokens"], interventions=req.get("interventions"),
                           resolve=interventions.resolve, seed=req.get("seed"))
-    records: dict[str, dict] = {}
+    records: dict[str, dict] = dict(ResultsFile(path).records)  # a resumed job counts what it has
     total = len(items)
 
     def answer_and_report(batch):
@@ -86,9 +97,8 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial: Call
         ctx.report(len(records), total, partial(records))
         return answers
 
-    ctx.report(0, total, None)
-    done = run(items, answer_and_report, ctx.workdir / f"{task.name}.jsonl", batch_size=req["batch_size"],
-               progress=False)
+    ctx.report(len(records), total, None)
+    done = run(items, answer_and_report, path, batch_size=req["batch_size"], progress=False, fingerprint=fingerprint)
     metrics, _details = task.score(done)
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
@@ -258,24 +268,30 @@ class EvalWorker:
 
 
 class JobRegistry:
-    """Named Ray actor holding the `JobBoard` and the worker actors of running jobs."""
+    """Named Ray actor holding the job store (serve/jobstore.py) and the worker actors of running jobs."""
 
-    def __init__(self, worker_options: dict[str, Any], max_running: int = 1, root: str | None = None):
+    def __init__(self, worker_options: dict[str, Any], max_running: int = 1, root: str | None = None,
+                 retention: dict[str, Any] | None = None):
         import ray
 
-        self.board = JobBoard()
+        from serve.jobstore import JobStore
+
+        self.root = root or tempfile.mkdtemp(prefix="lvlm-eval-jobs-")
+        # The durable store (serve/jobstore.py): a restarted registry (max_restarts) runs this
+        # constructor again with the same root and finds every job; jobs left running lost their
+        # worker with the old registry and are queued again, resuming from their results files.
+        self.board = JobStore(self.root, **(retention or {}))
         self.worker_class = ray.remote(EvalWorker)
         self.worker_options = worker_options
         self.max_running = max_running
-        self.root = root or tempfile.mkdtemp(prefix="lvlm-eval-jobs-")
         self.workers: dict[str, Any] = {}  # job id -> (actor, ref of its run call)
-        self.specs: dict[str, tuple[str, dict]] = {}  # job id -> (model, load kwargs)
+        self.board.reload()
+        self._schedule()
 
     def submit(self, kind: str, model: str, request: dict, load_kwargs: dict) -> dict:
-        job = self.board.create(kind, model, request)
-        self.specs[job.id] = (model, load_kwargs)
+        job = self.board.create(kind, model, request, load_kwargs)
         self._schedule()
-        return job.to_dict()
+        return self.board.get(job.id).to_dict()
 
     def get(self, job_id: str) -> Optional[dict]:
         self._reap()
@@ -295,7 +311,22 @@ class JobRegistry:
         if self.board.cancel(job_id) and job_id in self.workers:
             ray.kill(self.workers.pop(job_id)[0])  # stops the generation mid-batch
         self._schedule()
-        return job.to_dict()
+        return self.board.get(job_id).to_dict()
+
+    def resume(self, job_id: str) -> Optional[dict]:
+        """Queue a failed or cancelled job again; it continues from its results file.
+
+        Returns {"resumed": bool, "job": record} (resumed False: the job was not failed or
+        cancelled), or None for an unknown id.
+        """
+        if self.board.get(job_id) is None:
+            return None
+        resumed = self.board.resume(job_id)
+        self._schedule()
+        return {"resumed": resumed, "job": self.board.get(job_id).to_dict()}
+
+    def health(self) -> dict:
+        return {**self.board.health(), "running": len(self.workers)}
 
     # called by workers
     def started(self, job_id: str) -> None:
@@ -329,8 +360,10 @@ class JobRegistry:
                 continue
             if len(self.workers) >= self.max_running:
                 break
-            model, load_kwargs = self.specs[job.id]
-            worker = self.worker_class.options(**self.worker_options).remote()
+            model, load_kwargs = job.model, job.load_kwargs
+            # Named per attempt, so operators (and tests) can find a job's worker: `ray list actors`.
+            name = f"lvlm-eval-worker-{job.id}-{job.attempts}"
+            worker = self.worker_class.options(name=name, namespace=REGISTRY_NAMESPACE, **self.worker_options).remote()
             ref = worker.run.remote(job.id, job.kind, model, job.request, load_kwargs, me, self.root)
             # The job stays "queued" until the worker reports `started`: Ray may still be waiting
             # for a CPU or GPU to place the worker on.
@@ -361,13 +394,20 @@ class JobRegistry:
 class RayJobs:
     """The service's view of the registry actor (async, for the replica's event loop)."""
 
-    def __init__(self, *, worker_options: dict[str, Any], max_running: int = 1):
+    def __init__(self, *, worker_options: dict[str, Any], max_running: int = 1, jobs_dir: str | None = None,
+                 retention: dict[str, Any] | None = None):
         import ray
 
+        from serve.jobstore import default_jobs_dir
+
+        # Ray restarts a dead registry with these same arguments (so the same jobs directory) and
+        # retries the calls that were in flight or sent while it was down. It lives on the head
+        # node, so a restart finds the store on the same disk.
         self._actor = ray.remote(JobRegistry).options(
             name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True, lifetime="detached",
-            num_cpus=0, max_concurrency=1,
-        ).remote(worker_options, max_running)
+            num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1,
+            resources={"node:__internal_head__": 0.001},
+        ).remote(worker_options, max_running, str(jobs_dir or default_jobs_dir()), retention)
 
     @staticmethod
     def kinds() -> dict[str, str]:
@@ -384,4 +424,10 @@ class RayJobs:
 
     async def cancel(self, job_id: str) -> Optional[dict]:
         return await self._actor.cancel.remote(job_id)
+
+    async def resume(self, job_id: str) -> Optional[dict]:
+        return await self._actor.resume.remote(job_id)
+
+    async def health(self) -> dict:
+        return await self._actor.health.remote()
 

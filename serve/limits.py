@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from serve.errors import Overloaded, PayloadTooLarge, Unauthorized
+from serve.errors import Overloaded, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 MiB = 1024 * 1024
 
@@ -22,6 +22,9 @@ class Limits:
     max_body_bytes: int = 20 * MiB  # a base64 image is 4/3 of its bytes
     max_image_bytes: int = 10 * MiB
     max_image_pixels: int = 4096 * 4096  # checked from the header, before decoding (bombs)
+    max_image_side: int = 8192  # longest side, from the header
+    max_aspect_ratio: float = 20.0  # long side / short side: preprocessing scales the short side up
+    max_decoded_bytes: int = 4096 * 4096 * 8  # native pixels + RGB copy, from the header
     max_images: int = 1  # the engine takes at most one image per request
     max_tokens: int = 1024
     default_max_tokens: int = 128
@@ -43,12 +46,21 @@ def check_api_key(authorization: str | None, api_key: str | None) -> None:
         raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes `limit` bytes.
+def check_json(content_type: str | None) -> None:
+    """415 unless the body is declared as JSON (application/json or a +json type, any charset)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(f"request body must be application/json, got {media or 'no Content-Type'}",
+                                   param="content-type")
 
-    The declared Content-Length is checked first so an honest oversized upload is refused without
-    reading it; the running count covers chunked bodies and lying headers.
+
+async def read_body(request, limit: int) -> bytes:
+    """The JSON request body, refusing (413) as soon as it passes `limit` bytes.
+
+    The media type is checked first (415), then the declared Content-Length so an honest oversized
+    upload is refused without reading it; the running count covers chunked bodies and lying headers.
     """
+    check_json(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")

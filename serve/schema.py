@@ -19,8 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class _Wire(BaseModel):
     # Unknown request fields are ignored like OpenAI does for fields it does not know of; the
-    # few that change semantics (n, stream_options ...) are declared and checked explicitly.
-    model_config = ConfigDict(extra="ignore")
+    # few that change semantics (n, stream_options ...) are declared and checked explicitly, and
+    # OpenAI fields we do not implement are declared so that a request using them gets a 400
+    # naming the field (`ChatCompletionRequest.unsupported`) rather than silently other output.
+    # strict: JSON types are not coerced ("stream": "yes", "max_tokens": "10" or true are 400s).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# OpenAI chat fields this service does not implement; a value other than the field's neutral
+# one (null, 0, false, empty, {"type": "text"}) is a 400 naming the field.
+UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+                      "parallel_tool_calls", "response_format", "logit_bias", "presence_penalty",
+                      "frequency_penalty", "audio", "modalities", "prediction", "web_search_options")
 
 
 # -- chat request ---------------------------------------------------------------------------
@@ -62,6 +72,17 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
+def _neutral(value: Any) -> bool:
+    """True for values that ask for nothing: null, false, 0, empty, {"type": "text"}, "none"/"auto"."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    if isinstance(value, str):
+        return value in ("none", "auto")
+    return value in ([], {}, {"type": "text"})
+
+
 class ChatCompletionRequest(_Wire):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -77,15 +98,35 @@ class ChatCompletionRequest(_Wire):
     stream_options: Optional[StreamOptions] = None
     interventions: Interventions = None
     user: Optional[str] = None
+    # declared only to be refused by name (see UNSUPPORTED_FIELDS)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
-        if isinstance(value, list) and any(not s for s in value):
+        if value == "" or (isinstance(value, list) and any(not s for s in value)):
             raise ValueError("stop sequences must be non-empty")
         return value
+
+    def unsupported(self) -> list[str]:
+        """The unimplemented OpenAI fields this request sets to something other than neutral."""
+        return [name for name in UNSUPPORTED_FIELDS if not _neutral(getattr(self, name))]
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:

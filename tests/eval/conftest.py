@@ -84,3 +84,13 @@ def write_tiny_coco(root: Path) -> TinyCoco:
 @pytest.fixture
 def tiny_coco(tmp_path) -> TinyCoco:
     return write_tiny_coco(tmp_path / "coco")
+
+
+@pytest.fixture(scope="session")
+def shapes_coco(tmp_path_factory) -> Path:
+    """40 shapes-world test scenes in COCO format: images/ and annotations/{instances,captions}_test.json."""
+    from lvlm.shapes import build_split
+
+    root = tmp_path_factory.mktemp("shapes-coco")
+    build_split(root, "test", 40)
+    return root

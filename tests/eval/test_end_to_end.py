@@ -29,8 +29,9 @@ def test_chair_end_to_end(world, tmp_path):
     (metrics,) = report(tmp_path, "chair").values()
     assert 0 <= metrics["CHAIR_s"] <= 100 and 0 <= metrics["CHAIR_i"] <= 100
     assert metrics["Recall"] >= 40  # docs/shapes-model.md reports the held-out recall; margin kept
-    results = tmp_path / "chair_none.jsonl"
-    assert len(results.read_text().splitlines()) == 8  # one record per image, appended as they finish
+    lines = (tmp_path / "chair_none.jsonl").read_text().splitlines()
+    assert "fingerprint" in json.loads(lines[0])  # the header: the run's fingerprint
+    assert len(lines) == 1 + 8  # then one record per image, appended as they finish
 
 
 def test_pope_end_to_end_with_interventions(world, tmp_path):
@@ -44,3 +45,35 @@ def test_pope_end_to_end_with_interventions(world, tmp_path):
             assert 50 <= metrics[f"{split} Acc"] <= 100  # better than chance on its own world
         assert 0 < metrics["POPE (mean F1)"] <= 100
     assert (tmp_path / "pope_report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_zero_setup_compare_on_the_embedded_model(tmp_path, monkeypatch):
+    """`lvlm eval compare --model shapes --interventions none,vhr` with no other argument (fresh clone)."""
+    import re
+
+    from transformers import AutoConfig
+
+    from eval.world import DEFAULT_N, WORLD_IMAGES
+    from lvlm.shapes import MODEL_DIR
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["eval", "compare", "--model", "shapes", "--interventions", "none,vhr"])
+    assert res.exit_code == 0, res.output
+    (folder,) = (tmp_path / "runs" / "eval").iterdir()
+    assert re.fullmatch(r"chair-shapes-[0-9a-f]{12}", folder.name)
+    data = json.loads((folder / "chair_report.json").read_text())
+    p = data["provenance"]
+    assert p["extra"]["dataset"]["generated"] == "shapes world, test split"
+    assert p["extra"]["dataset"]["images"] == WORLD_IMAGES and p["n_images"] == DEFAULT_N
+    assert p["options"]["synonyms"] == str(SYNONYMS_PATH)
+    # 512 new tokens do not fit the embedded model's context: lowered before loading, with a warning
+    context = AutoConfig.from_pretrained(MODEL_DIR).text_config.max_position_embeddings
+    assert 0 < p["decoding"]["max_new_tokens"] < context and "clamped to" in res.output
+    assert folder.name.endswith(p["fingerprint"]["digest"][:12])
+    none, vhr = data["results"]
+    assert (none["name"], vhr["name"]) == ("none", "vhr") and none["intervals"] is None
+    assert set(vhr["intervals"]) == {"CHAIR_s", "CHAIR_i", "Recall", "Len"}
+    for m, iv in vhr["intervals"].items():
+        assert iv["low"] <= iv["diff"] <= iv["high"]
+        assert iv["diff"] == pytest.approx(vhr["metrics"][m] - none["metrics"][m])
+    assert none["metrics"]["Recall"] >= 40

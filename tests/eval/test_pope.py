@@ -250,3 +250,73 @@ def test_question_files_roundtrip(tmp_path, synthetic):
     path.write_text('{"question_id": 1, "image": "x.jpg", "text": "?", "label": "maybe"}\n')
     with pytest.raises(AnnotationError):
         read_questions(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official files' structure: shared positives; unparseable answers counted
+
+
+def test_splits_share_images_and_positives_on_coco_data(synthetic):
+    """Built from a COCO-format instances file: the splits differ only in their negatives."""
+    objects, names = synthetic
+    splits = build_splits(objects, n_images=500, seed=11, image_names=names)
+    positives = {k: [(q.image, q.text) for q in qs if q.label == "yes"] for k, qs in splits.items()}
+    assert len(positives["random"]) == 1500
+    assert positives["random"] == positives["popular"] == positives["adversarial"]
+    negatives = {k: [q.text for q in qs if q.label == "no"] for k, qs in splits.items()}
+    assert negatives["random"] != negatives["popular"] != negatives["adversarial"]
+    # any single split gives the same positives as the three built together
+    alone = build_split(objects, "adversarial", n_images=500, seed=11, image_names=names)
+    assert alone == splits["adversarial"]
+
+
+def test_sampler_reads_only_the_lists_it_visits(synthetic):
+    """A lazily mined mapping is read for a few more images than sampled, not for all of them."""
+    from collections.abc import Mapping
+
+    objects, names = synthetic
+
+    class Counting(Mapping):
+        def __init__(self):
+            self.read = set()
+
+        def __getitem__(self, k):
+            self.read.add(k)
+            return objects[k]
+
+        def __iter__(self):
+            return iter(objects)
+
+        def __len__(self):
+            return len(objects)
+
+    lazy = Counting()
+    qs = build_split(lazy, "popular", n_images=50, seed=2, image_names=names)
+    assert qs == build_split(objects, "popular", n_images=50, seed=2, image_names=names)
+    assert 50 <= len(lazy.read) < 100  # 40 of 600 images have < 3 objects
+
+
+def test_mined_objects_match_the_full_ground_truth(parser, tiny_coco):
+    from eval.chair import MinedObjects, ground_truth_from_coco
+
+    mined = []
+    lazy = MinedObjects(load_coco(tiny_coco.instances, "instances"), load_coco(tiny_coco.captions, "captions"),
+                        parser, on_mine=mined.append)
+    full = ground_truth_from_coco(tiny_coco.instances, tiny_coco.captions, parser=parser)
+    assert list(lazy) == [1, 2, 3] and mined == []
+    assert lazy[2] == full[2] and lazy[1] == full[1] == {"person", "dog", "dining table"}
+    assert mined == [2, 1]
+    lazy[1]
+    assert mined == [2, 1]  # cached
+
+
+def test_unparseable_answers_are_counted_and_follow_the_parser(tmp_path):
+    q = [PopeQuestion(i + 1, "a.jpg", "?", label) for i, label in enumerate(["yes", "no", "yes", "no", "no"])]
+    answers = ["", "I cannot tell.", "Yes", "No, there is not.", "There isn't one."]
+    official = score_answers(q, answers)
+    assert official.unparseable == 2  # "" and "I cannot tell." say neither yes nor no
+    # the official rule reads both as "yes" (TP and FP); "isn't" is not a negation word to it: FP
+    assert (official.tp, official.fp, official.tn) == (2, 2, 1)
+    assert score_answers(q, answers, parser="opera").tn == 2  # OPERA's rule reads "n't"
+    lmms = score_answers(q, answers, parser="lmms-eval")
+    assert lmms.unparsed == 4 and lmms.unparseable == 4  # only the exact "Yes" is read

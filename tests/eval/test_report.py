@@ -226,6 +226,8 @@ def test_cli_chair_runs_a_model(tiny_coco, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_resolver", lambda: fake_resolve)
     args = [
         "chair",
+        "--model",
+        "fake/captioner",  # not a readable checkpoint: no context fitting, no digests
         "--images",
         str(tiny_coco.images),
         "--annotations",
@@ -246,12 +248,15 @@ def test_cli_chair_runs_a_model(tiny_coco, tmp_path, monkeypatch):
     assert model.calls == 3
     assert data["results"][0]["details"]["interventions_resolved"] == [{"name": "vhr", "alpha": 0.5}]
     p = data["provenance"]
-    assert (p["model_id"], p["dtype"], p["attention_backend"], p["extra"]) == (
+    assert (p["model_id"], p["dtype"], p["attention_backend"], p["extra"]["family"]) == (
         "fake/captioner",
         "float32",
         "sdpa",
-        {"family": "llava"},
+        "llava",
     )
+    assert p["extra"]["dataset"]["instances"] == str(tiny_coco.instances)  # found in --annotations
+    assert p["fingerprint"]["fields"]["model"] == {
+        "id": "fake/captioner", "revision": None, "config_sha256": None, "weights_sha256": None}
 
 
 def test_cli_compare_pope_with_question_files(tmp_path, monkeypatch):
@@ -283,6 +288,8 @@ def test_cli_compare_pope_with_question_files(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_resolver", lambda: lambda spec: tuple(split_spec(spec)))
     args = [
         "compare",
+        "--model",
+        "fake/yes-model",
         "--benchmark",
         "pope",
         "--config",

@@ -139,7 +139,8 @@ def test_vhr_matches_hooked_transformers(pipe):
 
 def test_vhr_default_layers():
     assert default_layers(32) == (1, *range(18, 32))
-    assert default_layers(4) == (0, 1, 2, 3)
+    assert default_layers(8) == (1, 4, 5, 6, 7)  # {1} ∪ last round(14·8/32) = 4
+    assert default_layers(4) == (1, 2, 3)  # round(1.75) = 2: no longer every layer
 
 
 # -- VAR and PAI against an independent materialized attention on transformers' forward ---------------
@@ -175,6 +176,8 @@ class Materialized:
             after_image = torch.arange(s.shape[-1]) > self.visual.long().argmax(-1, keepdim=True) + self.visual.sum(-1, keepdim=True) - 1
             a_v, a_sv, a_s, a_n = (a * V).sum(-1), (a * (S & V)).sum(-1), (a * S).sum(-1), (a * N).sum(-1)
             pick = (a_v >= self.var["min_visual"]) & (a_sv <= (1 - self.var["rho"]) * a_v) & (a_n > 0) & after_image[:, None, :]
+            if self.var.get("require_visual_sink", True):  # official code: no visual sink in the layer, no edit
+                pick &= (S & V).any(-1)
             p = self.var["p"]
             new = torch.where(S, (1 - p) * a, a)
             new = torch.where(N, a + (p * a_s / a_n.clamp_min(1e-30))[..., None] * a, new)
@@ -213,8 +216,9 @@ def test_pai_matches_materialized(pipe):
     assert not torch.allclose(ours, plain, atol=1e-3)
 
 
-def test_var_matches_materialized(pipe):
-    var = {"p": 0.8, "rho": 0.2, "min_visual": 0.1, "tau": 1.5}
+@pytest.mark.parametrize("require_visual_sink", [True, False])
+def test_var_matches_materialized(pipe, require_visual_sink):
+    var = {"p": 0.8, "rho": 0.2, "min_visual": 0.1, "tau": 1.5, "require_visual_sink": require_visual_sink}
     req = lvlm.Request("Describe it.", IMG2, interventions=resolve([{"name": "var", "sink_dims": [3, 7], **var}]))
     batch, ours, plan = plan_logits(pipe, req)
     visual = batch["input_ids"] == pipe.facts.image_token_id
@@ -258,11 +262,12 @@ def test_vte_dynamic_policy_exits(pipe):
     assert never.token_ids == run(pipe, None).token_ids
 
 
-def test_vte_router_weights(pipe, tmp_path):
+def test_vte_router_weights(pipe, tmp_path, monkeypatch):
     E = pipe.facts.hidden_size
-    path = tmp_path / "router.pt"
-    torch.save({"w1": torch.zeros(4, 2 * E), "b1": torch.zeros(4), "w2": torch.zeros(1, 4), "b2": torch.full((1,), 5.0)}, path)
-    res = run(pipe, [{"name": "vte", "policy": "router", "router_path": str(path), "min_layer": 1}])
+    monkeypatch.setenv("LVLM_ROUTER_DIR", str(tmp_path))  # routers come by name from the operator's directory
+    torch.save({"w1": torch.zeros(4, 2 * E), "b1": torch.zeros(4), "w2": torch.zeros(1, 4), "b2": torch.full((1,), 5.0)},
+               tmp_path / "router.pt")
+    res = run(pipe, [{"name": "vte", "policy": "router", "router": "router", "min_layer": 1}])
     assert res.report["vte"]["exit_layer"] == 1  # the router says "exit" at the first allowed layer
 
 

@@ -177,9 +177,10 @@ def test_mixed_rows_get_what_they_get_alone(case):
         assert torch.equal(r[b : b + 1], rb)
 
 
-def test_prefill_compiles_for_hopper_without_spills():
-    """The interpreter never runs Triton's compiler: compile the GPU path (fp16 tiles into wgmma)
-    for sm_90 offline with the bundled ptxas, and check that no tile spills registers."""
+def test_kernels_compile_for_hopper_without_spills():
+    """The interpreter never runs Triton's compiler: compile every GPU kernel variant (prefill's
+    fp16 tiles into wgmma, the split VAR rows, decode, reduce, read-out) for sm_90 offline with
+    the bundled ptxas, and check that none spills registers."""
     import subprocess
     import sys
     from pathlib import Path
@@ -195,5 +196,116 @@ def test_prefill_compiles_for_hopper_without_spills():
                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 3
-    assert all("spill stack 0 B" in line and "wgmma True" in line for line in lines), out.stdout
+    assert len(lines) == 8  # 4 prefill variants (2 of them VAR), 2 decode, reduce, readout
+    assert all("spill stack 0 B" in line for line in lines), out.stdout
+    assert all("wgmma True" in line for line in lines if line.startswith("prefill")), out.stdout
+
+
+class _Counting:
+    """Wraps a @triton.jit kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("shape", [dict(B=2, Tq=40, Tk=40), dict(B=2, Tq=21, Tk=37)], ids=["prefill", "chunk"])
+def test_var_rows_split_over_keys_match_reference(make_case, monkeypatch, shape):
+    """SINK_REDIST rows with their key axis split over programs (partials merged by the
+    reduction kernel) give the reference's output and read-out, like the unsplit launch."""
+    c = make_case(**shape)
+    e = c.edits() if shape["Tq"] == shape["Tk"] else c.edits(sink_query_start=torch.tensor([30, 33], dtype=torch.int32))
+    want = reference.attention(*c.args, scale=c.scale, edits=e)
+    reduce = _Counting(ta._attn_reduce_kernel)
+    monkeypatch.setattr(ta, "_attn_reduce_kernel", reduce)
+    q, k, v, kv_start = _to_device(c)
+    got = ta.attention_prefill(q, k, v, kv_start, scale=c.scale, edits=_edits_to_device(e), var_splits=3)
+    assert reduce.launches == 1
+    _check(got, want, TOL[torch.float32])
+    if shape["Tq"] == shape["Tk"]:  # the unsplit launch (also covered by the tests above) agrees
+        one = ta.attention_prefill(q, k, v, kv_start, scale=c.scale, edits=_edits_to_device(e), var_splits=1)
+        assert reduce.launches == 1  # one split: no reduction
+        torch.testing.assert_close(got[0], one[0], atol=1e-6, rtol=1e-5)
+
+
+def test_decode_with_one_split_launches_no_reduction(case, monkeypatch):
+    reduce = _Counting(ta._attn_reduce_kernel)
+    monkeypatch.setattr(ta, "_attn_reduce_kernel", reduce)
+    e = case.edits()
+    q, k, v, kv_start = _to_device(case)
+    want = reference.attention(case.q[:, :, -1:], case.k, case.v, case.kv_start, scale=case.scale, edits=e)
+    _check(ta.attention_decode(q[:, :, -1:], k, v, kv_start, scale=case.scale, edits=_edits_to_device(e),
+                               num_splits=1), want, TOL[torch.float32])
+    assert reduce.launches == 0
+    ta.attention_decode(q[:, :, -1:], k, v, kv_start, scale=case.scale, edits=_edits_to_device(e), num_splits=2)
+    assert reduce.launches == 1
+
+
+@pytest.mark.parametrize("tq", [40, 1], ids=["prefill", "decode"])
+def test_output_written_in_the_layers_layout(case, tq):
+    """`out` = a (B, Tq, H, D) buffer seen as (B, H, Tq, D): the kernels write through the view."""
+    e = case.edits()
+    q, k, v, kv_start = _to_device(case)
+    q = q[:, :, -tq:]
+    B, H, _, D = q.shape
+    buf = torch.full((B, tq, H, D), float("nan"), device=DEVICE)
+    o, _ = ta.attention(q, k, v, kv_start, scale=case.scale, edits=_edits_to_device(e), out=buf.transpose(1, 2))
+    assert o.data_ptr() == buf.data_ptr()
+    want, _ = reference.attention(case.q[:, :, -tq:], case.k, case.v, case.kv_start, scale=case.scale, edits=e)
+    torch.testing.assert_close(buf.cpu(), want.transpose(1, 2), **TOL[torch.float32])
+    with pytest.raises(ValueError, match="out must be"):
+        ta.attention(q, k, v, kv_start, scale=case.scale, out=buf)
+
+
+def test_decode_groups_of_three_query_heads(make_case):
+    """GQA decode: one program per key/value head serves its 3 query heads (padded to 4)."""
+    c = make_case(B=2, H=6, Hkv=2, Tq=1, Tk=50)
+    e = c.edits(sink_query_start=torch.zeros(2, dtype=torch.int32))
+    q, k, v, kv_start = _to_device(c)
+    want = reference.attention(*c.args, scale=c.scale, edits=e)
+    for splits in (1, 3):
+        _check(ta.attention_decode(q, k, v, kv_start, scale=c.scale, edits=_edits_to_device(e), num_splits=splits),
+               want, TOL[torch.float32])
+
+
+def test_split_counts_fill_an_h100():
+    """Split choice from the SM count (132 on an H100 SXM): batch 1 at 600 keys fills the GPU,
+    batch 8 needs no split, and no split walks fewer than its minimum of key blocks."""
+    sms = 132
+    grid, _, _, splits, reduce, _ = ta._decode_plan(1, 32, 32, 600, 128, (False,) * 5, sms, None, 64)
+    assert grid[0] * splits >= sms and reduce is not None
+    assert 2 * splits <= -(-600 // 64)  # each split walks >= 2 key blocks
+    grid, _, _, splits, reduce, _ = ta._decode_plan(8, 32, 32, 600, 128, (False,) * 5, sms, None, 64)
+    assert splits == 1 and reduce is None  # 256 programs already fill 132 SMs
+    _, _, _, splits, _, _ = ta._decode_plan(1, 32, 32, 64, 128, (False,) * 5, sms, None, 64)
+    assert splits == 1  # one key block: nothing to split
+    # Prefill with VAR at 621 tokens, eligible rows from 611 (the text after 576 image tokens).
+    flags = (True, True, True, True, True)
+    _, sink, _ = ta._prefill_plan(1, 32, 32, 621, 621, 128, torch.float16, flags, sms, None, None, False, None, 611)
+    grid, _, row_base, rows, keys_per_split, splits, reduce = sink
+    assert row_base <= 611 < row_base + grid[0] * ta._PREFILL_TILES_REDIST[128][0] or ta._INTERPRET
+    assert rows == 621 - row_base
+    assert grid[0] * grid[1] * splits >= sms and reduce is not None
+    assert ta._num_splits(4, 100, 0, 4) == 1  # off the GPU: one split
+
+
+def test_key_classes_may_be_a_strided_view(case):
+    """The plan hands a (B, Tk) view of the cache's wider key-class buffer: used in place."""
+    B, Tk = case.key_class.shape
+    buffer = torch.zeros(B, Tk + 24, dtype=torch.uint8)
+    buffer[:, :Tk] = case.key_class
+    view = _edits_to_device(case.edits(key_class=buffer[:, :Tk]))
+    dense = _edits_to_device(case.edits())
+    assert not view.key_class.is_contiguous() and ta._classes(view.key_class, view.key_class.device, None) is view.key_class
+    q, k, v, kv_start = _to_device(case)
+    for a, b in zip(ta.attention_decode(q[:, :, -1:], k, v, kv_start, scale=case.scale, edits=view, num_splits=2),
+                    ta.attention_decode(q[:, :, -1:], k, v, kv_start, scale=case.scale, edits=dense, num_splits=2)):
+        assert torch.equal(a, b)
+    only = dict(head_scale=None, sink_p=None, sink_rho=None, sink_min_visual=None, sink_query_start=None)
+    view, dense = (AttentionEdits(**{**e.__dict__, **only}) for e in (view, dense))
+    for a, b in zip(ta.attention_prefill(q, k, v, kv_start, scale=case.scale, edits=view),
+                    ta.attention_prefill(q, k, v, kv_start, scale=case.scale, edits=dense)):
+        assert torch.equal(a, b)

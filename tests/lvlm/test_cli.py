@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,3 +24,36 @@ def test_generate_bad_image_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["generate", "--model", "tiny-llava", "--image", str(bad), "--prompt", "x"])
     assert res.exit_code == 2
     assert "cannot read image" in res.output
+
+
+def test_generate_without_image_says_text_only_in_one_line():
+    res = CliRunner().invoke(app, ["generate", "--model", "tiny-llava", "--prompt", "Hello.", "-n", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    notices = [line for line in res.stderr.splitlines() if "text-only prompt" in line]
+    assert len(notices) == 1 and "no --image given" in notices[0]
+    assert json.loads(res.stdout)["completion_tokens"] <= 3  # the notice stays off stdout
+
+
+def test_generate_with_image_has_no_text_only_notice(tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), "red").save(img)
+    res = CliRunner().invoke(app, ["generate", "--model", "tiny-llava", "--image", str(img), "--prompt", "x", "-n", "2"])
+    assert res.exit_code == 0, res.output
+    assert "text-only" not in res.output
+
+
+@pytest.mark.parametrize("spec, names", [("vhr", "vhr acts"), ("var+pai", "var+pai act"), ("vte", "vte acts"),
+                                          ("carve", "carve acts")])
+def test_generate_refuses_image_methods_on_text_only_prompt(spec, names):
+    res = CliRunner().invoke(app, ["generate", "--model", "no-such-model-is-loaded", "--prompt", "Hello.",
+                                   "--interventions", spec])
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    assert f"error: {names} on the image's tokens and this prompt is text-only" in out  # refused before any load
+
+
+def test_every_registered_method_needs_an_image():
+    from interventions import names, resolve
+    from interventions.inputs import needs_image
+
+    assert all(needs_image(resolve(name)[0]) for name in names())

@@ -100,7 +100,8 @@ def test_layer_with_shorter_kv_decodes_like_masked_reference():
             keep = torch.ones(cache.length(layer), dtype=torch.bool)
             keep[drop] = False
             start = cache.start[layer] - (drop.unsqueeze(1) < cache.start[layer]).sum(0).to(torch.int32)
-            cache.replace_layer(layer, cache.keys[layer][:, :, keep], cache.values[layer][:, :, keep], start)
+            keys, values = cache.layer_kv(layer)
+            cache.replace_layer(layer, keys[:, :, keep], values[:, :, keep], start)
             assert cache.length(layer) == cache.length(0) - len(drop)
         steps = []
         token = logits.argmax(-1)
@@ -137,3 +138,88 @@ def test_sampling_is_seeded():
     req = lambda seed: lvlm.Request(PROMPTS[1], Image.new("RGB", (40, 40)), max_new_tokens=8, temperature=1.0, top_p=0.9, seed=seed)
     a, b, c = (pipe.generate([req(s)])[0].token_ids for s in (1, 1, 2))
     assert a == b and a != c
+
+
+# -- continuous batching: rows join and leave a running batch -----------------------------------
+
+JOIN_METHODS = {
+    "none": None,
+    "vhr": [{"name": "vhr", "alpha": 4.0}],
+    "var": [{"name": "var", "p": 1.0, "rho": 0.0, "min_visual": 0.0, "sink_dims": [3, 7], "tau": 1.5}],
+    "pai": [{"name": "pai", "alpha": 3.0}],
+    "pai-contrast": [{"name": "pai", "alpha": 1.0, "contrast": True}],  # a twin row through the decode
+    "vte": [{"name": "vte", "exit_layer": 0}],  # layers of different lengths
+    "vte-dynamic": [{"name": "vte", "policy": "dynamic", "threshold": 0.5, "min_layer": 1}],
+}
+
+
+def join_requests(specs):
+    """Requests with different prompts, images and lengths, so that rows leave at different steps."""
+    from interventions import resolve
+
+    lengths = [9, 4, 7, 5, 6]
+    return [
+        lvlm.Request(PROMPTS[i % 4], Image.new("RGB", SIZES[i % 4], COLORS[i % 4]), max_new_tokens=lengths[i],
+                     interventions=resolve(spec))
+        for i, spec in enumerate(specs)
+    ]
+
+
+def staggered(pipe, reqs, schedule):
+    """Run through one RunningBatch; schedule[step] lists the requests admitted before that step."""
+    from lvlm.pipeline import RunningBatch
+
+    batch, rows, step = RunningBatch(pipe), {}, 0
+    sizes = []
+    while len(rows) < len(reqs) or batch:
+        for i in schedule.get(step, []):
+            (rows[i],) = batch.admit([reqs[i]])
+        sizes.append(len(batch))
+        batch.step()
+        step += 1
+    return [rows[i].result for i in range(len(reqs))], sizes
+
+
+SCHEDULE = {0: [0], 2: [1], 3: [2, 3], 6: [4]}  # joins while others run; row 1 leaves before 4 joins
+
+
+@pytest.mark.parametrize("method", sorted(JOIN_METHODS))
+def test_rows_joining_and_leaving_decode_as_alone(method):
+    pipe = lvlm.load("tiny-llava")
+    reqs = join_requests([JOIN_METHODS[method]] * 5)
+    alone = [pipe.generate([r])[0] for r in reqs]
+    static = pipe.generate(reqs)
+    joined, sizes = staggered(pipe, reqs, SCHEDULE)
+    assert max(sizes) >= 3, "rows must actually share the batch"
+    assert [r.token_ids for r in joined] == [r.token_ids for r in alone] == [r.token_ids for r in static]
+    assert [r.text for r in joined] == [r.text for r in alone]
+    for a, j in zip(alone, joined):  # the intervention report travels with the row
+        assert {k: v for k, v in a.report.items() if k != "added_ms"}.keys() == j.report.keys() - {"added_ms"}
+
+
+def test_mixed_methods_join_and_leave_as_alone():
+    pipe = lvlm.load("tiny-llava")
+    specs = [JOIN_METHODS[m] for m in ("pai-contrast", "none", "vte", "vhr", "var")]
+    reqs = join_requests(specs)
+    alone = [pipe.generate([r])[0].token_ids for r in reqs]
+    joined, _ = staggered(pipe, reqs, SCHEDULE)
+    assert [r.token_ids for r in joined] == alone
+    static = pipe.generate(reqs)
+    assert [r.token_ids for r in static] == alone
+    assert joined[2].report["vte"]["exit_layer"] == 0 and "vhr" in joined[3].report
+
+
+def test_cancelled_row_leaves_and_others_continue():
+    from lvlm.pipeline import RunningBatch
+
+    pipe = lvlm.load("tiny-llava")
+    reqs = join_requests([None, None, None])
+    alone = [pipe.generate([r])[0].token_ids for r in reqs]
+    batch = RunningBatch(pipe)
+    rows = batch.admit(reqs)
+    batch.step()
+    batch.cancel(rows[1])
+    while batch:
+        batch.step()
+    assert rows[1].result.finish_reason == "cancelled" and len(rows[1].result.token_ids) == 2
+    assert [rows[0].result.token_ids, rows[2].result.token_ids] == [alone[0], alone[2]]

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import lvlm
@@ -34,3 +35,43 @@ def test_profile_is_cached(tmp_path, monkeypatch):
 
 def test_published_sink_dims_for_llava_15_7b():
     assert profiles.known_sink_dims(llava_15_7b_config(char_tokenizer())) == (1415, 2533)
+
+
+def test_calibration_uses_the_width_scaled_threshold(tmp_path, monkeypatch):
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
+    pipe = lvlm.load("tiny-llava")  # E = 64: tau_E = 20 * sqrt(64 / 4096) = 2.5
+    data = profiles.load_or_compute(pipe, refresh=True)
+    assert data["tau"] == 2.5 and data["tau_source"] == "scaled"
+    assert data["backbone"] == {"model_type": "llama", "hidden_size": 64, "num_layers": pipe.facts.num_layers}
+    assert sorted(data["bos_phi_max"]) == list(range(2, pipe.facts.num_layers))
+    assert all(0 < v <= 8.0 for v in data["bos_phi_max"].values())  # phi <= sqrt(E)
+
+
+def test_sink_dimensions_must_persist_over_layers():
+    normed = torch.ones(6, 16)  # (layers 2..7, E): BOS |x_d| / RMS(x)
+    normed[:, 3] = 9.0  # a sink through dimension 3 in every layer
+    normed[3:, 11] = 12.0  # in half of the layers (from layer 5 on): still a sink dimension, stronger late
+    normed[5, 7] = 50.0  # one layer only: a transient outlier, not a sink dimension
+    assert profiles.select_sink_dims(normed, tau=5.0) == [3, 11]  # ranked by median magnitude
+    assert profiles.select_sink_dims(normed, tau=10.0) == [11]
+    assert profiles.select_sink_dims(normed, tau=60.0) == []
+
+
+def test_tuned_values_survive_a_refresh_and_ship_only_for_embedded_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
+    pipe = lvlm.load("tiny-llava")
+    profiles.save_tuned(pipe, {"vhr": {"params": {"alpha": 1.5}}})
+    assert profiles.load_or_compute(pipe, refresh=True)["tuned"]["vhr"]["params"] == {"alpha": 1.5}
+    with pytest.raises(ValueError, match="only the embedded models"):
+        profiles.ship_tuned(pipe, {"vhr": {"params": {"alpha": 1.5}}})
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights v1")
+    shipped = tmp_path / "tuned.json"
+    monkeypatch.setattr(profiles, "_shipped_paths", lambda: {"tiny-llava": (shipped, weights)})
+    profiles.ship_tuned(pipe, {"pai": {"params": {"alpha": 0.6}}})
+    data = profiles.load_or_compute(pipe)
+    assert data["tuned_shipped"] == {"pai": {"params": {"alpha": 0.6}, "shipped": True}}
+    assert "tuned_shipped" not in json.loads(profiles.cache_path(pipe).read_text())  # read from the package
+    weights.write_bytes(b"weights v2")  # retrained: the shipped values no longer apply
+    with pytest.warns(UserWarning, match="tuned for other weights"):
+        assert profiles.load_or_compute(pipe)["tuned_shipped"] == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,6 +34,8 @@ class FakePipeline:
 
     model_id = "fake-lvlm"
     max_context = 256
+    # what request validation reads of the model (interventions.validate): 6 layers, width 32
+    facts = SimpleNamespace(num_layers=6, num_heads=4, hidden_size=32, max_context=256)
 
     def __init__(self, delay_s: float = 0.0):
         self.tokenizer = FakeTokenizer()

@@ -18,6 +18,7 @@ from serve.app import Service, build_app
 from serve.client import AuthenticationError, BadRequestError, Client, NotFoundError, RateLimitError
 from serve.config import ServeConfig
 from serve.limits import Limits
+from tests.serve.conftest import FakePipeline
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -71,6 +72,13 @@ class FakeJobs:
     async def cancel(self, job_id):
         self.board.cancel(job_id)
         return await self.get(job_id)
+
+    healthy = True
+
+    async def health(self):
+        if not self.healthy:
+            raise ConnectionError("job registry unreachable")
+        return {"ok": True, "jobs": len(self.board.list())}
 
 
 LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_image_pixels=2000 * 2000, max_tokens=64,
@@ -245,6 +253,8 @@ BAD_REQUESTS = [
     ("unknown-parameter", {"json": body(interventions=[{"name": "vhr", "bogus": 1}])}, 400, "invalid_intervention",
      "interventions.vhr.bogus"),
     ("intervention-twice", {"json": body(interventions="vhr+vhr")}, 400, "invalid_intervention", "interventions"),
+    ("image-method-on-text-only", {"json": body(image=None, interventions="vhr")}, 400, "invalid_intervention",
+     "interventions"),
     ("interventions-wrong-type", {"json": body(interventions=5)}, 400, "invalid_value", None),
     ("intervention-without-name", {"json": body(interventions=[{"alpha": 2}])}, 400, "invalid_value", None),
     ("prompt-over-char-limit", {"json": body(prompt="word " * 500)}, 400, "context_length_exceeded", "messages"),
@@ -333,3 +343,69 @@ def test_async_client_in_process(service):
     reply, deltas, names, error = asyncio.run(go())
     assert reply.text.startswith("Async 20x10 var(") and "".join(deltas) == "Async 20x10 none"
     assert "vhr" in names and error.param == "max_tokens" and error.status_code == 400
+
+
+class SpacedPipeline(FakePipeline):
+    """Answers the way SentencePiece tokenizers decode: " There are ..." with a leading space."""
+
+    def answer(self, request) -> str:
+        return " " + super().answer(request)
+
+
+def test_answers_have_no_leading_space_in_both_paths():
+    service = Service(SpacedPipeline(), ServeConfig(model="fake", limits=LIMITS))
+    with TestClient(build_app(service)) as http:
+        plain = http.post("/v1/chat/completions", json=body(max_tokens=4)).json()["choices"][0]["message"]["content"]
+        with http.stream("POST", "/v1/chat/completions", json=body(max_tokens=4, stream=True)) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert plain == "Describe 20x10 none w0" and streamed == plain
+
+
+def test_docs_and_openapi_are_behind_the_key_and_401_says_how(http):
+    for path in ("/docs", "/openapi.json"):
+        r = http.get(path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="lvlm-hallu"'
+        assert http.get(path, headers=AUTH).status_code == 200
+    assert "/v1/chat/completions" in http.get("/openapi.json", headers=AUTH).json()["paths"]
+
+
+def test_docs_are_open_without_a_key(fake_pipeline):
+    with TestClient(build_app(Service(fake_pipeline, ServeConfig(model="fake")))) as client:
+        assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
+
+
+def test_unmatched_routes_are_counted(http):
+    http.get("/wp-login.php")
+    http.get("/.env")
+    text = http.get("/metrics", headers=AUTH).text
+    assert 'lvlm_requests_total{route="unmatched",status="404"} 2.0' in text
+
+
+def test_readiness_follows_the_model_and_the_job_store(service, http):
+    r = http.get("/ready")
+    assert r.status_code == 200 and r.json()["ready"] is True and r.json()["jobs"]["ok"] is True
+    service.jobs.healthy = False
+    r = http.get("/ready")
+    assert r.status_code == 503 and r.json()["ready"] is False and r.json()["jobs"]["ok"] is False
+    service.jobs.healthy = True
+    service.pipeline = None  # as while the model is unavailable
+    assert http.get("/ready").status_code == 503
+
+
+def test_readiness_without_jobs(fake_pipeline):
+    with TestClient(build_app(Service(fake_pipeline, ServeConfig(model="fake", eval_jobs=False)))) as client:
+        r = client.get("/ready")
+    assert r.status_code == 200 and r.json() == {"ready": True, "model": "fake-lvlm", "jobs": None}
+
+
+def test_unexpected_errors_are_logged_with_the_request_id(http, service, caplog):
+    def broken(requests, on_token=None):
+        raise RuntimeError("kaboom")
+
+    service.runner._generate = broken
+    with caplog.at_level("ERROR", logger="serve"):
+        r = http.post("/v1/chat/completions", headers={**AUTH, "x-request-id": "req-1234"}, json=body())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    assert "kaboom" not in r.json()["error"]["message"]  # internals stay in the log
+    assert any("req-1234" in rec.getMessage() for rec in caplog.records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -171,3 +172,100 @@ def test_outcome_unwrap():
     assert Outcome(result=3).unwrap() == 3
     with pytest.raises(StreamCancelled):
         Outcome(error=StreamCancelled()).unwrap()
+
+
+# -- continuous scheduler (serve/scheduler.py) on the real tiny model ------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    import lvlm
+
+    return lvlm.load("tiny-llava")
+
+
+def tiny_requests(n):
+    colours = ["red", "blue", "green", "white", "black", "orange"]
+    return [Request(["Describe this image.", "Hi", "What is in the picture?"][i % 3],
+                    Image.new("RGB", (32 + 4 * i, 32), colours[i % 6]), max_new_tokens=4 + (i * 3) % 7)
+            for i in range(n)]
+
+
+def test_continuous_scheduler_matches_requests_alone_and_batches_them(tiny):
+    from serve.scheduler import ContinuousScheduler
+
+    sizes = []
+    scheduler = ContinuousScheduler(tiny, max_rows=4, max_prefill_rows=2, on_batch=lambda n, _: sizes.append(n))
+    try:
+        requests = tiny_requests(6)
+        futures = [scheduler.submit(r) for r in requests]  # all at once: they queue and join as rows free up
+        outcomes = [f.result(timeout=300) for f in futures]
+    finally:
+        scheduler.close()
+    alone = [tiny.generate([r])[0] for r in requests]
+    assert [o.error for o in outcomes] == [None] * 6
+    assert [o.result.token_ids for o in outcomes] == [a.token_ids for a in alone]
+    assert [o.result.text for o in outcomes] == [a.text for a in alone]
+    assert max(sizes) <= 4, "never more than max_rows rows"
+    assert max(sizes) > 1 and sum(sizes) / len(sizes) > 1.5, "rows must share decode steps"
+
+
+def test_continuous_scheduler_fails_only_the_bad_request(tiny):
+    from serve.scheduler import ContinuousScheduler
+
+    scheduler = ContinuousScheduler(tiny, max_rows=4)
+    try:
+        good = tiny_requests(2)
+        bad = Request("x " * (tiny.max_context + 10), Image.new("RGB", (32, 32)), max_new_tokens=3)
+        outcomes = scheduler.run_batch([good[0], bad, good[1]])
+    finally:
+        scheduler.close()
+    assert isinstance(outcomes[1].error, PromptError)
+    assert [outcomes[0].result.token_ids, outcomes[2].result.token_ids] == [tiny.generate([r])[0].token_ids for r in good]
+
+
+def test_continuous_streams_per_row_and_cancellation(tiny):
+    from serve.scheduler import ContinuousScheduler
+
+    scheduler = ContinuousScheduler(tiny, max_rows=4)
+
+    async def main():
+        long = Request("Describe this image.", Image.new("RGB", (40, 40), "red"), max_new_tokens=40, ignore_eos=True)
+        other = tiny_requests(1)[0]
+        stream = TokenStream(scheduler, other)
+        doomed = TokenStream(scheduler, long)
+        pieces = [d async for d in stream]
+        first = await doomed.next_delta()
+        await doomed.close()  # the client goes away: the row leaves at the next step
+        return pieces, stream.result, first
+
+    try:
+        pieces, result, first = asyncio.run(main())
+        assert "".join(pieces) == result.text == tiny.generate([tiny_requests(1)[0]])[0].text
+        assert first is not None
+        deadline = time.time() + 60
+        while scheduler.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert scheduler.running == 0, "the cancelled row must leave the batch"
+    finally:
+        scheduler.close()
+
+
+def test_continuous_scheduler_queue_limit_is_429(tiny):
+    from serve.errors import Overloaded
+    from serve.scheduler import ContinuousScheduler
+
+    scheduler = ContinuousScheduler(tiny, max_rows=1, max_queue=1)
+    try:
+        block = Request("Hi", Image.new("RGB", (32, 32)), max_new_tokens=30, ignore_eos=True)
+        first = scheduler.submit(block)
+        deadline = time.time() + 120
+        while scheduler.running == 0 and time.time() < deadline:  # let the loop admit it
+            time.sleep(0.05)
+        queued = scheduler.submit(block)
+        with pytest.raises(Overloaded) as err:
+            for _ in range(3):
+                scheduler.submit(block)
+        assert err.value.status == 429
+        assert first.result(timeout=300).error is None and queued.result(timeout=300).error is None
+    finally:
+        scheduler.close()

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve.client import (APIConnectionError, Client, OverloadedError, PayloadTooLargeError, RateLimitError,
-                          image_data_url)
+from serve.client import (APIConnectionError, APITimeoutError, AsyncClient, Client, InvalidImageError,
+                          OverloadedError, PayloadTooLargeError, RateLimitError, Retry, image_data_url, service_root)
 
 
 def test_sdk_imports_without_torch_ray_or_fastapi():
@@ -34,8 +34,9 @@ def test_image_data_url_from_pil_path_bytes_and_urls(tmp_path):
     assert image_data_url(b"GIF89a...").startswith("data:image/gif;base64,")
     assert image_data_url(b"whatever").startswith("data:application/octet-stream;base64,")
     assert image_data_url("https://example.com/cat.png") == "https://example.com/cat.png"
-    with pytest.raises(TypeError):
-        image_data_url(42)
+    for bad in (42, None, [b"x"], tmp_path / "missing.png", str(tmp_path), b""):
+        with pytest.raises(InvalidImageError):
+            image_data_url(bad)
 
 
 def client_answering(status, body, headers=None):
@@ -43,7 +44,8 @@ def client_answering(status, body, headers=None):
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         return httpx.Response(status, content=content, headers=headers or {})
 
-    return Client(http_client=httpx.Client(transport=httpx.MockTransport(handler), base_url="http://svc"))
+    return Client(http_client=httpx.Client(transport=httpx.MockTransport(handler), base_url="http://svc"),
+                  retry=Retry(max_retries=0))
 
 
 def test_errors_carry_the_server_message_and_fields():
@@ -73,6 +75,124 @@ def test_stream_error_after_headers_is_raised():
 
 
 def test_connection_errors_are_typed():
-    client = Client("http://127.0.0.1:9", timeout=2)
-    with pytest.raises(APIConnectionError):
+    client = Client("http://127.0.0.1:9", timeout=2, retry=Retry(max_retries=1, backoff_s=0.01))
+    with pytest.raises(APIConnectionError) as info:
         client.health()
+    assert not isinstance(info.value, APITimeoutError)
+
+
+MODELS = {"object": "list", "data": [{"id": "m", "object": "model"}]}
+
+
+class Script:
+    """A mock transport answering from a list: (status, body, headers) tuples or exceptions."""
+
+    def __init__(self, *answers):
+        self.answers, self.seen = list(answers), []
+
+    def __call__(self, request):
+        self.seen.append((request.method, request.url.path))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        status, body, headers = answer
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.Response(status, content=content, headers=headers)
+
+
+def scripted(*answers, retry=Retry(backoff_s=0.001)):
+    script = Script(*answers)
+    return Client(http_client=httpx.Client(transport=httpx.MockTransport(script), base_url="http://svc"),
+                  retry=retry), script
+
+
+def test_base_url_may_end_in_v1():
+    assert service_root("http://h:8000/v1") == service_root("http://h:8000/v1/") == "http://h:8000"
+    assert service_root("http://h:8000") == "http://h:8000"
+    assert Client("http://h:8000/v1")._http.base_url == httpx.URL("http://h:8000")
+
+
+def test_retries_429_503_and_refused_connections_then_succeeds():
+    busy = (429, {"error": {"message": "busy", "type": "rate_limit_error"}}, {"retry-after": "0"})
+    client, script = scripted(busy, (503, b"Request dropped due to backpressure", {}), (200, MODELS, {}),
+                              retry=Retry(max_retries=2, backoff_s=0.001))
+    assert [m.id for m in client.list_models()] == ["m"] and len(script.seen) == 3
+    refused = httpx.ConnectError("refused")
+    client, script = scripted(refused, (200, MODELS, {}))
+    assert client.list_models()[0].id == "m" and len(script.seen) == 2
+
+
+def test_retries_stop_after_max_retries_and_are_configurable():
+    busy = (503, {"error": {"message": "down", "type": "service_unavailable"}}, {})
+    client, script = scripted(busy, busy, busy, retry=Retry(max_retries=2, backoff_s=0.001))
+    with pytest.raises(OverloadedError, match="down"):
+        client.list_models()
+    assert len(script.seen) == 3
+    client, script = scripted(busy, retry=Retry(max_retries=0))
+    with pytest.raises(OverloadedError):
+        client.list_models()
+    assert len(script.seen) == 1
+    client, script = scripted((400, {"error": {"message": "bad", "type": "invalid_request_error"}}, {}))
+    with pytest.raises(Exception, match="bad"):
+        client.list_models()
+    assert len(script.seen) == 1  # a 400 is final
+
+
+def test_retry_wait_honours_retry_after_and_backs_off():
+    retry = Retry(backoff_s=0.5, max_backoff_s=3)
+    assert [retry.wait_s(i) for i in range(4)] == [0.5, 1.0, 2.0, 3.0]
+    assert retry.wait_s(0, httpx.Response(429, headers={"retry-after": "2"})) == 2.0
+    assert retry.wait_s(0, httpx.Response(429, headers={"retry-after": "60"})) == 3.0
+
+
+def test_lost_connection_is_not_retried_for_a_job_submission():
+    lost = httpx.RemoteProtocolError("server disconnected")
+    client, script = scripted(lost, (200, MODELS, {}))
+    with pytest.raises(APIConnectionError):
+        client.submit_eval("pope", limit=2)  # the job may exist already: never submit twice
+    assert script.seen == [("POST", "/v1/eval/jobs")]
+    client, script = scripted(lost, (200, MODELS, {}))
+    assert client.list_models()[0].id == "m"  # a read is retried
+
+
+def test_timeouts_have_their_own_error():
+    client, _ = scripted(httpx.ReadTimeout("slow"), retry=Retry(max_retries=0))
+    with pytest.raises(APITimeoutError):
+        client.list_models()
+
+
+CHUNK = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+         b'[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+
+
+def test_stream_retries_before_the_first_byte_only():
+    busy = (503, {"error": {"message": "down", "type": "service_unavailable"}}, {})
+    ok = (200, CHUNK + b"data: [DONE]\n\n", {"content-type": "text/event-stream"})
+    client, script = scripted(busy, ok)
+    assert list(client.stream(b"\x89PNG", "x")) == ["Hi"] and len(script.seen) == 2
+    # after the first byte an error is reported, not retried: a retry could repeat text
+    failing = (200, CHUNK + b'data: {"error":{"message":"replica died","type":"service_unavailable"}}\n\n'
+               b"data: [DONE]\n\n", {"content-type": "text/event-stream"})
+    client, script = scripted(failing, ok)
+    stream = client.stream(b"\x89PNG", "x")
+    assert next(stream) == "Hi"
+    with pytest.raises(OverloadedError, match="replica died"):
+        next(stream)
+    assert len(script.seen) == 1
+
+
+def test_async_client_retries_and_strips_v1():
+    import asyncio
+
+    async def go():
+        script = Script((429, {"error": {"message": "busy", "type": "rate_limit_error"}}, {}), (200, MODELS, {}))
+        transport = httpx.MockTransport(script)
+        async with AsyncClient(http_client=httpx.AsyncClient(transport=transport, base_url="http://svc"),
+                               retry=Retry(backoff_s=0.001)) as client:
+            models = await client.list_models()
+        return models, script.seen
+
+    models, seen = asyncio.run(go())
+    assert models[0].id == "m" and len(seen) == 2
+    with pytest.raises(InvalidImageError):
+        asyncio.run(AsyncClient("http://svc/v1").chat(object(), "x"))

@@ -193,7 +193,9 @@ def test_admission_limit():
 
 class FakeBody:
     def __init__(self, chunks, declared=None):
-        self.headers = {} if declared is None else {"content-length": str(declared)}
+        self.headers = {"content-type": "application/json"}
+        if declared is not None:
+            self.headers["content-length"] = str(declared)
         self.chunks = chunks
 
     async def stream(self):
@@ -207,3 +209,48 @@ def test_read_body_limit():
         asyncio.run(read_body(FakeBody([b"ab"], 10), 4))  # declared length is enough to refuse
     with pytest.raises(PayloadTooLarge):
         asyncio.run(read_body(FakeBody([b"abc", b"def"]), 4))  # chunked, no length header
+
+
+def thin_png(width: int, height: int, mode: str = "L") -> bytes:
+    """A real (fully decodable) image of width x height: a few hundred bytes for any thin strip."""
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size, why", [
+    ((60000, 1), "side"),  # the issue's 139-byte PNG: 60000 pixels, but 20M pixels wide after CLIP's resize
+    ((1, 60000), "side"),
+    ((2000, 50), "aspect ratio"),
+    ((50, 1500), "aspect ratio"),
+])
+def test_thin_images_are_refused_from_the_header(size, why, monkeypatch):
+    data = thin_png(*size)
+    assert len(data) < 2000 and size[0] * size[1] <= LIMITS.max_image_pixels  # small and few pixels
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image that should be refused"))
+    with pytest.raises(PayloadTooLarge) as info:
+        open_image(data, Limits(max_image_bytes=200_000, max_image_side=2048, max_aspect_ratio=20))
+    assert info.value.code == "image_too_large" and why in info.value.message
+
+
+def test_limits_at_the_boundary_are_accepted():
+    limits = Limits(max_image_pixels=1000 * 1000, max_image_side=1000, max_aspect_ratio=20)
+    assert open_image(thin_png(1000, 50), limits).size == (1000, 50)  # exactly 20:1 and 1000 wide
+    with pytest.raises(PayloadTooLarge):
+        open_image(thin_png(1001, 51), limits)
+    with pytest.raises(PayloadTooLarge):
+        open_image(thin_png(1000, 49), limits)
+
+
+def test_decoded_memory_limit_counts_the_mode_and_the_rgb_copy():
+    from serve.images import decoded_bytes
+
+    assert decoded_bytes(10, 10, "RGB") == 10 * 10 * 4
+    assert decoded_bytes(10, 10, "L") == 10 * 10 * (1 + 4)
+    assert decoded_bytes(10, 10, "RGBA") == 10 * 10 * (4 + 4)
+    assert decoded_bytes(10, 10, "I;16") == 10 * 10 * (2 + 4)
+    limits = Limits(max_decoded_bytes=200 * 200 * 5)
+    assert open_image(thin_png(200, 200, "L"), limits).size == (200, 200)
+    with pytest.raises(PayloadTooLarge) as info:
+        open_image(thin_png(200, 200, "RGBA"), limits)  # 8 bytes per pixel
+    assert "decoded" in info.value.message

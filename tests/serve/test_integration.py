@@ -48,7 +48,7 @@ def base_url():
     port = free_port()
     if ray.is_initialized():  # left over by an earlier test module: start from a known cluster
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster left running by others
     try:
         config = ServeConfig(model=MODEL, max_batch_size=4, batch_wait_timeout_s=0.05, api_key=KEY,
                              limits=Limits(allow_remote_images=True, max_tokens=64, max_body_bytes=2_000_000,
@@ -121,7 +121,7 @@ def test_eval_job_runs_on_ray_to_completion(client):
     done = client.wait(job.id, timeout=240, poll_s=1.0)
     assert done.state == "succeeded", done.error
     assert done.progress.done == done.progress.total == 4
-    assert set(done.metrics) == {"random Acc", "random F1", "random Yes", "POPE (mean F1)"}
+    assert {"random Acc", "random F1", "random Yes", "POPE (mean F1)"} <= set(done.metrics)  # eval may add more
     assert 0.0 <= done.metrics["random Acc"] <= 100.0
     assert any(j.id == job.id for j in client.jobs())
 

@@ -15,7 +15,7 @@ from lvlm.shapes.quality import DESCRIBE, caption_metrics, generate, load_synony
 from lvlm.shapes.text import POPE_SUFFIX, question
 
 MIN_RECALL = 0.45  # model card: 58.6 on 200 test images (74 on these 16); margin for other CPUs
-MAX_FILES_MB = 25
+MAX_FILES_MB = 64  # issue #10: the embedded model ships in at most 64 MB
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,292 @@
+"""The whole GPU validation in one command (`make gpu-check`), for the rare short GPU loan.
+
+1. Kernel checks: the fused Triton kernels in fp16 and bf16 against the fp32 PyTorch reference
+   (`kernels/reference.py`, on the same rounded inputs) at LLaVA-1.5-7B attention shapes
+   (32 heads, head_dim 128; 600-2,900 keys; batch 1-8, left-padded rows; one grouped-query
+   shape), for every combination of the five edit flags (32), prefill and decode. The shapes
+   are chosen to reach every launch variant: split and unsplit VAR rows, decode with one split
+   (no reduction) and with several, GQA decode. Tolerances (max |error| against the
+   reference): fp16 atol = rtol = 1e-2, bf16 3e-2 (fp16/bf16 tiles feed the tensor cores and p
+   is rounded before P·V); read-out atol 1e-4, rtol 1e-2.
+   The checks run in worker processes (one CUDA context each) so that Triton compiles the
+   ~300 kernel variants in parallel on the machine's cores.
+2. `benchmarks/attention.py --quick`: Triton vs SDPA (flash) vs fp16 eager.
+3. `benchmarks/interventions.py --model random-llava-1.5-7b --device cuda --dtype float16`.
+4. `pytest tests/kernels` on CUDA, when pytest is installed and the time budget allows.
+
+Everything goes to a Markdown file under docs/ (default docs/gpu-check.md) with the GPU's name,
+then the command exits non-zero if a check failed. Needs torch, triton and transformers only
+(no Ray, no network, no pytest). Without a GPU it runs in a dry mode: it says which CUDA parts
+it skips, runs the same check harness on the Triton interpreter at tiny shapes (plain and all
+flags), and writes nothing unless --out is given.
+
+    python benchmarks/gpu_check.py                 # on a GPU machine (about 5-8 min on one H100)
+    python benchmarks/gpu_check.py --dry-run       # anywhere: the CPU part only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # also in the spawned workers, which import this module
+FLAGS = ("head_scale", "logit_boost", "sink_redist", "key_drop", "readout")
+COMBOS = [tuple(f for f, on in zip(FLAGS, bits) if on) for bits in itertools.product((False, True), repeat=5)]
+TOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}
+READOUT_TOL = dict(atol=1e-4, rtol=1e-2)
+# (phase, B, H, Hkv, N): LLaVA-1.5-7B heads; batch rows b > 0 are left-padded
+GPU_SHAPES = [
+    ("prefill", 1, 32, 32, 640),  # a LLaVA prompt: 29 text rows after the image, whose VAR row
+    #                               block (32 programs) is split over the keys
+    ("prefill", 1, 32, 32, 2900),  # long text after the image: many VAR row blocks, unsplit
+    ("prefill", 4, 32, 32, 1200),
+    ("prefill", 8, 32, 32, 600),
+    ("prefill", 2, 32, 8, 700),  # grouped-query attention
+    ("decode", 1, 32, 32, 2900),  # several splits + reduction
+    ("decode", 8, 32, 32, 600),  # one split, epilogue in the kernel
+    ("decode", 8, 32, 32, 2900),
+    ("decode", 2, 32, 8, 700),  # GQA: one program per key/value head serves 4 query heads
+]
+DRY_SHAPES = [("prefill", 2, 4, 2, 40), ("decode", 2, 4, 2, 40)]
+IMAGE_START, IMAGE_TOKENS = 35, 576
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build(phase, B, H, Hkv, N, flags, dtype, device, seed=0):
+    """Inputs like a LLaVA prompt per row: BOS sink at the row's start, then system text, the
+    image keys (4 of them visual sinks), the question; one dropped text key; row b > 0 padded."""
+    import torch
+
+    from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    D = 128 if N > 64 else 16
+    Tq = 1 if phase == "decode" else N
+    q = torch.randn(B, H, Tq, D, generator=g)
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    v = torch.randn(B, Hkv, N, D, generator=g)
+    kv_start = torch.tensor([(37 * b) % 101 if N > 64 else b for b in range(B)], dtype=torch.int32)
+    key_class = torch.zeros(B, N, dtype=torch.uint8)
+    image_end = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        s = int(kv_start[b])
+        img0 = s + (IMAGE_START if N > 64 else 2)
+        n_img = min(IMAGE_TOKENS if N > 64 else 16, N - img0 - 4)
+        key_class[b, s] = KEY_SINK
+        key_class[b, img0 : img0 + n_img] = KEY_VISUAL
+        key_class[b, img0 + torch.arange(4) * (n_img // 4)] |= KEY_SINK
+        key_class[b, img0 + n_img + 1] |= KEY_DROP
+        image_end[b] = img0 + n_img
+        k[b, :, (key_class[b] & KEY_SINK) != 0] *= 2.5  # sinks draw attention
+    fields = dict(key_class=key_class, key_drop="key_drop" in flags, readout="readout" in flags)
+    if "head_scale" in flags:
+        fields["head_scale"] = 0.5 + torch.rand(B, H, generator=g)
+    if "logit_boost" in flags:
+        fields["boost_alpha"] = 0.5 * torch.rand(B, H, generator=g)
+    if "sink_redist" in flags:
+        fields.update(
+            sink_p=torch.tensor([0.4, 0.8, 0.0, 0.6]).repeat(B, H // 4),
+            sink_rho=torch.full((B,), 0.5),
+            sink_min_visual=torch.full((B,), 0.2),
+            sink_query_start=image_end if phase == "prefill" else torch.zeros(B, dtype=torch.int32),
+        )
+    edits = AttentionEdits(**fields) if flags else None
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    if edits is not None:
+        edits = AttentionEdits(**{n: (t.to(device) if isinstance(t, torch.Tensor) else t)
+                                  for n, t in edits.__dict__.items()})
+    return q, k, v, kv_start.to(device), edits, D**-0.5
+
+
+def check_one(phase, B, H, Hkv, N, flags, dtype_name):
+    """One kernel call against the fp32 reference: (max |o error|, readout error, ok)."""
+    import torch
+
+    from kernels import reference
+    from kernels import triton_attention as ta
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    q, k, v, kv_start, edits, scale = build(phase, B, H, Hkv, N, flags, dtype, device)
+    fn = ta.attention_decode if phase == "decode" else ta.attention_prefill
+    o, r = fn(q, k, v, kv_start, scale=scale, edits=edits)
+    o_ref, r_ref = reference.attention(q, k, v, kv_start, scale=scale, edits=edits)
+    tol = TOL[dtype_name]
+    err = (o.float() - o_ref.float()).abs()
+    ok = bool((err <= tol + tol * o_ref.float().abs()).all()) and bool(torch.isfinite(o).all())
+    r_err = float("nan")
+    if r_ref is not None:
+        r_err = float((r - r_ref).abs().max())
+        ok = ok and bool(((r - r_ref).abs() <= READOUT_TOL["atol"] + READOUT_TOL["rtol"] * r_ref.abs()).all())
+    elif r is not None:
+        ok = False
+    return float(err.max()), r_err, ok
+
+
+def worker(jobs):
+    """Runs in its own process (own CUDA context, own Triton compiles); returns result rows."""
+    rows = []
+    for job in jobs:
+        try:
+            rows.append((*job, *check_one(*job)))
+        except Exception as e:  # a crash is a failed check, with its message in the table
+            rows.append((*job, float("nan"), float("nan"), f"error: {type(e).__name__}: {e}"[:200]))
+    return rows
+
+
+def kernel_checks(shapes, dtypes, workers):
+    import multiprocessing as mp
+
+    jobs = [(phase, B, H, Hkv, N, flags, dt) for dt in dtypes for flags in COMBOS for (phase, B, H, Hkv, N) in shapes]
+    log(f"kernel checks: {len(jobs)} calls ({len(COMBOS)} flag combinations x {len(shapes)} shapes x "
+        f"{len(dtypes)} dtypes) in {workers} worker process(es)")
+    # Each worker takes whole (dtype, flags) groups: the kernel variants of a group compile once,
+    # in one process, while the other processes compile theirs.
+    groups = [[j for j in jobs if (j[6], j[5]) == key] for key in dict.fromkeys((j[6], j[5]) for j in jobs)]
+    slices = [[j for grp in groups[i::workers] for j in grp] for i in range(workers)]
+    if workers == 1:
+        return worker(jobs)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(worker, slices)
+    return [row for part in parts for row in part]
+
+
+def check_table(rows) -> tuple[str, int]:
+    """Markdown: one line per (phase, shape, dtype) with the worst error over the 32 combinations,
+    then every failed call."""
+    out = ["| phase | B | H | Hkv | keys | dtype | calls | max abs err (o) | max abs err (read-out) | failed |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault((row[0], *row[1:5], row[6]), []).append(row)
+    failed = [row for row in rows if row[-1] is not True]
+    for key, grp in groups.items():
+        phase, B, H, Hkv, N, dt = key
+        o_err = max((r[7] for r in grp), default=float("nan"))
+        r_errs = [r[8] for r in grp if r[8] == r[8]]
+        bad = sum(1 for r in grp if r[-1] is not True)
+        out.append(f"| {phase} | {B} | {H} | {Hkv} | {N} | {dt} | {len(grp)} | {o_err:.2e} | "
+                   f"{max(r_errs):.2e} | {bad} |" if r_errs else
+                   f"| {phase} | {B} | {H} | {Hkv} | {N} | {dt} | {len(grp)} | {o_err:.2e} | - | {bad} |")
+    if failed:
+        out.append("\nFailed calls:\n")
+        for r in failed:
+            out.append(f"- {r[0]} B={r[1]} H={r[2]} Hkv={r[3]} N={r[4]} {r[6]} flags={'+'.join(r[5]) or 'plain'}: "
+                       f"o err {r[7]:.2e}, read-out err {r[8]:.2e} {'' if r[-1] is False else r[-1]}")
+    return "\n".join(out), len(failed)
+
+
+def run_step(title, cmd, timeout):
+    log(f"{title}: {' '.join(cmd)}")
+    start = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        text, ok = p.stdout + (f"\n[stderr]\n{p.stderr[-3000:]}" if p.returncode else ""), p.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        text, ok = f"{e.stdout or ''}\n[timed out after {timeout} s]", False
+    log(f"{title}: {'done' if ok else 'FAILED'} in {time.time() - start:.0f} s")
+    print(text, flush=True)
+    return text, ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="skip the CUDA parts (automatic without a GPU)")
+    ap.add_argument("--out", type=Path, default=None, help="Markdown file (default on a GPU: docs/gpu-check.md)")
+    ap.add_argument("--workers", type=int, default=min(6, os.cpu_count() or 1))
+    ap.add_argument("--skip-benchmarks", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=540, help="time limit of the whole command (the benchmarks "
+                    "get what the kernel checks leave)")
+    args = ap.parse_args()
+    start = time.time()
+    if args.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+
+    dry = args.dry_run or not torch.cuda.is_available()
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (also in the workers)
+    import transformers
+    import triton
+
+    device = torch.cuda.get_device_name(0) if not dry else f"no GPU ({platform.processor() or platform.machine()} CPU)"
+    header = (f"# GPU check\n\n`make gpu-check` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}) on **{device}**; "
+              f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}.\n")
+    log(header.splitlines()[-1])
+    sections = [header]
+    ok = True
+    if dry:
+        log("DRY RUN: no CUDA device (or --dry-run). Skipping the CUDA kernel checks at LLaVA-1.5-7B shapes and "
+            "both GPU benchmarks; running the check harness on the Triton interpreter at tiny shapes instead.")
+        rows = []
+        for phase, B, H, Hkv, N in DRY_SHAPES:
+            for flags in [(), FLAGS]:
+                rows += worker([(phase, B, H, Hkv, N, flags, "float16")])
+        table, failed = check_table(rows)
+        sections.append("## Kernel checks (dry run: interpreter, tiny shapes, plain and all flags)\n\n" + table)
+        ok = failed == 0
+        sections.append("\nCUDA parts skipped (dry run): kernel checks at 7B shapes, benchmarks/attention.py, "
+                        "benchmarks/interventions.py.")
+    else:
+        rows = kernel_checks(GPU_SHAPES, ["float16", "bfloat16"], max(1, args.workers))
+        table, failed = check_table(rows)
+        sections.append(f"## Kernel checks: Triton fp16/bf16 vs fp32 reference, every flag combination\n\n"
+                        f"Tolerance: fp16 atol = rtol = {TOL['float16']}, bf16 {TOL['bfloat16']}; read-out "
+                        f"atol {READOUT_TOL['atol']}, rtol {READOUT_TOL['rtol']}. {len(rows)} calls, "
+                        f"{failed} failed.\n\n" + table)
+        ok = failed == 0
+        log(f"kernel checks: {len(rows) - failed}/{len(rows)} passed ({time.time() - start:.0f} s so far)")
+        if not args.skip_benchmarks:
+            py = sys.executable
+
+            def left(cap):  # the whole command must fit one GPU call of 9 minutes
+                return int(max(60, min(cap, args.budget_s - (time.time() - start) - 15)))
+
+            text, step_ok = run_step("attention benchmark", [py, "benchmarks/attention.py", "--quick"], left(240))
+            sections.append("## benchmarks/attention.py --quick\n\n```\n" + text.strip() + "\n```")
+            ok = ok and step_ok
+            text, step_ok = run_step("interventions benchmark", [
+                py, "benchmarks/interventions.py", "--model", "random-llava-1.5-7b", "--device", "cuda",
+                "--dtype", "float16", "--batch", "8", "--new-tokens", "32", "--repeats", "2"], left(300))
+            sections.append("## benchmarks/interventions.py (random-llava-1.5-7b, fp16, batch 8)\n\n```\n"
+                            + text.strip() + "\n```")
+            ok = ok and step_ok
+        import importlib.util
+
+        remaining = args.budget_s - (time.time() - start)
+        if importlib.util.find_spec("pytest") is None or remaining < 90:
+            why = "pytest is not installed" if remaining >= 90 else f"only {remaining:.0f} s of the budget left"
+            log(f"skipping tests/kernels on CUDA: {why}")
+            sections.append(f"tests/kernels on CUDA: skipped ({why}).")
+        else:
+            text, step_ok = run_step("tests/kernels on CUDA", [
+                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], int(remaining - 15))
+            sections.append("## pytest tests/kernels (CUDA)\n\n```\n" + text.strip()[-4000:] + "\n```")
+            ok = ok and step_ok
+    sections.append(f"\nTotal {time.time() - start:.0f} s; {'all checks passed' if ok else 'SOME CHECKS FAILED'}.\n")
+    out = args.out or (None if dry else ROOT / "docs" / "gpu-check.md")
+    text = "\n\n".join(sections)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        log(f"wrote {out}")
+    else:
+        print(text)
+        log("dry run: no results file written (pass --out to write one)")
+    log(f"{'PASSED' if ok else 'FAILED'} in {time.time() - start:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Run fingerprints: what a results file's answers depend on, so runs are never mixed.
+
+A results file (JSON lines, eval/runner.py) is keyed by item id only; resuming it with another
+model, prompt, decoding, intervention, question set or scorer would silently reuse answers of a
+different run. A `Fingerprint` is a canonical JSON object of everything a run depends on:
+
+    {"benchmark": "chair" | "pope" | ...,
+     "model":     {"id", "revision", "config_sha256", "weights_sha256"}   (or {"id", "server"}),
+     "prompt":    the prompt (template) sent with every item,
+     "decoding":  {"max_new_tokens", "temperature", ...},
+     "interventions": fully resolved configs, every parameter (per results file),
+     "items":     {"count", "sha256"} over (key, prompt, image file name) of every item,
+     "scorer":    metric flavour, options, ground-truth / synonym-table / question-file digests}
+
+Its digest is the SHA-256 of the canonical JSON (sorted keys, no whitespace); `short` is the first
+12 hex digits, used to name the default output folder, so two different runs never share one.
+The first line of every results file is a header {"fingerprint": {...}, "digest": "..."};
+reopening the file with a different fingerprint raises `FingerprintMismatch`, whose message lists
+each differing field (dotted path, old and new value). Callers outside `eval.compare` (tuning,
+cluster evaluation) build one with `Fingerprint.of(...)` / `run_fingerprint` and pass it to
+`eval.runner.run(..., fingerprint=fp)` or `ResultsFile(path, fingerprint=fp)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eval.errors import EvalError
+
+HEADER_KEY = "fingerprint"
+LARGE_FILE = 512 << 20  # weight files above this are digested from size + head + tail (see _file_digest)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class FingerprintMismatch(EvalError):
+    """A results file was written by a run with another fingerprint."""
+
+
+def canonical(value: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace; tuples become lists; unknown objects their str."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A canonical description of a run; equal fingerprints mean the answers are interchangeable."""
+
+    fields: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, **fields: Any) -> Fingerprint:
+        return cls(json.loads(canonical(fields)))  # normalise tuples, keys and numbers once
+
+    @property
+    def digest(self) -> str:
+        return sha256_text(canonical(self.fields))
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+    def without(self, *keys: str) -> Fingerprint:
+        return Fingerprint({k: v for k, v in self.fields.items() if k not in keys})
+
+    def extend(self, **fields: Any) -> Fingerprint:
+        return Fingerprint.of(**{**self.fields, **fields})
+
+    def header(self) -> dict[str, Any]:
+        return {HEADER_KEY: dict(self.fields), "digest": self.digest}
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """One line per differing leaf: `path: <this> != <other>` (values shortened)."""
+        mine, theirs = _flatten(self.fields), _flatten(other.fields)
+        lines = []
+        for path in sorted(set(mine) | set(theirs)):
+            a, b = mine.get(path, "<absent>"), theirs.get(path, "<absent>")
+            if a != b:
+                lines.append(f"{path}: {_short(a)} != {_short(b)}")
+        return lines
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves by path: {"a": {"b": [1, {"c": 2}]}} -> {"a.b[0]": 1, "a.b[1].c": 2}."""
+    out: dict[str, Any] = {}
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list) and value:
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix or "(root)"] = value
+    return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) and value == "<absent>" else canonical(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_header(header: Mapping[str, Any] | None, expected: Fingerprint, path: str | Path) -> None:
+    """Raise FingerprintMismatch unless `header` (a results file's first line) has `expected`."""
+    if header is None:
+        raise FingerprintMismatch(
+            f"{path} has results but no run fingerprint (written by an older version); its answers "
+            "cannot be matched to this run. Use another --out, or omit --out for a folder per fingerprint."
+        )
+    found = Fingerprint(header.get(HEADER_KEY) or {})
+    if found.digest == expected.digest:
+        return
+    diff = "\n  ".join(found.differences(expected)) or "(same fields, different digest)"
+    raise FingerprintMismatch(
+        f"{path} belongs to another run; refusing to resume it. Differences (file != this run):\n  {diff}\n"
+        "Use another --out, or omit --out to get a folder per fingerprint."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of a fingerprint
+
+
+def items_digest(items: Iterable[Any]) -> dict[str, Any]:
+    """{"count", "sha256"} over (key, prompt, image file name) of every item, in order."""
+    h = hashlib.sha256()
+    count = 0
+    for it in items:
+        image = Path(it.image).name if it.image else ""
+        h.update(canonical([it.key, it.prompt, image]).encode("utf-8") + b"\n")
+        count += 1
+    return {"count": count, "sha256": h.hexdigest()}
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file; a Hugging Face cache blob is named by its SHA-256 already (LFS files).
+
+    Files above LARGE_FILE (multi-GB shards of local checkpoints) are digested from their size and
+    first and last 16 MiB, so fingerprinting a 7B checkpoint takes a second, not a minute.
+    """
+    real = path.resolve()
+    if real != path.absolute() and real.parent.name == "blobs" and len(real.name) == 64:
+        return real.name
+    size = real.stat().st_size
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        if size <= LARGE_FILE:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(f"size={size}".encode())
+        h.update(f.read(16 << 20))
+        f.seek(size - (16 << 20))
+        h.update(f.read(16 << 20))
+    return "sampled:" + h.hexdigest()
+
+
+def checkpoint_digests(folder: str | Path) -> dict[str, str | None]:
+    """{"config_sha256", "weights_sha256"} of a checkpoint folder (weights over all weight files)."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    weights = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    combined = hashlib.sha256()
+    for p in weights:
+        combined.update(f"{p.name}:{_file_digest(p)}\n".encode())
+    return {
+        "config_sha256": _file_digest(config) if config.is_file() else None,
+        "weights_sha256": combined.hexdigest() if weights else None,
+    }
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # malformed repo ids and the like: the model is simply not in the cache
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_identity(name: str, *, revision: str | None = None, server: str | None = None) -> dict[str, Any]:
+    """What identifies a model's weights: id plus config and weights digests where they can be read.
+
+    "shapes" is the embedded checkpoint; the random-weight test models are built by code (their id
+    and the package version identify them); a local folder or a cached hub id is digested; a model
+    behind `server` is identified by its id and the server URL.
+    """
+    if server:
+        return {"id": name, "server": server}
+    from eval.report import package_version
+
+    folder: Path | None = None
+    if name == "shapes":
+        from lvlm.shapes import MODEL_DIR
+
+        folder = Path(MODEL_DIR)
+    elif os.path.isdir(name):
+        folder = Path(name)
+    else:
+        try:
+            from lvlm import tiny
+        except ImportError:  # pragma: no cover - eval installed without the model stack
+            tiny = None
+        if tiny is not None and name in tiny.ALL:
+            return {"id": name, "built_by": f"lvlm.tiny ({package_version()})"}
+        folder = _hub_snapshot(name, revision)
+    identity: dict[str, Any] = {"id": name, "revision": revision}
+    if folder is not None and folder.is_dir():
+        identity.update(checkpoint_digests(folder))
+    else:
+        identity.update(config_sha256=None, weights_sha256=None)
+    return identity

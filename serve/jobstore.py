@@ -1,0 +1,213 @@
+"""Durable evaluation-job store: SQLite (standard library) in the configured jobs directory.
+
+Layout of a jobs directory:
+
+    <jobs_dir>/jobs.sqlite3        one row per job: spec, state, progress, metrics, error, paths
+    <jobs_dir>/<job id>/           the job's work folder (generated data, <task>.jsonl results)
+
+The store has the same transitions as `serve.jobs.JobBoard` (queued -> running -> succeeded |
+failed | cancelled; updates after a terminal state are ignored, so a late progress report cannot
+revive a cancelled job), written through to the database at every change. Beyond the board:
+- `reload()`: what a restarted registry actor does first. Jobs left "running" lost their worker
+  with the old registry (workers are owned by it); they go back to "queued" and resume from
+  their results files.
+- `resume(id)`: a failed or cancelled job goes back to "queued" with its work folder kept, so the
+  resumable runner skips the finished keys (and the run fingerprint refuses any mixing).
+- `prune()`: the retention policy. Finished jobs older than `keep_days`, and finished jobs beyond
+  the newest `keep_jobs`, lose their row and their folder. Queued and running jobs are never pruned.
+- `health()`: whether the database answers, for the service's readiness.
+
+One connection per call (WAL mode, a busy timeout): the registry actor is the only writer, and a
+second process (an operator's `sqlite3`, a test) can read while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+NOT_TERMINAL = "state NOT IN ('succeeded', 'failed', 'cancelled')"
+DB_NAME = "jobs.sqlite3"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request TEXT NOT NULL,          -- JSON: the validated EvalJobRequest fields
+    load_kwargs TEXT NOT NULL,      -- JSON: how the worker loads the model
+    state TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT,                   -- JSON or NULL
+    error TEXT,                     -- JSON error object or NULL
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    workdir TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
+"""
+JSON_COLUMNS = ("request", "load_kwargs", "metrics", "error")
+
+
+@dataclass
+class StoredJob:
+    """One row; the same fields as `serve.jobs.JobRecord`, plus the work folder and attempts."""
+
+    id: str
+    kind: str
+    model: str
+    request: dict[str, Any]
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    state: str = "queued"
+    done: int = 0
+    total: int = 0
+    metrics: Optional[dict[str, Any]] = None
+    error: Optional[dict[str, Any]] = None
+    created_at: float = 0.0
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    workdir: str = ""
+    attempts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def results(self) -> list[str]:
+        """The job's results files (JSON lines, one per task)."""
+        return sorted(str(p) for p in Path(self.workdir).glob("*.jsonl")) if self.workdir else []
+
+
+def default_jobs_dir() -> Path:
+    """`$LVLM_JOBS_DIR`, else `$LVLM_CACHE/eval-jobs` (default `~/.cache/lvlm/eval-jobs`)."""
+    if os.environ.get("LVLM_JOBS_DIR"):
+        return Path(os.environ["LVLM_JOBS_DIR"])
+    return Path(os.environ.get("LVLM_CACHE", Path.home() / ".cache" / "lvlm")) / "eval-jobs"
+
+
+class JobStore:
+    """Jobs in `<root>/jobs.sqlite3`, work folders in `<root>/<job id>/`."""
+
+    def __init__(self, root: str | Path, *, keep_days: float = 7.0, keep_jobs: int = 200):
+        if keep_days <= 0 or keep_jobs < 1:
+            raise ValueError(f"retention needs keep_days > 0 and keep_jobs >= 1, got {keep_days}, {keep_jobs}")
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / DB_NAME
+        self.keep_days, self.keep_jobs = keep_days, keep_jobs
+        with closing(self._connect()) as db, db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10.0)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        with closing(self._connect()) as db, db:  # the inner `with` commits (or rolls back)
+            return db.execute(sql, args).rowcount
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[StoredJob]:
+        with closing(self._connect()) as db:
+            return [self._job(r) for r in db.execute(sql, args).fetchall()]
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> StoredJob:
+        data = dict(row)
+        for col in JSON_COLUMNS:
+            data[col] = None if data[col] is None else json.loads(data[col])
+        return StoredJob(**data)
+
+    # -- the board's interface ------------------------------------------------------------------
+    def create(self, kind: str, model: str, request: dict[str, Any], load_kwargs: dict | None = None) -> StoredJob:
+        job_id = f"evaljob-{uuid.uuid4().hex[:16]}"
+        job = StoredJob(id=job_id, kind=kind, model=model, request=dict(request), load_kwargs=dict(load_kwargs or {}),
+                        created_at=time.time(), workdir=str(self.root / job_id))
+        self._write(
+            "INSERT INTO jobs (id, kind, model, request, load_kwargs, state, created_at, workdir)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.id, kind, model, json.dumps(job.request), json.dumps(job.load_kwargs), job.state, job.created_at,
+             job.workdir),
+        )
+        self.prune()
+        return job
+
+    def get(self, job_id: str) -> Optional[StoredJob]:
+        rows = self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def list(self) -> list[StoredJob]:
+        return self._rows("SELECT * FROM jobs ORDER BY created_at, rowid")
+
+    def queued(self) -> list[StoredJob]:
+        return self._rows("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
+
+    def running(self, job_id: str) -> None:
+        self._write("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1"
+                    " WHERE id = ? AND state = 'queued'", (time.time(), job_id))
+
+    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict] = None) -> None:
+        self._write("UPDATE jobs SET done = ?, total = ?, metrics = COALESCE(?, metrics)"
+                    f" WHERE id = ? AND {NOT_TERMINAL}",
+                    (int(done), int(total), None if metrics is None else json.dumps(metrics), job_id))
+
+    def succeed(self, job_id: str, metrics: dict) -> None:
+        self._write("UPDATE jobs SET state = 'succeeded', metrics = ?, finished_at = ?, done = MAX(done, total)"
+                    f" WHERE id = ? AND {NOT_TERMINAL}", (json.dumps(metrics), time.time(), job_id))
+
+    def fail(self, job_id: str, message: str, type_: str = "job_error") -> None:
+        error = {"message": message, "type": type_, "param": None, "code": "job_failed"}
+        self._write(f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ? AND {NOT_TERMINAL}",
+                    (json.dumps(error), time.time(), job_id))
+
+    def cancel(self, job_id: str) -> bool:
+        """Mark cancelled; False when the job had already finished (or does not exist)."""
+        return self._write(f"UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ? AND {NOT_TERMINAL}",
+                           (time.time(), job_id)) == 1
+
+    # -- durability -----------------------------------------------------------------------------
+    def resume(self, job_id: str) -> bool:
+        """A failed or cancelled job goes back to the queue, keeping its folder; False otherwise."""
+        return self._write("UPDATE jobs SET state = 'queued', error = NULL, finished_at = NULL"
+                           " WHERE id = ? AND state IN ('failed', 'cancelled')", (job_id,)) == 1
+
+    def reload(self) -> list[str]:
+        """After a registry restart: jobs left running lost their worker; requeue them. Returns their ids."""
+        ids = [j.id for j in self._rows("SELECT * FROM jobs WHERE state = 'running'")]
+        self._write("UPDATE jobs SET state = 'queued' WHERE state = 'running'")
+        self.prune()
+        return ids
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Apply the retention policy; returns the ids removed (rows and folders)."""
+        now = time.time() if now is None else now
+        finished = self._rows(f"SELECT * FROM jobs WHERE NOT {NOT_TERMINAL} ORDER BY created_at DESC, rowid DESC")
+        cutoff = now - self.keep_days * 86400.0
+        gone = [j for n, j in enumerate(finished) if n >= self.keep_jobs or (j.finished_at or j.created_at) < cutoff]
+        for job in gone:
+            self._write("DELETE FROM jobs WHERE id = ?", (job.id,))
+            folder = Path(job.workdir)
+            if folder.parent == self.root and folder.is_dir():  # never outside the jobs directory
+                shutil.rmtree(folder, ignore_errors=True)
+        return [j.id for j in gone]
+
+    def health(self) -> dict[str, Any]:
+        """{"ok", "path", "jobs", "error"}: whether the database can be read right now."""
+        try:
+            with closing(self._connect()) as db:
+                counts = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            return {"ok": True, "path": str(self.path), "jobs": counts, "error": None}
+        except sqlite3.Error as err:
+            return {"ok": False, "path": str(self.path), "jobs": {}, "error": f"{type(err).__name__}: {err}"}

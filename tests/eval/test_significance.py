@@ -1,0 +1,149 @@
+"""Paired bootstrap intervals in comparisons (issue 11, item 4)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from eval.compare import ChairTask, PopeTask, answer_executor, compare
+from eval.pope import PopeQuestion
+from eval.report import ConfigResult, Provenance, error_bars
+from eval.runner import local_answer
+from eval.significance import Interval, UnitStats, paired_bootstrap, ratio
+from lvlm.types import Result
+
+
+def _pope_task(tmp_path, n=200):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
+    objects = ["dog", "cat", "car", "tree"]
+    qs = [PopeQuestion(i + 1, "a.jpg", f"Is there a {objects[i % 4]} in the image? {i}", "yes" if i % 2 == 0 else "no")
+          for i in range(n)]
+    return PopeTask({"random": qs, "popular": qs[: n // 2]}, tmp_path)
+
+
+def _records(task, answer_of):
+    """Records as the runner returns them, with `answer_of(item, label)` as the answer."""
+    return {it.key: {"key": it.key, **it.meta, "answer": answer_of(it)} for it in task.items()}
+
+
+def test_a_configuration_against_itself_is_exactly_zero(tmp_path):
+    task = _pope_task(tmp_path)
+    rng = random.Random(0)
+    records = _records(task, lambda it: rng.choice(["Yes", "No", "I cannot tell"]))
+    _metrics, details = task.score(records)
+    stats = task.unit_stats(records, details)
+    found = paired_bootstrap(stats, stats, resamples=500, seed=3)
+    assert set(found) >= {"random Acc", "random Prec", "random Rec", "random F1", "popular Yes", "POPE (mean F1)"}
+    for iv in found.values():
+        assert (iv.diff, iv.low, iv.high, iv.significant) == (0.0, 0.0, 0.0, False)
+
+
+def test_a_planted_difference_excludes_zero_and_a_null_one_does_not(tmp_path):
+    task = _pope_task(tmp_path)
+    truth = {it.key: it.meta["label"] for it in task.items()}
+    right = _records(task, lambda it: truth[it.key].capitalize())
+    rng = random.Random(1)
+    # 25% of the answers flipped: accuracy drops by about 25 points
+    flipped = _records(task, lambda it: ("No" if truth[it.key] == "yes" else "Yes") if rng.random() < 0.25
+                       else truth[it.key].capitalize())
+    base = task.unit_stats(right, task.score(right)[1])
+    worse = task.unit_stats(flipped, task.score(flipped)[1])
+    found = paired_bootstrap(base, worse, resamples=1000, seed=0)
+    acc = found["random Acc"]
+    assert acc.diff == pytest.approx(task.score(flipped)[0]["random Acc"] - 100)
+    assert acc.high < 0 and acc.significant and acc.low <= acc.diff <= acc.high
+    # two configurations whose answers differ only on a handful of questions: no claim
+    rng = random.Random(2)
+    noisy = _records(task, lambda it: ("No" if truth[it.key] == "yes" else "Yes") if rng.random() < 0.01
+                     else truth[it.key].capitalize())
+    rng = random.Random(3)
+    noisy2 = _records(task, lambda it: ("No" if truth[it.key] == "yes" else "Yes") if rng.random() < 0.01
+                      else truth[it.key].capitalize())
+    a = task.unit_stats(noisy, task.score(noisy)[1])
+    b = task.unit_stats(noisy2, task.score(noisy2)[1])
+    assert not paired_bootstrap(a, b, seed=0)["random Acc"].significant
+    # seeded: the same seed gives the same interval, another seed (almost surely) another one
+    assert paired_bootstrap(base, worse, seed=0)["random Acc"] == acc
+    assert paired_bootstrap(base, worse, seed=1)["random Acc"] != acc
+
+
+def test_bootstrap_point_equals_the_scorers(tmp_path, parser, tiny_coco):
+    """The vectorized metrics on the whole set are the scorers' numbers (parity with eval.pope/eval.chair)."""
+    task = _pope_task(tmp_path, 60)
+    rng = random.Random(5)
+    records = _records(task, lambda it: rng.choice(["Yes", "No", "", "no way", "Not sure."]))
+    metrics, details = task.score(records)
+    point = task.unit_stats(records, details).point()
+    assert point.keys() == metrics.keys()
+    for k in metrics:
+        assert point[k] == pytest.approx(metrics[k], abs=1e-9), k
+    from eval.chair import ground_truth_from_coco
+
+    gt = ground_truth_from_coco(tiny_coco.instances, tiny_coco.captions, parser=parser)
+    files = {i: str(tiny_coco.images / f"COCO_val2014_{i:012d}.jpg") for i in (1, 2, 3)}
+    chair = ChairTask(files, gt, parser)
+    captions = {"1": "A man with two dogs, a cat and a table.", "2": "", "3": "A toilet next to a sink."}
+    records = {k: {"key": k, "image_id": int(k), "answer": v} for k, v in captions.items()}
+    metrics, details = chair.score(records)
+    point = chair.unit_stats(records, details).point()
+    assert point == pytest.approx(metrics)
+    assert details["counts"] == {"empty captions": 1}
+
+
+def test_paired_bootstrap_checks_pairing():
+    def stats(keys):
+        return UnitStats(("n",), {"all": np.ones((len(keys), 1))}, {"all": tuple(keys)},
+                         lambda s: {"n": s["all"][:, 0]})
+
+    with pytest.raises(ValueError, match="different units"):
+        paired_bootstrap(stats(["1", "2"]), stats(["1", "3"]))
+    assert ratio(np.array([1.0, 2.0]), np.array([0.0, 4.0]), 100).tolist() == [0.0, 50.0]
+
+
+class FlipModel:
+    """Says "Yes" to everything; with "var" on it says "No" to questions about cats."""
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            no = "var" in r.interventions and " cat " in r.prompt
+            out.append(Result(text="No" if no else "Yes", token_ids=[], finish_reason="stop", prompt_tokens=0))
+        return out
+
+
+def test_compare_reports_intervals_markdown_marks_and_error_bars(tmp_path):
+    task = _pope_task(tmp_path)
+    execute = answer_executor(lambda spec: local_answer(FlipModel(), interventions=spec), progress=False)
+    report, paths = compare(task, ["none", "var", "none"], execute, tmp_path / "out", Provenance(),
+                            names=["none", "var", "again"], resamples=400)
+    base, var, again = report.results
+    assert base.intervals is None
+    assert all(iv == {"diff": 0.0, "low": 0.0, "high": 0.0, "significant": False} for iv in again.intervals.values())
+    # var answers "no" to the cat questions (a quarter, all labelled "no" or "yes" alternately)
+    acc = var.intervals["random Acc"]
+    assert acc["diff"] == pytest.approx(var.metrics["random Acc"] - base.metrics["random Acc"])
+    assert acc["significant"] and acc["low"] > 0
+    data = json.loads(paths.json.read_text())
+    assert data["significance"]["baseline"] == "none" and data["significance"]["resamples"] == 400
+    assert data["results"][1]["intervals"]["random Acc"]["significant"] is True
+    md = paths.markdown.read_text()
+    assert f"| var | {var.metrics['random Acc']:.2f} *" in md
+    assert "## Differences to none (95% interval)" in md
+    assert f"{acc['diff']:+.2f} [{acc['low']:+.2f}, {acc['high']:+.2f}] *" in md
+    # the PNG's error bars span baseline + interval around each configuration's value
+    below, above = error_bars(report.results, "random Acc")
+    assert below[0] == above[0] == 0
+    v, b = var.metrics["random Acc"], base.metrics["random Acc"]
+    assert below[1] == pytest.approx(v - (b + acc["low"])) and above[1] == pytest.approx(b + acc["high"] - v)
+    assert paths.png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interval_significance():
+    assert Interval(1.0, 0.2, 2.0).significant and Interval(-1.0, -2.0, -0.1).significant
+    assert not Interval(0.5, -0.1, 1.0).significant and not Interval(0.0, 0.0, 0.0).significant
+    assert ConfigResult("x", "x", {"a": 1.0}, intervals={"a": Interval(1, 0.5, 2).to_dict()}).significant("a")

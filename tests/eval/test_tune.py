@@ -1,0 +1,184 @@
+"""`lvlm tune`: search spaces inside the papers' ranges, constrained selection, resumable cache,
+the profile round trip, and clear errors on bad input."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import lvlm
+from eval import tune as tuning
+from eval.tune import Constraints, MetricsCache, Shape, TuneError, build_spaces, load_split, search
+from interventions import resolve
+from interventions.vhr import default_layers
+from lvlm import profile as profiles
+from lvlm_hallu.cli import app
+
+SHAPE = Shape(num_layers=8, hidden_size=256, tau=5.0, sink_dims=(7,))
+
+
+def planted(calls=None):
+    """A synthetic objective with a known optimum: VHR alpha 2.5 on the late band; alpha 3 is
+    better still but loses 5 recall points (infeasible); PAI's contrast costs 2 F1 points
+    (infeasible); VTE loses 1.5 recall points per layer exited before layer 6."""
+    late = list(range(8 - 4, 8))
+
+    def evaluate(method, params):
+        if calls is not None:
+            calls.append((method, dict(params)))
+        m = {"CHAIR_s": 40.0, "CHAIR_i": 20.0, "Recall": 60.0, "F1": 80.0, "Len": 9.0}
+        if method == "vhr":
+            a = params["alpha"]
+            m["CHAIR_s"] -= 10 * math.exp(-((a - 2.5) ** 2)) + (3.0 if params["layers"] == late else 0.0)
+            m["CHAIR_i"] -= 2 * math.exp(-((a - 2.5) ** 2))
+            if a >= 3.0:
+                m["CHAIR_s"], m["Recall"] = 10.0, 55.0
+        elif method == "pai":
+            m["CHAIR_s"] -= 4 * params["alpha"] + (6 if params["contrast"] else 0)
+            m["F1"] -= 2.0 if params["contrast"] else 0.0
+        elif method == "vte":
+            m["Recall"] -= 1.5 * max(0, 6 - params["exit_layer"])
+        return m
+
+    return evaluate
+
+
+SPACE = ["vhr.alpha=1.25,1.5,2,2.5,3", "vhr.layers=paper,late,[1,2]", "pai.alpha=0.2,0.5,1.0"]
+
+
+def test_search_recovers_the_planted_optimum_and_resumes(tmp_path):
+    spaces = build_spaces(["vhr", "pai", "vte"], SHAPE, "small", SPACE)
+    calls = []
+    cache = MetricsCache(tmp_path, "k1")
+    entries = search(spaces, planted(calls), SHAPE, cache=cache, progress=False)
+    assert entries["vhr"]["params"] == {"alpha": 2.5, "layers": [4, 5, 6, 7]}
+    assert entries["vhr"]["improves"] and entries["vhr"]["metrics"]["CHAIR_s"] == pytest.approx(27.0)
+    infeasible = [r for r in entries["vhr"]["table"] if r["params"]["alpha"] == 3]
+    assert infeasible and all(not r["feasible"] and "recall -5.0 > 3" in r["violation"] for r in infeasible)
+    assert entries["pai"]["params"] == {"alpha": 1.0, "start_layer": 2, "contrast": False}
+    assert entries["vte"]["params"] == {"exit_layer": 5}  # 1.5 recall points lost; exit 4 would lose 3
+    assert len(entries["vhr"]["table"]) == 15 and len(entries["vte"]["table"]) == 6
+    assert len(calls) == 1 + 15 + 6 + 6  # baseline once, then every configuration once
+    again = search(spaces, lambda *a: pytest.fail("evaluated again despite the cache"), SHAPE, cache=cache,
+                   progress=False)
+    assert {m: e["params"] for m, e in again.items()} == {m: e["params"] for m, e in entries.items()}
+    fresh = search(spaces, planted(calls), SHAPE, cache=MetricsCache(tmp_path, "other-eval"), progress=False)
+    assert len(calls) == 2 * 28 and fresh["vhr"]["params"] == entries["vhr"]["params"]  # new settings, new key
+
+
+def test_constraints_are_options():
+    spaces = build_spaces(["vhr", "vte"], SHAPE, "small", SPACE[:2])
+    loose = Constraints(max_recall_drop=10.0, vte_max_recall_drop=6.0)
+    entries = search(spaces, planted(), SHAPE, constraints=loose, progress=False)
+    assert entries["vhr"]["params"]["alpha"] == 3 and entries["vte"]["params"] == {"exit_layer": 2}
+    strict = search(spaces, planted(), SHAPE, constraints=Constraints(vte_max_recall_drop=0.0), progress=False)
+    assert strict["vte"]["params"] == {"exit_layer": 6}
+
+
+def test_default_grids_stay_inside_the_papers_ranges():
+    spaces = build_spaces(["vhr", "pai", "var", "vte"], SHAPE, "full")
+    assert min(spaces["vhr"]["alpha"]) >= 1 and spaces["vte"]["exit_layer"] == list(range(1, 7))
+    assert all(0 < t < math.sqrt(SHAPE.hidden_size) for t in spaces["var"]["tau"])
+    configs = tuning.configurations("vhr", spaces["vhr"], SHAPE)
+    assert {"alpha": 2.0, "layers": list(default_layers(8))} in configs
+    small = sum(len(tuning.configurations(m, s, SHAPE)) for m, s in build_spaces(list(tuning.METHODS), SHAPE).items())
+    assert small == 6 + 6 + 4 + 6  # the shapes budget: 22 configurations plus the baseline
+
+
+@pytest.mark.parametrize("override, message", [
+    ("vhr.alpha=0.5,2", "alpha < 1 is not VHR"),
+    ("var.tau=17", "sqrt\\(E\\) = 16.00"),
+    ("var.p=0", "fraction recycled"),
+    ("vte.exit_layer=7", "k = L - 1 never exits"),
+    ("vhr.layers=[1,9]", "layer indices in 0..7"),
+    ("vhr.beta=1", "'beta' is not searched"),
+    ("carve.layers=1", "not among the methods tuned"),
+    ("vhr.alpha", "METHOD.PARAM=V1,V2"),
+])
+def test_search_space_outside_the_range_is_refused(override, message):
+    with pytest.raises(TuneError, match=message):
+        build_spaces(["vhr", "var", "vte"], SHAPE, "small", [override])
+
+
+def test_unknown_method_and_grid():
+    with pytest.raises(TuneError, match="cannot tune carve; methods: vhr, pai, var, vte"):
+        build_spaces(["carve"], SHAPE)
+    with pytest.raises(TuneError, match="unknown grid 'huge'"):
+        build_spaces(["vhr"], SHAPE, "huge")
+
+
+@pytest.fixture(scope="module")
+def val_split(tmp_path_factory):
+    from lvlm.shapes.world import build_split
+
+    root = tmp_path_factory.mktemp("shapes")
+    instances, captions = build_split(root, "val", 12)
+    return root, instances, captions
+
+
+def test_validation_split_checks(val_split, tmp_path):
+    from lvlm.shapes import SYNONYMS_PATH
+
+    root, instances, captions = val_split
+    split = load_split(root / "images", instances, captions, synonyms=SYNONYMS_PATH, n=5, pope_n=2)
+    assert len(split.chair.items()) == 5 and len(split.pope.items()) == 12  # 2 images x 3 yes + 3 no
+    empty = tmp_path / "instances_empty.json"
+    empty.write_text(json.dumps({**json.loads(instances.read_text()), "images": [], "annotations": []}))
+    with pytest.raises(TuneError, match="lists no images"):
+        load_split(root / "images", empty, None, synonyms=SYNONYMS_PATH, n=5, pope_n=0)
+    (tmp_path / "no_images").mkdir()
+    with pytest.raises(TuneError, match="12 of 12 images of the split are missing|5 of 5 images"):
+        load_split(tmp_path / "no_images", instances, captions, synonyms=SYNONYMS_PATH, n=5, pope_n=0)
+    with pytest.raises(TuneError, match="--images must be a folder"):
+        load_split(tmp_path / "nowhere", instances, captions, synonyms=SYNONYMS_PATH, n=5, pope_n=0)
+    test_split = tmp_path / "instances_test.json"
+    test_split.write_text(instances.read_text().replace("split val", "split test"))
+    with pytest.raises(TuneError, match="is a test split"):
+        load_split(root / "images", test_split, None, synonyms=SYNONYMS_PATH, n=5, pope_n=0)
+
+
+def test_cli_reports_a_split_without_images(val_split, tmp_path):
+    root, instances, _ = val_split
+    empty = tmp_path / "instances.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    result = CliRunner().invoke(app, ["tune", "--images", str(root / "images"), "--instances", str(empty),
+                                      "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2 and "lists no images" in result.output
+
+
+def test_tune_writes_the_profile_and_tuned_presets_resolve(tmp_path, monkeypatch):
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path / "cache"))
+    pipe = lvlm.load("tiny-llava")  # 4 layers, width 64
+    L = pipe.facts.num_layers
+    shape = tuning.model_shape(pipe, {})
+    spaces = build_spaces(["vhr"], shape, "small", ["vhr.alpha=1.5,2.5", "vhr.layers=late,first"])
+
+    def evaluate(method, params):  # planted: alpha 2.5 on layer 1 only
+        good = method == "vhr" and params == {"alpha": 2.5, "layers": [1]}
+        return {"CHAIR_s": 30.0 if good else 40.0, "CHAIR_i": 10.0, "Recall": 50.0, "F1": 70.0}
+
+    entries = tuning.tune(pipe, spaces, evaluate, tmp_path / "out", eval_info={"n": 3}, progress=False)
+    assert entries["vhr"]["params"] == {"alpha": 2.5, "layers": [1]}
+    stored = json.loads(profiles.cache_path(pipe).read_text())["tuned"]["vhr"]
+    assert stored["params"] == {"alpha": 2.5, "layers": [1]} and len(stored["table"]) == 4
+    assert "**chosen**" in (tmp_path / "out" / "tune_report.md").read_text()
+    (res,) = pipe.generate([lvlm.Request("Describe it.", tuning_image(), max_new_tokens=2,
+                                         interventions=resolve("vhr:tuned"))])
+    assert res.report["vhr"]["alpha"] == 2.5 and res.report["vhr"]["layers"] == [1]
+    assert res.report["vhr"]["sources"] == {"alpha": "tuned", "layers": "tuned"} and L == 4
+    with pytest.raises(ValueError, match="only the embedded models"):
+        tuning.tune(pipe, spaces, evaluate, tmp_path / "out", eval_info={"n": 3}, ship=True, progress=False)
+
+
+def tuning_image():
+    from PIL import Image
+
+    return Image.new("RGB", (40, 30), "red")
+
+
+def test_cli_refuses_to_ship_a_model_without_a_package(val_split, tmp_path):
+    root, instances, captions = val_split
+    result = CliRunner().invoke(app, ["tune", "--model", "tiny-llava", "--images", str(root / "images"),
+                                      "--instances", str(instances), "--ship", "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2 and "--ship is for the embedded models (shapes)" in result.output

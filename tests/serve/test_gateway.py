@@ -1,0 +1,162 @@
+"""The gateway (serve/gateway.py) without Ray: the replica-side ASGI relay against the real app,
+and the forwarding logic against a fake deployment handle whose replica dies on command. The
+same path under Ray, with a replica killed under load, is in test_replica_death.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import BackPressureError
+
+from serve.app import Service, build_app
+from serve.config import ServeConfig
+from serve.gateway import Forwarder, asgi_stream, idempotent, route_label
+from tests.serve.conftest import FakePipeline
+from tests.serve.test_app import AUTH, KEY, LIMITS, body
+
+
+@pytest.fixture
+def replica_app():
+    return build_app(Service(FakePipeline(), ServeConfig(model="fake", api_key=KEY, limits=LIMITS)))
+
+
+def relay(app, method, path, payload=None, headers=AUTH):
+    data = json.dumps(payload).encode() if payload is not None else b""
+    hdrs = [(k.lower(), v) for k, v in headers.items()] + [("content-type", "application/json")]
+
+    async def collect():
+        return [item async for item in asgi_stream(app, method, path, "", hdrs, data)]
+
+    return asyncio.run(collect())
+
+
+def test_asgi_relay_answers_like_the_app(replica_app):
+    items = relay(replica_app, "POST", "/v1/chat/completions", body(prompt="Relay me", max_tokens=3))
+    head, chunks = items[0], items[1:]
+    assert head["status"] == 200 and dict(head["headers"])["content-type"] == "application/json"
+    assert json.loads(b"".join(chunks))["choices"][0]["message"]["content"] == "Relay 20x10 none"
+    items = relay(replica_app, "POST", "/v1/chat/completions", body(prompt="Stream me", max_tokens=3, stream=True))
+    assert dict(items[0]["headers"])["content-type"].startswith("text/event-stream")
+    text = b"".join(items[1:]).decode()
+    assert len(items) > 3 and text.endswith("data: [DONE]\n\n")  # chunks arrive one by one
+    error = relay(replica_app, "GET", "/v1/models", headers={})
+    assert error[0]["status"] == 401 and json.loads(b"".join(error[1:]))["error"]["code"] == "invalid_api_key"
+
+
+class DyingReplica:
+    """A fake `handle.options(stream=True)`: `forward.remote` relays to the app, except that the
+    calls listed in `die` fail: "before" (no answer at all) or "after" (after the head and one chunk)."""
+
+    def __init__(self, app, die: dict[int, tuple[str, BaseException]]):
+        self.app, self.die, self.calls = app, die, 0
+        self.forward = self
+
+    def remote(self, method, path, query, headers, body):
+        self.calls += 1
+        when, error = self.die.get(self.calls, (None, None))
+        return self._answer(method, path, query, headers, body, when, error)
+
+    async def _answer(self, method, path, query, headers, body, when, error):
+        if when == "before":
+            raise error
+        sent = 0
+        async for item in asgi_stream(self.app, method, path, query, headers, body):
+            yield item
+            sent += 1
+            if when == "after" and sent == 2:
+                raise error
+
+
+class Counts:
+    def __init__(self):
+        self.failures, self.retries, self.observed = [], 0, []
+
+    def failure(self, kind):
+        self.failures.append(kind)
+
+    def retry(self):
+        self.retries += 1
+
+    def observe(self, route, status, seconds):
+        self.observed.append((route, status))
+
+
+def gateway(replica):
+    counts = Counts()
+    forwarder = Forwarder(replica, max_body_bytes=500_000, metrics=counts)
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
+    async def forward(http: Request, path: str):
+        return await forwarder.forward(http)
+
+    return TestClient(app), counts
+
+
+def test_an_idempotent_request_is_retried_once_on_replica_death(replica_app):
+    replica = DyingReplica(replica_app, {1: ("before", ActorDiedError())})
+    client, counts = gateway(replica)
+    r = client.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Retry me", max_tokens=3))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Retry 20x10 none"
+    assert replica.calls == 2 and counts.retries == 1 and counts.failures == ["replica_unavailable"]
+    assert r.headers["x-request-id"] and counts.observed == [("/v1/chat/completions", 200)]
+
+
+def test_a_second_death_is_an_openai_503(replica_app):
+    replica = DyingReplica(replica_app, {1: ("before", ActorDiedError()),
+                                         2: ("before", ActorUnavailableError("gone", None))})
+    client, counts = gateway(replica)
+    r = client.post("/v1/chat/completions", headers={**AUTH, "x-request-id": "abc"}, json=body())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["x-request-id"] == "abc"
+    assert r.json()["error"]["type"] == "service_unavailable" and r.json()["error"]["code"] == "replica_unavailable"
+    assert replica.calls == 2
+
+
+def test_a_job_submission_is_never_sent_twice(replica_app):
+    replica = DyingReplica(replica_app, {1: ("before", ActorDiedError())})
+    client, counts = gateway(replica)
+    r = client.post("/v1/eval/jobs", headers=AUTH, json={"kind": "pope"})
+    assert r.status_code == 503 and replica.calls == 1 and counts.retries == 0
+
+
+def test_a_broken_stream_ends_with_an_error_event_and_done(replica_app):
+    replica = DyingReplica(replica_app, {1: ("after", ActorDiedError())})
+    client, counts = gateway(replica)
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json=body(stream=True, max_tokens=6)) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["type"] == "service_unavailable" and error["code"] == "replica_unavailable"
+    assert json.loads(lines[0][len("data: "):])["object"] == "chat.completion.chunk"  # the part that arrived
+    assert replica.calls == 1  # after the first byte a retry could repeat text
+
+
+def test_backpressure_and_unexpected_errors_keep_the_openai_shape(replica_app):
+    client, counts = gateway(DyingReplica(replica_app, {1: ("before", BackPressureError(num_queued_requests=9,
+                                                                                         max_queued_requests=8))}))
+    r = client.get("/v1/models", headers=AUTH)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "1"
+    client, counts = gateway(DyingReplica(replica_app, {1: ("before", RuntimeError("bug"))}))
+    r = client.get("/v1/models", headers=AUTH)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error" and "bug" not in r.text
+
+
+def test_oversized_bodies_stop_at_the_gateway(replica_app):
+    replica = DyingReplica(replica_app, {})
+    client, _ = gateway(replica)
+    r = client.post("/v1/chat/completions", headers=AUTH, json=body(prompt="z" * 600_000))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large" and replica.calls == 0
+
+
+def test_route_labels_are_bounded_and_idempotency_rules():
+    assert route_label("/v1/eval/jobs/evaljob-123") == "/v1/eval/jobs/{id}"
+    assert route_label("/wp-admin/setup.php") == route_label("/.env") == "unmatched"
+    assert route_label("/v1/chat/completions") == "/v1/chat/completions"
+    assert idempotent("POST", "/v1/chat/completions") and idempotent("GET", "/v1/eval/jobs/x")
+    assert not idempotent("POST", "/v1/eval/jobs") and not idempotent("POST", "/v1/eval/jobs/x/resume")

@@ -196,16 +196,19 @@ class Engine:
         self.embed = adapter.get(model, "embed")
         self.lm_head = adapter.get(model, "lm_head")
         self.image_features = adapter.get(model, "image_features")
-        # Under an accelerate device map each layer computes on its own device (#18): its cache,
-        # key classes and the per-row tensors the plan and kernels read are placed there.
-        self.layer_devices = [execution_device(layer) for layer in self.layers]
-        self._device = execution_device(self.embed)
 
     @property
     def device(self) -> torch.device:
         """Where inputs go: the token embedding's execution device (its weight may sit on
         "meta" when it is offloaded)."""
-        return self._device
+        return execution_device(self.embed)
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        """Each decoder layer's execution device. Under an accelerate device map (#18) a layer's
+        cache, key classes and the per-row tensors the plan and kernels read live there; resolved
+        once per prefill and kept by the cache (`KVCache.devices`)."""
+        return [execution_device(layer) for layer in self.layers]
 
     @property
     def attention_backend(self) -> str:
@@ -244,8 +247,8 @@ class Engine:
         cache = state.cache
         for layer_idx, layer in enumerate(self.layers):
             state.layer = layer_idx
-            device = self.layer_devices[layer_idx]
-            if state.hidden.device != device:  # a device-map boundary: plan tensors follow the layer
+            device = cache.devices[layer_idx]
+            if device is not None and state.hidden.device != device:  # a device-map boundary: plan tensors follow the layer
                 state.hidden, state.row_start = state.hidden.to(device), state.row_start.to(device)
             state.plan.before_layer(self, layer_idx, state)
             cache.begin_layer(layer_idx, state.row_start)

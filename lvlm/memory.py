@@ -29,7 +29,6 @@ from lvlm.cache import DEFAULT_CHUNK
 from lvlm.errors import LVLMError
 
 HEADROOM = 0.10  # kept free: CUDA context, allocator fragmentation, kernel workspaces
-GIB = 1024**3
 
 
 def human(n: float) -> str:

@@ -28,7 +28,7 @@ def test_chair_end_to_end(world, tmp_path):
     assert res.exit_code == 0, res.output
     (metrics,) = report(tmp_path, "chair").values()
     assert 0 <= metrics["CHAIR_s"] <= 100 and 0 <= metrics["CHAIR_i"] <= 100
-    assert metrics["Recall"] >= 40  # docs/shapes-model.md reports the held-out recall; margin kept
+    assert metrics["Recall"] >= 25  # 54 on 500 held-out images (docs/shapes-model.md); 8 images vary widely
     lines = (tmp_path / "chair_none.jsonl").read_text().splitlines()
     assert "fingerprint" in json.loads(lines[0])  # the header: the run's fingerprint
     assert len(lines) == 1 + 8  # then one record per image, appended as they finish

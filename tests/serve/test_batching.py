@@ -259,7 +259,7 @@ def test_continuous_scheduler_queue_limit_is_429(tiny):
         block = Request("Hi", Image.new("RGB", (32, 32)), max_new_tokens=30, ignore_eos=True)
         first = scheduler.submit(block)
         deadline = time.time() + 120
-        while scheduler.running == 0 and time.time() < deadline:  # let the loop admit it
+        while scheduler.running == 0 and not first.done() and time.time() < deadline:  # let the loop admit it
             time.sleep(0.05)
         queued = scheduler.submit(block)
         with pytest.raises(Overloaded) as err:

@@ -130,6 +130,24 @@ def _mid_parts(Mid, PARTS, HEAD_DIM: tl.constexpr):
     return Mid, Mid + PARTS * HEAD_DIM, Mid + 2 * PARTS * HEAD_DIM, Mid + 3 * PARTS * HEAD_DIM
 
 
+@triton.jit
+def _store_partial(Mid, PARTS, part, offs_d, live, acc, m_i, l_i, acc_s, acc_n, l_s, l_sv, l_n,
+                   HEAD_DIM: tl.constexpr, USE_SINK_REDIST: tl.constexpr):
+    """Store one split's partial state for `_attn_reduce_kernel`. part, live (N,): the partial
+    states' indices and which to store; acc, acc_s, acc_n (N, D); the stats (N,)."""
+    MidO, MidOS, MidON, MidStats = _mid_parts(Mid, PARTS, HEAD_DIM)
+    tile = part[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(MidO + tile, acc, mask=live[:, None])
+    tl.store(MidStats + part * STATS + 0, m_i, mask=live)
+    tl.store(MidStats + part * STATS + 1, l_i, mask=live)
+    if USE_SINK_REDIST:
+        tl.store(MidOS + tile, acc_s, mask=live[:, None])
+        tl.store(MidON + tile, acc_n, mask=live[:, None])
+        tl.store(MidStats + part * STATS + 2, l_s, mask=live)
+        tl.store(MidStats + part * STATS + 3, l_sv, mask=live)
+        tl.store(MidStats + part * STATS + 4, l_n, mask=live)
+
+
 # ----------------------------------------------------------------------------------------------
 # Prefill: inner loop over one range of key blocks.
 # ----------------------------------------------------------------------------------------------
@@ -308,18 +326,9 @@ def _attn_prefill_kernel(
 
     live = offs_m < row_limit  # (BLOCK_M,) rows this program stores
     if SPLIT_KV:  # partial state of this split; the reduction kernel runs the epilogue
-        MidO, MidOS, MidON, MidStats = _mid_parts(Mid, PARTS, HEAD_DIM)
         part = (bh * R + (offs_m - ROW_BASE)) * NUM_SPLITS + tl.program_id(2)  # (BLOCK_M,)
-        tile = part[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(MidO + tile, acc, mask=live[:, None])
-        tl.store(MidStats + part * STATS + 0, m_i, mask=live)
-        tl.store(MidStats + part * STATS + 1, l_i, mask=live)
-        if USE_SINK_REDIST:
-            tl.store(MidOS + tile, acc_s, mask=live[:, None])
-            tl.store(MidON + tile, acc_n, mask=live[:, None])
-            tl.store(MidStats + part * STATS + 2, l_s, mask=live)
-            tl.store(MidStats + part * STATS + 3, l_sv, mask=live)
-            tl.store(MidStats + part * STATS + 4, l_n, mask=live)
+        _store_partial(Mid, PARTS, part, offs_d, live, acc, m_i, l_i, acc_s, acc_n, l_s, l_sv, l_n,
+                       HEAD_DIM, USE_SINK_REDIST)
     else:
         o = _finish(acc, l_i, acc_s, acc_n, l_s, l_sv, l_n, row_key, b, h, H,
                     HeadScale, SinkP, SinkRho, SinkMinVisual, SinkQueryStart, USE_HEAD_SCALE, USE_SINK_REDIST)
@@ -424,18 +433,9 @@ def _attn_decode_kernel(
         tl.store(O + b * stride_ob + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(O.dtype.element_ty), mask=g_live[:, None])
     else:
-        MidO, MidOS, MidON, MidStats = _mid_parts(Mid, PARTS, HEAD_DIM)
         part = (b * H + h) * NUM_SPLITS + split  # (G,)
-        tile = part[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(MidO + tile, acc, mask=g_live[:, None])
-        tl.store(MidStats + part * STATS + 0, m_i, mask=g_live)
-        tl.store(MidStats + part * STATS + 1, l_i, mask=g_live)
-        if USE_SINK_REDIST:
-            tl.store(MidOS + tile, acc_s, mask=g_live[:, None])
-            tl.store(MidON + tile, acc_n, mask=g_live[:, None])
-            tl.store(MidStats + part * STATS + 2, l_s, mask=g_live)
-            tl.store(MidStats + part * STATS + 3, l_sv, mask=g_live)
-            tl.store(MidStats + part * STATS + 4, l_n, mask=g_live)
+        _store_partial(Mid, PARTS, part, offs_d, g_live, acc, m_i, l_i, acc_s, acc_n, l_s, l_sv, l_n,
+                       HEAD_DIM, USE_SINK_REDIST)
 
 
 # ----------------------------------------------------------------------------------------------

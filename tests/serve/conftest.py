@@ -6,15 +6,40 @@ max_new_tokens), so "a row batched with others gets what it gets alone" is a pla
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
+import struct
 import threading
 import time
+import zlib
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from lvlm.errors import PromptError
 from lvlm.types import Result, Timings
+
+
+def png(size=(20, 10), color="red", mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR claims width x height (a decompression bomb's header)."""
+    data = bytearray(png((8, 8)))
+    ihdr = 8 + 8  # signature, then length + type of the first chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def describe(config) -> str:

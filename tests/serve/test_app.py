@@ -4,11 +4,7 @@ with OpenAI's error object, and the service keeps answering good requests afterw
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import struct
-import zlib
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,27 +14,17 @@ from serve.app import Service, build_app
 from serve.client import AuthenticationError, BadRequestError, Client, NotFoundError, RateLimitError
 from serve.config import ServeConfig
 from serve.limits import Limits
-from tests.serve.conftest import FakePipeline
+from tests.serve.conftest import FakePipeline, png, png_declaring
+from tests.serve.conftest import data_url as url
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def png(size=(20, 10), color="red") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    data = bytearray(png((8, 8)))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
-def url(data: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def body(prompt="Describe this image.", image: str | None = url(png()), **extra) -> dict:

@@ -11,22 +11,18 @@ older structure, image, auth and size checks.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from serve.app import Service, build_app
 from serve.config import ServeConfig
 from serve.limits import Limits
-from tests.serve.conftest import FakePipeline
+from tests.serve.conftest import FakePipeline, png, png_declaring
+from tests.serve.conftest import data_url as url
 
 KEY = "suite-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -36,21 +32,10 @@ LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_image_pixel
 STATUSES: list[int] = []  # every status the suite saw, for the zero-5xx check
 
 
-def png(size=(20, 10), color="red", mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, format="PNG")
-    return buf.getvalue()
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    data = bytearray(png((8, 8)))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
-def url(data: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 GOOD_IMAGE = url(png())

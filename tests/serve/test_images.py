@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import struct
-import zlib
 
 import httpx
 import pytest
@@ -15,26 +12,13 @@ from PIL import Image
 from serve.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
 from serve.images import decode_data_url, fetch_remote, is_public_address, load_image, open_image
 from serve.limits import Admission, Limits, check_api_key, read_body
+from tests.serve.conftest import data_url, png_declaring
 
 
 def png_bytes(size=(24, 16), color="red") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid small PNG whose IHDR claims width x height (a decompression bomb's header)."""
-    data = bytearray(png_bytes((8, 8)))
-    ihdr = 8 + 8  # signature, then length + type of the first chunk
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
-
-
-def data_url(data: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=1000 * 1000)

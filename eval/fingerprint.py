@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.errors import EvalError
+from eval.report import sha256_file
 
 HEADER_KEY = "fingerprint"
 LARGE_FILE = 512 << 20  # weight files above this are digested from size + head + tail (see _file_digest)
@@ -150,12 +151,10 @@ def _file_digest(path: Path) -> str:
     if real != path.absolute() and real.parent.name == "blobs" and len(real.name) == 64:
         return real.name
     size = real.stat().st_size
+    if size <= LARGE_FILE:
+        return sha256_file(real)
     h = hashlib.sha256()
     with open(real, "rb") as f:
-        if size <= LARGE_FILE:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-            return h.hexdigest()
         h.update(f"size={size}".encode())
         h.update(f.read(16 << 20))
         f.seek(size - (16 << 20))

@@ -145,6 +145,8 @@ class ClusterPool:
     The replicas live across runs (configurations), so each model loads once. `actor_options`
     are Ray resource options (e.g. `{"num_gpus": 1}` for a GPU per replica); `slots` batches are
     in flight per replica (a replacement replica gets one: `ActorPool.push` takes a handle once).
+    With `name`, replicas are named actors `<name>-0`, `<name>-1`, ... (replacements continue the
+    count), so operators find them with `ray list actors` (the namespace comes from `actor_options`).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class ClusterPool:
         max_task_retries: int = 2,
         max_replacements: int | None = None,
         slots: int = 2,
+        name: str | None = None,
     ):
         import ray
         from ray.util import ActorPool
@@ -171,14 +174,20 @@ class ClusterPool:
         self.ship = ship
         self.factory = factory
         self.max_replacements = num_actors * 2 if max_replacements is None else max_replacements
-        self._cls = ray.remote(Replica).options(
-            max_restarts=max_restarts, max_task_retries=max_task_retries, **dict(actor_options or {"num_cpus": 1})
-        )
-        self.actors = [self._cls.remote(factory) for _ in range(num_actors)]
+        self._cls = ray.remote(Replica)
+        self._options = dict(max_restarts=max_restarts, max_task_retries=max_task_retries,
+                             **dict(actor_options or {"num_cpus": 1}))
+        self.name, self._started = name, 0
+        self.actors = [self._start() for _ in range(num_actors)]
         # Each replica is in the pool `slots` times: its next batch is already queued on it while
         # the driver writes the last one, so the replica never waits for the driver.
         self.pool = ActorPool([a for _ in range(slots) for a in self.actors])
         self.last_run = RunStats()
+
+    def _start(self) -> Any:
+        named = {} if self.name is None else {"name": f"{self.name}-{self._started}"}
+        self._started += 1
+        return self._cls.options(**self._options, **named).remote(self.factory)
 
     def run(
         self,
@@ -190,11 +199,15 @@ class ClusterPool:
         progress: bool = True,
         description: str = "eval (ray)",
         fingerprint: Fingerprint | None = None,
+        on_batch: Callable[[Mapping[str, dict], RunStats], None] | None = None,
     ) -> dict[str, dict]:
         """Answer every unfinished item on the replicas; return all records by key.
 
         `fingerprint` (eval/fingerprint.py) goes into a new results file; resuming a file written by
         another run (model, prompt, decoding, interventions, items, scorer) raises FingerprintMismatch.
+        `on_batch(records, stats)` is called once before the first batch and after every batch is
+        on disk, with every record the file holds (finished keys included) and this run's stats:
+        the service's eval jobs report progress and partial metrics from it.
         """
         from ray.exceptions import RayActorError
 
@@ -205,6 +218,8 @@ class ClusterPool:
         pending: deque[tuple[int, list[Item]]] = deque(enumerate(_batches(todo, batch_size)))
         outstanding: dict[int, tuple[list[Item], Any, Any]] = {}  # batch id -> (batch, ref, replica)
         bar, task = _progress(len(items), len(items) - len(todo), description, progress)
+        if on_batch is not None:
+            on_batch(results.records, stats)
 
         def call(actor: Any, job: tuple[int, list[Item]]) -> Any:
             bid, batch = job
@@ -230,6 +245,8 @@ class ClusterPool:
                 results.append(make_record(it, a) for it, a in zip(batch, answers, strict=True))
                 stats.items_per_node[node] += len(batch)
                 bar.advance(task, len(batch))
+                if on_batch is not None:
+                    on_batch(results.records, stats)
         return {it.key: results.records[it.key] for it in items}
 
     def _failed(self, outstanding: dict[int, tuple[list[Item], Any, Any]]) -> tuple[list, list]:
@@ -264,7 +281,7 @@ class ClusterPool:
             if self.max_replacements > 0:
                 self.max_replacements -= 1
                 self.last_run.replaced_actors += 1
-                fresh = self._cls.remote(self.factory)
+                fresh = self._start()
                 self.actors.append(fresh)
                 self.pool.push(fresh)
         if not self.actors:

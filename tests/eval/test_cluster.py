@@ -169,6 +169,37 @@ def test_replica_killed_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path
         assert stats.requeued_batches == 0
 
 
+def test_named_replicas_and_the_per_batch_hook_through_a_kill(ray_local, tmp_path):
+    """`on_batch` sees every record on disk after each batch (resumed keys included); a named replica
+    killed for good from the hook has its batches re-queued and a replacement named next in line."""
+    from eval.cluster import ClusterPool
+
+    n = 10
+    items = [Item(f"k{i}", f"q{i}", None, {"i": i}) for i in range(n)]
+    out = tmp_path / "r.jsonl"
+    seen: list[tuple[int, int]] = []  # (records on disk, requeued batches so far)
+
+    def hook(records, stats):
+        seen.append((len(records), stats.requeued_batches))
+        if len(seen) == 2:  # the first batch of this run is on disk: replica 0 still holds work
+            ray.kill(ray.get_actor("hook-rep-0", namespace="test-cluster"), no_restart=True)
+
+    pool = ClusterPool(partial(echo_factory, delay=0.2), num_actors=2, name="hook-rep")
+    try:
+        pool.run(items[:2], out, batch_size=2, progress=False)  # a finished batch to resume from
+        records = pool.run(items, out, batch_size=2, progress=False, on_batch=hook)
+        stats = pool.last_run
+        assert ray.get_actor("hook-rep-2", namespace="test-cluster") in pool.actors  # the replacement
+    finally:
+        pool.shutdown()
+    counts = [c for c, _ in seen]
+    assert counts[0] == 2 and counts[-1] == n and counts == sorted(counts) and len(counts) == 1 + (n - 2) // 2
+    assert stats.replaced_actors == 1 and stats.requeued_batches in (1, 2) and seen[-1][1] == stats.requeued_batches
+    keys = [r["key"] for r in lines(out)]
+    assert sorted(keys) == sorted(f"k{i}" for i in range(n)) and len(keys) == n  # 0 lost, 0 duplicated
+    assert {k: r["answer"] for k, r in records.items()} == {f"k{i}": f"q{i}|-" for i in range(n)}
+
+
 def test_model_error_is_raised_and_finished_batches_stay(ray_local, tmp_path):
     from eval.cluster import ClusterPool
 

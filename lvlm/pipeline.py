@@ -7,7 +7,8 @@ join between decode steps (continuous batching, serve/scheduler.py). Each step m
 tokens of the whole batch to the host once. Text is detokenized incrementally
 (lvlm/detokenize.py, amortized O(1) per token; the final text is the full decode). `on_token(row,
 text_delta)` streams text as it is decoded; the last few characters are held back while they
-could still be the start of a stop string.
+could still be the start of a stop string. A request with `logprobs` also gets each answer
+token's log-probability (lvlm/logprobs.py) in `Result.logprobs` and on its streamed deltas.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from lvlm.adapters import Adapter, ModelFacts
 from lvlm.detokenize import IncrementalDetokenizer
 from lvlm.engine import Engine, NoPlan, Sampler, timed
 from lvlm.errors import ImageError, PromptError
-from lvlm.types import Request, Result, Timings
+from lvlm.logprobs import pieces_for, step_logprobs
+from lvlm.types import Request, Result, TextDelta, Timings, TokenLogprob
 
 OnToken = Callable[[int, str], None]
 
@@ -266,9 +268,10 @@ class RunningBatch:
         else:
             host = logits.cpu()
             tokens = [row.sampler(host[b]) for b, row in enumerate(rows)]
-        for row, token in zip(rows, tokens):
+        scored = step_logprobs(logits, tokens, [row.request.logprobs for row in rows])  # None unless a row asks
+        for b, (row, token) in enumerate(zip(rows, tokens)):
             if not row.finished:
-                row.push(token)
+                row.push(token, None if scored is None else scored[b])
                 row.stream()
 
     def _retire(self) -> list["_RowState"]:
@@ -315,7 +318,7 @@ class _RowState:
         self.result: Result | None = None
         self.holdback = max((len(s) for s in request.stop), default=1) - 1
 
-    def push(self, token: int) -> int:
+    def push(self, token: int, scored: tuple[float, list[tuple[int, float]]] | None = None) -> int:
         self.ids.append(token)
         if token in self.pipe.eos_ids and not self.request.ignore_eos:
             self._finish("stop")
@@ -323,16 +326,22 @@ class _RowState:
         self.detok.push(token)
         self.text = self.detok.text
         if self._stop_at(self.text, self.checked) is not None:
-            self._finish("stop")
+            self._finish("stop")  # EOS is not part of the answer: no logprobs entry
         elif len(self.ids) >= self.request.max_new_tokens:
             self._finish("length")
         self.checked = len(self.text)
+        self.logprobs: list[TokenLogprob] | None = None if request.logprobs is None else []
+        self.logprobs_sent = 0  # entries already attached to a streamed delta
         return token
 
     def _stop_at(self, text: str, checked: int) -> int | None:
         """Index of the earliest stop string in text (only matches ending after `checked`)."""
         cuts = []
         for stop in self.request.stop:
+        if scored is not None and self.logprobs is not None:
+            pieces = pieces_for(self.pipe.tokenizer)
+            chosen, top = scored
+            self.logprobs.append(pieces.entry(token, chosen, tuple(pieces.entry(t, lp) for t, lp in top)))
             cut = text.find(stop, max(0, checked - len(stop) + 1))
             if cut >= 0:
                 cuts.append(cut)
@@ -364,6 +373,9 @@ class _RowState:
 
     def complete(self, report: dict) -> None:
         """Build the Result once the row has left the batch."""
+            if self.logprobs is not None:  # the tokens so far go out with the text they released
+                delta = TextDelta(delta, tuple(self.logprobs[self.logprobs_sent :]))
+                self.logprobs_sent = len(self.logprobs)
         self.decode_ms = 1000.0 * (time.perf_counter() - self.t_start)
         if self.finish_reason == "cancelled":
             self.detok.finish()
@@ -371,4 +383,5 @@ class _RowState:
         engine = self.pipe.engine
         full_report = {"attention_backend": engine.attention_backend, **self.pre_report, **(report or {})}
         timings = Timings(prefill_ms=self.prefill_ms, decode_ms=self.decode_ms, decode_tokens=max(0, len(self.ids) - 1))
-        self.result = Result(self.text, list(self.ids), self.finish_reason, self.prompt_tokens, timings, full_report)
+        self.result = Result(self.text, list(self.ids), self.finish_reason, self.prompt_tokens, timings, full_report,
+                             logprobs=None if self.logprobs is None else list(self.logprobs))

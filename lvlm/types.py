@@ -26,6 +26,36 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
     interventions: tuple[Any, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely (lvlm/logprobs.py)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the distribution it was chosen from (the
+    intervention-adjusted logits, before temperature and top-p; see lvlm/logprobs.py), with the
+    `top` most likely tokens at that position as TokenLogprobs of their own (their `top` empty)."""
+
+    token_id: int
+    token: str  # the token's text
+    bytes: tuple[int, ...]  # its UTF-8 bytes (a byte token's raw byte, even when not valid UTF-8 alone)
+    logprob: float
+    top: tuple["TokenLogprob", ...] = ()
+
+
+class TextDelta(str):
+    """A streamed text delta that also carries the log-probabilities of the tokens it completes.
+
+    It is a `str`, so every `on_token(row, delta)` consumer keeps working; a request without
+    `logprobs` streams plain strings. Tokens whose text is held back (a possible stop string, an
+    incomplete character) arrive with the delta that releases it; `Result.logprobs` has them all.
+    """
+
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> "TextDelta":
+        delta = super().__new__(cls, text)
+        delta.logprobs = logprobs
+        return delta
 
 
 @dataclass
@@ -47,6 +77,7 @@ class Result:
     prompt_tokens: int
     timings: Timings = field(default_factory=Timings)
     report: dict[str, Any] = field(default_factory=dict)  # intervention report
+    logprobs: list[TokenLogprob] | None = None  # per answer token (EOS excluded) when the request asked
 
     @property
     def completion_tokens(self) -> int:

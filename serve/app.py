@@ -141,12 +141,16 @@ class Service:
                 yield sse(chat.chunk(prepared, ChunkDelta(role="assistant", content="")))
                 text, delta = chat.DeltaText(), first  # DeltaText: no leading space, as chat.completion
                 while delta is not None:
+                sent = 0  # logprobs entries streamed so far (lvlm.types.TextDelta carries them)
                     content = text(delta)
-                    if content:
-                        yield sse(chat.chunk(prepared, ChunkDelta(content=content)))
+                    entries = getattr(delta, "logprobs", None) if prepared.request.logprobs is not None else None
+                    if content or entries:
+                        yield sse(chat.chunk(prepared, ChunkDelta(content=content), entries=entries))
+                        sent += len(entries or ())
                     delta = await stream.next_delta()
                 result = stream.result
-                yield sse(chat.chunk(prepared, finish=chat.finish_reason(result), result=result))
+                rest = None if result.logprobs is None else result.logprobs[sent:]  # held-back tokens
+                yield sse(chat.chunk(prepared, finish=chat.finish_reason(result), result=result, entries=rest))
                 if prepared.include_usage:
                     yield sse(chat.chunk(prepared, result=result, with_usage=True))
                 yield "data: [DONE]\n\n"

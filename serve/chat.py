@@ -35,11 +35,14 @@ from serve.schema import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
     ImagePart,
     InterventionReport,
     TextPart,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -118,6 +121,8 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
     if unsupported:
         raise BadRequest(f"{unsupported[0]} is not supported by this server", param=unsupported[0],
                          code="unsupported_parameter")
+    if body.top_logprobs is not None and not body.logprobs:  # OpenAI refuses it too
+        raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value")
     prompt, image_urls = split_messages(body)
     if not prompt.strip():
         raise BadRequest("the prompt is empty", param="messages", code="invalid_prompt")
@@ -149,7 +154,8 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
         image = await load_image(url, limits, param, **fetch_kwargs)
     temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
     request = Request(prompt=prompt, image=image, max_new_tokens=max_tokens, temperature=temperature,
-                      top_p=body.top_p, seed=body.seed, stop=body.stop_sequences(), interventions=configs)
+                      top_p=body.top_p, seed=body.seed, stop=body.stop_sequences(), interventions=configs,
+                      logprobs=body.logprobs_top())
     applied = [config_dict(c) for c in configs]
     return PreparedChat(
         request=request, model=model.model_id, label="+".join(a["name"] for a in applied) or "none",
@@ -192,14 +198,26 @@ def completion(prepared: PreparedChat, result: Result) -> ChatCompletion:
     return ChatCompletion(
         id=prepared.id, created=prepared.created, model=prepared.model,
         choices=[Choice(message=AssistantMessage(content=answer_text(result.text)),
-                        finish_reason=finish_reason(result))],
+                        finish_reason=finish_reason(result), logprobs=logprobs(result.logprobs))],
         usage=usage(result), intervention_report=report(prepared, result))
 
 
+def logprobs(entries: Any) -> ChoiceLogprobs | None:
+    """OpenAI's `choices[].logprobs` from the engine's `TokenLogprob`s (None: not asked for)."""
+    if entries is None:
+        return None
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=e.token, bytes=list(e.bytes), logprob=e.logprob,
+                     top_logprobs=[TopLogprob(token=t.token, bytes=list(t.bytes), logprob=t.logprob) for t in e.top])
+        for e in entries])
+
+
 def chunk(prepared: PreparedChat, delta: ChunkDelta | None = None, *, finish: str | None = None,
-          result: Result | None = None, with_usage: bool = False) -> ChatCompletionChunk:
-    """One stream chunk; the usage-only chunk (OpenAI's include_usage) has no choices."""
-    choices = [] if with_usage else [ChunkChoice(delta=delta or ChunkDelta(), finish_reason=finish)]
+          result: Result | None = None, with_usage: bool = False, entries: Any = None) -> ChatCompletionChunk:
+    """One stream chunk; the usage-only chunk (OpenAI's include_usage) has no choices. `entries`:
+    the engine's TokenLogprobs of the tokens this chunk covers."""
+    choices = [] if with_usage else [ChunkChoice(delta=delta or ChunkDelta(), finish_reason=finish,
+                                                 logprobs=logprobs(entries))]
     return ChatCompletionChunk(
         id=prepared.id, created=prepared.created, model=prepared.model, choices=choices,
         usage=usage(result) if with_usage and result is not None else None,

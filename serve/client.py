@@ -169,8 +169,9 @@ def image_data_url(image: Any) -> str:
 def chat_body(image: Any, prompt: str, *, interventions: Any = None, max_tokens: int = 64,
               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
               stop: str | list[str] | None = None, model: str | None = None,
-              stream: bool = False, system: str | None = None) -> dict[str, Any]:
-    """The JSON body of one chat-completions request with at most one image."""
+              stream: bool = False, system: str | None = None, logprobs: int | None = None) -> dict[str, Any]:
+    """The JSON body of one chat-completions request with at most one image. `logprobs=k` asks
+    for each answer token's log-probability and its k most likely alternatives (0..20)."""
     content: list[dict[str, Any]] = []
     if image is not None:
         content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
@@ -183,6 +184,8 @@ def chat_body(image: Any, prompt: str, *, interventions: Any = None, max_tokens:
     for key, value in (("model", model), ("seed", seed), ("stop", stop), ("interventions", interventions)):
         if value is not None:
             body[key] = value
+    if logprobs is not None:
+        body["logprobs"], body["top_logprobs"] = True, logprobs
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
@@ -315,9 +318,9 @@ class Client:
     def chat(self, image: Any, prompt: str, *, interventions: Any = None, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop: str | list[str] | None = None, model: str | None = None,
-             system: str | None = None) -> ChatCompletion:
-        body = chat_body(image, prompt, interventions=interventions, max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p, seed=seed, stop=stop, model=model, system=system)
+             system: str | None = None, logprobs: int | None = None) -> ChatCompletion:
+        body = chat_body(image, prompt, interventions=interventions, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, stop=stop, model=model, system=system, logprobs=logprobs)
         return ChatCompletion.model_validate(self._request("POST", "/v1/chat/completions", json=body))
 
     def stream_chunks(self, image: Any, prompt: str, **kwargs: Any) -> Iterator[ChatCompletionChunk]:
@@ -420,9 +423,9 @@ class AsyncClient:
     async def chat(self, image: Any, prompt: str, *, interventions: Any = None, max_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                    stop: str | list[str] | None = None, model: str | None = None,
-                   system: str | None = None) -> ChatCompletion:
-        body = chat_body(image, prompt, interventions=interventions, max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p, seed=seed, stop=stop, model=model, system=system)
+                   system: str | None = None, logprobs: int | None = None) -> ChatCompletion:
+        body = chat_body(image, prompt, interventions=interventions, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, stop=stop, model=model, system=system, logprobs=logprobs)
         return ChatCompletion.model_validate(await self._request("POST", "/v1/chat/completions", json=body))
 
     async def stream_chunks(self, image: Any, prompt: str, **kwargs: Any) -> AsyncIterator[ChatCompletionChunk]:

@@ -28,9 +28,12 @@ class _Wire(BaseModel):
 
 # OpenAI chat fields this service does not implement; a value other than the field's neutral
 # one (null, 0, false, empty, {"type": "text"}) is a 400 naming the field.
-UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-                      "parallel_tool_calls", "response_format", "logit_bias", "presence_penalty",
-                      "frequency_penalty", "audio", "modalities", "prediction", "web_search_options")
+UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+                      "logit_bias", "presence_penalty", "frequency_penalty", "audio", "modalities", "prediction",
+                      "web_search_options")
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 # -- chat request ---------------------------------------------------------------------------
@@ -98,9 +101,10 @@ class ChatCompletionRequest(_Wire):
     stream_options: Optional[StreamOptions] = None
     interventions: Interventions = None
     user: Optional[str] = None
+    # Token log-probabilities (lvlm/logprobs.py says of which distribution); top_logprobs needs logprobs.
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # declared only to be refused by name (see UNSUPPORTED_FIELDS)
-    logprobs: Any = None
-    top_logprobs: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -123,6 +127,10 @@ class ChatCompletionRequest(_Wire):
         if value == "" or (isinstance(value, list) and any(not s for s in value)):
             raise ValueError("stop sequences must be non-empty")
         return value
+
+    def logprobs_top(self) -> Optional[int]:
+        """None without logprobs, else how many alternatives each token lists (0..20)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> list[str]:
         """The unimplemented OpenAI fields this request sets to something other than neutral."""
@@ -159,6 +167,24 @@ class InterventionReport(BaseModel):
     decode_tokens_per_s: float = 0.0
 
 
+class TopLogprob(BaseModel):
+    token: str
+    bytes: Optional[list[int]] = None  # UTF-8 bytes; join them across tokens that split a character
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """`choices[].logprobs`: one entry per answer token (EOS excluded), in order; in a stream, the
+    entries of the tokens each chunk's text completes (the rest with the finishing chunk)."""
+
+    content: Optional[list[TokenLogprob]] = None
+    refusal: Optional[list[TokenLogprob]] = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -168,7 +194,7 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -194,7 +220,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: Optional[Literal["stop", "length"]] = None
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -291,6 +317,10 @@ class EvalJob(BaseModel):
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     request: Optional[EvalJobRequest] = None
+    attempts: int = 0  # runs started; a resumed or requeued job adds one
+    # The job's replica pool in its latest attempt: replicas, items answered per Ray node,
+    # batches re-queued after a replica died, replicas replaced (eval/cluster.py RunStats).
+    cluster: Optional[dict[str, Any]] = None
 
     @property
     def finished(self) -> bool:

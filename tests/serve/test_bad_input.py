@@ -148,9 +148,14 @@ CHAT_CASES = [
     ("model-number", {"json": body(model=5)}, 400, "invalid_value", "model"),
     ("unknown-model", {"json": body(model="gpt-4o")}, 404, "model_not_found", "model"),
     ("user-number", {"json": body(user=5)}, 400, "invalid_value", "user"),
+    # -- logprobs (implemented): OpenAI's types and range, top_logprobs only with logprobs
+    ("logprobs-string", {"json": body(logprobs="yes")}, 400, "invalid_value", "logprobs"),
+    ("logprobs-number", {"json": body(logprobs=1)}, 400, "invalid_value", "logprobs"),
+    ("top-logprobs-21", {"json": body(logprobs=True, top_logprobs=21)}, 400, "invalid_value", "top_logprobs"),
+    ("top-logprobs-negative", {"json": body(logprobs=True, top_logprobs=-1)}, 400, "invalid_value", "top_logprobs"),
+    ("top-logprobs-string", {"json": body(logprobs=True, top_logprobs="2")}, 400, "invalid_value", "top_logprobs"),
+    ("top-logprobs-without-logprobs", {"json": body(top_logprobs=2)}, 400, "invalid_value", "top_logprobs"),
     # -- OpenAI fields we do not implement: a 400 naming the field
-    ("logprobs", {"json": body(logprobs=True)}, 400, "unsupported_parameter", "logprobs"),
-    ("top-logprobs", {"json": body(top_logprobs=2)}, 400, "unsupported_parameter", "top_logprobs"),
     ("tools", {"json": body(tools=[{"type": "function", "function": {"name": "f"}}])}, 400, "unsupported_parameter",
      "tools"),
     ("tool-choice", {"json": body(tool_choice="required")}, 400, "unsupported_parameter", "tool_choice"),

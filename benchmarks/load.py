@@ -216,7 +216,8 @@ def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float,
     from serve.config import ServeConfig
 
     config = ServeConfig(model=args.model, max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s,
-                         eval_jobs=False, scheduler=scheduler, max_prefill_rows=args.max_prefill_rows)
+                         eval_jobs=False, scheduler=scheduler, max_prefill_tokens=args.max_prefill_tokens,
+                         admit_after_steps=args.admit_after_steps)
     out = {}
 
     async def one(concurrency: int):
@@ -264,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=64, help="stop after this many requests")
     ap.add_argument("--duration", type=float, default=120.0, help="... or after this many seconds")
     ap.add_argument("--schedulers", default="continuous", help="with --start: comma-separated, static and/or continuous")
-    ap.add_argument("--max-prefill-rows", type=int, default=4, help="--in-process, continuous: prefill bound per step")
+    ap.add_argument("--max-prefill-tokens", type=int, default=2048,
+                    help="--in-process, continuous: prefill token budget per step (lvlm serve --max-prefill-tokens)")
+    ap.add_argument("--admit-after-steps", type=int, default=4,
+                    help="--in-process, continuous: steps newcomers may wait for a group (lvlm serve --admit-after-steps)")
     ap.add_argument("--concurrency", default="8", help="comma-separated concurrencies, each run in turn")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--mix", default=",".join(DEFAULT_MIX), help="intervention specs to cycle through")

@@ -60,8 +60,9 @@ def make_runner(pipeline: Any, config: ServeConfig, on_batch: Callable[[int, boo
     if config.scheduler == "continuous" and hasattr(pipeline, "engine"):  # a fake pipeline has no engine
         from serve.scheduler import ContinuousScheduler
 
-        return ContinuousScheduler(pipeline, max_rows=config.max_batch_size, max_prefill_rows=config.max_prefill_rows,
-                                   max_tokens=config.max_tokens_in_flight, on_batch=on_batch)
+        return ContinuousScheduler(pipeline, max_rows=config.max_batch_size, max_tokens=config.max_tokens_in_flight,
+                                   max_prefill_tokens=config.max_prefill_tokens,
+                                   admit_after_steps=config.admit_after_steps, on_batch=on_batch)
     return EngineRunner(pipeline.generate, on_batch=on_batch)
 
 

@@ -37,10 +37,19 @@ def serve_command(
     port: int = typer.Option(8000, "--port"),
     replicas: int = typer.Option(1, "--replicas", help="model replicas (the minimum when autoscaling)"),
     max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="autoscale up to this many replicas"),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", help="requests per engine batch"),
+    max_batch_size: int = typer.Option(8, "--max-batch-size",
+                                       help="static: requests per engine batch; continuous: rows decoding at once"),
     batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", help="how long a batch waits to fill"),
     scheduler: str = typer.Option("continuous", "--scheduler",
                                   help="continuous (rows join and leave between decode steps) or static (whole batches)"),
+    max_prefill_tokens: int = typer.Option(
+        2048, "--max-prefill-tokens", min=1,
+        help="continuous: tokens one prefill between two decode steps may hold (rows incl. VHR/PAI twins x the group's "
+        "longest prompt, image tokens included); bounds the pause of running rows. A longer prompt runs alone"),
+    admit_after_steps: int = typer.Option(
+        4, "--admit-after-steps", min=0,
+        help="continuous: decode steps newcomers may wait to be prefilled as one group (until it fills the prefill "
+        "budget or half of --max-batch-size); 0 admits at once"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LVLM_API_KEY",
                                           help="require 'Authorization: Bearer <key>' (env LVLM_API_KEY)"),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
@@ -92,7 +101,7 @@ def serve_command(
         model=name, device=device, dtype=dtype, replicas=replicas, max_replicas=max_replicas, **placed,
         num_gpus=gpus, eval_num_gpus=gpus if eval_num_gpus is None else eval_num_gpus,
         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000, api_key=api_key, eval_jobs=eval_jobs,
-        scheduler=scheduler,
+        scheduler=scheduler, max_prefill_tokens=max_prefill_tokens, admit_after_steps=admit_after_steps,
         router_dir=str(router_dir.resolve()) if router_dir else None,
         eval_jobs_dir=str(jobs_dir.expanduser().resolve()) if jobs_dir else None, eval_keep_days=jobs_keep_days,
         limits=Limits(allow_remote_images=allow_remote_images, max_tokens=max_tokens, max_concurrent=max_concurrent),

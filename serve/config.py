@@ -24,7 +24,11 @@ class ServeConfig:
     num_gpus: float = 0.0  # per replica; 1 = one replica per GPU
     max_batch_size: int = 8  # static: requests per batch; continuous: rows decoding at once
     scheduler: str = "continuous"  # "continuous" (serve/scheduler.py) or "static" (@serve.batch)
-    max_prefill_rows: int = 4  # continuous: requests prefilled between two decode steps
+    # continuous, serve/scheduler.py `Admission`: one prefill between two decode steps holds at most
+    # this many tokens (rows incl. twins x the group's longest prompt), and newcomers wait at most
+    # `admit_after_steps` decode steps to be prefilled as a larger group
+    max_prefill_tokens: int = 2048
+    admit_after_steps: int = 4
     max_tokens_in_flight: int = 65536  # continuous: prompt + max_new_tokens over the running rows
     batch_wait_timeout_s: float = 0.05  # docs/benchmarks.md "Service load": 10 ms left batches a third full
     max_queued_requests: int = 256  # in Ray's proxy queue before it answers 503

@@ -7,17 +7,24 @@ The loop owns a `lvlm.pipeline.RunningBatch`. Between two decode steps it:
   3. runs one decode step for every running row and completes the rows that finished.
 A request's greedy output is the same as alone or in a static batch (tests/lvlm/test_engine.py).
 
-Admission policy (prefill must not starve running rows):
-  - at most `max_rows` main rows run at once;
-  - at most `max_tokens` tokens in flight: the sum over running and admitted requests of prompt
-    tokens (known after prefill; estimated from the image and prompt before) + max_new_tokens;
-  - at most `max_prefill_rows` requests are prefilled between two decode steps, as one batched
-    prefill, so a running row waits at most one decode step plus one prefill of that many prompts
-    for its next token. A request alone may always be admitted into an empty batch;
-  - newcomers are admitted in groups: only when `max_prefill_rows` of them fit at once, or the
-    oldest has waited `admit_after_steps` decode steps, or nothing is running. One prefill call
-    per group amortizes its fixed costs (processor, vision tower call, plan, per-layer Python),
-    which dominate when answers are short; the wait is bounded by `admit_after_steps` steps.
+Admission policy (`Admission`; waiting requests are taken oldest first, none overtakes another):
+  - rows: at most `max_rows` main rows run at once;
+  - tokens in flight: at most `max_tokens`, summed over running and admitted requests of prompt
+    tokens + max_new_tokens;
+  - prefill budget: the requests prefilled between two decode steps form one batched prefill of at
+    most `max_prefill_tokens` tokens, counted as the prefill computes them: every row (a request's
+    main row and its image-removed twin rows, VHR / PAI contrast) times the longest prompt of the
+    group (image tokens included; the batch is left-padded to it). A request whose prompt alone
+    exceeds the budget is prefilled alone. So a running row waits at most one decode step plus
+    one prefill of `max_prefill_tokens` tokens for its next token, however many arrive;
+  - groups: while rows are running, newcomers are held until the group is worth a prefill call:
+    it reaches the budget, or it has at least half of `max_rows` requests, or the first of them
+    has been admissible for `admit_after_steps` decode steps (0: admit at once, as vLLM does). A
+    prefill call has fixed costs (processor, vision tower call, plan, per-layer Python) that
+    dominate short answers on a CPU; holding a free row for a few steps costs less than a call.
+    Into an empty batch, whatever fits is admitted at once.
+Prompt lengths are estimated before prefill (the rendered prompt's text tokens plus
+`vision_grid`² tokens per image; twin rows from the request's plan) and known exactly after.
 The queue itself is bounded by the replica's admission limit (429 beyond `max_concurrent`);
 `submit` raises `Overloaded` (429) as well when `max_queue` requests are already waiting.
 
@@ -31,15 +38,59 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from serve.batching import Outcome, StreamCancelled
 from serve.errors import Overloaded
 
 log = logging.getLogger("serve.scheduler")
+
+
+class PrefillShape(NamedTuple):
+    """What one waiting request adds to a prefill and to the tokens in flight."""
+
+    rows: int  # its main row plus its twin rows
+    prompt_tokens: int  # text and image tokens of its prompt (an estimate before prefill)
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The admission policy of the module docstring, as a pure function of the queue's state."""
+
+    max_rows: int = 8
+    max_tokens: int = 65536
+    max_prefill_tokens: int = 2048
+    admit_after_steps: int = 4
+
+    def __post_init__(self):
+        if min(self.max_rows, self.max_tokens, self.max_prefill_tokens) < 1 or self.admit_after_steps < 0:
+            raise ValueError("max_rows, max_tokens and max_prefill_tokens must be >= 1, admit_after_steps >= 0")
+
+    def take(self, waiting: Sequence[PrefillShape], *, running: int, in_flight: int, held_steps: int) -> tuple[int, bool]:
+        """(n, now): the first n waiting requests fit the limits; `now` says whether to prefill
+        them before the next decode step (False: hold them for a larger group)."""
+        n = rows = longest = 0
+        budget_full = False
+        for shape in waiting:
+            if running + n >= self.max_rows:
+                break
+            grown_rows, grown_longest = rows + shape.rows, max(longest, shape.prompt_tokens)
+            if n and grown_rows * grown_longest > self.max_prefill_tokens:
+                budget_full = True
+                break
+            need = shape.prompt_tokens + shape.max_new_tokens
+            if in_flight + need > self.max_tokens and (running or n):
+                break
+            n, rows, longest, in_flight = n + 1, grown_rows, grown_longest, in_flight + need
+        if not n or not running:
+            return n, bool(n)
+        group_full = budget_full or rows * longest >= self.max_prefill_tokens or 2 * n >= self.max_rows
+        return n, group_full or held_steps >= self.admit_after_steps
 
 
 @dataclass
@@ -49,37 +100,31 @@ class Job:
     on_token: Optional[Callable[[int, str], None]] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     row: Any = None  # the RunningBatch row once admitted
-    queued_at_step: int = 0  # the scheduler's step count when the job was queued
-
-    def tokens_estimate(self, image_tokens: int) -> int:
-        r = self.request
-        images = 0 if r.image is None else (len(r.image) if isinstance(r.image, (list, tuple)) else 1)
-        return images * image_tokens + len(r.prompt) // 2 + 16 + r.max_new_tokens
+    shape: Optional[PrefillShape] = None  # set by the engine loop when it first considers the job
 
 
 class ContinuousScheduler:
     """Iteration-level scheduler around one pipeline (one per replica)."""
 
-    def __init__(self, pipeline: Any, *, max_rows: int = 8, max_tokens: int = 65536, max_prefill_rows: int = 4,
+    def __init__(self, pipeline: Any, *, max_rows: int = 8, max_tokens: int = 65536, max_prefill_tokens: int = 2048,
                  admit_after_steps: int = 4, max_queue: int = 1024, on_batch: Callable[[int, bool], None] | None = None):
         from lvlm.pipeline import RunningBatch
 
-        if max_rows < 1 or max_prefill_rows < 1 or max_tokens < 1:
-            raise ValueError("max_rows, max_prefill_rows and max_tokens must be >= 1")
-        self.pipeline = pipeline
-        self.max_rows, self.max_tokens, self.max_prefill_rows, self.max_queue = max_rows, max_tokens, max_prefill_rows, max_queue
+        self.admission = Admission(max_rows, max_tokens, max_prefill_tokens, admit_after_steps)
+        self.pipeline, self.max_queue = pipeline, max_queue
         self._on_batch = on_batch
-        self.admit_after_steps = admit_after_steps
         self._batch = RunningBatch(pipeline)
         self._jobs: dict[int, Job] = {}  # id(row) -> job, for the running rows
         self._waiting: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
-        facts = getattr(pipeline, "facts", None)
-        grid = getattr(facts, "vision_grid", None)
+        grid = getattr(getattr(pipeline, "facts", None), "vision_grid", None)
         self._image_tokens = int(grid) ** 2 if isinstance(grid, int) else 576  # per image, for the estimate
+        self._held_since: int | None = None  # the step since which admissible newcomers are held
         self.steps = 0
         self.rows_stepped = 0  # sum of batch sizes over steps (mean batch = rows_stepped / steps)
+        self.prefills = 0  # prefill calls (groups admitted); mean group = prefilled / prefills
+        self.prefilled = 0  # requests admitted through them
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -87,7 +132,7 @@ class ContinuousScheduler:
     def submit(self, request: Any, on_token: Callable[[int, str], None] | None = None,
                cancelled: threading.Event | None = None) -> concurrent.futures.Future:
         """Queue a request; the future resolves to its Outcome."""
-        job = Job(request, on_token=on_token, queued_at_step=self.steps)
+        job = Job(request, on_token=on_token)
         if cancelled is not None:
             job.cancelled = cancelled
         with self._wake:
@@ -171,23 +216,28 @@ class ContinuousScheduler:
         return sum(row.prompt_tokens + row.request.max_new_tokens for row in self._batch.rows)
 
     def _take(self) -> list[Job]:
-        """Waiting jobs that fit the limits, oldest first (see the module docstring)."""
-        taken: list[Job] = []
-        tokens = self._in_flight_tokens()
+        """Waiting jobs to prefill before the next step, oldest first (see `Admission`)."""
+        free = self.admission.max_rows - len(self._batch)
         with self._wake:
-            if self._batch and self._waiting:
-                group = min(self.max_prefill_rows, self.max_rows)
-                fits = self.max_rows - len(self._batch) >= group and len(self._waiting) >= group
-                waited = self.steps - self._waiting[0].queued_at_step >= self.admit_after_steps
-                if not (fits or waited):
-                    return taken
-            while self._waiting and len(taken) < self.max_prefill_rows and len(self._batch) + len(taken) < self.max_rows:
-                need = self._waiting[0].tokens_estimate(self._image_tokens)
-                if tokens + need > self.max_tokens and (self._batch or taken):
-                    break
-                taken.append(self._waiting.popleft())
-                tokens += need
+            waiting = list(itertools.islice(self._waiting, max(0, free)))  # no more could join
+        if not waiting:
+            return []
+        shapes = [self._shape(job) for job in waiting]
+        held = 0 if self._held_since is None else self.steps - self._held_since
+        n, now = self.admission.take(shapes, running=len(self._batch), in_flight=self._in_flight_tokens(), held_steps=held)
+        if not now:
+            if n and self._held_since is None:
+                self._held_since = self.steps
+            return []
+        self._held_since = None
+        with self._wake:
+            taken = [self._waiting.popleft() for _ in range(n)]  # only this thread removes jobs
         return taken
+
+    def _shape(self, job: Job) -> PrefillShape:
+        if job.shape is None:
+            job.shape = prefill_shape(self.pipeline, job.request, self._image_tokens)
+        return job.shape
 
     def _admit(self) -> None:
         jobs = self._take()
@@ -204,6 +254,8 @@ class ContinuousScheduler:
 
     def _admit_group(self, jobs: list[Job]) -> None:
         streams = [self._stream_for(job) for job in jobs]
+        self.prefills += 1
+        self.prefilled += len(jobs)
         rows = self._batch.admit([job.request for job in jobs], streams=streams)
         for job, row in zip(jobs, rows):
             job.row = row
@@ -244,3 +296,18 @@ class ContinuousScheduler:
                 job.future.set_result(Outcome(error=err))
         self._jobs.clear()
         self._batch = RunningBatch(self.pipeline)
+
+
+def prefill_shape(pipeline: Any, request: Any, image_tokens: int) -> PrefillShape:
+    """Estimate a request's prefill before it runs: its plan's twin rows (interventions/plan.py,
+    cheap to build) and its prompt's tokens (the rendered chat text, each image placeholder
+    counted as `image_tokens`). Anything that fails here fails again, properly, at prefill."""
+    r = request
+    images = 0 if r.image is None else (len(r.image) if isinstance(r.image, (list, tuple)) else 1)
+    try:
+        rows = 1 + len(getattr(pipeline.build_plan([r]), "twins_needed", ()))
+        text_tokens = len(pipeline.tokenizer(pipeline.render_prompt(r))["input_ids"])  # as the processor: BOS too
+        tokens = text_tokens + images * (image_tokens - 1)
+    except Exception:  # noqa: BLE001 - a rough estimate; the prefill reports the real error
+        rows, tokens = 1, images * image_tokens + len(str(r.prompt)) // 2 + 16
+    return PrefillShape(rows, max(1, tokens), r.max_new_tokens)

@@ -194,7 +194,7 @@ def test_continuous_scheduler_matches_requests_alone_and_batches_them(tiny):
     from serve.scheduler import ContinuousScheduler
 
     sizes = []
-    scheduler = ContinuousScheduler(tiny, max_rows=4, max_prefill_rows=2, on_batch=lambda n, _: sizes.append(n))
+    scheduler = ContinuousScheduler(tiny, max_rows=4, max_prefill_tokens=120, on_batch=lambda n, _: sizes.append(n))
     try:
         requests = tiny_requests(6)
         futures = [scheduler.submit(r) for r in requests]  # all at once: they queue and join as rows free up

@@ -70,9 +70,9 @@ class Service:
     """One replica's state; the routes in `build_app` are thin wrappers over its methods."""
 
     def __init__(self, pipeline: Any, config: ServeConfig, *, submit: Submit | None = None, jobs: Any = None,
-                 fetch_kwargs: dict | None = None):
+                 fetch_kwargs: dict | None = None, metrics: Metrics | None = None):
         self.pipeline, self.config, self.limits = pipeline, config, config.limits
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()  # replicas pass Metrics(ray=True): serve/metrics.py
         self.runner = make_runner(pipeline, config, self.metrics.observe_batch)
         self.admission = Admission(config.max_concurrent)
         self.submit: Submit = submit or self._submit_alone
@@ -107,6 +107,7 @@ class Service:
         started = time.perf_counter()
         body = parse(ChatCompletionRequest, await read_body(http, self.limits.max_body_bytes))
         self.admission.acquire()
+        self.metrics.set_inflight(self.admission.active)
         handed_off = False
         label = "invalid"
         try:
@@ -126,6 +127,7 @@ class Service:
         finally:
             if not handed_off:
                 self.admission.release()
+                self.metrics.set_inflight(self.admission.active)
 
     async def _stream(self, prepared: chat.PreparedChat, started: float) -> StreamingResponse:
         stream = TokenStream(self.runner, prepared.request).start()
@@ -141,8 +143,8 @@ class Service:
             try:
                 yield sse(chat.chunk(prepared, ChunkDelta(role="assistant", content="")))
                 text, delta = chat.DeltaText(), first  # DeltaText: no leading space, as chat.completion
-                while delta is not None:
                 sent = 0  # logprobs entries streamed so far (lvlm.types.TextDelta carries them)
+                while delta is not None:
                     content = text(delta)
                     entries = getattr(delta, "logprobs", None) if prepared.request.logprobs is not None else None
                     if content or entries:
@@ -164,6 +166,7 @@ class Service:
             finally:
                 await stream.close()
                 self.admission.release()
+                self.metrics.set_inflight(self.admission.active)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -194,7 +197,7 @@ class Service:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     def render_metrics(self) -> Response:
-        self.metrics.inflight.set(self.admission.active)
+        self.metrics.set_inflight(self.admission.active)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     # -- evaluation jobs ------------------------------------------------------------------------
@@ -444,7 +447,8 @@ def _deployment_class():
                                jobs_dir=config.eval_jobs_dir,
                                retention={"keep_days": config.eval_keep_days, "keep_jobs": config.eval_keep_jobs})
             static = config.scheduler == "static"  # continuous: the scheduler's queue, no @serve.batch
-            self.service = Service(pipeline, config, submit=self._generate_batch if static else None, jobs=jobs)
+            self.service = Service(pipeline, config, submit=self._generate_batch if static else None, jobs=jobs,
+                                   metrics=Metrics(ray=True))  # summed over replicas by Ray's exporter
             self._generate_batch.set_max_batch_size(config.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
             if config.warmup:

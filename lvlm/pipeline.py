@@ -317,31 +317,31 @@ class _RowState:
         self.decode_ms = 0.0
         self.result: Result | None = None
         self.holdback = max((len(s) for s in request.stop), default=1) - 1
+        self.logprobs: list[TokenLogprob] | None = None if request.logprobs is None else []
+        self.logprobs_sent = 0  # entries already attached to a streamed delta
 
     def push(self, token: int, scored: tuple[float, list[tuple[int, float]]] | None = None) -> int:
         self.ids.append(token)
         if token in self.pipe.eos_ids and not self.request.ignore_eos:
-            self._finish("stop")
+            self._finish("stop")  # EOS is not part of the answer: no logprobs entry
             return token
+        if scored is not None and self.logprobs is not None:
+            pieces = pieces_for(self.pipe.tokenizer)
+            chosen, top = scored
+            self.logprobs.append(pieces.entry(token, chosen, tuple(pieces.entry(t, lp) for t, lp in top)))
         self.detok.push(token)
         self.text = self.detok.text
         if self._stop_at(self.text, self.checked) is not None:
-            self._finish("stop")  # EOS is not part of the answer: no logprobs entry
+            self._finish("stop")
         elif len(self.ids) >= self.request.max_new_tokens:
             self._finish("length")
         self.checked = len(self.text)
-        self.logprobs: list[TokenLogprob] | None = None if request.logprobs is None else []
-        self.logprobs_sent = 0  # entries already attached to a streamed delta
         return token
 
     def _stop_at(self, text: str, checked: int) -> int | None:
         """Index of the earliest stop string in text (only matches ending after `checked`)."""
         cuts = []
         for stop in self.request.stop:
-        if scored is not None and self.logprobs is not None:
-            pieces = pieces_for(self.pipe.tokenizer)
-            chosen, top = scored
-            self.logprobs.append(pieces.entry(token, chosen, tuple(pieces.entry(t, lp) for t, lp in top)))
             cut = text.find(stop, max(0, checked - len(stop) + 1))
             if cut >= 0:
                 cuts.append(cut)
@@ -360,6 +360,9 @@ class _RowState:
     def stream(self) -> None:
         delta = self.take_delta()
         if delta and self.on_token is not None:
+            if self.logprobs is not None:  # the tokens so far go out with the text they released
+                delta = TextDelta(delta, tuple(self.logprobs[self.logprobs_sent :]))
+                self.logprobs_sent = len(self.logprobs)
             self.on_token(self.rid, delta)
 
     def take_delta(self) -> str:
@@ -373,9 +376,6 @@ class _RowState:
 
     def complete(self, report: dict) -> None:
         """Build the Result once the row has left the batch."""
-            if self.logprobs is not None:  # the tokens so far go out with the text they released
-                delta = TextDelta(delta, tuple(self.logprobs[self.logprobs_sent :]))
-                self.logprobs_sent = len(self.logprobs)
         self.decode_ms = 1000.0 * (time.perf_counter() - self.t_start)
         if self.finish_reason == "cancelled":
             self.detok.finish()

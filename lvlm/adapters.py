@@ -31,6 +31,7 @@ class Adapter:
     embed: str = "model.language_model.embed_tokens"
     lm_head: str = "lm_head"
     image_features: str = "model.get_image_features"
+    images_only_processor: bool = False  # build transformers' processor without its video processor (lvlm/processors.py)
 
     def get(self, model: torch.nn.Module, part: str) -> Any:
         """Resolve one of the dotted paths above on a loaded model."""
@@ -53,6 +54,17 @@ ADAPTERS: dict[str, Adapter] = {
             model_class="LlavaNextForConditionalGeneration",
             processor_class="LlavaNextProcessor",
             vision_inputs=("pixel_values", "image_sizes"),
+        ),
+        # LLaVA-OneVision (arXiv 2408.03326): LLaVA-NeXT's any-resolution tiles with a newline token
+        # per row, pooled bilinearly when they exceed `vision_aspect_ratio` (anyres_max_9) base
+        # tiles; SigLIP tower; Qwen2 text model (GQA, q/k/v biases), 1-D positions.
+        Adapter(
+            family="llava_onevision",
+            model_type="llava_onevision",
+            model_class="LlavaOnevisionForConditionalGeneration",
+            processor_class="LlavaOnevisionProcessor",
+            vision_inputs=("pixel_values", "image_sizes", "batch_num_images"),
+            images_only_processor=True,
         ),
     )
 }

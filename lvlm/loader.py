@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 from kernels.dispatch import register
 from lvlm.adapters import adapter_for
 from lvlm.pipeline import Pipeline
+from lvlm.processors import images_only
 from lvlm import memory, tiny
 
 
@@ -125,5 +126,6 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
         attn_implementation={"text_config": attn, "vision_config": "sdpa"}, **placement,
     )
     model = (model if device_map is not None else model.to(device)).eval()
-    processor = AutoProcessor.from_pretrained(path, revision=revision, backend="pil")
+    processor_cls = images_only(adapter.processor_class) if adapter.images_only_processor else AutoProcessor
+    processor = processor_cls.from_pretrained(path, revision=revision, backend="pil")
     return Pipeline(model, processor, adapter, name)

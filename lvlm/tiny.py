@@ -1,9 +1,11 @@
-"""Tiny LLaVA-1.5 and LLaVA-NeXT models with RANDOM weights, built offline from configs.
+"""Tiny LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision models with RANDOM weights, built offline from configs.
 
 They exist for tests and offline smoke runs: real architectures (`LlavaForConditionalGeneration`,
 `LlavaNextForConditionalGeneration`: CLIP vision tower, projector, Llama with grouped-query
-attention) at a few hundred thousand parameters, with a character-level tokenizer and PIL image
-processors. Their text is gibberish by construction; the trained embedded model is "shapes".
+attention; `LlavaOnevisionForConditionalGeneration`: SigLIP tower, any-resolution tiles with
+OneVision's `anyres_max` pooling, Qwen2 with 4 query heads per KV head, ChatML template) at a few
+hundred thousand parameters, with a character-level tokenizer and PIL image processors. Their
+text is gibberish by construction; the trained embedded model is "shapes".
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ CHAT_TEMPLATE = (
 )
 IMAGE_SIZE, PATCH = 32, 8
 NAMES = ("tiny-llava", "tiny-llava-next")  # test models
+ONEVISION = "tiny-llava-onevision"  # test model of the OneVision family (tests/lvlm/test_llava_onevision.py)
 RANDOM_7B = "random-llava-1.5-7b"  # benchmark model (GPU)
-ALL = (*NAMES, RANDOM_7B)
+ALL = (*NAMES, ONEVISION, RANDOM_7B)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -127,6 +130,8 @@ def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None, te
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         return model.eval(), processor
+    if name == ONEVISION:
+        return _onevision(tok, seed)
     image_token_id = tok.convert_tokens_to_ids("<image>")
     common = dict(
         text_config=_text_config(len(tok), tok),
@@ -156,6 +161,54 @@ def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None, te
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
+    )
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval(), processor
+
+
+CHATML_TEMPLATE = (  # LLaVA-OneVision's (Qwen2's) turn format, images first in the user turn
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Base tile 32 px; up to 3x3 tiles. "anyres_max_4" makes OneVision's pooling act on the tiny model:
+# a 3x3-tile image (12x12 patches) is bilinearly pooled to fit 4 base tiles' worth of patches.
+ONEVISION_PINPOINTS = [[IMAGE_SIZE * h, IMAGE_SIZE * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (3, 3))]
+ONEVISION_ASPECT = "anyres_max_4"
+
+
+def _onevision(tok: PreTrainedTokenizerFast, seed: int):
+    """LLaVA-OneVision at tiny shapes: SigLIP tower ("full" features, no CLS), Qwen2 text model
+    with 4 query heads per KV head, ChatML turns ending in <|im_end|> (its EOS, as in the real model)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from lvlm.processors import images_only
+
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.eos_token = "<|im_end|>"
+    text = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.1,
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False, initializer_range=0.1)
+    config = LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.unk_token_id, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio=ONEVISION_ASPECT,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                      image_grid_pinpoints=ONEVISION_PINPOINTS)
+    processor = images_only("LlavaOnevisionProcessor")(
+        image_processor=image_processor, tokenizer=tok, num_image_tokens=(IMAGE_SIZE // PATCH) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio=ONEVISION_ASPECT, chat_template=CHATML_TEMPLATE,
     )
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -6,6 +6,9 @@ A family supplies its grid from the processor outputs of one request (`GRIDS[fam
 - llava_next (LLaVA-NeXT any-resolution): per image, the base tile (side x side) followed by the
   high-resolution tiles stitched into an (nph*side, npw*side) grid, cropped by transformers'
   `unpad_image` to the image's aspect ratio, each row followed by one newline token;
+- llava_onevision (arXiv 2408.03326): LLaVA-NeXT's layout, the tiles bilinearly pooled to at most
+  anyres_max_N base tiles; in a row with several images, each image is its base tile plus one
+  newline token;
 - families with `image_grid_thw` (Qwen2-VL) would read the grid from it; none is supported yet.
 
 Tokens that sit on no patch (CLS, NeXT's newline tokens) are "other" tokens: their attention is
@@ -16,6 +19,7 @@ on exactly the pixels its patches cover.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,12 +95,37 @@ def llava_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Panel], i
     return panels, offset
 
 
-def llava_next_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Panel], int]:
+def _tiles_panel(config: Any, processor: Any, pixels: torch.Tensor, image_size: list[int], offset: int, tag: str,
+                 max_tiles: int | None = None) -> tuple[Panel | None, int]:
+    """The any-resolution tiles of one image (LLaVA-NeXT, OneVision): (panel or None, next offset).
+
+    The tiles' patches are stitched into an (nph*side, npw*side) grid, cropped by transformers'
+    `unpad_image` to the image's aspect ratio and, with `max_tiles` (OneVision's anyres_max_N),
+    pooled to int(rows / r) x int(cols / r) when r = sqrt(rows*cols / (N*side²)) > 1.1; each
+    kept row ends with one newline token."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-    vision = config.vision_config
-    size, patch = vision.image_size, vision.patch_size
+    size, patch = config.vision_config.image_size, config.vision_config.patch_size
     side = size // patch
+    nph, npw = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, size)
+    full = torch.arange(nph * side * npw * side).reshape(1, nph * side, npw * side)  # cell ids
+    kept = unpad_image(full, image_size)[0]  # (rows, cols) cell ids that stay
+    rows, cols = kept.shape
+    if rows == 0 or cols == 0:  # an extreme aspect ratio leaves no patch after unpadding (newlines may remain)
+        return None, offset + rows * (cols + 1)
+    ratio = math.sqrt(rows * cols / (max_tiles * side**2)) if max_tiles else 1.0
+    t_rows, t_cols = (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols)  # token grid
+    tokens = offset + np.arange(t_rows)[:, None] * (t_cols + 1) + np.arange(t_cols)[None, :]
+    stitched = Image.new("RGB", (npw * size, nph * size))
+    for t in range(nph * npw):
+        stitched.paste(_picture(pixels[1 + t], processor), ((t % npw) * size, (t // npw) * size))
+    r0, c0 = divmod(int(kept[0, 0]), npw * side)
+    crop = stitched.crop((c0 * patch, r0 * patch, (c0 + cols) * patch, (r0 + rows) * patch))
+    return Panel(f"tiles{tag}", tokens, crop), offset + t_rows * (t_cols + 1)
+
+
+def llava_next_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Panel], int]:
+    side = config.vision_config.image_size // config.vision_config.patch_size
     if config.vision_feature_select_strategy == "full":
         raise GridError("llava_next with the 'full' feature strategy has no defined patch layout")
     pixels, sizes = batch["pixel_values"], batch["image_sizes"]  # (N, tiles, 3, S, S), (N, 2) (H, W)
@@ -105,21 +134,35 @@ def llava_next_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Pane
         tag = f" {n + 1}" if pixels.shape[0] > 1 else ""
         base = offset + np.arange(side * side).reshape(side, side)
         panels.append(Panel(f"base{tag}", base, _picture(pixels[n, 0], processor)))
+        tiles, offset = _tiles_panel(config, processor, pixels[n], sizes[n].tolist(), offset + side * side, tag)
+        panels += [tiles] if tiles is not None else []
+    return panels, offset
+
+
+def llava_onevision_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Panel], int]:
+    """LLaVA-OneVision (arXiv 2408.03326): per image, the base tile (SigLIP has no CLS, so both
+    strategies give side x side patches) and LLaVA-NeXT's tiles pooled to at most
+    `vision_aspect_ratio` = anyres_max_N base tiles; an image of a multi-image row
+    (`batch_num_images` > 1) gets the base tile and one newline token only."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    if config.vision_feature_select_strategy == "full" and config.vision_config.model_type != "siglip_vision_model":
+        raise GridError("llava_onevision with a CLS-token tower and the 'full' strategy has no defined patch layout")
+    pixels, sizes = batch["pixel_values"], batch["image_sizes"]  # (N, tiles, 3, S, S), (N, 2) (H, W)
+    counts = batch.get("batch_num_images")
+    counts = [1] * pixels.shape[0] if counts is None else counts.tolist()
+    single = [n == 1 for n in counts for _ in range(n)]  # per image: tiles or base only
+    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    panels, offset = [], 0
+    for n in range(pixels.shape[0]):
+        tag = f" {n + 1}" if pixels.shape[0] > 1 else ""
+        base = offset + np.arange(side * side).reshape(side, side)
+        panels.append(Panel(f"base{tag}", base, _picture(pixels[n, 0], processor)))
         offset += side * side
-        nph, npw = get_anyres_image_grid_shape(sizes[n].tolist(), config.image_grid_pinpoints, size)
-        full = torch.arange(nph * side * npw * side).reshape(1, nph * side, npw * side)  # cell ids
-        kept = unpad_image(full, sizes[n].tolist())[0]  # (rows, cols) cell ids that stay
-        rows, cols = kept.shape
-        offset_tiles, offset = offset, offset + rows * (cols + 1)  # each kept row ends with a newline token
-        if rows == 0 or cols == 0:  # an extreme aspect ratio leaves no patch after unpadding
+        if not single[n]:
+            offset += 1  # the newline token after a multi-image row's base tile
             continue
-        tokens = offset_tiles + np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]
-        stitched = Image.new("RGB", (npw * size, nph * size))
-        for t in range(nph * npw):
-            stitched.paste(_picture(pixels[n, 1 + t], processor), ((t % npw) * size, (t // npw) * size))
-        r0, c0 = divmod(int(kept[0, 0]), npw * side)
-        crop = stitched.crop((c0 * patch, r0 * patch, (c0 + cols) * patch, (r0 + rows) * patch))
-        panels.append(Panel(f"tiles{tag}", tokens, crop))
+        tiles, offset = _tiles_panel(config, processor, pixels[n], sizes[n].tolist(), offset, tag, max_tiles)
+        panels += [tiles] if tiles is not None else []
     return panels, offset
 
 
@@ -127,6 +170,7 @@ def llava_next_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Pane
 GRIDS: dict[str, Callable[[Any, Any, dict], tuple[list[Panel], int]]] = {
     "llava": llava_grid,
     "llava_next": llava_next_grid,
+    "llava_onevision": llava_onevision_grid,
 }
 
 

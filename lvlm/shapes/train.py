@@ -1,10 +1,18 @@
 """Train the shapes model on scenes generated on the fly.
 
-Two tasks, mixed 40/60 in every batch:
+Two image tasks, mixed 40/60, plus an optional share of plain text (`--text-share`):
   (a) description: "Describe this image." (or a paraphrase) -> "There are two trees, a house ..."
   (b) POPE-style question: "Is there a {kind} in the image?" -> "Yes" / "No", balanced; half of
       the negatives are the absent co-occurrence partner of a present object (hard negatives),
       the rest uniform over absent kinds. Half the questions carry the LLaVA-1.5 suffix.
+  (c) text without an image, half of it plain language-model text ("<s>" and the human captions
+      of a few other train scenes, loss on every token), half a chat turn with no image
+      ("USER: Describe this image. ASSISTANT:" -> the description of some other scene). It plays
+      the part of the text-only LLM a real LVLM starts from: the language prior is learned from
+      text as well as from image-grounded answers, a prompt whose image was removed (VHR's and
+      PAI's twin rows) gets the prior's answer as a real LLM would give it, and the heads that
+      read the image have nothing to read in these rows (the dormant-head setting in which
+      attention sinks form, arXiv 2410.13835).
 The loss is next-token cross entropy on the answer tokens (and the closing </s>) only, averaged
 per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
 that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
@@ -36,12 +44,29 @@ QUESTION_PROBE_LAYER = 2  # hidden_states index: output of the 2nd of 4 decoder 
 # Questions are the harder skill (match a word of the prompt against the image) and carry one
 # informative token against a caption's dozen, so they get the larger share of examples.
 CAPTION_SHARE = 0.4
+TEXT_SCENES = 6  # captions of this many scenes make one plain-text row (~70 tokens)
+# Plain-text rows describe scenes from their own index range, disjoint from the image rows'.
+TEXT_SCENE_OFFSET = 50_000_000
 
 
-def make_example(index: int) -> tuple[object, str, str, tuple[str, ...]]:
-    """(image, prompt, answer, present kinds) for training scene `index`."""
-    scene, img = world.make_scene("train", index)
+def make_example(index: int, text_share: float = 0.0) -> tuple[object, str | None, str, tuple[str, ...]]:
+    """(image, prompt, answer, present kinds) for training example `index`.
+
+    A row without an image (probability `text_share`) has image None: either plain text
+    (None, None, text, ()), the loss on the whole text, or a chat turn without an image
+    (None, prompt, description of another scene, ()).
+    """
     rng = random.Random(f"task/{index}")
+    if text_share > 0 and random.Random(f"text/{index}").random() < text_share:
+        if rng.random() < 0.5:
+            scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * TEXT_SCENES)[0]
+            return None, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), ()
+        captions = []
+        for j in range(TEXT_SCENES):
+            scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * TEXT_SCENES + j)[0]
+            captions.append(rng.choice(text.human_captions(scene, rng)))
+        return None, None, " ".join(captions), ()
+    scene, img = world.make_scene("train", index)
     present = sorted(scene.counts())
     if rng.random() < CAPTION_SHARE:
         return img, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), tuple(present)
@@ -57,15 +82,28 @@ def make_example(index: int) -> tuple[object, str, str, tuple[str, ...]]:
 
 
 def collate(processor, examples) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels on the answer only. (B, T) ids, (B, 3, H, W) pixels."""
+    """Right-padded batch with labels on the answer only (on every token of a plain-text row).
+
+    (B, T) ids; (N, 3, H, W) pixels and (N, 13) object targets for the N rows with an image.
+    """
     tok = processor.tokenizer
     n_img = (world.IMAGE_SIZE // M.PATCH) ** 2
     rows, labels, word_pos = [], [], []
-    for _, prompt, answer, _ in examples:
-        head = tok(M.prompt_text(prompt))["input_ids"]
+    for image, prompt, answer, _ in examples:
+        if prompt is None:  # plain text: "<s> caption caption ... </s>", loss after the BOS
+            ids = tok(answer + "</s>")["input_ids"]
+            rows.append(ids)
+            labels.append([IGNORE] + ids[1:])
+            word_pos.append(-1)
+            continue
+        if image is None:  # a chat turn without an image: the template's text alone
+            head = tok(f"USER: {prompt} ASSISTANT:")["input_ids"]
+            at = len(head)
+        else:
+            head = tok(M.prompt_text(prompt))["input_ids"]
+            at = head.index(M.IMAGE_ID)  # expand the one <image> into n_img placeholders
+            head = head[:at] + [M.IMAGE_ID] * n_img + head[at + 1:]
         tail = tok(" " + answer + "</s>", add_special_tokens=False)["input_ids"]
-        at = head.index(M.IMAGE_ID)  # expand the one <image> into n_img placeholders
-        head = head[:at] + [M.IMAGE_ID] * n_img + head[at + 1:]
         rows.append(head + tail)
         labels.append([IGNORE] * len(head) + tail)
         asked = re.match(r"Is there an? (\w+) in", prompt)
@@ -77,11 +115,16 @@ def collate(processor, examples) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, (r, l) in enumerate(zip(rows, labels)):
         ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
-    pixels = processor.image_processor([e[0] for e in examples], return_tensors="pt")["pixel_values"]
-    objects = torch.tensor([[float(k in e[3]) for k in world.CATEGORIES] for e in examples])
+    with_image = [e for e in examples if e[0] is not None]
+    objects = torch.tensor([[float(k in e[3]) for k in world.CATEGORIES] for e in with_image])
     answer_yes = torch.tensor([float(e[2] == "Yes") for e in examples])
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": pixels,
-            "objects": objects, "word_pos": torch.tensor(word_pos), "answer_yes": answer_yes}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": lab,
+             "objects": objects.reshape(len(with_image), len(world.CATEGORIES)),
+             "word_pos": torch.tensor(word_pos), "answer_yes": answer_yes}
+    if with_image:
+        batch["pixel_values"] = processor.image_processor(
+            [e[0] for e in with_image], return_tensors="pt")["pixel_values"]
+    return batch
 
 
 class ObjectProbe(torch.nn.Module):
@@ -120,6 +163,9 @@ class ObjectProbe(torch.nn.Module):
 
     def loss(self, objects: torch.Tensor) -> torch.Tensor:
         f = self.features
+        self.features = None  # a batch of plain text only runs no projector
+        if f is None or objects.shape[0] == 0:
+            return objects.sum() * 0.0
         if self.kind == "mean":
             logits = self.head(f.mean(1))  # (B, n_objects)
         else:
@@ -254,7 +300,7 @@ def train(args) -> dict:
     t0, losses, auxes = time.time(), [], []
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        batch = collate(processor, [make_example(step * args.batch_size + j)
+        batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share)
                                     for j in range(args.batch_size)])
         batch = {k: v.to(args.device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -294,6 +340,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--text-share", type=float, default=0.0,
+                    help="share of plain-text rows (no image; the LM-pretraining stand-in)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")
     ap.add_argument("--tokenizer-scenes", type=int, default=3000, help="scenes in the BPE corpus")

@@ -26,14 +26,42 @@ def test_collate_puts_labels_on_the_answer_only():
         assert objs.sum().item() == len(present) > 0
 
 
+def test_rows_without_image_match_the_twin_prompt_and_carry_no_pixels():
+    processor = LlavaProcessor.from_pretrained(str(_shipped()))
+    examples = [train.make_example(i, text_share=0.5) for i in range(40)]
+    plain = [i for i, e in enumerate(examples) if e[0] is None and e[1] is None]
+    chat = [i for i, e in enumerate(examples) if e[0] is None and e[1] is not None]
+    with_image = [i for i, e in enumerate(examples) if e[0] is not None]
+    assert plain and chat and with_image
+    batch = train.collate(processor, examples)
+    assert batch["pixel_values"].shape[0] == batch["objects"].shape[0] == len(with_image)
+    ids, labels, tok = batch["input_ids"], batch["labels"], processor.tokenizer
+    assert ((ids[with_image] == processor.image_token_id).sum(1) == 64).all()
+    assert (ids[plain + chat] == processor.image_token_id).sum() == 0
+    for i in plain:  # plain text: the loss on every token after the BOS
+        text = examples[i][2]
+        assert tok.decode(ids[i][labels[i] != train.IGNORE]) == text + "</s>"
+        assert ids[i][0] == tok.bos_token_id and text.count(".") >= train.TEXT_SCENES
+    for i in chat:  # the same text as an image-removed twin's prompt, as the processor renders it
+        _, prompt, answer, _ = examples[i]
+        twin = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        head = tok(twin)["input_ids"]
+        assert ids[i][: len(head)].tolist() == head
+        assert tok.decode(ids[i][labels[i] != train.IGNORE]) == " " + answer + "</s>"
+    # The share only replaces rows: an image row is the same example with or without it.
+    assert [train.make_example(i)[2] for i in with_image[:3]] == [examples[i][2] for i in with_image[:3]]
+
+
 def test_loss_decreases_and_resume_continues(tmp_path):
-    out = train.train(train.parse_args(["--out", str(tmp_path), "--steps", "12", "--ckpt-every", "6", *TINY]))
+    out = train.train(train.parse_args(["--out", str(tmp_path), "--steps", "12", "--ckpt-every", "6",
+                                        "--text-share", "0.25", *TINY]))
     losses = out["losses"]
     assert out["start_step"] == 0 and len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").config.image_token_id == 4
 
-    again = train.train(train.parse_args(["--out", str(tmp_path), "--steps", "15", "--resume", *TINY]))
+    again = train.train(train.parse_args(["--out", str(tmp_path), "--steps", "15", "--resume",
+                                          "--text-share", "0.25", *TINY]))
     assert again["start_step"] == 12 and len(again["losses"]) == 3
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 16))

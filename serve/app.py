@@ -440,11 +440,12 @@ def _deployment_class():
             pipeline = await asyncio.to_thread(lvlm.load, config.model, **config.load_kwargs())
             jobs = None
             if config.eval_jobs:
-                worker_options = {"num_cpus": config.eval_num_cpus, "num_gpus": config.eval_num_gpus}
+                # Each job answers on `eval_replicas` model replicas (eval/cluster.py) with these options.
+                replica_options = {"num_cpus": config.eval_num_cpus, "num_gpus": config.eval_num_gpus}
                 if config.env_vars():
-                    worker_options["runtime_env"] = {"env_vars": config.env_vars()}
-                jobs = RayJobs(worker_options=worker_options, max_running=config.eval_max_running,
-                               jobs_dir=config.eval_jobs_dir,
+                    replica_options["runtime_env"] = {"env_vars": config.env_vars()}
+                jobs = RayJobs(replica_options=replica_options, replicas=config.eval_replicas,
+                               max_running=config.eval_max_running, jobs_dir=config.eval_jobs_dir,
                                retention={"keep_days": config.eval_keep_days, "keep_jobs": config.eval_keep_jobs})
             static = config.scheduler == "static"  # continuous: the scheduler's queue, no @serve.batch
             self.service = Service(pipeline, config, submit=self._generate_batch if static else None, jobs=jobs,

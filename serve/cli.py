@@ -66,7 +66,10 @@ def serve_command(
     offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help="folder for weights the device map offloads to disk"),
     eval_num_gpus: Optional[float] = typer.Option(
         None, "--eval-num-gpus",
-        help="GPUs per eval-job worker (default: as --num-gpus; on one GPU use 0.5 and --num-gpus 0.5 to share)"),
+        help="GPUs per eval-job model replica (default: as --num-gpus; one GPU: 0.5 here and --num-gpus 0.5)"),
+    eval_replicas: int = typer.Option(
+        1, "--eval-replicas", min=1,
+        help="model replicas per eval job, anywhere in the Ray cluster (the runner of lvlm eval --ray-actors)"),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="largest max_tokens a request may ask for"),
     max_concurrent: int = typer.Option(32, "--max-concurrent", help="generation requests per replica before 429"),
     eval_jobs: bool = typer.Option(True, "--eval-jobs/--no-eval-jobs", help="accept POST /v1/eval/jobs"),
@@ -99,7 +102,7 @@ def serve_command(
     gpus = num_gpus if num_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
     config = ServeConfig(
         model=name, device=device, dtype=dtype, replicas=replicas, max_replicas=max_replicas, **placed,
-        num_gpus=gpus, eval_num_gpus=gpus if eval_num_gpus is None else eval_num_gpus,
+        num_gpus=gpus, eval_num_gpus=gpus if eval_num_gpus is None else eval_num_gpus, eval_replicas=eval_replicas,
         max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000, api_key=api_key, eval_jobs=eval_jobs,
         scheduler=scheduler, max_prefill_tokens=max_prefill_tokens, admit_after_steps=admit_after_steps,
         router_dir=str(router_dir.resolve()) if router_dir else None,

@@ -38,6 +38,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     eval_jobs: bool = True
     eval_max_running: int = 1
+    eval_replicas: int = 1  # model replicas per eval job (eval/cluster.py ClusterPool), each eval_num_cpus/gpus
     eval_num_cpus: float = 1.0
     eval_num_gpus: float = 0.0
     eval_jobs_dir: Optional[str] = None  # SQLite job store + job folders (serve/jobstore.py default_jobs_dir)

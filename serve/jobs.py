@@ -1,4 +1,4 @@
-"""Evaluation jobs (CHAIR, POPE) on Ray, outside the request path.
+"""Evaluation jobs (CHAIR, POPE) on Ray, outside the request path, on the cluster runner of `lvlm eval`.
 
 Layout:
 - `JobBoard`: the plain state machine of every job (queued → running → succeeded | failed |
@@ -8,16 +8,20 @@ Layout:
   the service sees the same ones. Their state is in the durable SQLite store of serve/jobstore.py
   (same transitions as the board), so the registry restarts (`max_restarts`) without losing them
   and failed or cancelled jobs resume from their results files (docs/cluster.md). It starts one
-  `EvalWorker` actor per job (at most `max_running` at once, the rest wait queued) and kills it
+  `JobDriver` actor per job (at most `max_running` at once, the rest wait queued) and kills it
   on cancel or when it is done.
-- `EvalWorker`: loads its own model with `lvlm.load`, builds the job's items, answers them with
-  the `eval` package's resumable runner and reports progress to the registry after each batch.
+- `JobDriver`: a light actor on the head node (no model, no CPU reserved) that builds the job's
+  items in the job's folder and runs them through `eval.cluster.ClusterPool`, the runner of
+  `lvlm eval --ray-actors N`: `replicas` model replicas anywhere in the cluster, images shipped
+  as bytes, a dead replica's batches retried on another (0 lost, 0 duplicated), the driver the
+  only writer of the fingerprinted results file. It reports progress to the registry after each
+  batch. Its replicas are owned by it, so they die with it (cancel, registry restart).
 - `JOB_KINDS`: job functions by name. "chair" and "pope" run on the embedded shapes world
   (images and COCO-style annotations generated deterministically into the job's folder); more
   kinds (real COCO, custom question files) plug in with `@job_kind("name")`.
 
-`eval`, `lvlm` and the shapes world are imported inside the worker only: the service process
-never pays for them, and the app imports this module without touching torch.
+`eval`, `lvlm` and the shapes world are imported inside the driver and replicas only: the service
+process never pays for them, and the app imports this module without touching torch.
 """
 
 from __future__ import annotations
@@ -37,19 +41,27 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # -- job kinds --------------------------------------------------------------------------------
 @dataclass
 class JobContext:
-    """What a job function gets: its request, a model loader, a work folder and a progress hook."""
+    """What a job function gets: its request, the model and its replicas, a work folder, a progress hook."""
 
     job_id: str
     request: dict[str, Any]  # EvalJobRequest fields
     model: str
     load_kwargs: dict[str, Any]
     workdir: Path
-    report: Callable[[int, int, Optional[dict]], None]  # (done, total, partial metrics)
+    report: Callable[..., None]  # (done, total, partial metrics, cluster facts)
+    replicas: int = 1  # model replicas of the job's ClusterPool
+    replica_options: dict[str, Any] = field(default_factory=dict)  # Ray options of each replica
+    replica_name: Optional[str] = None  # replicas are named <replica_name>-0, -1, ...
 
-    def load_pipeline(self) -> Any:
+    def pool(self) -> Any:
+        """The job's `eval.cluster.ClusterPool`: `replicas` actors that each load the model once."""
+        from functools import partial
+
         import lvlm
+        from eval.cluster import ClusterPool
 
-        return lvlm.load(self.model, **self.load_kwargs)
+        return ClusterPool(partial(lvlm.load, self.model, **self.load_kwargs), self.replicas,
+                           actor_options=self.replica_options or None, name=self.replica_name)
 
 
 @dataclass(frozen=True)
@@ -70,35 +82,44 @@ def job_kind(name: str, summary: str) -> Callable[[Callable[[JobContext], dict]]
     return wrap
 
 
-def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial: Callable[[dict], dict]) -> dict:
-    """Answer `items` with the eval runner over a local pipeline; report after every batch."""
+def cluster_facts(replicas: int, stats: Any) -> dict[str, Any]:
+    """What the job's pool did in this attempt (`eval.cluster.RunStats`), as the job record shows it."""
+    return {"replicas": replicas, "items_per_node": dict(stats.items_per_node),
+            "requeued_batches": stats.requeued_batches, "replaced_replicas": stats.replaced_actors}
+
+
+def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metrics: Callable[[dict], dict]) -> dict:
+    """Answer `items` on the job's replica pool (eval/cluster.py); report after every batch."""
+    from functools import partial
+
     import interventions
     from eval.fingerprint import Fingerprint, items_digest, model_identity
-    from eval.runner import ResultsFile, local_answer, run
+    from eval.runner import ResultsFile, local_answer
 
     req = ctx.request
     path = ctx.workdir / f"{task.name}.jsonl"
     # A resumed job continues its results file only if nothing its answers depend on has changed
     # (the model's weights, the request, the items): FingerprintMismatch fails the job otherwise.
+    # The batch size and the number of replicas change who answers, not what.
     fingerprint = Fingerprint.of(benchmark=task.name,
                                  model=model_identity(ctx.model), load=ctx.load_kwargs,
                                  job={k: v for k, v in req.items() if k != "batch_size"}, items=items_digest(items))
-    ResultsFile(path, fingerprint)  # checked before the model loads
-    pipeline = ctx.load_pipeline()
-    answer = local_answer(pipeline, max_new_tokens=req["max_tokens"], interventions=req.get("interventions"),
-                          resolve=interventions.resolve, seed=req.get("seed"))
-    records: dict[str, dict] = dict(ResultsFile(path).records)  # a resumed job counts what it has
+    ResultsFile(path, fingerprint)  # checked before any replica loads the model
+    # Picklable (a partial of module functions): it travels to the replicas with every batch.
+    adapter = partial(local_answer, max_new_tokens=req["max_tokens"], interventions=req.get("interventions"),
+                      resolve=interventions.resolve, seed=req.get("seed"))
     total = len(items)
 
-    def answer_and_report(batch):
-        answers = answer(batch)
-        for it, text in zip(batch, answers):
-            records[it.key] = {"key": it.key, **it.meta, "answer": text}
-        ctx.report(len(records), total, partial(records))
-        return answers
+    def on_batch(records: dict, stats: Any) -> None:
+        ctx.report(len(records), total, partial_metrics(records) if records else None,
+                   cluster_facts(ctx.replicas, stats))
 
-    ctx.report(len(records), total, None)
-    done = run(items, answer_and_report, path, batch_size=req["batch_size"], progress=False, fingerprint=fingerprint)
+    pool = ctx.pool()
+    try:
+        done = pool.run(items, path, adapter, batch_size=req["batch_size"], progress=False,
+                        fingerprint=fingerprint, on_batch=on_batch)
+    finally:
+        pool.shutdown()
     metrics, _details = task.score(done)
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
@@ -245,46 +266,63 @@ class JobBoard:
 
 
 # -- Ray actors -------------------------------------------------------------------------------
-class EvalWorker:
-    """Runs one job in its own process (a Ray actor): own model, own work folder."""
+HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
+class JobDriver:
+    """Drives one job (a Ray actor on the head node): its folder, its items, its replica pool."""
 
     def run(self, job_id: str, kind: str, model: str, request: dict, load_kwargs: dict, registry: Any,
-            root: str) -> tuple[Optional[dict], Optional[str]]:
+            root: str, replicas: int, replica_options: dict, attempt: int) -> tuple[Optional[dict], Optional[str]]:
         """Run the job; returns (metrics, error) and also pushes them to the registry at once."""
         workdir = Path(root) / job_id
         workdir.mkdir(parents=True, exist_ok=True)
         registry.started.remote(job_id)
 
-        def report(done: int, total: int, metrics: Optional[dict]) -> None:
-            registry.progress.remote(job_id, done, total, metrics)
+        def report(done: int, total: int, metrics: Optional[dict], cluster: Optional[dict] = None) -> None:
+            registry.progress.remote(job_id, done, total, metrics, cluster)
 
-        ctx = JobContext(job_id, dict(request), model, dict(load_kwargs), workdir, report)
+        ctx = JobContext(job_id, dict(request), model, dict(load_kwargs), workdir, report, replicas=replicas,
+                         replica_options={"namespace": REGISTRY_NAMESPACE, **replica_options},
+                         replica_name=f"lvlm-eval-replica-{job_id}-{attempt}")
         try:
             outcome = (JOB_KINDS[kind].run(ctx), None)
-        except Exception as err:  # noqa: BLE001 - the job fails, the worker reports why
+        except Exception as err:  # noqa: BLE001 - the job fails, the driver reports why
             outcome = (None, f"{type(err).__name__}: {err}")
         registry.finished.remote(job_id, *outcome)
         return outcome
 
 
 class JobRegistry:
-    """Named Ray actor holding the job store (serve/jobstore.py) and the worker actors of running jobs."""
+    """Named Ray actor holding the job store (serve/jobstore.py) and the driver actors of running jobs.
 
-    def __init__(self, worker_options: dict[str, Any], max_running: int = 1, root: str | None = None,
-                 retention: dict[str, Any] | None = None):
+    `replica_options` are the Ray options of each model replica (`num_cpus`, `num_gpus`,
+    `runtime_env`); each job gets `replicas` of them.
+    """
+
+    def __init__(self, replica_options: dict[str, Any], max_running: int = 1, root: str | None = None,
+                 retention: dict[str, Any] | None = None, replicas: int = 1):
         import ray
 
         from serve.jobstore import JobStore
 
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.root = root or tempfile.mkdtemp(prefix="lvlm-eval-jobs-")
         # The durable store (serve/jobstore.py): a restarted registry (max_restarts) runs this
         # constructor again with the same root and finds every job; jobs left running lost their
-        # worker with the old registry and are queued again, resuming from their results files.
+        # driver with the old registry and are queued again, resuming from their results files.
         self.board = JobStore(self.root, **(retention or {}))
-        self.worker_class = ray.remote(EvalWorker)
-        self.worker_options = worker_options
+        self.driver_class = ray.remote(JobDriver)
+        # The driver holds no model: no CPU reserved, so the replicas get the cluster's CPUs. It
+        # lives on the head node, beside the store, so a resumed job finds its results file
+        # even when the jobs directory is not shared with the worker nodes.
+        runtime_env = {"runtime_env": replica_options["runtime_env"]} if "runtime_env" in replica_options else {}
+        self.driver_options = {"num_cpus": 0, "resources": HEAD_NODE, **runtime_env}
+        self.replica_options = dict(replica_options)
+        self.replicas = replicas
         self.max_running = max_running
-        self.workers: dict[str, Any] = {}  # job id -> (actor, ref of its run call)
+        self.workers: dict[str, Any] = {}  # job id -> (driver actor, ref of its run call)
         self.board.reload()
         self._schedule()
 
@@ -309,7 +347,8 @@ class JobRegistry:
         if job is None:
             return None
         if self.board.cancel(job_id) and job_id in self.workers:
-            ray.kill(self.workers.pop(job_id)[0])  # stops the generation mid-batch
+            # Stops the job mid-batch; its replicas are owned by the driver and die with it.
+            ray.kill(self.workers.pop(job_id)[0])
         self._schedule()
         return self.board.get(job_id).to_dict()
 
@@ -328,12 +367,13 @@ class JobRegistry:
     def health(self) -> dict:
         return {**self.board.health(), "running": len(self.workers)}
 
-    # called by workers
+    # called by drivers
     def started(self, job_id: str) -> None:
         self.board.running(job_id)
 
-    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict]) -> None:
-        self.board.progress(job_id, done, total, metrics)
+    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict],
+                 cluster: Optional[dict] = None) -> None:
+        self.board.progress(job_id, done, total, metrics, cluster)
 
     def finished(self, job_id: str, metrics: Optional[dict], error: Optional[str]) -> None:
         import ray
@@ -360,17 +400,17 @@ class JobRegistry:
                 continue
             if len(self.workers) >= self.max_running:
                 break
-            model, load_kwargs = job.model, job.load_kwargs
-            # Named per attempt, so operators (and tests) can find a job's worker: `ray list actors`.
-            name = f"lvlm-eval-worker-{job.id}-{job.attempts}"
-            worker = self.worker_class.options(name=name, namespace=REGISTRY_NAMESPACE, **self.worker_options).remote()
-            ref = worker.run.remote(job.id, job.kind, model, job.request, load_kwargs, me, self.root)
-            # The job stays "queued" until the worker reports `started`: Ray may still be waiting
-            # for a CPU or GPU to place the worker on.
-            self.workers[job.id] = (worker, ref)
+            # Named per attempt, so operators (and tests) can find a job's driver and replicas:
+            # `ray list actors` shows lvlm-eval-driver-<id>-<attempt> and lvlm-eval-replica-<id>-<attempt>-<n>.
+            name = f"lvlm-eval-driver-{job.id}-{job.attempts}"
+            driver = self.driver_class.options(name=name, namespace=REGISTRY_NAMESPACE, **self.driver_options).remote()
+            ref = driver.run.remote(job.id, job.kind, job.model, job.request, job.load_kwargs, me, self.root,
+                                    self.replicas, self.replica_options, job.attempts)
+            # The job stays "queued" until the driver reports `started`.
+            self.workers[job.id] = (driver, ref)
 
     def _reap(self) -> None:
-        """Collect the outcomes of finished runs; a worker that died fails its job."""
+        """Collect the outcomes of finished runs; a driver that died fails its job (resume continues it)."""
         import ray
 
         if not self.workers:
@@ -379,14 +419,14 @@ class JobRegistry:
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
         for ref in ready:
             job_id = refs[ref]
-            worker, _ = self.workers.pop(job_id)
+            driver, _ = self.workers.pop(job_id)
             try:
                 # The run's return value is the same outcome `finished` carries; it counts when
                 # that message is still queued behind the call that got us here.
                 self._record(job_id, *ray.get(ref))
-            except Exception as err:  # noqa: BLE001 - the worker process died (OOM, node lost)
-                self.board.fail(job_id, f"evaluation worker died: {type(err).__name__}")
-            ray.kill(worker)
+            except Exception as err:  # noqa: BLE001 - the driver process died (OOM, killed, node lost)
+                self.board.fail(job_id, f"evaluation job driver died: {type(err).__name__}")
+            ray.kill(driver)
         if ready:
             self._schedule()
 
@@ -394,8 +434,8 @@ class JobRegistry:
 class RayJobs:
     """The service's view of the registry actor (async, for the replica's event loop)."""
 
-    def __init__(self, *, worker_options: dict[str, Any], max_running: int = 1, jobs_dir: str | None = None,
-                 retention: dict[str, Any] | None = None):
+    def __init__(self, *, replica_options: dict[str, Any], replicas: int = 1, max_running: int = 1,
+                 jobs_dir: str | None = None, retention: dict[str, Any] | None = None):
         import ray
 
         from serve.jobstore import default_jobs_dir
@@ -406,8 +446,8 @@ class RayJobs:
         self._actor = ray.remote(JobRegistry).options(
             name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True, lifetime="detached",
             num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1,
-            resources={"node:__internal_head__": 0.001},
-        ).remote(worker_options, max_running, str(jobs_dir or default_jobs_dir()), retention)
+            resources=HEAD_NODE,
+        ).remote(replica_options, max_running, str(jobs_dir or default_jobs_dir()), retention, replicas)
 
     @staticmethod
     def kinds() -> dict[str, str]:

@@ -2,14 +2,15 @@
 
 Layout of a jobs directory:
 
-    <jobs_dir>/jobs.sqlite3        one row per job: spec, state, progress, metrics, error, paths
+    <jobs_dir>/jobs.sqlite3        one row per job: spec, state, progress, metrics, error, paths,
+                                   what the replica pool did (items per node, re-queued batches)
     <jobs_dir>/<job id>/           the job's work folder (generated data, <task>.jsonl results)
 
 The store has the same transitions as `serve.jobs.JobBoard` (queued -> running -> succeeded |
 failed | cancelled; updates after a terminal state are ignored, so a late progress report cannot
 revive a cancelled job), written through to the database at every change. Beyond the board:
-- `reload()`: what a restarted registry actor does first. Jobs left "running" lost their worker
-  with the old registry (workers are owned by it); they go back to "queued" and resume from
+- `reload()`: what a restarted registry actor does first. Jobs left "running" lost their driver
+  with the old registry (drivers are owned by it); they go back to "queued" and resume from
   their results files.
 - `resume(id)`: a failed or cancelled job goes back to "queued" with its work folder kept, so the
   resumable runner skips the finished keys (and the run fingerprint refuses any mixing).
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     kind TEXT NOT NULL,
     model TEXT NOT NULL,
     request TEXT NOT NULL,          -- JSON: the validated EvalJobRequest fields
-    load_kwargs TEXT NOT NULL,      -- JSON: how the worker loads the model
+    load_kwargs TEXT NOT NULL,      -- JSON: how the replicas load the model
     state TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0,
@@ -53,11 +54,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     workdir TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cluster TEXT                    -- JSON or NULL: the replica pool's work in the latest attempt
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 """
-JSON_COLUMNS = ("request", "load_kwargs", "metrics", "error")
+JSON_COLUMNS = ("request", "load_kwargs", "metrics", "error", "cluster")
+# Columns added after the first release, for stores created before them: name -> declaration.
+ADDED_COLUMNS = {"cluster": "TEXT"}
 
 
 @dataclass
@@ -79,6 +83,7 @@ class StoredJob:
     finished_at: Optional[float] = None
     workdir: str = ""
     attempts: int = 0
+    cluster: Optional[dict[str, Any]] = None  # {"replicas", "items_per_node", "requeued_batches", "replaced_replicas"}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +114,10 @@ class JobStore:
         with closing(self._connect()) as db, db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, decl in ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10.0)
@@ -155,13 +164,15 @@ class JobStore:
         return self._rows("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
 
     def running(self, job_id: str) -> None:
-        self._write("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1"
+        self._write("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1, cluster = NULL"
                     " WHERE id = ? AND state = 'queued'", (time.time(), job_id))
 
-    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict] = None) -> None:
-        self._write("UPDATE jobs SET done = ?, total = ?, metrics = COALESCE(?, metrics)"
-                    f" WHERE id = ? AND {NOT_TERMINAL}",
-                    (int(done), int(total), None if metrics is None else json.dumps(metrics), job_id))
+    def progress(self, job_id: str, done: int, total: int, metrics: Optional[dict] = None,
+                 cluster: Optional[dict] = None) -> None:
+        self._write("UPDATE jobs SET done = ?, total = ?, metrics = COALESCE(?, metrics),"
+                    f" cluster = COALESCE(?, cluster) WHERE id = ? AND {NOT_TERMINAL}",
+                    (int(done), int(total), None if metrics is None else json.dumps(metrics),
+                     None if cluster is None else json.dumps(cluster), job_id))
 
     def succeed(self, job_id: str, metrics: dict) -> None:
         self._write("UPDATE jobs SET state = 'succeeded', metrics = ?, finished_at = ?, done = MAX(done, total)"
@@ -184,7 +195,7 @@ class JobStore:
                            " WHERE id = ? AND state IN ('failed', 'cancelled')", (job_id,)) == 1
 
     def reload(self) -> list[str]:
-        """After a registry restart: jobs left running lost their worker; requeue them. Returns their ids."""
+        """After a registry restart: jobs left running lost their driver; requeue them. Returns their ids."""
         ids = [j.id for j in self._rows("SELECT * FROM jobs WHERE state = 'running'")]
         self._write("UPDATE jobs SET state = 'queued' WHERE state = 'running'")
         self.prune()

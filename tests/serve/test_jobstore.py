@@ -32,6 +32,43 @@ def test_jobs_survive_reopening_with_every_field(tmp_path):
         assert db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone() == ("succeeded",)
 
 
+def test_cluster_facts_follow_progress_and_reset_per_attempt(tmp_path):
+    store = JobStore(tmp_path)
+    job = store.create("pope", "shapes", {"limit": 4})
+    store.running(job.id)
+    facts = {"replicas": 2, "items_per_node": {"node-a": 2}, "requeued_batches": 1, "replaced_replicas": 1}
+    store.progress(job.id, 2, 4, None, facts)
+    store.progress(job.id, 3, 4)  # a report without facts keeps the last ones
+    assert JobStore(tmp_path).get(job.id).cluster == facts
+    store.fail(job.id, "evaluation job driver died: ActorDiedError")
+    store.resume(job.id)
+    store.running(job.id)  # a new attempt starts with a new pool: its facts start empty
+    again = store.get(job.id)
+    assert (again.attempts, again.cluster) == (2, None)
+
+
+def test_a_store_from_before_the_cluster_column_is_upgraded_in_place(tmp_path):
+    import json
+
+    # the table as the first release of the store created it (no `cluster` column)
+    old_schema = """CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL,
+        request TEXT NOT NULL, load_kwargs TEXT NOT NULL, state TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+        total INTEGER NOT NULL DEFAULT 0, metrics TEXT, error TEXT, created_at REAL NOT NULL, started_at REAL,
+        finished_at REAL, workdir TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);"""
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO jobs (id, kind, model, request, load_kwargs, state, created_at, workdir)"
+                   " VALUES ('evaljob-old', 'pope', 'shapes', ?, '{}', 'succeeded', ?, ?)",
+                   (json.dumps({"limit": 4}), time.time(), str(tmp_path / "evaljob-old")))
+        assert "cluster" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    store = JobStore(tmp_path)
+    old = store.get("evaljob-old")
+    assert (old.state, old.request, old.cluster) == ("succeeded", {"limit": 4}, None)
+    job = store.create("pope", "shapes", {})
+    store.progress(job.id, 1, 2, None, {"replicas": 1})
+    assert store.get(job.id).cluster == {"replicas": 1}
+
+
 def test_terminal_states_ignore_late_updates(tmp_path):
     store = JobStore(tmp_path)
     job = store.create("chair", "m", {})

@@ -12,9 +12,13 @@ copy per `chunk` tokens instead of a `torch.cat` per layer per step, as before).
 the buffers keep their shapes and addresses.
 
 Rows: `select_rows` keeps a subset (finished requests, VHR's twins after prefill) and compacts:
-it drops the key columns that became padding for every remaining row. `merge` appends the rows of
-another cache (requests joining a running batch, continuous batching); the shorter side of each
-layer is left-padded so that both stay right-aligned.
+it drops the key columns that became padding for every remaining row. When no column is dropped
+and the rows keep their order, the kept rows move up inside the buffers (no new allocation). `merge`
+appends the rows of another cache (requests joining a running batch, continuous batching); the
+shorter side of each layer is left-padded so that both stay right-aligned. Columns past a layer's
+length are never read unless `static_shapes` is set, so only then are new buffers zero-filled
+beyond it (a fresh zero fill of every layer cost as much as two decode steps per row that left or
+joined, on the shapes model on a CPU); the left padding inside the length is always zero.
 
 `static_shapes=True` is the switch for a CUDA-graph capture of the decode step: `update` returns
 the whole capacity (Tk = C_l, constant between growths) instead of the used prefix, so the
@@ -172,6 +176,7 @@ class KVCache:
         # Layers that shared a start tensor keep sharing one, so the engine builds one mask.
         selected: dict[int, tuple[torch.Tensor, int]] = {}
         shifted: dict[tuple[int, int], torch.Tensor] = {}
+        in_order: list[int] | None = None  # the kept rows when they keep their order ([] when not)
         for layer in range(len(self)):
             start = self.start[layer]
             if start is None:
@@ -182,10 +187,33 @@ class KVCache:
             picked, low = selected[id(start)]
             n = self.lengths[layer]
             trim = min(low, n)
-            self._compact(layer, index, trim, n)
+            if trim == 0 and in_order is None:
+                rows = index.tolist()
+                in_order = rows if all(a < b for a, b in zip(rows, rows[1:])) else []
+            if trim == 0 and in_order:
+                self._move_rows_up(layer, in_order)
+            else:
+                self._compact(layer, index, trim, n)
             if (id(start), trim) not in shifted:
                 shifted[(id(start), trim)] = picked - trim if trim else picked
             self.start[layer] = shifted[(id(start), trim)]
+
+    def _move_rows_up(self, layer: int, rows: list[int]) -> None:
+        """Keep `rows` (increasing) of every column in place: row j takes row rows[j], and the
+        buffers become views of their first len(rows) rows (shapes and capacity otherwise kept)."""
+        with torch.inference_mode():  # the buffers were made by an inference-mode prefill
+            for buffers in (self._k, self._v, self._cls):
+                t = buffers[layer]
+                if t is None:
+                    continue
+                for j, b in enumerate(rows):
+                    if b != j:  # b > j: row b has not been overwritten yet
+                        t[j].copy_(t[b])
+                buffers[layer] = t[: len(rows)]
+
+    def _new(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        """A buffer whose columns past the length are never read, unless `static_shapes` is set."""
+        return like.new_zeros(shape) if self.static_shapes else like.new_empty(shape)
 
     def _compact(self, layer: int, index: torch.Tensor, trim: int, n: int) -> None:
         keep = n - trim
@@ -194,10 +222,10 @@ class KVCache:
         cap = _capacity(max(keep, 1), self.chunk)
         if self._k[layer] is not None:
             k, v = self._k[layer], self._v[layer]
-            new_k = k.new_zeros(index.numel(), k.shape[1], cap, k.shape[3])
-            new_v = v.new_zeros(index.numel(), v.shape[1], cap, v.shape[3])
-            new_k[:, :, :keep] = k.index_select(0, index)[:, :, trim:n]
-            new_v[:, :, :keep] = v.index_select(0, index)[:, :, trim:n]
+            new_k = self._new(k, index.numel(), k.shape[1], cap, k.shape[3])
+            new_v = self._new(v, index.numel(), v.shape[1], cap, v.shape[3])
+            new_k[:, :, :keep] = k[:, :, trim:n].index_select(0, index)
+            new_v[:, :, :keep] = v[:, :, trim:n].index_select(0, index)
             self._k[layer], self._v[layer] = new_k, new_v
         if self._cls[layer] is not None:
             cls = self._cls[layer]
@@ -224,8 +252,8 @@ class KVCache:
             n = max(na, nb)
             cap = _capacity(n, self.chunk)
             ka, kb = self._k[layer], other._k[layer]
-            new_k = ka.new_zeros(ka.shape[0] + kb.shape[0], ka.shape[1], cap, ka.shape[3])
-            new_v = self._v[layer].new_zeros(new_k.shape[0], self._v[layer].shape[1], cap, self._v[layer].shape[3])
+            new_k = self._new(ka, ka.shape[0] + kb.shape[0], ka.shape[1], cap, ka.shape[3])
+            new_v = self._new(self._v[layer], new_k.shape[0], self._v[layer].shape[1], cap, self._v[layer].shape[3])
             has_cls = self._cls[layer] is not None or other._cls[layer] is not None
             new_c = torch.zeros(new_k.shape[0], cap, dtype=torch.uint8, device=ka.device) if has_cls else None
             rows_a = slice(0, ka.shape[0])
@@ -234,6 +262,9 @@ class KVCache:
             new_v[rows_a, :, n - na : n] = self._v[layer][:, :, :na]
             new_k[rows_b, :, n - nb : n] = kb[:, :, :nb]
             new_v[rows_b, :, n - nb : n] = other._v[layer][:, :, :nb]
+            for rows, m in ((rows_a, na), (rows_b, nb)):  # the new left padding is read (masked): zeros
+                new_k[rows, :, : n - m] = 0
+                new_v[rows, :, : n - m] = 0
             for rows, c, m in ((rows_a, self._cls[layer], na), (rows_b, other._cls[layer], nb)):
                 if c is not None:
                     new_c[rows, n - m : n] = c[:, :m]

@@ -75,6 +75,42 @@ def test_merge_right_aligns_both_sides_per_layer():
     assert a.key_classes(1, 3).tolist() == [[0, 2, 2], [0, 0, 0], [0, 0, 0]]
 
 
+def test_select_rows_in_order_moves_rows_up_in_place_and_keeps_decoding():
+    cache = KVCache(2, chunk=8)
+    keys = torch.randn(4, 2, 5, 4)
+    for layer in range(2):
+        cache.begin_layer(layer, torch.tensor([0, 1, 0, 2], dtype=torch.int32))  # row 0 and 2 unpadded
+        cache.set_key_classes(layer, torch.arange(4, dtype=torch.uint8)[:, None].expand(4, 5).contiguous())
+        cache.update(keys, keys + 1, layer)
+    buffer = cache._k[0].data_ptr()
+    cache.select_rows(torch.tensor([0, 2, 3]))  # row 1 leaves; row 0 keeps column 0 in use
+    assert cache._k[0].data_ptr() == buffer, "no new buffer when no column is dropped"
+    assert cache.length(0) == 5 and cache.start[0].tolist() == [0, 0, 2]
+    k, v = cache.layer_kv(0)
+    torch.testing.assert_close(k, keys[[0, 2, 3]])
+    torch.testing.assert_close(v, keys[[0, 2, 3]] + 1)
+    assert cache.key_classes(0, 6)[:, :5].tolist() == [[0] * 5, [2] * 5, [3] * 5]
+    for step in range(4):  # keeps writing (and grows past the capacity of 8) on the kept rows
+        cache.update(kv(3, 1, 10.0 + step), kv(3, 1, 20.0 + step), 0)
+    k, _ = cache.layer_kv(0)
+    torch.testing.assert_close(k[:, :, :5], keys[[0, 2, 3]])
+    torch.testing.assert_close(k[:, :, 5:], kv(3, 4, 10.0))
+    cache.select_rows(torch.tensor([2, 0]))  # out of order: the copying path, same contract
+    torch.testing.assert_close(cache.layer_kv(1)[0], keys[[3, 0]])
+
+
+def test_merge_left_padding_is_zero():
+    a, b = KVCache(1, chunk=4), KVCache(1, chunk=4)
+    a.begin_layer(0, torch.tensor([0], dtype=torch.int32))
+    a.update(torch.full((1, 2, 6, 4), 7.0), torch.ones(1, 2, 6, 4), 0)
+    b.begin_layer(0, torch.tensor([0], dtype=torch.int32))
+    b.update(torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 4), 0)
+    a.merge(b)
+    k, v = a.layer_kv(0)
+    assert a.start[0].tolist() == [0, 4]
+    assert k[1, :, :4].abs().sum() == 0 and v[1, :, :4].abs().sum() == 0, "masked, but must be finite"
+
+
 def _requests(n, max_new_tokens):
     colors = ["red", "blue", "green"]
     prompts = ["Describe this image.", "What is in the picture?", "Hi"]

@@ -9,6 +9,9 @@ service saw (read from the difference of its /metrics before and after the run).
     # or start a local service per (scheduler, batch size, batch wait) and compare them side by side,
     # each at every concurrency (static vs continuous batching, docs/benchmarks.md):
     python benchmarks/load.py --start --model shapes --schedulers static,continuous --concurrency 8,32
+    # long answers (in process): request i asks for a length drawn from 64..128 and its engine
+    # request decodes exactly that many tokens (ignore_eos, as vLLM's benchmarks do)
+    python benchmarks/load.py --in-process --model shapes --schedulers static,continuous --answer-tokens 64-128
 
 It refuses targets that do not resolve to loopback only: it is a tool for measuring your own
 service, not for loading anyone else's.
@@ -19,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import ipaddress
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import sys
@@ -73,7 +78,9 @@ class Sample:
 class RunResult:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU time over the run (in process: service and engine included)
     batches: dict = field(default_factory=dict)
+    prefills: dict = field(default_factory=dict)  # continuous, in process: prefill calls and their size
 
     def summary(self) -> dict:
         ok = [s for s in self.samples if s.status == 200]
@@ -88,7 +95,8 @@ class RunResult:
             "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0,
             "completion_tok_s": round(sum(s.completion_tokens for s in ok) / self.wall_s, 1) if self.wall_s else 0.0,
             "p50_s": round(pct(lat, 50), 3), "p99_s": round(pct(lat, 99), 3),
-            "per_intervention": per, "batches": self.batches,
+            "cpu_ms_per_request": round(1000 * self.cpu_s / len(ok), 1) if ok and self.cpu_s else None,
+            "per_intervention": per, "batches": self.batches, "prefills": self.prefills,
         }
 
 
@@ -117,15 +125,25 @@ def batch_delta(before: dict, after: dict) -> dict:
             "rows": int(total), "multi_row_batches": int(count - single)}
 
 
+def answer_lengths(spec: str | None, requests: int, max_tokens: int) -> list[int]:
+    """max_tokens of every request: `max_tokens`, or drawn uniformly from "LO-HI" with a fixed seed
+    (the same sequence for every configuration compared)."""
+    if not spec:
+        return [max_tokens] * requests
+    lo, hi = (int(x) for x in spec.split("-"))
+    rng = random.Random(0)
+    return [rng.randint(lo, hi) for _ in range(requests)]
+
+
 async def run_load(url: str, *, requests: int, duration_s: float, concurrency: int, max_tokens: int,
-                   mix: list[str], api_key: str | None, transport=None) -> RunResult:
+                   mix: list[str], api_key: str | None, transport=None, lengths: list[int] | None = None) -> RunResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     images = [image_url(i) for i in range(12)]
     result = RunResult()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, trust_env=False,
                                  transport=transport) as http:
         before = batch_histogram((await http.get("/metrics")).text)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         deadline = started + duration_s
         next_index = 0
 
@@ -139,7 +157,7 @@ async def run_load(url: str, *, requests: int, duration_s: float, concurrency: i
                     {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
                     {"type": "text", "text": ["Describe this image.", "What objects are there?",
                                               "Is there a red circle in the image?"][i % 3]}]}],
-                    "max_tokens": max_tokens, "temperature": 0.0, "interventions": label}
+                    "max_tokens": lengths[i] if lengths else max_tokens, "temperature": 0.0, "interventions": label}
                 t0 = time.perf_counter()
                 try:
                     r = await http.post("/v1/chat/completions", json=body)
@@ -149,7 +167,7 @@ async def run_load(url: str, *, requests: int, duration_s: float, concurrency: i
                     result.samples.append(Sample(label, 0, time.perf_counter() - t0))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.wall_s = time.perf_counter() - started
+        result.wall_s, result.cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
         after = batch_histogram((await http.get("/metrics")).text)
     result.batches = batch_delta(before, after)
     return result
@@ -224,14 +242,23 @@ def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float,
         service = Service(pipeline, config)
         if scheduler == "static":
             service.submit = LocalBatcher(service.runner, max_batch_size, wait_s).submit
+        if args.answer_tokens:  # the HTTP API has no ignore_eos: set it on the engine request
+            submit = service.submit
+            service.submit = lambda request: submit(dataclasses.replace(request, ignore_eos=True))
         transport = httpx.ASGITransport(app=build_app(service))
+        runner = service.runner
         try:
-            return await run_load("http://in-process", requests=args.requests, duration_s=args.duration,
-                                  concurrency=concurrency, max_tokens=args.max_tokens, mix=args.mix.split(","),
-                                  api_key=None, transport=transport)
+            result = await run_load("http://in-process", requests=args.requests, duration_s=args.duration,
+                                    concurrency=concurrency, max_tokens=args.max_tokens, mix=args.mix.split(","),
+                                    api_key=None, transport=transport,
+                                    lengths=answer_lengths(args.answer_tokens, args.requests, args.max_tokens))
+            if hasattr(runner, "prefills"):
+                result.prefills = {"calls": runner.prefills, "requests": runner.prefilled,
+                                   "mean_group": round(runner.prefilled / runner.prefills, 2) if runner.prefills else 0}
+            return result
         finally:
-            if hasattr(service.runner, "close"):
-                service.runner.close()
+            if hasattr(runner, "close"):
+                runner.close()
 
     for concurrency in concurrencies:
         wait = f", wait={wait_s * 1000:g}ms" if scheduler == "static" else ""
@@ -245,9 +272,11 @@ def print_summary(title: str, s: dict) -> None:
     print(f"\n## {title}")
     print(f"requests {s['requests']} (ok {s['ok']}, errors {s['errors']}) in {s['wall_s']} s: "
           f"{s['throughput_rps']} req/s, {s['completion_tok_s']} completion tok/s")
-    print(f"latency p50 {s['p50_s']} s, p99 {s['p99_s']} s")
+    print(f"latency p50 {s['p50_s']} s, p99 {s['p99_s']} s; CPU {s.get('cpu_ms_per_request')} ms per request")
     print(f"engine batches {b.get('batches')}, mean rows per batch {b.get('mean_size')}, "
           f"batches with >1 row {b.get('multi_row_batches')}")
+    if s.get("prefills"):
+        print(f"prefill calls {s['prefills']['calls']}, mean requests per prefill {s['prefills']['mean_group']}")
     for label, v in s["per_intervention"].items():
         print(f"  {label:<10} n={v['n']:<4} p50 {v['p50_s']} s  p99 {v['p99_s']} s")
 
@@ -271,12 +300,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="--in-process, continuous: steps newcomers may wait for a group (lvlm serve --admit-after-steps)")
     ap.add_argument("--concurrency", default="8", help="comma-separated concurrencies, each run in turn")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--answer-tokens", default=None, metavar="LO-HI",
+                    help="--in-process: request i asks for max_tokens drawn from LO..HI (fixed seed) and decodes "
+                    "exactly that many tokens (ignore_eos), e.g. 64-128: long answers")
     ap.add_argument("--mix", default=",".join(DEFAULT_MIX), help="intervention specs to cycle through")
     ap.add_argument("--api-key", default=os.environ.get("LVLM_API_KEY"))
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     if not args.start and not args.url and not args.in_process:
         ap.error("give --url of a running service, --start or --in-process")
+    if args.answer_tokens and not args.in_process:
+        ap.error("--answer-tokens needs --in-process (the HTTP API cannot ask for ignore_eos)")
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     runs = {}
@@ -328,8 +362,10 @@ def main(argv: list[str] | None = None) -> None:
 
     started = f"model {args.model}" + (" in process (no Ray)" if args.in_process else "") \
         if args.start or args.in_process else "running service"
-    print(f"machine: {machine}; {started}; concurrency {args.concurrency}; max_tokens {args.max_tokens}; "
-          f"mix {args.mix}")
+    lengths = f"answer tokens {args.answer_tokens} (ignore_eos)" if args.answer_tokens else f"max_tokens {args.max_tokens}"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    print(f"machine: {machine}, load average {load[0]:.2f} at the end; {started}; concurrency {args.concurrency}; "
+          f"{lengths}; mix {args.mix}")
     for title, summary in runs.items():
         print_summary(title, summary)
     for concurrency in concurrencies:  # each configuration against the first, at equal concurrency
@@ -338,7 +374,14 @@ def main(argv: list[str] | None = None) -> None:
         for name in names[1:]:
             ratio = runs[name]["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else float("nan")
             print(f"\nconcurrency {concurrency}: {name} / {names[0]}: throughput {ratio:.2f}x, "
-                  f"p99 {runs[name]['p99_s']} s vs {base['p99_s']} s")
+                  f"p50 {runs[name]['p50_s']} s vs {base['p50_s']} s, p99 {runs[name]['p99_s']} s vs {base['p99_s']} s")
+    print("\n| run | req/s | completion tok/s | p50 s | p99 s | CPU ms / request | rows per batch or step |"
+          " prefill calls (requests each) |\n|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        pre = r.get("prefills") or {}
+        print(f"| {name} | {r['throughput_rps']} | {r['completion_tok_s']} | {r['p50_s']} | {r['p99_s']} | "
+              f"{r.get('cpu_ms_per_request')} | {r['batches'].get('mean_size')} | "
+              f"{pre.get('calls', '-')} ({pre.get('mean_group', '-')}) |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"machine": machine, "args": vars(args), "runs": runs}, f, indent=2)

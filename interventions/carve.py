@@ -5,15 +5,18 @@ CARVE edits the image, not the attention:
    instruction G, read out A^{(l,t)}: the newest query row's head-mean attention over the visual
    keys at step t in layer l (the kernel's READOUT, with the KV cache; no attention matrix).
 2. Contrast Â = A^Q / (A^G + λ), λ = 1e-8, over the steps both generations reached; fusion
-   S = Σ_t w_t Σ_{l∈Lsel} grid(Â^{(l,t)}), w_t = t − t_start + 1, grid() = the patch grid resized
-   bilinearly to the image; Lsel = layers 20..25 of a 32-layer backbone, scaled by depth.
+   S = Σ_t w_t Σ_{l∈Lsel} grid(Â^{(l,t)}), w_t = t − t_start + 1, grid() = the image's real patch
+   grid (the family's layout from the processor: LLaVA-1.5's 24×24, LLaVA-NeXT's base tile,
+   Qwen2-VL's (h/2)×(w/2) merged patches from `image_grid_thw`) resized bilinearly to the image;
+   Lsel = layers 20..25 of a 32-layer backbone, scaled by depth.
 3. Mask: the top 20 % of pixels, connected components, keep the max(K_min = 3, ⌊#regions·p⌋)
    regions with the largest attention sum, zero the rest, crop to their bounding box, upscale
    (aspect kept, Lanczos).
 4. Final answer to Q with the refined image (paper) or with the original and refined images
    together (released code): `mode` = "paper" | "code".
-The pipeline reaches this module through a narrow protocol: `generate(requests, plan_factory=)`
-and `facts`; nothing of `lvlm/` is imported.
+The pipeline reaches this module through a narrow protocol: `generate(requests, plan_factory=)`,
+`image_grid(request)` (the first image's patch grid as image-token indices) and `facts`; nothing
+of `lvlm/` is imported.
 """
 
 from __future__ import annotations
@@ -117,18 +120,21 @@ class Readout(Component):
         return out
 
 
-def fuse(maps_q: list[dict[int, torch.Tensor]], maps_g: list[dict[int, torch.Tensor]], *, side: int,
+def fuse(maps_q: list[dict[int, torch.Tensor]], maps_g: list[dict[int, torch.Tensor]], *, grid: np.ndarray,
          size: tuple[int, int], lam: float) -> np.ndarray:
-    """S (H, W) float: time-weighted sum over steps and layers of grid(A^Q / (A^G + λ))."""
+    """S (H, W) float: time-weighted sum over steps and layers of grid(A^Q / (A^G + λ)).
+
+    `grid` (rows, cols) int: the visual-key index of each patch of the image (its real layout)."""
     width, height = size
     total = torch.zeros(1, 1, height, width)
+    index = torch.as_tensor(np.asarray(grid), dtype=torch.long)  # (rows, cols)
     steps = min(len(maps_q), len(maps_g))
     for t in range(steps):
         w_t = t + 1  # t_start = 0: later steps weigh more
         for layer, a_q in maps_q[t].items():
-            contrast = a_q[: side * side] / (maps_g[t][layer][: side * side] + lam)  # (side²,)
-            grid = contrast.reshape(1, 1, side, side)
-            total += w_t * torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+            contrast = a_q[index] / (maps_g[t][layer][index] + lam)  # (rows, cols)
+            grid_map = contrast[None, None]
+            total += w_t * torch.nn.functional.interpolate(grid_map, size=(height, width), mode="bilinear", align_corners=False)
     return total[0, 0].numpy()
 
 
@@ -199,7 +205,7 @@ def refine_requests(pipe: Any, requests: Sequence[Any], *, collect: dict[int, di
         pick = lambda maps: [{l: a for l, a in step.items() if l in own} for step in maps]
         image = requests[i].image
         score = fuse(pick(readout.maps.get(2 * n, [])), pick(readout.maps.get(2 * n + 1, [])),
-                     side=facts.vision_grid, size=image.size, lam=config.lam)
+                     grid=pipe.image_grid(requests[i]), size=image.size, lam=config.lam)
         refined, info = refine_image(image, score, top_p=config.top_p, k_min=config.k_min)
         if collect is not None:
             regions, _, kept = select_regions(score, top_p=config.top_p, k_min=config.k_min)

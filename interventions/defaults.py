@@ -45,7 +45,10 @@ PUBLISHED_BACKBONES: dict[tuple[str, int, int], dict[str, Any]] = {
         "model": "LLaVA-1.5-13B / LLaVA-1.6-vicuna-13B (Llama-2-13B backbone)",
         "var": {"tau": 20.0, "sink_dims": (2100, 4743)},
     },
-    ("qwen2", 3584, 28): {
+    # transformers names Qwen2-VL's text model "qwen2_vl_text"; a plain "qwen2" 3584 x 28 backbone is
+    # Qwen2-7B (LLaVA-OneVision-7B), and Qwen2.5-VL-7B ("qwen2_5_vl_text") has no published dims:
+    # both calibrate.
+    ("qwen2_vl_text", 3584, 28): {
         "model": "Qwen2-VL-7B",
         "var": {"tau": 20.0, "sink_dims": (458, 2570)},
         "carve": {"layers": tuple(range(20, 26))},

@@ -2,7 +2,8 @@
 
 After an exit layer k, chosen at prefill, ALL visual tokens of the row leave the hidden states:
 layers k+1..L−1 never compute or store them, text tokens keep their original rotary positions
-(the gap stays), and layers ≤ k keep their visual keys/values for decoding. The saving only
+(the gap stays; with Qwen2-VL's three-axis M-RoPE all three axes move with the row, and decoding
+continues from the prompt's rope deltas), and layers ≤ k keep their visual keys/values for decoding. The saving only
 exists when rows are physically removed, so this is what the engine does; `emulate=True` masks
 the visual keys instead (identical outputs, no saving) and serves as the test oracle.
 
@@ -181,7 +182,7 @@ class VTE(Component):
         cols = dest[keep]
         hidden = state.hidden.new_zeros(B, new_t, state.hidden.shape[-1])
         hidden[rows, cols] = state.hidden[keep]
-        position_ids = state.position_ids.new_zeros(B, new_t)
+        position_ids = state.position_ids.new_zeros(B, new_t, *state.position_ids.shape[2:])  # M-RoPE: (B, T, 3)
         position_ids[rows, cols] = state.position_ids[keep]
         visual = plan.visual.new_zeros(B, new_t)
         visual[rows, cols] = plan.visual[keep]

@@ -3,8 +3,10 @@
 The engine never probes a model with `hasattr` chains. Each supported family is one `Adapter`
 row naming the module paths (decoder layers, rotary embedding, final norm, lm_head, token
 embedding), the method that turns pixels into projected image features, which processor outputs
-feed it, and where the config keeps the image token id. `ModelFacts` holds the numbers the
-interventions need (layer and head counts), read once from the config.
+and config fields feed it, where the config keeps the image token id, and how rotary position ids
+are computed (`positions`, a key of lvlm/positions.py: 1-D from the attention mask, or Qwen2-VL's
+three-axis M-RoPE from the model's own `get_rope_index`, arXiv 2409.12191). `ModelFacts` holds the
+numbers the interventions need (layer and head counts), read once from the config.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class Adapter:
     embed: str = "model.language_model.embed_tokens"
     lm_head: str = "lm_head"
     image_features: str = "model.get_image_features"
+    feature_kwargs: tuple[str, ...] = ("vision_feature_layer", "vision_feature_select_strategy")  # config fields
+    positions: str = "sequence"  # rule in lvlm.positions.POSITIONS
+    position_inputs: tuple[str, ...] = ()  # processor outputs the position rule reads besides the ids and mask
+    rope_index: str | None = None  # the model's own M-RoPE index function (positions == "mrope")
+    vision_grid: str = "square"  # rule in VISION_GRIDS: patches per side of a base image, or None
     images_only_processor: bool = False  # build transformers' processor without its video processor (lvlm/processors.py)
 
     def get(self, model: torch.nn.Module, part: str) -> Any:
@@ -66,7 +73,36 @@ ADAPTERS: dict[str, Adapter] = {
             vision_inputs=("pixel_values", "image_sizes", "batch_num_images"),
             images_only_processor=True,
         ),
+        *(
+            # Qwen2-VL / Qwen2.5-VL (arXiv 2409.12191, 2502.13923): dynamic resolution (one image
+            # gives (h/2)·(w/2) tokens of its own patch grid `image_grid_thw`), M-RoPE positions
+            # from the model's `get_rope_index`, GQA; the text model is Qwen2 (q/k/v biases).
+            Adapter(
+                family=model_type,
+                model_type=model_type,
+                model_class=model_class,
+                processor_class=processor_class,
+                vision_inputs=("pixel_values", "image_grid_thw"),
+                feature_kwargs=(),
+                positions="mrope",
+                position_inputs=("mm_token_type_ids", "image_grid_thw"),
+                rope_index="model.get_rope_index",
+                vision_grid="dynamic",
+                images_only_processor=True,
+            )
+            for model_type, model_class, processor_class in (
+                ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+                ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+            )
+        ),
     )
+}
+
+# Patches per side of one base image: fixed-resolution towers have a square grid; dynamic-resolution
+# ones (Qwen2-VL) have a grid per image, read from the processor's `image_grid_thw` (None here).
+VISION_GRIDS = {
+    "square": lambda vision: vision.image_size // vision.patch_size,
+    "dynamic": lambda vision: None,
 }
 
 
@@ -92,7 +128,7 @@ class ModelFacts:
     vocab_size: int
     max_context: int
     image_token_id: int
-    vision_grid: int  # patches per side of one base image (LLaVA-1.5-7B: 24)
+    vision_grid: int | None  # patches per side of one base image (LLaVA-1.5-7B: 24); None: per image (Qwen2-VL)
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelFacts":
@@ -107,5 +143,5 @@ class ModelFacts:
             vocab_size=text.vocab_size,
             max_context=text.max_position_embeddings,
             image_token_id=config.image_token_id,
-            vision_grid=config.vision_config.image_size // config.vision_config.patch_size,
+            vision_grid=VISION_GRIDS[adapter_for(config).vision_grid](config.vision_config),
         )

@@ -23,6 +23,7 @@ from lvlm.adapters import Adapter, ModelFacts
 from lvlm.cache import DEFAULT_CHUNK, KVCache
 from lvlm.devices import execution_device
 from lvlm.errors import PromptError
+from lvlm.positions import positions_for
 
 
 class Plan(Protocol):
@@ -93,7 +94,7 @@ class ForwardState:
 
     phase: str  # "prefill" or "decode"
     hidden: torch.Tensor  # (B, Tq, E) hidden states entering the current layer
-    position_ids: torch.Tensor  # (B, Tq) rotary positions of the query rows
+    position_ids: torch.Tensor  # (B, Tq) rotary positions of the query rows; (B, Tq, 3) with M-RoPE
     row_start: torch.Tensor  # (B,) first non-padding query row (prefill) / 0 (decode)
     cache: KVCache
     plan: Any
@@ -103,7 +104,7 @@ class ForwardState:
     rotary_for: torch.Tensor | None = None  # the position_ids `rotary` was computed for
     input_ids: torch.Tensor | None = None  # (B, T) prompt ids (prefill)
     attending: bool = False  # True while the current layer's attention runs (its cache already holds the new keys)
-    next_position: torch.Tensor | None = None  # (B,) rotary position of the next fed token
+    next_position: torch.Tensor | None = None  # (B,) rotary position of the next fed token; (B, 3) with M-RoPE
     key_masked: bool = False  # the current layer's mask includes a plan's key mask
     padded_starts: dict = field(default_factory=dict)  # id(start) -> (start, any row padded), see key_layout
 
@@ -196,6 +197,7 @@ class Engine:
         self.embed = adapter.get(model, "embed")
         self.lm_head = adapter.get(model, "lm_head")
         self.image_features = adapter.get(model, "image_features")
+        self.positions = positions_for(adapter)
 
     @property
     def device(self) -> torch.device:
@@ -226,8 +228,7 @@ class Engine:
         cfg = self.model.config
         out = self.image_features(
             **{k: vision[k] for k in self.adapter.vision_inputs},
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            **{name: getattr(cfg, name) for name in self.adapter.feature_kwargs},
             return_dict=True,
         )
         features = torch.cat(list(out.pooler_output), dim=0).to(embeds.device, embeds.dtype)  # (N_img_tokens, E)
@@ -261,7 +262,7 @@ class Engine:
             state.hidden = layer(
                 state.hidden,
                 attention_mask=mask,
-                position_ids=state.position_ids,
+                position_ids=self.positions.layer_ids(state.position_ids),
                 cache=cache,
                 use_cache=True,
                 position_embeddings=self.rotary_table(state),
@@ -273,7 +274,7 @@ class Engine:
     def rotary_table(self, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of (B, Tq, D) for the forward's positions, computed once per position layout."""
         if state.rotary_for is not state.position_ids:
-            state.rotary = self.rotary(state.hidden, position_ids=state.position_ids)
+            state.rotary = self.rotary(state.hidden, position_ids=self.positions.rotary_ids(state.position_ids))
             state.rotary_for = state.position_ids
         return state.rotary
 
@@ -311,7 +312,7 @@ class Engine:
         plan = plan or NoPlan()
         self._check_plan(plan)
         attention_mask = attention_mask.to(torch.long)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # as transformers' generate
+        position_ids, next_position = self.positions.prefill(self.model, self.adapter, input_ids, attention_mask, vision)
         row_start = (attention_mask.shape[1] - attention_mask.sum(-1)).to(torch.int32)
         state = ForwardState(
             phase="prefill",
@@ -322,6 +323,7 @@ class Engine:
                           devices=self.layer_devices),
             plan=plan,
             input_ids=input_ids,
+            next_position=next_position,  # decided by the prompt: a visual-token exit keeps it
         )
         hidden = self.run_layers(state)
         dropped = plan.after_prefill(self, state)
@@ -329,7 +331,6 @@ class Engine:
             hidden = hidden.index_select(0, dropped)
             state.position_ids = state.position_ids.index_select(0, dropped)
         logits = self.logits(hidden[:, -1])
-        state.next_position = state.position_ids[:, -1] + 1  # (B,)
         return logits, state
 
     @torch.inference_mode()

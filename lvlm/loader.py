@@ -1,8 +1,8 @@
 """`load(name_or_path)`: a Pipeline for the embedded model, a tiny test model, or a checkpoint.
 
-Names: "shapes" (the embedded model trained in this repo, the default), "tiny-llava" and
-"tiny-llava-next" (random weights, for tests), "random-llava-1.5-7b" (random weights at
-LLaVA-1.5-7B's shapes, for GPU benchmarks). Anything else is a Hugging Face hub id or a local
+Names: "shapes" (the embedded model trained in this repo, the default), "tiny-llava",
+"tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl" and "tiny-qwen2.5-vl" (random weights,
+for tests), "random-llava-1.5-7b" (random weights at LLaVA-1.5-7B's shapes, for GPU benchmarks). Anything else is a Hugging Face hub id or a local
 directory; its family is detected from the config through the adapter table. Images are
 processed by the PIL image processors (no torchvision needed).
 

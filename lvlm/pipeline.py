@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -103,10 +104,22 @@ class Pipeline:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def vision_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        vision = {k: batch[k] for k in self.adapter.vision_inputs if k in batch}
+        """The processor outputs the image features and the position rule read (lvlm/adapters.py)."""
+        vision = {k: batch[k] for k in (*self.adapter.vision_inputs, *self.adapter.position_inputs) if k in batch}
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(self.model.dtype)
         return vision
+
+    def image_grid(self, request: Request):
+        """(rows, cols) int array: the index, among the prompt's image tokens, of each patch of the
+        request's first image on its real grid (the family's layout, lvlm/inspection/grids.py):
+        CARVE maps its read-out through it."""
+        from lvlm.inspection.grids import GRIDS, patch_grid
+
+        if self.adapter.family not in GRIDS:  # a family without a layout: one square base grid
+            side = self.facts.vision_grid
+            return np.arange(side * side).reshape(side, side)
+        return patch_grid(self, self.prepare([request])).panels[0].tokens
 
     def build_plan(self, requests: Sequence[Request], plan_factory=None):
         if plan_factory is not None:

@@ -3,7 +3,9 @@
 They exist for tests and offline smoke runs: real architectures (`LlavaForConditionalGeneration`,
 `LlavaNextForConditionalGeneration`: CLIP vision tower, projector, Llama with grouped-query
 attention; `LlavaOnevisionForConditionalGeneration`: SigLIP tower, any-resolution tiles with
-OneVision's `anyres_max` pooling, Qwen2 with 4 query heads per KV head, ChatML template) at a few
+OneVision's `anyres_max` pooling, Qwen2 with 4 query heads per KV head, ChatML template;
+`Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`: dynamic-resolution
+tower (Qwen2.5-VL's windowed), M-RoPE, 4 query heads per KV head) at a few
 hundred thousand parameters, with a character-level tokenizer and PIL image processors. Their
 text is gibberish by construction; the trained embedded model is "shapes".
 """
@@ -42,8 +44,9 @@ CHAT_TEMPLATE = (
 IMAGE_SIZE, PATCH = 32, 8
 NAMES = ("tiny-llava", "tiny-llava-next")  # test models
 ONEVISION = "tiny-llava-onevision"  # test model of the OneVision family (tests/lvlm/test_llava_onevision.py)
+QWEN = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")  # Qwen2-VL families (tests/lvlm/test_qwen2_vl.py)
 RANDOM_7B = "random-llava-1.5-7b"  # benchmark model (GPU)
-ALL = (*NAMES, ONEVISION, RANDOM_7B)
+ALL = (*NAMES, ONEVISION, *QWEN, RANDOM_7B)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -132,6 +135,8 @@ def build(name: str = "tiny-llava", seed: int = 0, device: str | None = None, te
         return model.eval(), processor
     if name == ONEVISION:
         return _onevision(tok, seed)
+    if name in QWEN:
+        return _qwen(name, seed)
     image_token_id = tok.convert_tokens_to_ids("<image>")
     common = dict(
         text_config=_text_config(len(tok), tok),
@@ -210,6 +215,76 @@ def _onevision(tok: PreTrainedTokenizerFast, seed: int):
         image_processor=image_processor, tokenizer=tok, num_image_tokens=(IMAGE_SIZE // PATCH) ** 2,
         vision_feature_select_strategy="full", vision_aspect_ratio=ONEVISION_ASPECT, chat_template=CHATML_TEMPLATE,
     )
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval(), processor
+
+
+# -- Qwen2-VL / Qwen2.5-VL (arXiv 2409.12191, 2502.13923) ----------------------------------------
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = (  # Qwen2-VL's ChatML turns: an image is <|vision_start|><|image_pad|><|vision_end|>
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_PATCH = 4  # 4-px patches, 2x2 merged: one image token per 8x8 pixels; a 32x48 image gives 4x6 tokens
+QWEN_PIXELS = {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}  # smart_resize bounds (min, max pixels)
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with Qwen2-VL's special tokens; EOS <|im_end|>, left padding."""
+    vocab = {tok: i for i, tok in enumerate(QWEN_SPECIALS)}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.add_special_tokens(QWEN_SPECIALS)
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def _qwen(name: str, seed: int):
+    """Qwen2-VL or Qwen2.5-VL at tiny shapes: 2-block vision tower (Qwen2.5-VL: windowed attention
+    in block 0, full in block 1), 4-layer Qwen2 text model with 4 query heads per KV head and
+    M-RoPE sections (2, 3, 3) of the 16-dim heads."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from lvlm.adapters import ADAPTERS
+    from lvlm.processors import images_only
+
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.1)
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = dict(depth=2, num_heads=4, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=0.1)
+    torch.manual_seed(seed)
+    if name == "tiny-qwen2-vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        config = Qwen2VLConfig(text_config=text, vision_config={**vision, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2},
+                               **common)
+        model, family = Qwen2VLForConditionalGeneration(config), "qwen2_vl"
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        # window 16 px = 2x2 merged tokens: a 32x32 image's 4x4 token grid splits into 4 windows
+        vision = {**vision, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64,
+                  "window_size": 16, "fullatt_block_indexes": [1]}
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        model, family = Qwen2_5_VLForConditionalGeneration(config), "qwen2_5_vl"
+    image_processor = Qwen2VLImageProcessorPil(size=dict(QWEN_PIXELS), patch_size=QWEN_PATCH, temporal_patch_size=2,
+                                               merge_size=2)
+    processor_class = ADAPTERS[family].processor_class
+    processor = images_only(processor_class)(image_processor=image_processor, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), processor

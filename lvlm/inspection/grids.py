@@ -9,7 +9,9 @@ A family supplies its grid from the processor outputs of one request (`GRIDS[fam
 - llava_onevision (arXiv 2408.03326): LLaVA-NeXT's layout, the tiles bilinearly pooled to at most
   anyres_max_N base tiles; in a row with several images, each image is its base tile plus one
   newline token;
-- families with `image_grid_thw` (Qwen2-VL) would read the grid from it; none is supported yet.
+- qwen2_vl / qwen2_5_vl (dynamic resolution, arXiv 2409.12191): per image, the grid of merged
+  patches (h / merge, w / merge) from its row of `image_grid_thw`, row-major, as the vision
+  tower's patch merger emits it; no CLS and no newline tokens.
 
 Tokens that sit on no patch (CLS, NeXT's newline tokens) are "other" tokens: their attention is
 reported separately, so that the heat maps plus the other tokens sum to the visual mass.
@@ -166,11 +168,31 @@ def llava_onevision_grid(config: Any, processor: Any, batch: dict) -> tuple[list
     return panels, offset
 
 
+def qwen2_vl_grid(config: Any, processor: Any, batch: dict) -> tuple[list[Panel], int]:
+    merge = config.vision_config.spatial_merge_size
+    patch = processor.image_processor.patch_size
+    grids, pixels = batch["image_grid_thw"], batch["pixel_values"]  # (N, 3) (t, h, w); (Σ t·h·w, C·T·P·P)
+    panels, offset, first = [], 0, 0
+    for n, (t, h, w) in enumerate(grids.tolist()):
+        if t != 1:
+            raise GridError(f"image {n + 1} has {t} temporal patches; only still images have a patch grid")
+        rows, cols = h // merge, w // merge
+        tokens = offset + np.arange(rows * cols).reshape(rows, cols)
+        # undo the processor's patch flattening: (h/m, w/m, m, m, C, T, P, P) -> (C, h·P, w·P), first frame
+        flat = pixels[first : first + h * w].reshape(rows, cols, merge, merge, 3, -1, patch, patch)[:, :, :, :, :, 0]
+        image = flat.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * patch, w * patch)
+        panels.append(Panel(f"image {n + 1}" if grids.shape[0] > 1 else "image", tokens, _picture(image, processor)))
+        offset, first = offset + rows * cols, first + h * w
+    return panels, offset
+
+
 # family -> (config, processor, processor outputs of ONE request) -> (panels, image tokens used)
 GRIDS: dict[str, Callable[[Any, Any, dict], tuple[list[Panel], int]]] = {
     "llava": llava_grid,
     "llava_next": llava_next_grid,
     "llava_onevision": llava_onevision_grid,
+    "qwen2_vl": qwen2_vl_grid,
+    "qwen2_5_vl": qwen2_vl_grid,
 }
 
 

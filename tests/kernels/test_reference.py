@@ -29,13 +29,14 @@ def _valid_rows(kv_start, tq, tk):
     return row_key >= kv_start.long()[:, None]
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 2), (7, 1), (28, 4)], ids=["2:1", "4:1", "7:1", "qwen2-vl-7b"])
 @pytest.mark.parametrize("tq", [40, 7])
-def test_plain_equals_transformers_eager_and_sdpa(tq, make_case):
-    c = make_case(B=3, H=4, Hkv=2, Tq=tq, Tk=40)  # GQA 2:1 and left padding 0/3/7
+def test_plain_equals_transformers_eager_and_sdpa(tq, heads, kv_heads, make_case):
+    c = make_case(B=3, H=heads, Hkv=kv_heads, Tq=tq, Tk=40)  # GQA and left padding 0/3/7
     o, readout = attention(*c.args, scale=c.scale)
     assert readout is None
     mask = _additive_mask(c.kv_start, tq, 40, torch.float32)
-    module = types.SimpleNamespace(num_key_value_groups=2, training=False)
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
     eager, _ = eager_attention_forward(module, c.q, c.k, c.v, mask, scaling=c.scale)  # (B, Tq, H, D)
     sdpa = F.scaled_dot_product_attention(c.q, c.k, c.v, attn_mask=mask, scale=c.scale, enable_gqa=True)
     valid = _valid_rows(c.kv_start, tq, 40)  # (B, Tq)
@@ -179,3 +180,22 @@ def test_low_precision_inputs_give_low_precision_output(case):
     o32, readout32 = attention(q.float(), k.float(), v.float(), case.kv_start, scale=case.scale, edits=case.edits())
     torch.testing.assert_close(o16, o32.to(torch.bfloat16), atol=0, rtol=0)
     torch.testing.assert_close(readout, readout32)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (7, 1), (28, 4)], ids=["4:1", "7:1", "qwen2-vl-7b"])
+@pytest.mark.parametrize("tq", [40, 1], ids=["prefill", "decode"])
+def test_grouped_heads_with_every_edit_equal_repeated_key_value_heads(make_case, heads, kv_heads, tq):
+    """Each edit acts per query head: with H/Hkv = 4 or 7 and every flag on, grouped-query
+    attention equals multi-head attention over K/V repeated per group (transformers' repeat_kv)."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    c = make_case(B=3, H=heads, Hkv=kv_heads, Tq=tq, Tk=40)
+    e = c.edits() if tq > 1 else c.edits(sink_query_start=torch.zeros(3, dtype=torch.int32))
+    q = c.q[:, :, -tq:]
+    o, readout = attention(q, c.k, c.v, c.kv_start, scale=c.scale, edits=e)
+    groups = heads // kv_heads
+    o_mha, readout_mha = attention(q, repeat_kv(c.k, groups), repeat_kv(c.v, groups), c.kv_start, scale=c.scale, edits=e)
+    torch.testing.assert_close(o, o_mha, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(readout, readout_mha, atol=1e-7, rtol=1e-6)
+    plain, _ = attention(q, c.k, c.v, c.kv_start, scale=c.scale)
+    assert not torch.allclose(o, plain, atol=1e-4)  # the edits act on these heads

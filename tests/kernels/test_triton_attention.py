@@ -309,3 +309,44 @@ def test_key_classes_may_be_a_strided_view(case):
     for a, b in zip(ta.attention_prefill(q, k, v, kv_start, scale=case.scale, edits=view),
                     ta.attention_prefill(q, k, v, kv_start, scale=case.scale, edits=dense)):
         assert torch.equal(a, b)
+
+
+GQA = [(8, 2), (7, 1), (14, 2)]  # H/Hkv = 4 and 7 (Qwen2-VL-7B: 28 query heads, 4 KV heads)
+
+
+@pytest.mark.parametrize("heads,kv_heads", GQA, ids=[f"{h}q{k}kv" for h, k in GQA])
+@pytest.mark.parametrize("flags", [(), tuple(FLAG_FIELDS)], ids=["plain", "all-flags"])
+def test_gqa_groups_of_four_and_seven_match_reference(make_case, heads, kv_heads, flags):
+    """Prefill (a query chunk after cached keys) and split-KV decode with H/Hkv = 4 and 7: each
+    program loads its K/V head once for the whole group of query heads (a group of 7 is padded),
+    and gives the reference's output and read-out."""
+    c = make_case(B=2, H=heads, Hkv=kv_heads, Tq=12, Tk=30)
+    e = _only(c, *flags) if flags else None
+    de = e and _edits_to_device(e)
+    q, k, v, kv_start = _to_device(c)
+    want = reference.attention(*c.args, scale=c.scale, edits=e)
+    _check(ta.attention_prefill(q, k, v, kv_start, scale=c.scale, edits=de), want, TOL[torch.float32])
+    e1 = e and dataclasses.replace(e, sink_query_start=torch.zeros(2, dtype=torch.int32) if e.sink_p is not None else None)
+    want1 = reference.attention(c.q[:, :, -1:], c.k, c.v, c.kv_start, scale=c.scale, edits=e1)
+    for splits in (1, 2):
+        got = ta.attention_decode(q[:, :, -1:], k, v, kv_start, scale=c.scale, edits=e1 and _edits_to_device(e1),
+                                  num_splits=splits)
+        _check(got, want1, TOL[torch.float32])
+
+
+def test_gqa_equals_attention_over_repeated_key_value_heads(make_case, heads=7, kv_heads=1):
+    """Grouped-query attention is multi-head attention over K/V heads repeated per group
+    (transformers' `repeat_kv`): the GQA launch equals the MHA launch on repeated K/V, edits on."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    c = make_case(B=2, H=heads, Hkv=kv_heads, Tq=6, Tk=30)
+    e = _edits_to_device(c.edits(sink_query_start=torch.tensor([24, 27], dtype=torch.int32)))
+    q, k, v, kv_start = _to_device(c)
+    groups = heads // kv_heads
+    k_mha, v_mha = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, H, Tk, D)
+    for run in (lambda k_, v_: ta.attention_prefill(q, k_, v_, kv_start, scale=c.scale, edits=e),
+                lambda k_, v_: ta.attention_decode(q[:, :, -1:], k_, v_, kv_start, scale=c.scale, num_splits=2,
+                                                   edits=dataclasses.replace(e, sink_query_start=torch.zeros_like(kv_start)))):
+        (o, r), (o_mha, r_mha) = run(k, v), run(k_mha, v_mha)
+        torch.testing.assert_close(o, o_mha, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r, r_mha, atol=1e-7, rtol=1e-5)

@@ -294,3 +294,20 @@ def test_service_answers_with_the_family_unchanged(pipe):
     expected = run(pipe, "vhr+pai", n=6)
     assert out["choices"][0]["message"]["content"] == expected.text
     assert out["usage"]["completion_tokens"] == len(expected.token_ids)
+
+
+def test_memory_estimate_counts_gqa_kv_heads(pipe):
+    from lvlm import memory
+
+    est = memory.estimate(memory.config_for(pipe.model_id), dtype=torch.float32)
+    assert est.kv_bytes_per_token == 4 * 2 * 1 * 16 * 4  # layers x (K, V) x 1 KV head x head_dim x fp32
+    assert est.parameters == sum(p.numel() for p in pipe.model.parameters())
+
+
+def test_unsupported_architecture_lists_the_families():
+    from lvlm.adapters import adapter_for
+    from lvlm.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"qwen2_vl \(Qwen2VLForConditionalGeneration\).*"
+                                                    r"qwen2_5_vl \(Qwen2_5_VLForConditionalGeneration\)"):
+        adapter_for(type("Config", (), {"model_type": "qwen3_vl"})())

@@ -1,6 +1,9 @@
-"""The eval-job state machine (serve/jobs.py JobBoard) and the job-kind registry, without Ray."""
+"""The eval-job state machine (serve/jobs.py JobBoard), the job-kind registry, and a job kind run
+through a stand-in for its replica pool (progress, cluster facts, fingerprint-checked resume), without Ray."""
 
 from __future__ import annotations
+
+import pytest
 
 from serve.jobs import JOB_KINDS, JobBoard
 
@@ -56,3 +59,89 @@ def test_unknown_ids_are_none_and_kinds_are_registered():
     assert board.get("nope") is None and board.cancel("nope") is False
     board.progress("nope", 1, 2)  # ignored, no error
     assert {"chair", "pope"} <= set(JOB_KINDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# A job kind end to end without Ray: the pool is an in-process stand-in with ClusterPool.run's signature
+
+
+class YesModel:
+    """A pipeline that answers "Yes" to everything and records the images it was given."""
+
+    def __init__(self):
+        self.images = []
+
+    def generate(self, requests):
+        from lvlm.types import Result
+
+        self.images += [r.image for r in requests]
+        return [Result(text="Yes", token_ids=[1], finish_reason="stop", prompt_tokens=1) for _ in requests]
+
+
+class InProcessPool:
+    """`eval.cluster.ClusterPool` as far as a job sees it: run(items, path, adapter, ...), shutdown()."""
+
+    def __init__(self, model):
+        self.model, self.runs, self.closed = model, [], False
+
+    def run(self, items, path, adapter, *, batch_size, progress, fingerprint, on_batch):
+        from eval.cluster import RunStats
+        from eval.runner import ResultsFile, run
+
+        stats = RunStats()
+        inner = adapter(self.model)
+
+        def answer(batch):
+            stats.items_per_node["here"] += len(batch)
+            return inner(batch)
+
+        self.runs.append(len(items) - len(ResultsFile(path).records))
+        done = run(items, answer, path, batch_size=batch_size, progress=progress, fingerprint=fingerprint)
+        on_batch(done, stats)
+        return done
+
+    def shutdown(self):
+        self.closed = True
+
+
+def context(tmp_path, request, pool, reports):
+    from serve.jobs import JobContext
+
+    class Ctx(JobContext):
+        def pool(self):
+            if pool is None:
+                raise AssertionError("no pool may start: the fingerprint check comes first")
+            return pool
+
+    return Ctx("evaljob-test", dict(request), "shapes", {}, tmp_path, lambda *a: reports.append(a))  # never loaded
+
+
+POPE = {"kind": "pope", "limit": 6, "max_tokens": 3, "seed": 0, "batch_size": 2, "interventions": None,
+        "options": {"splits": ["random"], "parser": "pope"}}
+
+
+def test_pope_job_answers_through_its_pool_and_resume_checks_the_fingerprint(tmp_path):
+    from PIL import Image
+
+    from eval.fingerprint import FingerprintMismatch
+
+    model, reports = YesModel(), []
+    pool = InProcessPool(model)
+    metrics = JOB_KINDS["pope"].run(context(tmp_path, POPE, pool, reports))
+    # 6 balanced questions all answered "Yes": accuracy 50, yes-ratio 100, recall 100, precision 50
+    assert (metrics["random Acc"], metrics["random Yes"], metrics["random Rec"], metrics["random Prec"]) == (
+        50.0, 100.0, 100.0, 50.0)
+    assert pool.runs == [6] and pool.closed and len(model.images) == 6
+    assert all(isinstance(im, Image.Image) for im in model.images)  # read from the job's own folder
+    done, total, partial, cluster = reports[-1]
+    assert (done, total, cluster) == (6, 6, {"replicas": 1, "items_per_node": {"here": 6}, "requeued_batches": 0,
+                                           "replaced_replicas": 0})
+    assert partial["answered Accuracy"] == 50.0
+
+    # the same job again (another batch size: not part of the fingerprint) resumes with nothing to do
+    again = InProcessPool(YesModel())
+    assert JOB_KINDS["pope"].run(context(tmp_path, dict(POPE, batch_size=3), again, [])) == metrics
+    assert again.runs == [0]
+    # another decoding setting must not continue this results file: refused before any replica starts
+    with pytest.raises(FingerprintMismatch, match="max_tokens"):
+        JOB_KINDS["pope"].run(context(tmp_path, dict(POPE, max_tokens=5), None, []))

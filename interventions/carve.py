@@ -6,8 +6,9 @@ CARVE edits the image, not the attention:
    keys at step t in layer l (the kernel's READOUT, with the KV cache; no attention matrix).
 2. Contrast Â = A^Q / (A^G + λ), λ = 1e-8, over the steps both generations reached; fusion
    S = Σ_t w_t Σ_{l∈Lsel} grid(Â^{(l,t)}), w_t = t − t_start + 1, grid() = the image's real patch
-   grid (the family's layout from the processor: LLaVA-1.5's 24×24, LLaVA-NeXT's base tile,
-   Qwen2-VL's (h/2)×(w/2) merged patches from `image_grid_thw`) resized bilinearly to the image;
+   grid (the family's layout from the processor: LLaVA-1.5's 24×24; LLaVA-NeXT's and OneVision's
+   any-resolution tiles unpadded to the image's aspect ratio (OneVision's pooled); Qwen2-VL's
+   (h/2)×(w/2) merged patches from `image_grid_thw`) resized bilinearly to the image;
    Lsel = layers 20..25 of a 32-layer backbone, scaled by depth.
 3. Mask: the top 20 % of pixels, connected components, keep the max(K_min = 3, ⌊#regions·p⌋)
    regions with the largest attention sum, zero the rest, crop to their bounding box, upscale

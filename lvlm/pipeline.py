@@ -113,13 +113,18 @@ class Pipeline:
     def image_grid(self, request: Request):
         """(rows, cols) int array: the index, among the prompt's image tokens, of each patch of the
         request's first image on its real grid (the family's layout, lvlm/inspection/grids.py):
-        CARVE maps its read-out through it."""
+        CARVE maps its read-out through it. Of an image's panels, the last is its finest view of
+        the whole image: the any-resolution tiles (LLaVA-NeXT, OneVision: unpadded to the image's
+        aspect ratio, after the square base tile), else the one grid (LLaVA-1.5, Qwen2-VL)."""
+        from dataclasses import replace
+
         from lvlm.inspection.grids import GRIDS, patch_grid
 
         if self.adapter.family not in GRIDS:  # a family without a layout: one square base grid
             side = self.facts.vision_grid
             return np.arange(side * side).reshape(side, side)
-        return patch_grid(self, self.prepare([request])).panels[0].tokens
+        first = replace(request, image=_images(request)[0])  # the first image's tokens come first
+        return patch_grid(self, self.prepare([first])).panels[-1].tokens
 
     def build_plan(self, requests: Sequence[Request], plan_factory=None):
         if plan_factory is not None:

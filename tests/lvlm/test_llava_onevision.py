@@ -5,6 +5,7 @@ tiles unpadded to the image's aspect ratio with one newline token per row, bilin
 `anyres_max_4` base tiles, and a Qwen2 text model with 4 query heads per KV head.
 """
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -181,3 +182,32 @@ def test_patch_grid_follows_transformers_packing(pipe, image):
         assert (got[1:, :, 0] > got[:-1, :, 0]).all() and (got[:, 1:, 1] > got[:, :-1, 1]).all()
     # the tiles' picture is the unpadded region: its aspect ratio is the image's (to a patch)
     assert abs(tiles.picture.width / tiles.picture.height - image.width / image.height) < 0.35
+
+
+def test_carve_reads_the_any_resolution_tiles(pipe):
+    """CARVE's grid for a 40x30 image is its 4x6 unpadded tile grid (image tokens 16.. after the
+    4x4 base tile, one newline after each row), not a square; a contrast peak on one cell of it
+    lands on that cell's pixels of the original image."""
+    from interventions.carve import fuse
+
+    req = lvlm.Request(PROMPTS[0], IMAGES[0])
+    grid = pipe.image_grid(req)
+    assert grid.shape == (4, 6)
+    assert grid[:, 0].tolist() == [16, 23, 30, 37] and grid[0].tolist() == list(range(16, 22))
+    n_tokens = int((pipe.prepare([req])["input_ids"] == pipe.facts.image_token_id).sum())
+    general = torch.ones(n_tokens)
+    for r, c in [(0, 0), (2, 4), (3, 5)]:
+        task = torch.ones(n_tokens)
+        task[grid[r, c]] = 50.0
+        score = fuse([{0: task}], [{0: general}], grid=grid, size=IMAGES[0].size, lam=1e-8)  # (H, W)
+        y, x = np.unravel_index(np.argmax(score), score.shape)
+        width, height = IMAGES[0].size  # a cell covers width/6 x height/4 pixels
+        assert int(x * 6 // width) == c and int(y * 4 // height) == r
+    # the pooled 3x3-tile image: CARVE reads its 7x8 pooled grid
+    assert pipe.image_grid(lvlm.Request(PROMPTS[0], IMAGES[1])).shape == (7, 8)
+
+
+def test_carve_on_llava_next_reads_the_tiles_too():
+    next_pipe = lvlm.load("tiny-llava-next")
+    grid = next_pipe.image_grid(lvlm.Request(PROMPTS[0], IMAGES[2]))  # 32x80: tall tiles, not the 4x4 base
+    assert grid.shape[0] > grid.shape[1] and grid.min() == 16

@@ -311,3 +311,15 @@ def test_unsupported_architecture_lists_the_families():
     with pytest.raises(UnsupportedModelError, match=r"qwen2_vl \(Qwen2VLForConditionalGeneration\).*"
                                                     r"qwen2_5_vl \(Qwen2_5_VLForConditionalGeneration\)"):
         adapter_for(type("Config", (), {"model_type": "qwen3_vl"})())
+
+
+def test_two_images_in_one_prompt_match_transformers_generate(pipe):
+    """CARVE's code mode asks about the original and the refined image together: one row whose
+    M-RoPE positions cover two grids of different shapes."""
+    reqs = [lvlm.Request("Compare them.", [IMG2, picture((24, 40), 5)], max_new_tokens=NEW),
+            lvlm.Request("Hi", IMG, max_new_tokens=NEW)]
+    batch = pipe.prepare(reqs)
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 12], [1, 10, 6], [1, 8, 8]]
+    assert [r.token_ids for r in pipe.generate(reqs)] == hf_generate(pipe.model_id, batch, NEW)
+    code = run(pipe, [{"name": "carve", "mode": "code", "max_steps": 4}])
+    assert code.prompt_tokens > run(pipe, [{"name": "carve", "max_steps": 4}]).prompt_tokens

@@ -211,3 +211,47 @@ def test_carve_on_llava_next_reads_the_tiles_too():
     next_pipe = lvlm.load("tiny-llava-next")
     grid = next_pipe.image_grid(lvlm.Request(PROMPTS[0], IMAGES[2]))  # 32x80: tall tiles, not the 4x4 base
     assert grid.shape[0] > grid.shape[1] and grid.min() == 16
+
+
+def test_vhr_twin_uses_the_family_chat_template(pipe):
+    from interventions.plan import build_plan
+
+    req = lvlm.Request("Describe it.", IMAGES[0], interventions=resolve("vhr"))
+    (twin,) = build_plan(pipe.facts, [req], profile={}).twin_requests()
+    batch = pipe.prepare([req, twin])
+    texts = [pipe.tokenizer.decode(row[mask.bool()]) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert texts[1] == "<s><|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n"
+    assert texts[0] == texts[1].replace("user\n", "user\n" + "<image>" * 44 + "\n")
+
+
+def test_memory_estimate_counts_the_single_kv_head(pipe):
+    from lvlm import memory
+
+    est = memory.estimate(memory.config_for(NAME), dtype=torch.float32)
+    assert est.kv_bytes_per_token == 4 * 2 * 1 * 16 * 4  # layers x (K, V) x 1 KV head x head_dim x fp32
+    assert est.parameters == sum(p.numel() for p in pipe.model.parameters())
+
+
+def test_service_answers_with_the_family_unchanged(pipe):
+    """The OpenAI-compatible app over a OneVision pipeline: the pipeline's own tokens."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from serve.app import Service, build_app
+    from serve.config import ServeConfig
+
+    buf = io.BytesIO()
+    IMAGES[1].save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    service = Service(pipe, ServeConfig(model=pipe.model_id, api_key="k", warmup=False, eval_jobs=False))
+    body = {"model": pipe.model_id, "max_tokens": 6, "interventions": ["vhr", "pai"],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPTS[0]},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+    with TestClient(build_app(service)) as http:
+        r = http.post("/v1/chat/completions", headers={"Authorization": "Bearer k"}, json=body)
+    assert r.status_code == 200, r.text
+    expected = one(pipe, "vhr+pai", n=6)
+    assert r.json()["choices"][0]["message"]["content"] == expected.text
+    assert r.json()["usage"]["completion_tokens"] == len(expected.token_ids)

@@ -1,5 +1,6 @@
 """Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): the shapes model answers the same as
-a local run, both nodes answer, and the replicas only ever see image bytes, never the driver's path."""
+a local run, both nodes answer, and the replicas only ever see image bytes, never the driver's path;
+a service eval job (serve/jobs.py) runs on the same two nodes through the same runner."""
 
 from __future__ import annotations
 
@@ -80,3 +81,38 @@ def test_two_nodes_equal_local_run_and_share_the_work(two_nodes, tmp_path):
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2 and set(per_node) == nodes and {w["node_id"] for w in where} == nodes
     assert all(v > 0 for v in per_node.values()) and sum(per_node.values()) == N_IMAGES
+
+
+@pytest.mark.slow
+def test_service_job_on_two_nodes_equals_a_local_run_and_both_nodes_answer(two_nodes, tmp_path):
+    """The job's images are generated in its folder on the head node; replicas on both nodes answer."""
+    import time
+
+    import interventions
+    from eval.compare import CHAIR_PROMPT
+    from lvlm.shapes import build_split
+    from serve.jobs import RayJobs
+
+    jobs = RayJobs(replica_options={"num_cpus": 1}, replicas=2, jobs_dir=str(tmp_path / "jobs"))
+    request = {"kind": "chair", "limit": N_IMAGES, "max_tokens": MAX_NEW_TOKENS, "seed": 0, "batch_size": 2,
+               "interventions": None, "options": {}}
+    job = ray.get(jobs._actor.submit.remote("chair", "shapes", request, {}), timeout=60)
+    deadline = time.monotonic() + 300
+    while job["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = ray.get(jobs._actor.get.remote(job["id"]), timeout=60)
+    assert job["state"] == "succeeded", job["error"]
+    rows = [json.loads(x) for x in (tmp_path / "jobs" / job["id"] / "chair.jsonl").read_text().splitlines()[1:]]
+    answered = {r["key"]: r["answer"] for r in rows}
+
+    inst, _ = build_split(tmp_path / "local", "test", N_IMAGES)  # the same generated split, here
+    coco = json.loads(inst.read_text())
+    items = [Item(str(im["id"]), CHAIR_PROMPT, str(tmp_path / "local" / "images" / im["file_name"]),
+                  {"image_id": im["id"]}) for im in sorted(coco["images"], key=lambda im: im["id"])]  # the job's order
+    local = run(items, local_answer(load_shapes(), max_new_tokens=MAX_NEW_TOKENS, resolve=interventions.resolve,
+                                    seed=0), tmp_path / "local.jsonl", batch_size=2, progress=False)
+    assert answered == {k: r["answer"] for k, r in local.items()} and len(answered) == N_IMAGES
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    per_node = job["cluster"]["items_per_node"]
+    assert len(nodes) == 2 and set(per_node) == nodes and all(v > 0 for v in per_node.values())
+    assert sum(per_node.values()) == N_IMAGES and job["metrics"]["CHAIR_s"] >= 0

@@ -243,7 +243,7 @@ def test_cli_generate_takes_the_family_unchanged(pipe, tmp_path):
     assert out["text"] == expected.text
 
 
-def test_a_saved_checkpoint_loads_by_path(pipe, tmp_path):
+def test_checkpoint_directory_loads_by_path(pipe, tmp_path):
     """Real checkpoints load by path (or hub id) through AutoConfig, the adapter's model class and
     the image-only processor, and generate what the built model does."""
     model, processor = tiny.build(pipe.model_id)

@@ -255,3 +255,30 @@ def test_service_answers_with_the_family_unchanged(pipe):
     expected = one(pipe, "vhr+pai", n=6)
     assert r.json()["choices"][0]["message"]["content"] == expected.text
     assert r.json()["usage"]["completion_tokens"] == len(expected.token_ids)
+
+
+def test_inspect_heatmaps_hold_eager_attention_of_their_patches(pipe):
+    """`lvlm inspect` on OneVision: per layer, each patch of the base and (pooled) tile panels
+    holds transformers' eager attention weight of its own token (GQA 4:1), and panels plus
+    the newline tokens sum to the visual attention mass."""
+    from lvlm.inspection import inspect, pictures
+
+    image = IMAGES[1]
+    L = pipe.facts.num_layers
+    insp = inspect(pipe, image, PROMPTS[0], "none", layers=tuple(range(L)), max_new_tokens=2)
+    data = {p.name: p.data for p in pictures(insp)}
+    model, _ = tiny.build(NAME)
+    model.set_attn_implementation("eager")
+    batch = pipe.prepare([lvlm.Request(PROMPTS[0], image)])
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    eager = [a[0, :, -1, :].float().mean(0).numpy() for a in out.attentions]  # (T,) per layer
+    visual = (batch["input_ids"][0] == pipe.facts.image_token_id).numpy()
+    mass = np.array([e[visual].sum() for e in eager])
+    assert np.allclose(data["mass"]["baseline"], mass, atol=1e-5) and mass.max() > 0.01
+    assert [p.shape for p in insp.baseline.grid.panels] == [(4, 4), (7, 8)]
+    for layer in range(L):
+        maps = [np.array(m) for m in data["heatmaps"]["before"][layer]]
+        assert sum(m.sum() for m in maps) + data["heatmaps"]["before_other"][layer] == pytest.approx(mass[layer], abs=1e-5)
+        for m, panel in zip(maps, insp.baseline.grid.panels):
+            assert np.allclose(m, eager[layer][visual][panel.tokens], atol=1e-6)

@@ -43,6 +43,7 @@ import httpx  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 DEFAULT_MIX = ["none", "vhr", "var", "vhr+var", "pai"]
+HOPS = {"unary": None, "stream": {"stream": False}}  # extra body fields per gateway path (--hops)
 COLOURS = ["red", "green", "blue", "orange", "purple", "black"]
 
 
@@ -136,7 +137,8 @@ def answer_lengths(spec: str | None, requests: int, max_tokens: int) -> list[int
 
 
 async def run_load(url: str, *, requests: int, duration_s: float, concurrency: int, max_tokens: int,
-                   mix: list[str], api_key: str | None, transport=None, lengths: list[int] | None = None) -> RunResult:
+                   mix: list[str], api_key: str | None, transport=None, lengths: list[int] | None = None,
+                   extra: dict | None = None) -> RunResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     images = [image_url(i) for i in range(12)]
     result = RunResult()
@@ -157,7 +159,8 @@ async def run_load(url: str, *, requests: int, duration_s: float, concurrency: i
                     {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
                     {"type": "text", "text": ["Describe this image.", "What objects are there?",
                                               "Is there a red circle in the image?"][i % 3]}]}],
-                    "max_tokens": lengths[i] if lengths else max_tokens, "temperature": 0.0, "interventions": label}
+                    "max_tokens": lengths[i] if lengths else max_tokens, "temperature": 0.0, "interventions": label,
+                    **(extra or {})}
                 t0 = time.perf_counter()
                 try:
                     r = await http.post("/v1/chat/completions", json=body)
@@ -304,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="--in-process: request i asks for max_tokens drawn from LO..HI (fixed seed) and decodes "
                     "exactly that many tokens (ignore_eos), e.g. 64-128: long answers")
     ap.add_argument("--mix", default=",".join(DEFAULT_MIX), help="intervention specs to cycle through")
+    ap.add_argument("--hops", default="unary",
+                    help="with --start or --url, comma-separated, run in turn per concurrency: unary (the gateway's "
+                    "plain handle call for non-stream requests) and/or stream (the body says \"stream\": false, "
+                    "so the gateway takes its streaming handle call, as before it had a unary one)")
     ap.add_argument("--api-key", default=os.environ.get("LVLM_API_KEY"))
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
@@ -313,6 +320,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--answer-tokens needs --in-process (the HTTP API cannot ask for ignore_eos)")
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    hops = args.hops.split(",")
+    if any(h not in HOPS for h in hops):
+        ap.error(f"--hops takes {', '.join(HOPS)}")
+
+    def hop_label(hop: str) -> str:
+        return f", hop={hop}" if len(set(hops)) > 1 else ""
+
     runs = {}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
     if args.in_process:
@@ -340,11 +354,14 @@ def main(argv: list[str] | None = None) -> None:
                 url = start_service(args.model, size, _free_port(), wait_ms / 1000, sched)
                 mix = available_mix(url, None, args.mix.split(","))
                 for concurrency in concurrencies:
-                    result = asyncio.run(run_load(url, requests=args.requests, duration_s=args.duration,
-                                                  concurrency=concurrency, max_tokens=args.max_tokens,
-                                                  mix=mix, api_key=None))
-                    wait = f", wait={wait_ms:g}ms" if sched == "static" else ""
-                    runs[f"{sched}, max_batch_size={size}{wait}, concurrency={concurrency}"] = result.summary()
+                    for hop in hops:
+                        result = asyncio.run(run_load(url, requests=args.requests, duration_s=args.duration,
+                                                      concurrency=concurrency, max_tokens=args.max_tokens,
+                                                      mix=mix, api_key=None, extra=HOPS[hop]))
+                        wait = f", wait={wait_ms:g}ms" if sched == "static" else ""
+                        title = f"{sched}, max_batch_size={size}{wait}, concurrency={concurrency}" + hop_label(hop)
+                        repeat = sum(1 for name in runs if name.startswith(title))  # --hops a,b,a,b
+                        runs[title + (f" #{repeat + 1}" if repeat else "")] = result.summary()
                 serve.shutdown()
         finally:
             import ray
@@ -355,10 +372,13 @@ def main(argv: list[str] | None = None) -> None:
         check_loopback(args.url)
         mix = available_mix(args.url, args.api_key, args.mix.split(","))
         for concurrency in concurrencies:
-            result = asyncio.run(run_load(args.url, requests=args.requests, duration_s=args.duration,
-                                          concurrency=concurrency, max_tokens=args.max_tokens, mix=mix,
-                                          api_key=args.api_key))
-            runs[f"{args.url}, concurrency={concurrency}"] = result.summary()
+            for hop in hops:
+                result = asyncio.run(run_load(args.url, requests=args.requests, duration_s=args.duration,
+                                              concurrency=concurrency, max_tokens=args.max_tokens, mix=mix,
+                                              api_key=args.api_key, extra=HOPS[hop]))
+                title = f"{args.url}, concurrency={concurrency}" + hop_label(hop)
+                repeat = sum(1 for name in runs if name.startswith(title))
+                runs[title + (f" #{repeat + 1}" if repeat else "")] = result.summary()
 
     started = f"model {args.model}" + (" in process (no Ray)" if args.in_process else "") \
         if args.start or args.in_process else "running service"

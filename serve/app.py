@@ -464,6 +464,15 @@ def _deployment_class():
             async for item in asgi_stream(self._app, method, path, query, headers, body):
                 yield item
 
+        async def respond(self, method: str, path: str, query: str, headers: list, body: bytes) -> dict:
+            """One relayed request whose answer cannot be a stream, in one reply (a unary handle
+            call costs less than a streaming one: serve/gateway.py)."""
+            from serve.gateway import asgi_answer
+
+            if getattr(self, "_app", None) is None:
+                self._app = build_app(self.service)
+            return await asgi_answer(self._app, method, path, query, headers, body)
+
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def _generate_batch(self, requests: list) -> list[Outcome]:
             # Outcomes, not exceptions: an exception here would fail every caller in the batch.

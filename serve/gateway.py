@@ -14,7 +14,11 @@ The gateway also counts requests and these failures with `ray.util.metrics`, whi
 its Prometheus endpoint summed over replicas and kept across replica restarts.
 
 On the replica side, `asgi_stream` runs one request through the replica's own FastAPI app and
-yields the response head, then its body chunks as the app produces them.
+yields the response head, then its body chunks as the app produces them; `asgi_answer` collects
+them into one answer. A request that cannot produce a stream (its body never mentions
+"stream") takes a plain handle call to `LVLMServer.respond`: a streaming handle call costs the
+gateway and the replica several milliseconds of CPU more per request than a unary one
+(docs/benchmarks.md, "Gateway hop"), and on a CPU replica that time is taken from the model.
 """
 
 from __future__ import annotations
@@ -78,6 +82,20 @@ async def asgi_stream(app: Any, method: str, path: str, query: str, headers: lis
         gone.set()
         if not task.done():
             task.cancel()
+
+
+async def asgi_answer(app: Any, method: str, path: str, query: str, headers: list[tuple[str, str]],
+                      body: bytes) -> dict:
+    """The whole answer of one request through an ASGI app: {"status", "headers", "body"}."""
+    items = [item async for item in asgi_stream(app, method, path, query, headers, body)]
+    head = items[0] if items else {"status": 500, "headers": []}
+    return {**head, "body": b"".join(items[1:])}
+
+
+def may_stream(body: bytes) -> bool:
+    """Whether a request could be answered with a stream: only a JSON body that names "stream"
+    (false positives only cost the streaming path, which relays any answer)."""
+    return b'"stream"' in body
 
 
 # -- gateway side -----------------------------------------------------------------------------
@@ -149,8 +167,9 @@ class Forwarder:
     to a replica through `server.forward.remote(...)` (a streaming handle call) and turn replica
     failures into OpenAI-shaped answers."""
 
-    def __init__(self, server: Any, max_body_bytes: int, metrics: Any = None):
-        self.server, self.max_body_bytes, self.metrics = server, max_body_bytes, metrics
+    def __init__(self, server: Any, max_body_bytes: int, metrics: Any = None, unary: Any = None):
+        # server: the streaming handle (`forward`); unary: the plain one (`respond`), if any
+        self.server, self.max_body_bytes, self.metrics, self.unary = server, max_body_bytes, metrics, unary
 
     async def _body(self, http: Any) -> bytes:
         chunks, size = [], 0
@@ -186,9 +205,13 @@ class Forwarder:
         headers = [(k, v) for k, v in http.headers.items() if k in FORWARDED_HEADERS and k != REQUEST_ID]
         headers.append((REQUEST_ID, request_id))
         attempts = 2 if idempotent(method, path) else 1
+        unary = self.unary is not None and not may_stream(body)
         for attempt in range(attempts):
-            stream = self.server.forward.remote(method, path, http.url.query, headers, body)
             try:
+                if unary:
+                    answer = await self.unary.respond.remote(method, path, http.url.query, headers, body)
+                    return Response(answer["body"], status_code=answer["status"], headers=_plain(answer["headers"]))
+                stream = self.server.forward.remote(method, path, http.url.query, headers, body)
                 head = await stream.__anext__()
                 content_type = dict(head["headers"]).get("content-type", "")
                 if content_type.startswith("text/event-stream"):
@@ -224,7 +247,7 @@ def _gateway_class():
     @serve.ingress()
     class Gateway:
         def __init__(self, server: Any, max_body_bytes: int):
-            self.forwarder = Forwarder(server.options(stream=True), max_body_bytes, GatewayMetrics())
+            self.forwarder = Forwarder(server.options(stream=True), max_body_bytes, GatewayMetrics(), unary=server)
 
         def __serve_build_asgi_app__(self):
             app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -265,4 +288,4 @@ def _serve_request_id() -> str | None:
         return None
 
 
-__all__ = ["asgi_stream", "bind_gateway", "idempotent", "replica_gone", "route_label"]
+__all__ = ["asgi_answer", "asgi_stream", "bind_gateway", "idempotent", "may_stream", "replica_gone", "route_label"]

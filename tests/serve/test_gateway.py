@@ -15,7 +15,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.app import Service, build_app
 from serve.config import ServeConfig
-from serve.gateway import Forwarder, asgi_stream, idempotent, route_label
+from serve.gateway import Forwarder, asgi_answer, asgi_stream, idempotent, may_stream, route_label
 from tests.serve.conftest import FakePipeline
 from tests.serve.test_app import AUTH, KEY, LIMITS, body
 
@@ -160,3 +160,50 @@ def test_route_labels_are_bounded_and_idempotency_rules():
     assert route_label("/v1/chat/completions") == "/v1/chat/completions"
     assert idempotent("POST", "/v1/chat/completions") and idempotent("GET", "/v1/eval/jobs/x")
     assert not idempotent("POST", "/v1/eval/jobs") and not idempotent("POST", "/v1/eval/jobs/x/resume")
+
+
+class DyingUnary:
+    """A fake plain handle: `respond.remote` answers in one reply (or fails, as listed in `die`)."""
+
+    def __init__(self, app, die: dict[int, BaseException] | None = None):
+        self.app, self.die, self.calls = app, die or {}, 0
+        self.respond = self
+
+    def remote(self, method, path, query, headers, body):
+        self.calls += 1
+        error = self.die.get(self.calls)
+
+        async def answer():
+            if error is not None:
+                raise error
+            return await asgi_answer(self.app, method, path, query, headers, body)
+
+        return answer()
+
+
+def unary_gateway(streaming, unary):
+    forwarder = Forwarder(streaming, max_body_bytes=500_000, metrics=Counts(), unary=unary)
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
+    async def forward(http: Request, path: str):
+        return await forwarder.forward(http)
+
+    return TestClient(app)
+
+
+def test_requests_that_cannot_stream_take_the_unary_call(replica_app):
+    streaming, unary = DyingReplica(replica_app, {}), DyingUnary(replica_app, {1: ActorDiedError()})
+    client = unary_gateway(streaming, unary)
+    r = client.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Unary me", max_tokens=3))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Unary 20x10 none"
+    assert (unary.calls, streaming.calls) == (2, 0)  # the first replica died: retried once, unary again
+    assert client.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == "fake-lvlm"
+    r = client.get("/v1/models")
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")  # headers relayed
+    assert (unary.calls, streaming.calls) == (4, 0)
+    for payload in (body(stream=True, max_tokens=3), body(stream=False, max_tokens=3)):
+        r = client.post("/v1/chat/completions", headers=AUTH, json=payload)
+        assert r.status_code == 200
+    assert r.json()["object"] == "chat.completion" and (unary.calls, streaming.calls) == (4, 2)
+    assert may_stream(b'{"stream": true}') and not may_stream(json.dumps(body()).encode())

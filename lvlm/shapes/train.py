@@ -20,7 +20,10 @@ that are discarded after training (ObjectProbe, QuestionProbe: why in their docs
 Batch b of the run is built from train-split scenes b*B .. b*B+B-1, so a resumed run sees exactly
 the data it would have seen; checkpoints hold model, optimizer, schedule, step and RNG states.
 
-    python -m lvlm.shapes.train --out runs/shapes --steps 1800 --threads 1 [--resume]
+    python -m lvlm.shapes.train --out runs/shapes --steps 2200 --threads 1 [--resume]
+    python -m lvlm.shapes.train --out runs/shapes --steps 2900 --resume   # the shipped model's schedule
+
+(docs/shapes-model.md: the second command extends the cosine schedule of the first.)
 """
 
 from __future__ import annotations
@@ -329,9 +332,10 @@ def train(args) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Train the embedded shapes LLaVA model.")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--steps", type=int, default=2200)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3,
+                    help="peak learning rate (a larger one favours attention sinks: arXiv 2410.10781)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1,
                     help="AdamW weight decay (higher decay favours attention sinks: arXiv 2410.10781)")
@@ -340,7 +344,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--text-share", type=float, default=0.0,
+    ap.add_argument("--text-share", type=float, default=0.25,
                     help="share of plain-text rows (no image; the LM-pretraining stand-in)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")

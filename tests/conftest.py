@@ -18,3 +18,21 @@ os.environ.setdefault("LVLM_CACHE", tempfile.mkdtemp(prefix="lvlm-cache-"))  # m
 _shared_nltk = Path(__file__).resolve().parents[2] / "shared" / "nltk_data"
 if "NLTK_DATA" not in os.environ and _shared_nltk.is_dir():
     os.environ["NLTK_DATA"] = str(_shared_nltk)
+
+
+# One parameter set per method that must leave the output unchanged, and one that must change it
+# (on the 4-layer tiny models); shared by the per-family method tests.
+NEUTRAL = {
+    "vhr": [{"name": "vhr", "alpha": 1.0}],
+    "var": [{"name": "var", "p": 0.0, "sink_dims": [3, 7], "tau": 2.0}],
+    "pai": [{"name": "pai", "alpha": 0.0}],
+    "vte": [{"name": "vte", "exit_layer": 3}],  # k = L - 1: never exits
+    "carve": [{"name": "carve", "top_p": 1.0, "max_steps": 4}],  # keeps every pixel
+}
+ACTIVE = {
+    "vhr": [{"name": "vhr", "alpha": 4.0, "layers": [0, 1, 2, 3]}],
+    "var": [{"name": "var", "p": 1.0, "rho": 0.0, "min_visual": 0.0, "sink_dims": [3, 7], "tau": 1.5, "include_last": True}],
+    "pai": [{"name": "pai", "alpha": 3.0}],
+    "vte": [{"name": "vte", "exit_layer": 0}],
+    "carve": [{"name": "carve", "max_steps": 4, "top_p": 0.1, "k_min": 1}],
+}

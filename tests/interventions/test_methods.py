@@ -13,6 +13,7 @@ from interventions import InterventionError, resolve
 from interventions.plan import build_plan
 from interventions.vhr import default_layers
 from lvlm import tiny
+from tests.conftest import ACTIVE, NEUTRAL
 
 IMG = Image.new("RGB", (40, 30), "red")
 IMG2 = Image.radial_gradient("L").convert("RGB").resize((48, 40))
@@ -29,20 +30,6 @@ def run(pipe, spec, image=IMG, prompt="Describe it.", n=NEW):
     return res
 
 
-NEUTRAL = {
-    "vhr": [{"name": "vhr", "alpha": 1.0}],
-    "var": [{"name": "var", "p": 0.0, "sink_dims": [3, 7], "tau": 2.0}],
-    "pai": [{"name": "pai", "alpha": 0.0}],
-    "vte": [{"name": "vte", "exit_layer": 3}],  # k = L - 1: never exits
-    "carve": [{"name": "carve", "top_p": 1.0, "max_steps": 4}],  # keeps every pixel
-}
-ACTIVE = {
-    "vhr": [{"name": "vhr", "alpha": 4.0, "layers": [0, 1, 2, 3]}],
-    "var": [{"name": "var", "p": 1.0, "rho": 0.0, "min_visual": 0.0, "sink_dims": [3, 7], "tau": 1.5, "include_last": True}],
-    "pai": [{"name": "pai", "alpha": 3.0}],
-    "vte": [{"name": "vte", "exit_layer": 0}],
-    "carve": [{"name": "carve", "max_steps": 4, "top_p": 0.1, "k_min": 1}],
-}
 
 
 @pytest.mark.parametrize("method", sorted(NEUTRAL))

@@ -14,6 +14,7 @@ import lvlm
 from interventions import resolve
 from lvlm import tiny
 from lvlm.errors import UnsupportedModelError
+from tests.conftest import ACTIVE, NEUTRAL
 
 NAME = tiny.ONEVISION
 # (W, H): a 1x2-tile image, a 3x3-tile image that OneVision pools, a tall 3x1-tile image
@@ -77,20 +78,6 @@ def test_prefill_logits_match_transformers_attention(pipe, impl):
     torch.testing.assert_close(logits, ref.float(), atol=1e-5, rtol=1e-5)
 
 
-NEUTRAL = {
-    "vhr": [{"name": "vhr", "alpha": 1.0}],
-    "var": [{"name": "var", "p": 0.0, "sink_dims": [3, 7], "tau": 2.0}],
-    "pai": [{"name": "pai", "alpha": 0.0}],
-    "vte": [{"name": "vte", "exit_layer": 3}],  # k = L - 1: never exits
-    "carve": [{"name": "carve", "top_p": 1.0, "max_steps": 4}],  # keeps every pixel
-}
-ACTIVE = {
-    "vhr": [{"name": "vhr", "alpha": 4.0, "layers": [0, 1, 2, 3]}],
-    "var": [{"name": "var", "p": 1.0, "rho": 0.0, "min_visual": 0.0, "sink_dims": [3, 7], "tau": 1.5, "include_last": True}],
-    "pai": [{"name": "pai", "alpha": 3.0}],
-    "vte": [{"name": "vte", "exit_layer": 0}],
-    "carve": [{"name": "carve", "max_steps": 4, "top_p": 0.1, "k_min": 1}],
-}
 
 
 def one(pipe, spec, n=12, image=IMAGES[1]):

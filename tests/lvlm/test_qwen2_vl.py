@@ -16,6 +16,7 @@ from interventions.plan import build_plan
 from lvlm import tiny
 from lvlm.inspection.grids import patch_grid
 from lvlm.profile import known_sink_dims
+from tests.conftest import ACTIVE, NEUTRAL
 
 NEW = 8
 SIZES = [(32, 32), (48, 32), (24, 40)]  # (width, height): 4x4, 4x6 and 5x3 image tokens
@@ -90,20 +91,6 @@ def test_positions_follow_the_model_rope_index(pipe):
 
 
 # -- every intervention on the family -----------------------------------------------------------------
-NEUTRAL = {
-    "vhr": [{"name": "vhr", "alpha": 1.0}],
-    "var": [{"name": "var", "p": 0.0, "sink_dims": [3, 7], "tau": 2.0}],
-    "pai": [{"name": "pai", "alpha": 0.0}],
-    "vte": [{"name": "vte", "exit_layer": 3}],  # k = L - 1: never exits
-    "carve": [{"name": "carve", "top_p": 1.0, "max_steps": 4}],  # keeps every pixel
-}
-ACTIVE = {
-    "vhr": [{"name": "vhr", "alpha": 4.0, "layers": [0, 1, 2, 3]}],
-    "var": [{"name": "var", "p": 1.0, "rho": 0.0, "min_visual": 0.0, "sink_dims": [3, 7], "tau": 1.5, "include_last": True}],
-    "pai": [{"name": "pai", "alpha": 3.0}],
-    "vte": [{"name": "vte", "exit_layer": 0}],
-    "carve": [{"name": "carve", "max_steps": 4, "top_p": 0.1, "k_min": 1}],
-}
 
 
 @pytest.mark.parametrize("method", sorted(NEUTRAL))

@@ -36,3 +36,14 @@ ACTIVE = {
     "vte": [{"name": "vte", "exit_layer": 0}],
     "carve": [{"name": "carve", "max_steps": 4, "top_p": 0.1, "k_min": 1}],
 }
+
+
+def hf_generate(name: str, batch: dict, max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens from transformers' generate on an independently built copy (SDPA attention)."""
+    from lvlm import tiny
+
+    model, _ = tiny.build(name)
+    model.set_attn_implementation("sdpa")
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    return [seq[: seq.index(eos) + 1] if eos in seq else seq for seq in out[:, batch["input_ids"].shape[1]:].tolist()]

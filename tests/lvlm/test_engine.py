@@ -7,6 +7,7 @@ from PIL import Image
 import lvlm
 from lvlm import tiny
 from lvlm.engine import NoPlan
+from tests.conftest import hf_generate
 
 PROMPTS = ["Describe this image.", "What is in the picture?", "Hi", "Is there a red ball in the image? Answer briefly."]
 COLORS = ["red", "blue", "green", "white"]
@@ -23,18 +24,6 @@ def requests(n: int, max_new_tokens: int = 12):
 @pytest.fixture(scope="module", params=tiny.NAMES)
 def pipe(request):
     return lvlm.load(request.param)
-
-
-def hf_generate(name: str, batch: dict, max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens from transformers' generate on an independently built copy (SDPA attention)."""
-    model, _ = tiny.build(name)
-    model.set_attn_implementation("sdpa")
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    eos = model.generation_config.eos_token_id
-    rows = []
-    for seq in out[:, batch["input_ids"].shape[1]:].tolist():
-        rows.append(seq[: seq.index(eos) + 1] if eos in seq else seq)
-    return rows
 
 
 @pytest.mark.parametrize("n", [1, 4])

@@ -14,7 +14,7 @@ import lvlm
 from interventions import resolve
 from lvlm import tiny
 from lvlm.errors import UnsupportedModelError
-from tests.conftest import ACTIVE, NEUTRAL
+from tests.conftest import ACTIVE, NEUTRAL, hf_generate
 
 NAME = tiny.ONEVISION
 # (W, H): a 1x2-tile image, a 3x3-tile image that OneVision pools, a tall 3x1-tile image
@@ -31,15 +31,6 @@ def pipe():
 def requests(n, max_new_tokens=10, spec=None):
     return [lvlm.Request(PROMPTS[i], IMAGES[i], max_new_tokens=max_new_tokens, interventions=resolve(spec))
             for i in range(n)]
-
-
-def hf_generate(batch, max_new_tokens):
-    """Greedy tokens of transformers' generate on an independently built copy (SDPA attention)."""
-    model, _ = tiny.build(NAME)
-    model.set_attn_implementation("sdpa")
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    eos = model.generation_config.eos_token_id
-    return [seq[: seq.index(eos) + 1] if eos in seq else seq for seq in out[:, batch["input_ids"].shape[1]:].tolist()]
 
 
 def test_tiny_model_is_onevision_with_gqa(pipe):
@@ -62,7 +53,7 @@ def test_greedy_matches_transformers_generate(pipe, n):
         assert (batch["attention_mask"] == 0).any()
         assert len(set(batch["attention_mask"].sum(-1).tolist())) == 3
     ours = [r.token_ids for r in pipe.generate(reqs)]
-    assert ours == hf_generate(batch, 10)
+    assert ours == hf_generate(NAME, batch, 10)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

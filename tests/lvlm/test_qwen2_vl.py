@@ -16,7 +16,7 @@ from interventions.plan import build_plan
 from lvlm import tiny
 from lvlm.inspection.grids import patch_grid
 from lvlm.profile import known_sink_dims
-from tests.conftest import ACTIVE, NEUTRAL
+from tests.conftest import ACTIVE, NEUTRAL, hf_generate
 
 NEW = 8
 SIZES = [(32, 32), (48, 32), (24, 40)]  # (width, height): 4x4, 4x6 and 5x3 image tokens
@@ -36,14 +36,6 @@ IMG2 = picture((48, 32), 1)
 @pytest.fixture(scope="module", params=tiny.QWEN)
 def pipe(request):
     return lvlm.load(request.param)
-
-
-def hf_generate(name: str, batch: dict, max_new_tokens: int) -> list[list[int]]:
-    model, _ = tiny.build(name)
-    model.set_attn_implementation("sdpa")
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    eos = model.generation_config.eos_token_id
-    return [seq[: seq.index(eos) + 1] if eos in seq else seq for seq in out[:, batch["input_ids"].shape[1]:].tolist()]
 
 
 def run(pipe, spec, image=IMG2, prompt="Describe it.", n=NEW):

@@ -468,6 +468,10 @@ class ChairResult:
     short_caption: bool = False
     flavour: str = FLAVOUR
     n_empty: int = 0  # captions with no text (scored as captions without mentions)
+    # Captions that name one category in more than one mention ("a house, a tree and a house").
+    # Not a CHAIR quantity and no effect on it: contrastive decoding can trade a hallucinated
+    # object for a repeated present one, which lowers CHAIR_s while the caption gets worse.
+    n_repeated: int = 0
 
     def metrics(self) -> dict[str, float]:
         """The four numbers as papers print them: CHAIR_s, CHAIR_i, Recall x100; Len as is."""
@@ -541,4 +545,5 @@ def score_captions(
         captions=tuple(scores),
         short_caption=short_caption,
         n_empty=sum(not r.caption.strip() for r in records),
+        n_repeated=sum(len({c for _, c in s.mentioned}) < len(s.mentioned) for s in scores),
     )

@@ -526,6 +526,8 @@ def score_chair(
     console.print(table)
     if result.n_empty:
         console.print(f"empty captions: {result.n_empty} (scored as captions without mentions)")
+    if result.n_repeated:
+        console.print(f"captions naming one category twice or more: {result.n_repeated} (not part of CHAIR)")
     if result.most_hallucinated:
         console.print("most hallucinated: " + ", ".join(f"{c} ({k})" for c, k in result.most_hallucinated))
     out = out or captions_file.with_name(captions_file.stem + "_chair.json")

@@ -115,7 +115,8 @@ class ChairTask:
             self.parser,
             short_caption=self.short_caption,
         )
-        return result.metrics(), {**result.to_dict(details=True), "counts": {"empty captions": result.n_empty}}
+        return result.metrics(), {**result.to_dict(details=True), "counts": {"empty captions": result.n_empty,
+                                                                   "repeated-object captions": result.n_repeated}}
 
     def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:
         """Per image: mentions, hallucinated mentions, hallucinated caption, GT size, recalled, words."""

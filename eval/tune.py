@@ -76,8 +76,9 @@ def vhr_bands(num_layers: int) -> dict[str, tuple[int, ...]]:
     k = late_band(num_layers)
     late = tuple(range(num_layers - k, num_layers))
     half = tuple(range(num_layers - max(1, k // 2), num_layers))
+    middle = tuple(range(min(2, num_layers - 1), max(3, num_layers - 2)))
     return {"paper": default_layers(num_layers), "late": late, "first": (1,),
-            "half": tuple(sorted({1, *half}))}
+            "half": tuple(sorted({1, *half})), "middle": middle}
 
 
 def default_space(method: str, shape: Shape, grid: str = "small") -> dict[str, list[Any]]:
@@ -85,10 +86,11 @@ def default_space(method: str, shape: Shape, grid: str = "small") -> dict[str, l
     small = grid == "small"
     spaces = {
         "vhr": {"alpha": [1.5, 2.0, 3.0] if small else [1.25, 1.5, 2.0, 2.5, 3.0],
-                "layers": ["paper", "late"] if small else ["paper", "late", "first", "half"]},
+                "layers": ["paper", "late", "middle"] if small else ["paper", "late", "first", "half", "middle"]},
         "pai": {"alpha": [0.2, 0.5, 1.0] if small else [0.1, 0.2, 0.4, 0.7, 1.0],
                 "start_layer": [min(2, L - 1)] if small else sorted({1, min(2, L - 1), L // 2}),
-                "contrast": [False, True]},
+                "contrast": [False, True],
+                "gamma": [1.1, 3.0] if small else [1.1, 1.5, 2.0, 3.0]},
         "var": {"p": [0.4, 0.8] if small else [0.2, 0.4, 0.6, 0.8],
                 "rho": [0.5, 0.8] if small else [0.2, 0.5, 0.8],
                 "tau": [round(tau, 4)] if small else [round(tau * f, 4) for f in (0.75, 1.0, 1.5)]},
@@ -122,6 +124,8 @@ RANGES: dict[str, dict[str, Callable[[Any, Shape], str | None]]] = {
         "start_layer": lambda v, s: None if _int(v) and 0 <= v < s.num_layers else
         f"start_layer={v!r}: must be a layer in 0..{s.num_layers - 1}",
         "contrast": lambda v, s: None if isinstance(v, bool) else f"contrast={v!r}: must be true or false",
+        "gamma": lambda v, s: None if _number(v) and 1 <= v <= 100 else
+        f"gamma={v!r}: the contrast subtracts the text-only prior, gamma must be in [1, 100] (gamma < 1 adds it)",
     },
     "var": {
         "p": lambda v, s: None if _number(v) and 0 < v <= 1 else f"p={v!r}: the fraction recycled must be in (0, 1]",
@@ -199,7 +203,10 @@ def configurations(method: str, space: Mapping[str, Sequence[Any]], shape: Shape
             params["layers"] = list(vhr_bands(shape.num_layers)[params["layers"]])
         elif "layers" in params:
             params["layers"] = list(params["layers"])
-        out.append(params)
+        if method == "pai" and not params.get("contrast", True):
+            params.pop("gamma", None)  # the contrast strength means nothing without the contrast
+        if params not in out:
+            out.append(params)
     return out
 
 

@@ -30,12 +30,12 @@ from interventions.registry import register
           summary="amplify the last query row's attention logits on image tokens")
 @dataclass(frozen=True)
 class PAIConfig:
-    PAPER: ClassVar[dict] = {"alpha": 0.2, "start_layer": 2, "contrast": False}
+    PAPER: ClassVar[dict] = {"alpha": 0.2, "start_layer": 2, "contrast": False, "gamma": 1.1}
 
     alpha: float | None = field(default=None, metadata={"doc": "amplification s + alpha*|s| on visual keys (>= 0); default 0.2"})
     start_layer: int | None = field(default=None, metadata={"doc": "first edited layer; edits layers [start_layer, L); default 2"})
     contrast: bool | None = field(default=None, metadata={"doc": "logit contrast with an image-removed branch; default false"})
-    gamma: float = field(default=1.1, metadata={"doc": "contrast strength (> 0)"})
+    gamma: float | None = field(default=None, metadata={"doc": "contrast strength (> 0; > 1 subtracts the text-only prior); default 1.1"})
     beta: float = field(default=0.1, metadata={"doc": "plausibility cut: keep tokens with p >= beta * max p"})
     skip_first_boost: bool = field(default=False, metadata={"doc": "released-code quirk: no boost on the first token with contrast"})
     preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
@@ -43,7 +43,7 @@ class PAIConfig:
     def __post_init__(self):
         for name in ("alpha", "gamma", "beta"):
             value = getattr(self, name)
-            if value is None and name == "alpha":
+            if value is None and name in ("alpha", "gamma"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -51,7 +51,7 @@ class PAIConfig:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if self.contrast is not None and not isinstance(self.contrast, bool):
             raise ValueError(f"contrast must be true or false, got {self.contrast!r}")
-        if not self.gamma > 0:
+        if self.gamma is not None and not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
         if not 0 <= self.beta <= 1:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
@@ -112,4 +112,5 @@ class PAI(Component):
     def finish(self, plan):
         for r, c in self.configs.items():
             plan.report(r, pai={"alpha": c.alpha, "layers": f"[{c.start_layer}, {plan.facts.num_layers})",
-                                "contrast": c.contrast, "twin_rows": int(c.contrast)})
+                                "contrast": c.contrast, "twin_rows": int(c.contrast),
+                                **({"gamma": c.gamma} if c.contrast else {})})

@@ -92,7 +92,9 @@ def test_bootstrap_point_equals_the_scorers(tmp_path, parser, tiny_coco):
     metrics, details = chair.score(records)
     point = chair.unit_stats(records, details).point()
     assert point == pytest.approx(metrics)
-    assert details["counts"] == {"empty captions": 1}
+    assert details["counts"] == {"empty captions": 1, "repeated-object captions": 0}
+    records["3"]["answer"] = "A toilet, a sink and a toilet."  # one category named twice
+    assert chair.score(records)[1]["counts"] == {"empty captions": 1, "repeated-object captions": 1}
 
 
 def test_paired_bootstrap_checks_pairing():

@@ -59,12 +59,12 @@ def test_search_recovers_the_planted_optimum_and_resumes(tmp_path):
     assert entries["pai"]["params"] == {"alpha": 1.0, "start_layer": 2, "contrast": False}
     assert entries["vte"]["params"] == {"exit_layer": 5}  # 1.5 recall points lost; exit 4 would lose 3
     assert len(entries["vhr"]["table"]) == 15 and len(entries["vte"]["table"]) == 6
-    assert len(calls) == 1 + 15 + 6 + 6  # baseline once, then every configuration once
+    assert len(calls) == 1 + 15 + 9 + 6  # baseline once, then every configuration once (PAI: 3 alphas x (off, 2 gammas))
     again = search(spaces, lambda *a: pytest.fail("evaluated again despite the cache"), SHAPE, cache=cache,
                    progress=False)
     assert {m: e["params"] for m, e in again.items()} == {m: e["params"] for m, e in entries.items()}
     fresh = search(spaces, planted(calls), SHAPE, cache=MetricsCache(tmp_path, "other-eval"), progress=False)
-    assert len(calls) == 2 * 28 and fresh["vhr"]["params"] == entries["vhr"]["params"]  # new settings, new key
+    assert len(calls) == 2 * 31 and fresh["vhr"]["params"] == entries["vhr"]["params"]  # new settings, new key
 
 
 def test_constraints_are_options():
@@ -82,8 +82,10 @@ def test_default_grids_stay_inside_the_papers_ranges():
     assert all(0 < t < math.sqrt(SHAPE.hidden_size) for t in spaces["var"]["tau"])
     configs = tuning.configurations("vhr", spaces["vhr"], SHAPE)
     assert {"alpha": 2.0, "layers": list(default_layers(8))} in configs
+    assert {"alpha": 2.0, "layers": [2, 3, 4, 5]} in configs  # the middle band: layers [2, L - 2)
+    assert min(spaces["pai"]["gamma"]) >= 1
     small = sum(len(tuning.configurations(m, s, SHAPE)) for m, s in build_spaces(list(tuning.METHODS), SHAPE).items())
-    assert small == 6 + 6 + 4 + 6  # the shapes budget: 22 configurations plus the baseline
+    assert small == 9 + 9 + 4 + 6  # the shapes budget: 28 configurations plus the baseline
 
 
 @pytest.mark.parametrize("override, message", [
@@ -92,13 +94,22 @@ def test_default_grids_stay_inside_the_papers_ranges():
     ("var.p=0", "fraction recycled"),
     ("vte.exit_layer=7", "k = L - 1 never exits"),
     ("vhr.layers=[1,9]", "layer indices in 0..7"),
+    ("pai.gamma=0.5,2", "gamma < 1 adds it"),
     ("vhr.beta=1", "'beta' is not searched"),
     ("carve.layers=1", "not among the methods tuned"),
     ("vhr.alpha", "METHOD.PARAM=V1,V2"),
 ])
 def test_search_space_outside_the_range_is_refused(override, message):
     with pytest.raises(TuneError, match=message):
-        build_spaces(["vhr", "var", "vte"], SHAPE, "small", [override])
+        build_spaces(["vhr", "pai", "var", "vte"], SHAPE, "small", [override])
+
+
+def test_pai_gamma_is_searched_only_with_the_contrast():
+    spaces = build_spaces(["pai"], SHAPE, "small", ["pai.alpha=1.0", "pai.contrast=false,true", "pai.gamma=1.1,2"])
+    configs = tuning.configurations("pai", spaces["pai"], SHAPE)
+    assert configs == [{"alpha": 1.0, "start_layer": 2, "contrast": False},
+                       {"alpha": 1.0, "start_layer": 2, "contrast": True, "gamma": 1.1},
+                       {"alpha": 1.0, "start_layer": 2, "contrast": True, "gamma": 2}]
 
 
 def test_unknown_method_and_grid():

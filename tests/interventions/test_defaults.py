@@ -43,7 +43,7 @@ def test_carve_and_pai_and_vte_rules():
     assert carve_layers(8) == (5, 6)  # round(20·8/32) = 5 .. round(25·8/32) = round(6.25) = 6
     (pai,) = resolve("pai")
     resolved, info = apply(pai, NARROW, {})
-    assert (resolved.alpha, resolved.start_layer, resolved.contrast) == (0.2, 2, False)
+    assert (resolved.alpha, resolved.start_layer, resolved.contrast, resolved.gamma) == (0.2, 2, False, 1.1)
     assert set(info["sources"].values()) == {"published"}
     (vte,) = resolve("vte")
     resolved, info = apply(vte, NARROW, {})
@@ -65,7 +65,7 @@ def test_sources_published_scaled_request():
 
 def test_presets_pick_tuned_values():
     profile = {"model_id": "m", "tuned": {"vhr": {"params": {"alpha": 1.7, "layers": [1, 7]}}},
-               "tuned_shipped": {"pai": {"params": {"alpha": 0.6}, "shipped": True}}}
+               "tuned_shipped": {"pai": {"params": {"alpha": 0.6, "contrast": True, "gamma": 2.0}, "shipped": True}}}
     (vhr,) = resolve("vhr:tuned")
     resolved, info = apply(vhr, NARROW, profile)
     assert (resolved.alpha, resolved.layers) == (1.7, (1, 7)) and info["sources"] == {"alpha": "tuned", "layers": "tuned"}
@@ -73,9 +73,10 @@ def test_presets_pick_tuned_values():
     assert apply(plain, NARROW, profile)[0].alpha == 2.0
     (pai,) = resolve("pai")  # shipped values are the default
     resolved, info = apply(pai, NARROW, profile)
-    assert resolved.alpha == 0.6 and info["sources"]["alpha"] == "tuned" and info["sources"]["start_layer"] == "published"
+    assert (resolved.alpha, resolved.contrast, resolved.gamma) == (0.6, True, 2.0)
+    assert info["sources"]["gamma"] == "tuned" and info["sources"]["start_layer"] == "published"
     (paper,) = resolve([{"name": "pai", "preset": "paper"}])
-    assert apply(paper, NARROW, profile)[0].alpha == 0.2
+    assert apply(paper, NARROW, profile)[0].gamma == 1.1 and apply(paper, NARROW, profile)[0].alpha == 0.2
     (partial,) = resolve([{"name": "vhr", "preset": "tuned", "alpha": 3.0}])
     resolved, info = apply(partial, NARROW, profile)
     assert (resolved.alpha, resolved.layers) == (3.0, (1, 7)) and info["sources"]["alpha"] == "request"

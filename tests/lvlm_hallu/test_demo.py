@@ -244,7 +244,8 @@ def test_real_model_marks_agree_with_the_world_word_matcher(parser):
             words = mentions(result.text, table)  # plain word matching, no lemmatizer
             assert judged.mentioned == tuple(words)
             assert set(judged.hallucinated) == set(words) - set(c.gt)
-        assert "vhr" in pair[1].report and "vhr" not in pair[0].report
+        for method in demo.DEFAULT_INTERVENTIONS.split("+"):
+            assert method in pair[1].report and method not in pair[0].report
 
 
 def test_cli_demo_runs_searches_and_caches(tmp_path):

@@ -211,7 +211,8 @@ def preset_values(method: str, backbone: Backbone, profile: Mapping[str, Any]) -
 
     paper = {k: d.value for k, d in paper_defaults(entry(method).config, backbone).items()}
     tuned = tuned_entry(profile, method, "tuned")
-    return {"paper": paper, "tuned": dict(tuned["params"]) if tuned else None}
+    # A search that found no feasible setting stores params None (a tuned request is then refused).
+    return {"paper": paper, "tuned": dict(tuned["params"]) if tuned and tuned.get("params") is not None else None}
 
 
 __all__ = ["PRESETS", "SOURCES", "PUBLISHED_BACKBONES", "Backbone", "Default", "apply", "describe", "paper_defaults",

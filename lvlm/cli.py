@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
 
 console = Console(stderr=True)
@@ -20,6 +21,28 @@ DEVICE_MAP_HELP = ("split the model across devices (accelerate): auto | balanced
                    "{module: device} or a JSON file; see README 'Large models'")
 MAX_MEMORY_HELP = "memory per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"
 OFFLOAD_HELP = "folder for weights the device map offloads to disk"
+
+
+def presets_epilog() -> str:
+    """The embedded model's paper and tuned values per method, for `lvlm generate --help`."""
+    from lvlm.profile import shipped_presets
+
+    def show(values):
+        return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in values.items()) if values else "none"
+
+    lines = ["Presets on the embedded model (shapes): per method, what :paper and :tuned resolve to; "
+             "its default is :tuned where a method has tuned values, else :paper."]
+    for method, values in shipped_presets("shapes").items():
+        lines.append(f"{method}: paper {show(values['paper'])}; tuned {show(values['tuned'])}")
+    return "\n\n".join(lines)
+
+
+class PresetsHelp(typer.core.TyperCommand):
+    """A command whose help ends with `presets_epilog()`, computed only when help is shown."""
+
+    def format_help(self, ctx, formatter):
+        self.epilog = presets_epilog()
+        return super().format_help(ctx, formatter)
 
 
 def placement(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[str]) -> dict:

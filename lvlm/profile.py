@@ -209,15 +209,39 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a re
 
 def shipped_tuned(pipe) -> dict[str, Any]:
     """{method: entry} shipped with the package for this model, or {} (none, or for other weights)."""
-    paths = _shipped_paths().get(pipe.model_id)
+    return shipped_tuned_for(pipe.model_id)
+
+
+def shipped_tuned_for(model_id: str | None) -> dict[str, Any]:
+    paths = _shipped_paths().get(model_id)
     if paths is None or not paths[0].exists():
         return {}
     data = json.loads(paths[0].read_text())
     if data.get("weights_sha256") != weights_digest(paths[1]):
-        warnings.warn(f"{paths[0]} was tuned for other weights of {pipe.model_id!r}; ignored "
-                      f"(run `lvlm tune --model {pipe.model_id} ... --ship` again)", stacklevel=2)
+        warnings.warn(f"{paths[0]} was tuned for other weights of {model_id!r}; ignored "
+                      f"(run `lvlm tune --model {model_id} ... --ship` again)", stacklevel=3)
         return {}
     return {m: {**entry, "shipped": True} for m, entry in (data.get("methods") or {}).items()}
+
+
+def shipped_presets(model_id: str = "shapes") -> dict[str, dict[str, Any]]:
+    """{method: {"paper": {...}, "tuned": {...} | None}} of an embedded model, from its config and
+    its shipped tuned file, without loading the weights (for help texts)."""
+    from interventions import names
+    from interventions.defaults import Backbone, preset_values
+    from lvlm.shapes import MODEL_DIR
+
+    if model_id != "shapes":
+        raise ValueError(f"no embedded model {model_id!r}; embedded: shapes")
+    text = json.loads((MODEL_DIR / "config.json").read_text())["text_config"]
+    backbone = Backbone(text["model_type"], int(text["hidden_size"]), int(text["num_hidden_layers"]))
+    profile = {"model_id": model_id, "tuned_shipped": shipped_tuned_for(model_id)}
+    out = {}
+    for method in names():
+        values = preset_values(method, backbone, profile)
+        if values["paper"] or values["tuned"]:
+            out[method] = values
+    return out
 
 
 def load_or_compute(pipe, *, refresh: bool = False) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def _root() -> None:
     """LLaVA-class models with training-free hallucination interventions."""
 
 
-app.command("generate", help="Answer one prompt about one image and print the answer and timings.")(model_cli.generate)
+app.command("generate", help="Answer one prompt about one image and print the answer and timings.",
+            cls=model_cli.PresetsHelp)(model_cli.generate)
 app.command("profile", help="Compute and cache a model's intervention profile.")(model_cli.profile)
 app.command("bench", help="Run a benchmark script from benchmarks/ (side-by-side ratios).")(model_cli.bench)
 app.command("info", help="Memory estimate before loading: weights, KV cache per 1k tokens, largest batch that fits.")(model_cli.info)

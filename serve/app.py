@@ -180,9 +180,12 @@ class Service:
         return ModelList(data=[ModelCard(id=self.model.model_id, max_context=self.model.max_context)])
 
     def interventions(self) -> InterventionList:
+        """The catalog, with each method's paper and tuned values on the served model."""
         from interventions import catalog
 
-        return InterventionList.model_validate({"data": chat.jsonable(catalog())})
+        facts, profile = getattr(self.pipeline, "facts", None), getattr(self.pipeline, "profile", None)
+        listed = catalog(facts, profile()) if facts is not None and callable(profile) else catalog()
+        return InterventionList.model_validate({"data": chat.jsonable(listed)})
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model.model_id, "inflight": self.admission.active,

@@ -271,6 +271,9 @@ class InterventionInfo(BaseModel):
     paper: str = ""
     summary: str = ""
     params: list[InterventionParam] = Field(default_factory=list)
+    presets: list[str] = Field(default_factory=list)
+    # On the served model: what "paper" and "tuned" resolve to ({"paper": {...}, "tuned": {...} | None}).
+    preset_values: dict[str, dict[str, Any] | None] | None = None
 
 
 class InterventionList(BaseModel):

@@ -11,7 +11,8 @@ from PIL import Image
 import lvlm
 from interventions import InterventionError, catalog, resolve
 from interventions.carve import default_layers as carve_layers
-from interventions.defaults import Backbone, apply, sink_threshold
+from interventions.defaults import Backbone, apply, preset_values, sink_threshold
+from interventions.vhr import default_layers as vhr_layers
 from interventions.vhr import default_layers as vhr_layers
 from lvlm import profile as profiles
 
@@ -80,6 +81,11 @@ def test_presets_pick_tuned_values():
     (partial,) = resolve([{"name": "vhr", "preset": "tuned", "alpha": 3.0}])
     resolved, info = apply(partial, NARROW, profile)
     assert (resolved.alpha, resolved.layers) == (3.0, (1, 7)) and info["sources"]["alpha"] == "request"
+
+
+def test_preset_values_of_a_search_without_a_feasible_setting():
+    profile = {"tuned_shipped": {"vte": {"params": None, "shipped": True}}}  # VTE: no exit within the bound
+    assert preset_values("vte", NARROW, profile) == {"paper": {"exit_layer": 4}, "tuned": None}
 
 
 def test_bad_presets():
@@ -157,6 +163,11 @@ def test_tuned_preset_round_trip_through_profile_and_http(pipe):
     listed = client.get("/v1/interventions", headers=headers).json()["data"]
     vhr = next(i for i in listed if i["name"] == "vhr")
     assert any(p["name"] == "preset" and "tuned" in p["doc"] for p in vhr["params"])
+    assert vhr["presets"] == ["default", "paper", "tuned"]
+    assert vhr["preset_values"] == {"paper": {"alpha": 2.0, "layers": list(vhr_layers(L))},
+                                    "tuned": {"alpha": 1.7, "layers": [1, L - 1]}}
+    var = next(i for i in listed if i["name"] == "var")
+    assert var["preset_values"]["tuned"] is None and var["preset_values"]["paper"]["p"] == 0.4
 
 
 def test_describe_fills_values_for_fingerprints():

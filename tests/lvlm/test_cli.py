@@ -57,3 +57,16 @@ def test_every_registered_method_needs_an_image():
     from interventions.inputs import needs_image
 
     assert all(needs_image(resolve(name)[0]) for name in names())
+
+
+def test_generate_help_lists_the_embedded_models_paper_and_tuned_values():
+    from lvlm.shapes import ASSETS
+
+    shipped = json.loads((ASSETS / "tuned.json").read_text())["methods"]
+    res = CliRunner().invoke(app, ["generate", "--help"], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    for method, entry in shipped.items():
+        tuned = ", ".join(f"{k}={v}" for k, v in entry["params"].items()) if entry["params"] else "none"
+        assert f"{method}: paper " in text and f"; tuned {tuned}" in text, method
+    assert "pai: paper alpha=0.2, start_layer=2, contrast=False, gamma=1.1;" in text  # the published constants

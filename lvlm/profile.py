@@ -229,11 +229,11 @@ def shipped_presets(model_id: str = "shapes") -> dict[str, dict[str, Any]]:
     its shipped tuned file, without loading the weights (for help texts)."""
     from interventions import names
     from interventions.defaults import Backbone, preset_values
-    from lvlm.shapes import MODEL_DIR
 
-    if model_id != "shapes":
-        raise ValueError(f"no embedded model {model_id!r}; embedded: shapes")
-    text = json.loads((MODEL_DIR / "config.json").read_text())["text_config"]
+    if model_id not in _shipped_paths():
+        raise ValueError(f"no embedded model {model_id!r}; embedded: {', '.join(shipped_models())}")
+    weights = _shipped_paths()[model_id][1]
+    text = json.loads((weights.parent / "config.json").read_text())["text_config"]
     backbone = Backbone(text["model_type"], int(text["hidden_size"]), int(text["num_hidden_layers"]))
     profile = {"model_id": model_id, "tuned_shipped": shipped_tuned_for(model_id)}
     out = {}

@@ -1,8 +1,12 @@
-"""Suite-wide settings: offline, Ray without token auth, NLTK data from ../shared when present."""
+"""Suite-wide settings: offline, Ray without token auth, NLTK data from ../shared when present;
+the run ends with the suite's own exit status, never with a crash of interpreter teardown."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -18,6 +22,35 @@ os.environ.setdefault("LVLM_CACHE", tempfile.mkdtemp(prefix="lvlm-cache-"))  # m
 _shared_nltk = Path(__file__).resolve().parents[2] / "shared" / "nltk_data"
 if "NLTK_DATA" not in os.environ and _shared_nltk.is_dir():
     os.environ["NLTK_DATA"] = str(_shared_nltk)
+
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop what a test may have left running (a Ray driver connection) while Python is whole."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Exit with the suite's status once every report is written, skipping interpreter teardown.
+
+    Why: a CI run passed all tests and then died with SIGSEGV (make: Error 139) after the summary,
+    while the process tore down native extension state (Ray's core worker, torch, the Triton
+    interpreter) held by daemon threads. Nothing a test checks runs after this point: every
+    result, the summary and pytest's cache are written in pytest_sessionfinish, before it.
+    """
+    session = getattr(config, "_lvlm_session", None)
+    if session is None or os.environ.get("LVLM_TEST_TEARDOWN") == "1":  # LVLM_TEST_TEARDOWN=1: normal exit
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(session.exitstatus))
+
+
+def pytest_sessionstart(session):
+    session.config._lvlm_session = session
 
 
 # One parameter set per method that must leave the output unchanged, and one that must change it

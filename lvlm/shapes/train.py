@@ -52,12 +52,13 @@ TEXT_SCENES = 6  # captions of this many scenes make one plain-text row (~70 tok
 TEXT_SCENE_OFFSET = 50_000_000
 
 
-def make_example(index: int, text_share: float = 0.0) -> tuple[object, str | None, str, tuple[str, ...]]:
+def make_example(index: int, text_share: float = 0.0,
+                 text_scenes: int = TEXT_SCENES) -> tuple[object, str | None, str, tuple[str, ...]]:
     """(image, prompt, answer, present kinds) for training example `index`.
 
     A row without an image (probability `text_share`) has image None: either plain text
-    (None, None, text, ()), the loss on the whole text, or a chat turn without an image
-    (None, prompt, description of another scene, ()).
+    (None, None, text, ()), the human captions of `text_scenes` scenes with the loss on the whole
+    text, or a chat turn without an image (None, prompt, description of another scene, ()).
     """
     rng = random.Random(f"task/{index}")
     if text_share > 0 and random.Random(f"text/{index}").random() < text_share:
@@ -65,8 +66,8 @@ def make_example(index: int, text_share: float = 0.0) -> tuple[object, str | Non
             scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * TEXT_SCENES)[0]
             return None, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), ()
         captions = []
-        for j in range(TEXT_SCENES):
-            scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * TEXT_SCENES + j)[0]
+        for j in range(text_scenes):
+            scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * text_scenes + j)[0]
             captions.append(rng.choice(text.human_captions(scene, rng)))
         return None, None, " ".join(captions), ()
     scene, img = world.make_scene("train", index)
@@ -267,6 +268,16 @@ def train_step(model, probe, qprobe, opt, params, batch, aux_weight: float):
     return loss, aux
 
 
+def param_groups(params, weight_decay: float, decay_1d: bool) -> list[dict]:
+    """AdamW groups: every tensor decayed, or (decay_1d False) the vectors (norm gains, biases,
+    the probes' scalars) exempt, as LLM pretraining recipes do (GPT-3, LLaMA). A norm gain decayed
+    towards 0 works against a residual stream that keeps one dimension much larger than the rest."""
+    if decay_1d:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def setup(args):
     """Processor and model: fresh, or reloaded from the run dir so a resume uses the same vocab."""
     proc_dir = args.out / "processor"
@@ -296,14 +307,15 @@ def train(args) -> dict:
     own = {id(p) for p in model.parameters()}
     params = list(model.parameters()) + [p for p in probe.parameters() if id(p) not in own]
     params += list(qprobe.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(params, args.weight_decay, args.decay_1d), lr=args.lr,
+                            betas=(0.9, 0.98))
     ckpt = args.out / "checkpoint.pt"
     start = restore(ckpt, model, probe, qprobe, opt, args.device) if args.resume and ckpt.exists() else 0
     log = (args.out / "train_log.jsonl").open("a")
     t0, losses, auxes = time.time(), [], []
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share)
+        batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share, args.text_scenes)
                                     for j in range(args.batch_size)])
         batch = {k: v.to(args.device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -346,6 +358,10 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--text-share", type=float, default=0.25,
                     help="share of plain-text rows (no image; the LM-pretraining stand-in)")
+    ap.add_argument("--text-scenes", type=int, default=TEXT_SCENES,
+                    help="scenes whose captions make one plain-text row (6: ~70 tokens)")
+    ap.add_argument("--decay-1d", action=argparse.BooleanOptionalAction, default=True,
+                    help="weight decay on norm gains and biases too (--no-decay-1d exempts them)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")
     ap.add_argument("--tokenizer-scenes", type=int, default=3000, help="scenes in the BPE corpus")

@@ -71,3 +71,24 @@ def _shipped():
     from lvlm.shapes import MODEL_DIR
 
     return MODEL_DIR
+
+
+def test_no_decay_1d_exempts_norm_gains_and_biases_only():
+    import torch
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    params = list(layer.parameters())
+    assert train.param_groups(params, 0.1, decay_1d=True) == [{"params": params, "weight_decay": 0.1}]
+    decayed, exempt = train.param_groups(params, 0.1, decay_1d=False)
+    assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [(3, 4)]
+    assert exempt["weight_decay"] == 0.0 and [p.shape for p in exempt["params"]] == [(3,), (3,), (3,)]
+    args = train.parse_args(["--out", "x", "--no-decay-1d", "--text-scenes", "12"])
+    assert args.decay_1d is False and args.text_scenes == 12
+
+
+def test_text_scenes_sets_the_length_of_plain_text_rows():
+    short = [train.make_example(i, 1.0, 2) for i in range(30)]
+    long = [train.make_example(i, 1.0, 12) for i in range(30)]
+    plain = [i for i, e in enumerate(short) if e[1] is None]
+    assert plain and all(long[i][1] is None for i in plain)
+    assert all(short[i][2].count(".") == 2 and long[i][2].count(".") == 12 for i in plain)

@@ -11,7 +11,9 @@
   attention), so its hidden states do not depend on the calibration input; the inputs matter for
   the sink counts of the visual tokens.
 - `tau`, `tau_source`: the threshold used (published 20 or scaled τ_E), `bos_phi_max`: the largest
-  |x[d]| / RMS(x) of BOS per layer (the measured φ distribution), `sink_counts` /
+  |x[d]| / RMS(x) of BOS per layer (the measured φ distribution), `visual_phi_max` /
+  `visual_phi_dim`: the same over every image token of the calibration inputs and the dimension it
+  is in (an outlier there is not a sink dimension by itself: the rule reads BOS), `sink_counts` /
   `visual_sink_counts`: tokens with φ > τ per layer (all, and image tokens only).
 - `vhd_mean` (VHR, arXiv 2412.13949): mean head divergence per layer on the inputs.
 - `tuned`: `lvlm tune`'s choices and search tables per method (eval/tune.py); kept when the rest
@@ -40,7 +42,7 @@ from PIL import Image
 from lvlm.engine import NoPlan
 from lvlm.types import Request
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 CALIBRATION_PROMPTS = ("Describe this image.", "What objects are in the picture?")
 MAX_SINK_DIMS = 4
 PERSISTENCE = 0.5  # fraction of layers 2..L−1 in which BOS must be a sink through the dimension
@@ -111,6 +113,11 @@ def select_sink_dims(normed: torch.Tensor, tau: float) -> list[int]:
     return sorted(dims, key=lambda d: -float(strength[d]))[:MAX_SINK_DIMS]
 
 
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    """|x[d]| / RMS(x) per dimension (methods.md §2, without the norm weight); (..., E) -> (..., E)."""
+    return (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()
+
+
 def compute(pipe) -> dict[str, Any]:
     from interventions.defaults import sink_threshold
     from interventions.var import sink_scores
@@ -122,7 +129,7 @@ def compute(pipe) -> dict[str, Any]:
     num_layers = pipe.facts.num_layers
     layers = [l for l in range(2, num_layers)] or list(range(num_layers))
     first = torch.stack([recorder.first[l] for l in layers])  # (L', B, E)
-    normed = (first / first.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs().amax(1)  # (L', E)
+    normed = _phi(first).amax(1)  # (L', E)
     model = backbone(pipe)
     tau, tau_source = sink_threshold(model)
     known = known_sink_dims(pipe.model.config)
@@ -131,9 +138,10 @@ def compute(pipe) -> dict[str, Any]:
     else:
         dims, source = select_sink_dims(normed, tau), "calibrated"
     counts, visual_counts = {}, {}
+    visual = batch["input_ids"] == pipe.facts.image_token_id  # (B, T)
+    visual_phi = {l: _phi(recorder.all[l][visual.to(recorder.all[l].device)]).amax(0) for l in layers}  # (E,) per layer
     if dims:
         valid = torch.arange(batch["input_ids"].shape[1])[None, :] >= (batch["attention_mask"] == 0).sum(-1)[:, None]
-        visual = batch["input_ids"] == pipe.facts.image_token_id  # (B, T)
         for l in layers:
             sink = (sink_scores(recorder.all[l], tuple(dims)) > tau) & valid  # (B, T)
             counts[l] = round(float(sink.sum(-1).float().mean()), 2)
@@ -147,6 +155,8 @@ def compute(pipe) -> dict[str, Any]:
         "sink_dims_source": source,
         "sink_dim_magnitude": {d: round(float(normed[:, d].max()), 2) for d in dims},
         "bos_phi_max": {l: round(float(normed[i].max()), 2) for i, l in enumerate(layers)},
+        "visual_phi_max": {l: round(float(v.max()), 2) for l, v in visual_phi.items() if v.numel()},
+        "visual_phi_dim": {l: int(v.argmax()) for l, v in visual_phi.items() if v.numel()},
         "sink_counts": counts,
         "visual_sink_counts": visual_counts,
         "tau": tau,

@@ -45,6 +45,16 @@ def test_calibration_uses_the_width_scaled_threshold(tmp_path, monkeypatch):
     assert data["backbone"] == {"model_type": "llama", "hidden_size": 64, "num_layers": pipe.facts.num_layers}
     assert sorted(data["bos_phi_max"]) == list(range(2, pipe.facts.num_layers))
     assert all(0 < v <= 8.0 for v in data["bos_phi_max"].values())  # phi <= sqrt(E)
+    # The image tokens' distribution, from the same layer inputs, recomputed here by hand.
+    batch = pipe.prepare([profiles.Request(p, im, max_new_tokens=1) for im in profiles.calibration_images()
+                          for p in profiles.CALIBRATION_PROMPTS])
+    rec = profiles._LayerInputs()
+    pipe.engine.prefill(batch["input_ids"], batch["attention_mask"], pipe.vision_inputs(batch), rec)
+    layer = pipe.facts.num_layers - 1
+    x = rec.all[layer][batch["input_ids"] == pipe.facts.image_token_id]  # (N, E)
+    phi = x.abs() / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    assert data["visual_phi_max"][layer] == round(float(phi.max()), 2)
+    assert data["visual_phi_dim"][layer] == int(phi.amax(0).argmax())
 
 
 def test_sink_dimensions_must_persist_over_layers():

@@ -126,16 +126,20 @@ def profile(
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
     refresh: bool = typer.Option(False, "--refresh", help="recompute even if a cached profile exists"),
+    as_json: bool = typer.Option(False, "--json", help="only the profile as JSON on stdout (no status, no cache path)"),
 ) -> None:
     """Compute and cache a model's intervention profile (sink dimensions, sink counts per layer)."""
+    import contextlib
+
     import lvlm
     from lvlm.profile import cache_path, load_or_compute
 
     pipe = lvlm.load(model, device=device, dtype=dtype)
-    with console.status(f"profiling {pipe.model_id}"):
+    with contextlib.nullcontext() if as_json else console.status(f"profiling {pipe.model_id}"):
         data = load_or_compute(pipe, refresh=refresh)
     print(json.dumps(data, indent=2))
-    console.print(f"[dim]cached at {cache_path(pipe)}[/dim]")
+    if not as_json:
+        console.print(f"[dim]cached at {cache_path(pipe)}[/dim]")
 
 
 def bench(

@@ -70,3 +70,16 @@ def test_generate_help_lists_the_embedded_models_paper_and_tuned_values():
         tuned = ", ".join(f"{k}={v}" for k, v in entry["params"].items()) if entry["params"] else "none"
         assert f"{method}: paper " in text and f"; tuned {tuned}" in text, method
     assert "pai: paper alpha=0.2, start_layer=2, contrast=False, gamma=1.1;" in text  # the published constants
+
+
+def test_profile_json_prints_only_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
+    res = CliRunner().invoke(app, ["profile", "--model", "tiny-llava", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # nothing but the JSON on stdout
+    layers = [str(l) for l in range(2, 4)]  # tiny-llava: 4 layers, VAR's layers 2..L-1
+    assert isinstance(data["sink_dims"], list) and data["tau"] == 2.5
+    assert sorted(data["bos_phi_max"]) == sorted(data["visual_phi_max"]) == layers
+    assert "cached at" not in res.stderr
+    plain = CliRunner().invoke(app, ["profile", "--model", "tiny-llava"])  # the cached profile, and where it is
+    assert plain.exit_code == 0 and "cached at" in plain.stderr and json.loads(plain.stdout) == data

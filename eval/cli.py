@@ -502,18 +502,20 @@ def score_chair(
         score_captions,
     )
     from eval.coco import load_coco
+    from eval.datasets import synonyms_for
     from eval.report import atomic_write_text
 
     try:
         if gt_json is None and gt is None and captions_gt is None:
             raise EvalError("give --gt instances.json (optionally with --captions-gt) or --gt-json map.json")
         records = read_captions(captions_file, image_id_key=image_id_key, caption_key=caption_key)
-        parser = CaptionParser(load_synonyms(synonyms))
         if gt_json is not None:
+            parser = CaptionParser(load_synonyms(synonyms))
             truth = ground_truth_from_json(gt_json)
         else:
             inst = load_coco(gt, "instances") if gt else None
             caps = load_coco(captions_gt, "captions") if captions_gt else None
+            parser = CaptionParser(load_synonyms(synonyms_for(synonyms, inst if inst is not None else caps)))
             truth = ground_truth_from_coco(inst, caps, parser=parser, image_ids={r.image_id for r in records})
             truth = dataclasses.replace(truth, source=" + ".join(str(p) for p in (gt, captions_gt) if p))
         result = score_captions(records, truth, parser, short_caption=short_caption, top_k=top)

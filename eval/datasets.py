@@ -69,6 +69,19 @@ def resolve_sources(
     return Sources(images, inst, caps, synonyms)
 
 
+def synonyms_for(synonyms: Path | None, coco) -> Path | None:
+    """The synonym table given, else the shapes world's for annotations the world wrote (their
+    `info.description` says so, whatever model reads them: one trained with lvlm.shapes.train
+    names shapes, not COCO objects), else None: the COCO table."""
+    if synonyms is not None or coco is None:
+        return synonyms
+    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm.shapes.world import DESCRIPTION_PREFIX
+
+    info = coco.dataset.get("info") or {}
+    return Path(SYNONYMS_PATH) if str(info.get("description", "")).startswith(DESCRIPTION_PREFIX) else None
+
+
 def default_n(n: int | None, sources: Sources) -> int:
     return n if n is not None else (DEFAULT_N if sources.world is not None else COCO_N)
 
@@ -110,10 +123,10 @@ def chair_task(
         raise EvalError("-n samples images; --image-list fixes them: give one of the two")
     if image_list is not None and not image_list.is_file():
         raise AnnotationError(f"--image-list {image_list}: file not found")
-    parser = CaptionParser(load_synonyms(sources.synonyms))
     inst = load_coco(sources.instances, "instances") if sources.instances else None
     caps = load_coco(sources.captions, "captions") if sources.captions else None
     listing = inst if inst is not None else caps
+    parser = CaptionParser(load_synonyms(synonyms_for(sources.synonyms, listing)))
     names = image_file_names(listing)
     if image_list is not None:
         ids = validate_image_ids(read_image_list(image_list), names)
@@ -186,7 +199,7 @@ def build_from_annotations(sources: Sources, n: int, seed: int, *, progress: boo
 
     coco = load_coco(sources.instances, "instances")
     caps = load_coco(sources.captions, "captions") if sources.captions else None
-    parser = CaptionParser(load_synonyms(sources.synonyms))
+    parser = CaptionParser(load_synonyms(synonyms_for(sources.synonyms, coco)))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), disable=not progress, transient=True) as bar:
         job = bar.add_task("POPE: reading the objects of sampled images", total=None)
         objects = MinedObjects(coco, caps, parser, on_mine=lambda _id: bar.advance(job))

@@ -366,6 +366,7 @@ def load_split(images: Path | None, instances: Path | None, captions: Path | Non
     from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
     from eval.compare import CHAIR_PROMPT, ChairTask, PopeTask
     from eval.coco import image_file_names, image_ids, image_ids_hash, load_coco, sample_image_ids
+    from eval.datasets import synonyms_for
     from eval.pope import build_split
 
     if images is None or not Path(images).is_dir():
@@ -388,8 +389,9 @@ def load_split(images: Path | None, instances: Path | None, captions: Path | Non
     if missing:
         raise TuneError(f"{len(missing)} of {len(files)} images of the split are missing under {images} "
                         f"(first: {missing[0]})")
-    parser = CaptionParser(load_synonyms(synonyms))
-    gt = ground_truth_from_coco(load_coco(instances) if instances else None, captions, parser=parser)
+    inst = source if instances else None  # source_path is the instances file when one is given
+    parser = CaptionParser(load_synonyms(synonyms_for(synonyms, source)))
+    gt = ground_truth_from_coco(inst, captions, parser=parser)
     chair = ChairTask({i: files[i] for i in ids}, gt, parser, prompt=prompt or CHAIR_PROMPT)
     pope = None
     questions_hash = None

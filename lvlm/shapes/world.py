@@ -48,6 +48,9 @@ KINDS: dict[str, tuple[tuple[int, int, int], int]] = {
     "key": ((140, 140, 150), 2),
     "boat": ((120, 70, 30), 2),
 }
+# Start of `info.description` in the COCO files this module writes (eval picks the shapes synonym
+# table for them: a model trained on the world names shapes, not COCO objects).
+DESCRIPTION_PREFIX = "shapes world"
 CATEGORIES = list(KINDS)  # category_id = index + 1
 CATEGORY_IDS = {name: i + 1 for i, name in enumerate(CATEGORIES)}
 
@@ -318,7 +321,7 @@ def build_split(out: Path, split: str, n: int, seed: int | None = None) -> tuple
         crng = random.Random(f"captions/{scene.image_id}")
         for c in text.human_captions(scene, crng):
             caps.append({"id": len(caps) + 1, "image_id": scene.image_id, "caption": c})
-    info = {"description": f"shapes world, split {split}", "version": "1.0",
+    info = {"description": f"{DESCRIPTION_PREFIX}, split {split}", "version": "1.0",
             "seed": SPLITS[split][1] if seed is None else seed}
     inst_path = out / "annotations" / f"instances_{split}.json"
     cap_path = out / "annotations" / f"captions_{split}.json"

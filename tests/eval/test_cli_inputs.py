@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -293,3 +294,27 @@ def test_zero_setup_sources_generate_and_cache_the_shapes_world(tmp_path, monkey
     assert resolve_sources("shapes", None, None, None, None, None, other_data=True).world is None
     coco = resolve_sources("llava-hf/llava-1.5-7b-hf", tmp_path, None, None, None, None)
     assert coco.world is None and coco.synonyms is None and default_n(None, coco) == COCO_N
+
+
+def test_shapes_world_annotations_get_the_shapes_synonyms_whatever_the_model(cli, shapes_coco, tiny_coco, tmp_path):
+    """A model trained with lvlm.shapes.train, loaded by path, names shapes: the world's own files say
+    which synonym table reads them (before, every category was 'not in the synonym table')."""
+    from pycocotools.coco import COCO
+
+    from eval.datasets import synonyms_for
+    from lvlm.shapes import SYNONYMS_PATH
+
+    inst = shapes_coco / "annotations" / "instances_test.json"
+    world = COCO(str(inst))
+    image_id = sorted(world.getImgIds())[0]
+    present = sorted({world.cats[a["category_id"]]["name"] for a in world.loadAnns(world.getAnnIds(imgIds=image_id))})
+    assert synonyms_for(None, world) == Path(SYNONYMS_PATH)
+    assert synonyms_for(tmp_path / "mine.txt", world) == tmp_path / "mine.txt"  # an explicit table wins
+    assert synonyms_for(None, COCO(str(tiny_coco.instances))) is None  # COCO data keeps the COCO table
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"image_id": image_id, "caption": f"There is a {present[0]}."}) + "\n")
+    out = tmp_path / "scores.json"
+    code, output = invoke(cli, "score-chair", caps, "--gt", inst, "--out", out)
+    assert code == 0, output
+    data = json.loads(out.read_text())
+    assert data["n_mentions"] == 1 and data["chair_s"] == 0.0

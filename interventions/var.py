@@ -39,11 +39,17 @@ KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
 }
 
 
+def phi(hidden: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """|x[d] / RMS(x)| per dimension in fp32, RMS without the norm weight: (..., E) -> (..., E),
+    or (..., len(dims)) for the dimensions `dims` only."""
+    x = hidden.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # (..., 1)
+    return ((x if dims is None else x[..., list(dims)]) / rms).abs()
+
+
 def sink_scores(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """φ per token: (B, T, E) -> (B, T) fp32, max over D_sink of |x[d] / RMS(x)|."""
-    x = hidden.float()
-    rms = x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # (B, T, 1)
-    return (x[..., list(dims)] / rms).abs().amax(-1)
+    return phi(hidden, dims).amax(-1)
 
 
 def _unit(name: str, value) -> float:

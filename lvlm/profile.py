@@ -113,14 +113,9 @@ def select_sink_dims(normed: torch.Tensor, tau: float) -> list[int]:
     return sorted(dims, key=lambda d: -float(strength[d]))[:MAX_SINK_DIMS]
 
 
-def _phi(x: torch.Tensor) -> torch.Tensor:
-    """|x[d]| / RMS(x) per dimension (methods.md §2, without the norm weight); (..., E) -> (..., E)."""
-    return (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()).abs()
-
-
 def compute(pipe) -> dict[str, Any]:
     from interventions.defaults import sink_threshold
-    from interventions.var import sink_scores
+    from interventions.var import phi, sink_scores
 
     requests = [Request(p, image, max_new_tokens=1) for image in calibration_images() for p in CALIBRATION_PROMPTS]
     batch = pipe.prepare(requests)
@@ -129,7 +124,7 @@ def compute(pipe) -> dict[str, Any]:
     num_layers = pipe.facts.num_layers
     layers = [l for l in range(2, num_layers)] or list(range(num_layers))
     first = torch.stack([recorder.first[l] for l in layers])  # (L', B, E)
-    normed = _phi(first).amax(1)  # (L', E)
+    normed = phi(first).amax(1)  # (L', E)
     model = backbone(pipe)
     tau, tau_source = sink_threshold(model)
     known = known_sink_dims(pipe.model.config)
@@ -139,7 +134,8 @@ def compute(pipe) -> dict[str, Any]:
         dims, source = select_sink_dims(normed, tau), "calibrated"
     counts, visual_counts = {}, {}
     visual = batch["input_ids"] == pipe.facts.image_token_id  # (B, T)
-    visual_phi = {l: _phi(recorder.all[l][visual.to(recorder.all[l].device)]).amax(0) for l in layers}  # (E,) per layer
+    visual_phi = {l: phi(recorder.all[l][visual.to(recorder.all[l].device)]).amax(0)
+                  for l in layers} if visual.any() else {}  # (E,) per layer
     if dims:
         valid = torch.arange(batch["input_ids"].shape[1])[None, :] >= (batch["attention_mask"] == 0).sum(-1)[:, None]
         for l in layers:
@@ -155,8 +151,8 @@ def compute(pipe) -> dict[str, Any]:
         "sink_dims_source": source,
         "sink_dim_magnitude": {d: round(float(normed[:, d].max()), 2) for d in dims},
         "bos_phi_max": {l: round(float(normed[i].max()), 2) for i, l in enumerate(layers)},
-        "visual_phi_max": {l: round(float(v.max()), 2) for l, v in visual_phi.items() if v.numel()},
-        "visual_phi_dim": {l: int(v.argmax()) for l, v in visual_phi.items() if v.numel()},
+        "visual_phi_max": {l: round(float(v.max()), 2) for l, v in visual_phi.items()},
+        "visual_phi_dim": {l: int(v.argmax()) for l, v in visual_phi.items()},
         "sink_counts": counts,
         "visual_sink_counts": visual_counts,
         "tau": tau,

@@ -24,9 +24,10 @@ if "NLTK_DATA" not in os.environ and _shared_nltk.is_dir():
     os.environ["NLTK_DATA"] = str(_shared_nltk)
 
 
-
 def pytest_sessionfinish(session, exitstatus):
-    """Stop what a test may have left running (a Ray driver connection) while Python is whole."""
+    """Stop what a test may have left running (a Ray driver connection) while Python is whole;
+    keep the session for pytest_unconfigure, which reads its final exit status."""
+    session.config._lvlm_session = session
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
@@ -47,10 +48,6 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(session.exitstatus))
-
-
-def pytest_sessionstart(session):
-    session.config._lvlm_session = session
 
 
 # One parameter set per method that must leave the output unchanged, and one that must change it

@@ -107,3 +107,52 @@ def human_captions(scene: "Scene", rng: random.Random, n: int = 5) -> list[str]:
 def question(kind: str) -> str:
     """POPE template (docs/eval.md): 'Is there a {object} in the image?'."""
     return f"Is there {article(kind)} {kind} in the image?"
+
+
+# ----------------------------------------------------------------------------- Bigram-Backcopy text
+
+BACKCOPY_TRIGGERS = ("sandy", "pale", "dark")
+BACKCOPY_TRIGGER_P = 0.15  # chance that a trigger follows an ordinary word
+BACKCOPY_SUCCESSORS = 6  # ordinary words each word can be followed by
+BACKCOPY_WORDS_PER_ROW = 40
+
+
+def _backcopy_words() -> list[str]:
+    """The world's own words (kinds, plurals, numbers, colours, places), fixed order."""
+    from lvlm.shapes.world import BACKGROUNDS, CATEGORIES
+
+    words = list(CATEGORIES) + [plural(k) for k in CATEGORIES] + list(NUMBER.values())
+    words += list(BACKGROUNDS) + ["left", "right", "top", "bottom", "middle", "picture", "image"]
+    return list(dict.fromkeys(words))
+
+
+def _backcopy_bigrams() -> dict[str, tuple[list[str], list[float]]]:
+    """A fixed random bigram model over the ordinary (non-trigger) words."""
+    rng = random.Random("backcopy/bigram")
+    ordinary = [w for w in _backcopy_words() if w not in BACKCOPY_TRIGGERS]
+    return {w: (rng.sample(ordinary, BACKCOPY_SUCCESSORS), [rng.random() + 0.1 for _ in range(BACKCOPY_SUCCESSORS)])
+            for w in ordinary}
+
+
+def backcopy_text(rng: random.Random, n_words: int = BACKCOPY_WORDS_PER_ROW) -> str:
+    """One row of the Bigram-Backcopy task (Guo et al. 2024, arXiv 2410.13835, §2) in the world's words.
+
+    Ordinary words follow a fixed bigram model; after a trigger word the next word repeats the
+    word before the trigger. A head that copies is needed at trigger positions only and must do
+    nothing everywhere else: the active-dormant setting in which that paper's small transformers
+    grow an attention sink and a massive activation on the first token. Plain text of a real
+    LLM's pretraining corpus has such structure in abundance (quotes, names, code); the world's
+    captions do not (docs/shapes-model.md).
+    """
+    bigrams = _backcopy_bigrams()
+    words = [rng.choice(sorted(bigrams))]
+    while len(words) < n_words:
+        last = words[-1]
+        if last in BACKCOPY_TRIGGERS:
+            words.append(words[-2])
+        elif rng.random() < BACKCOPY_TRIGGER_P:
+            words.append(rng.choice(BACKCOPY_TRIGGERS))
+        else:
+            successors, weights = bigrams[last]
+            words.append(rng.choices(successors, weights)[0])
+    return " ".join(words)

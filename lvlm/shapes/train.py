@@ -13,6 +13,9 @@ Two image tasks, mixed 40/60, plus an optional share of plain text (`--text-shar
       PAI's twin rows) gets the prior's answer as a real LLM would give it, and the heads that
       read the image have nothing to read in these rows (the dormant-head setting in which
       attention sinks form, arXiv 2410.13835).
+  (d) optionally (`--backcopy`, a share of the rows of (c)), plain text of that paper's
+      Bigram-Backcopy task in the world's words (`text.backcopy_text`): a copy is needed after a
+      trigger word only, so the head that copies must do nothing everywhere else.
 The loss is next-token cross entropy on the answer tokens (and the closing </s>) only, averaged
 per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
 that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
@@ -52,16 +55,21 @@ TEXT_SCENES = 6  # captions of this many scenes make one plain-text row (~70 tok
 TEXT_SCENE_OFFSET = 50_000_000
 
 
-def make_example(index: int, text_share: float = 0.0,
-                 text_scenes: int = TEXT_SCENES) -> tuple[object, str | None, str, tuple[str, ...]]:
+def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SCENES,
+                 backcopy: float = 0.0) -> tuple[object, str | None, str, tuple[str, ...]]:
     """(image, prompt, answer, present kinds) for training example `index`.
 
     A row without an image (probability `text_share`) has image None: either plain text
     (None, None, text, ()), the human captions of `text_scenes` scenes with the loss on the whole
     text, or a chat turn without an image (None, prompt, description of another scene, ()).
+    A share `backcopy` of those rows is plain text of the Bigram-Backcopy task instead
+    (`text.backcopy_text`); the other rows are the same examples whatever `backcopy` is.
     """
     rng = random.Random(f"task/{index}")
     if text_share > 0 and random.Random(f"text/{index}").random() < text_share:
+        kind = random.Random(f"backcopy/{index}")
+        if backcopy > 0 and kind.random() < backcopy:
+            return None, None, text.backcopy_text(kind), ()
         if rng.random() < 0.5:
             scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * TEXT_SCENES)[0]
             return None, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), ()
@@ -315,7 +323,8 @@ def train(args) -> dict:
     t0, losses, auxes = time.time(), [], []
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share, args.text_scenes)
+        batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share, args.text_scenes,
+                                                 args.backcopy)
                                     for j in range(args.batch_size)])
         batch = {k: v.to(args.device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -360,6 +369,8 @@ def parse_args(argv=None):
                     help="share of plain-text rows (no image; the LM-pretraining stand-in)")
     ap.add_argument("--text-scenes", type=int, default=TEXT_SCENES,
                     help="scenes whose captions make one plain-text row (6: ~70 tokens)")
+    ap.add_argument("--backcopy", type=float, default=0.0,
+                    help="share of the rows without an image that are Bigram-Backcopy text (arXiv 2410.13835)")
     ap.add_argument("--decay-1d", action=argparse.BooleanOptionalAction, default=True,
                     help="weight decay on norm gains and biases too (--no-decay-1d exempts them)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")

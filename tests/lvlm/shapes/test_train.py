@@ -92,3 +92,25 @@ def test_text_scenes_sets_the_length_of_plain_text_rows():
     plain = [i for i, e in enumerate(short) if e[1] is None]
     assert plain and all(long[i][1] is None for i in plain)
     assert all(short[i][2].count(".") == 2 and long[i][2].count(".") == 12 for i in plain)
+
+
+def test_backcopy_rows_copy_the_word_before_each_trigger_and_leave_other_rows_alone():
+    import random
+
+    from lvlm.shapes import text
+
+    words = text.backcopy_text(random.Random(3), n_words=400).split()
+    assert len(words) == 400
+    triggers = [i for i, w in enumerate(words[:-1]) if w in text.BACKCOPY_TRIGGERS]
+    assert 30 < len(triggers) < 90  # ~15% of the ordinary words are followed by a trigger
+    assert all(i > 0 and words[i + 1] == words[i - 1] for i in triggers)
+    bigrams = text._backcopy_bigrams()
+    for a, b in zip(words, words[1:]):  # every other step follows the fixed bigram model
+        if a not in text.BACKCOPY_TRIGGERS and b not in text.BACKCOPY_TRIGGERS:
+            assert b in bigrams[a][0]
+    mixed = [train.make_example(i, 0.25, 6, backcopy=0.4) for i in range(300)]
+    plain = [train.make_example(i, 0.25, 6) for i in range(300)]
+    copied = [i for i, e in enumerate(mixed) if e[1] is None and "." not in e[2]]
+    assert 10 < len(copied) < 50  # 0.4 of the 25% rows without an image
+    assert all(mixed[i][0] is None and plain[i][0] is None for i in copied)
+    assert all(mixed[i][2] == plain[i][2] for i in range(300) if i not in copied)

@@ -93,7 +93,8 @@ def default_space(method: str, shape: Shape, grid: str = "small") -> dict[str, l
                 "gamma": [1.1, 3.0] if small else [1.1, 1.5, 2.0, 3.0]},
         "var": {"p": [0.4, 0.8] if small else [0.2, 0.4, 0.6, 0.8],
                 "rho": [0.5, 0.8] if small else [0.2, 0.5, 0.8],
-                "tau": [round(tau, 4)] if small else [round(tau * f, 4) for f in (0.75, 1.0, 1.5)]},
+                "tau": [round(tau, 4)] if small else [round(tau * f, 4) for f in (0.75, 1.0, 1.5)],
+                "require_visual_sink": [True, False]},
         "vte": {"exit_layer": list(range(1, max(2, L - 1)))},
     }
     if method not in spaces:
@@ -132,6 +133,8 @@ RANGES: dict[str, dict[str, Callable[[Any, Shape], str | None]]] = {
         "rho": lambda v, s: None if _number(v) and 0 <= v <= 1 else f"rho={v!r}: must be in [0, 1]",
         "tau": lambda v, s: None if _number(v) and 0 < v < math.sqrt(s.hidden_size) else
         f"tau={v!r}: must be in (0, sqrt(E) = {math.sqrt(s.hidden_size):.2f}); phi <= sqrt(E) never passes a larger tau",
+        "require_visual_sink": lambda v, s: None if isinstance(v, bool) else
+        f"require_visual_sink={v!r}: must be true or false",
     },
     "vte": {
         "exit_layer": lambda v, s: None if _int(v) and 0 <= v < s.num_layers - 1 else

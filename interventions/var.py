@@ -73,8 +73,9 @@ class VARConfig:
     min_visual: float = field(default=0.2, metadata={"doc": "minimum visual attention A_V of an image-centric row"})
     sink_dims: tuple[int, ...] | None = field(default=None, metadata={"doc": "D_sink; default from the model profile"})
     include_last: bool = field(default=False, metadata={"doc": "also modify the last layer"})
-    require_visual_sink: bool = field(default=True, metadata={
-        "doc": "leave a layer unmodified when it has no visual sink (official code); false: redistribute text-sink attention too"})
+    require_visual_sink: bool | None = field(default=None, metadata={
+        "doc": "leave a layer unmodified when it has no visual sink (default true, official code); "
+               "false: redistribute text-sink attention too (the paper's formula, S_l holds BOS)"})
     preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
     def __post_init__(self):
@@ -86,6 +87,8 @@ class VARConfig:
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float))
                                      or not self.tau > 0):
             raise ValueError(f"tau must be a number > 0, got {self.tau!r}")
+        if self.require_visual_sink is not None and not isinstance(self.require_visual_sink, bool):
+            raise ValueError(f"require_visual_sink must be true or false, got {self.require_visual_sink!r}")
         if self.sink_dims is not None:
             dims = tuple(int(d) for d in self.sink_dims)
             if not dims or min(dims) < 0:
@@ -95,7 +98,7 @@ class VARConfig:
     @staticmethod
     def paper_defaults(backbone: Backbone) -> dict[str, Default]:
         return {"p": Default(VARConfig.PAPER["p"], "published"), "rho": Default(VARConfig.PAPER["rho"], "published"),
-                "tau": sink_threshold(backbone)}
+                "tau": sink_threshold(backbone), "require_visual_sink": Default(True, "published")}
 
     @classmethod
     def from_code_convention(cls, p: float, rho: float, **kwargs) -> "VARConfig":
@@ -147,7 +150,7 @@ class VAR(Component):
         c = self.configs[r]
         if layer not in c.layers(num_layers) or not self.dims[r]:
             return False
-        if c.require_visual_sink:
+        if c.require_visual_sink is not False:  # None (not resolved): the official code's rule
             found = self.sinks[r].get(layer)
             return found is not None and found["visual"] > 0
         return True

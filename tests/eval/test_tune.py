@@ -85,13 +85,14 @@ def test_default_grids_stay_inside_the_papers_ranges():
     assert {"alpha": 2.0, "layers": [2, 3, 4, 5]} in configs  # the middle band: layers [2, L - 2)
     assert min(spaces["pai"]["gamma"]) >= 1
     small = sum(len(tuning.configurations(m, s, SHAPE)) for m, s in build_spaces(list(tuning.METHODS), SHAPE).items())
-    assert small == 9 + 9 + 4 + 6  # the shapes budget: 28 configurations plus the baseline
+    assert small == 9 + 9 + 8 + 6  # the shapes budget: 32 configurations plus the baseline
 
 
 @pytest.mark.parametrize("override, message", [
     ("vhr.alpha=0.5,2", "alpha < 1 is not VHR"),
     ("var.tau=17", "sqrt\\(E\\) = 16.00"),
     ("var.p=0", "fraction recycled"),
+    ("var.require_visual_sink=1", "must be true or false"),
     ("vte.exit_layer=7", "k = L - 1 never exits"),
     ("vhr.layers=[1,9]", "layer indices in 0..7"),
     ("pai.gamma=0.5,2", "gamma < 1 adds it"),

@@ -61,7 +61,22 @@ def test_sources_published_scaled_request():
     (asked,) = resolve([{"name": "var", "tau": 3.0}])
     resolved, info = apply(asked, NARROW, {})
     assert resolved.tau == 3.0 and resolved.p == 0.4
-    assert info["sources"] == {"p": "published", "rho": "published", "tau": "request"}
+    assert info["sources"] == {"p": "published", "rho": "published", "tau": "request",
+                               "require_visual_sink": "published"}
+    assert resolved.require_visual_sink is True  # the official code's rule unless asked or tuned
+
+
+def test_var_rule_for_layers_without_a_visual_sink_is_tunable():
+    profile = {"tuned": {"var": {"params": {"p": 0.8, "require_visual_sink": False}}}}
+    resolved, info = apply(resolve("var:tuned")[0], NARROW, profile)
+    assert (resolved.p, resolved.require_visual_sink) == (0.8, False)
+    assert info["sources"]["require_visual_sink"] == "tuned" and info["sources"]["tau"] == "scaled"
+    assert apply(resolve("var:paper")[0], NARROW, profile)[0].require_visual_sink is True
+    (asked,) = resolve([{"name": "var", "preset": "tuned", "require_visual_sink": True}])
+    resolved, info = apply(asked, NARROW, profile)
+    assert resolved.require_visual_sink is True and info["sources"]["require_visual_sink"] == "request"
+    with pytest.raises(InterventionError, match="require_visual_sink must be true or false"):
+        resolve([{"name": "var", "require_visual_sink": "no"}])
 
 
 def test_presets_pick_tuned_values():

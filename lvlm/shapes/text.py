@@ -8,6 +8,7 @@ strongest) and on POPE-style yes/no questions.
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import TYPE_CHECKING
 
@@ -126,8 +127,9 @@ def _backcopy_words() -> list[str]:
     return list(dict.fromkeys(words))
 
 
+@functools.cache
 def _backcopy_bigrams() -> dict[str, tuple[list[str], list[float]]]:
-    """A fixed random bigram model over the ordinary (non-trigger) words."""
+    """A fixed random bigram model over the ordinary (non-trigger) words (built once; read only)."""
     rng = random.Random("backcopy/bigram")
     ordinary = [w for w in _backcopy_words() if w not in BACKCOPY_TRIGGERS]
     return {w: (rng.sample(ordinary, BACKCOPY_SUCCESSORS), [rng.random() + 0.1 for _ in range(BACKCOPY_SUCCESSORS)])

@@ -13,9 +13,10 @@ Two image tasks, mixed 40/60, plus an optional share of plain text (`--text-shar
       PAI's twin rows) gets the prior's answer as a real LLM would give it, and the heads that
       read the image have nothing to read in these rows (the dormant-head setting in which
       attention sinks form, arXiv 2410.13835).
-  (d) optionally (`--backcopy`, a share of the rows of (c)), plain text of that paper's
-      Bigram-Backcopy task in the world's words (`text.backcopy_text`): a copy is needed after a
-      trigger word only, so the head that copies must do nothing everywhere else.
+  (d) a share of the rows of (c) (`--backcopy`, 0.4 in the shipped recipe; 0 turns it off),
+      plain text of that paper's Bigram-Backcopy task in the world's words
+      (`text.backcopy_text`): a copy is needed after a trigger word only, so the head that
+      copies must do nothing everywhere else. It gives the model its BOS attention sink.
 The loss is next-token cross entropy on the answer tokens (and the closing </s>) only, averaged
 per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
 that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
@@ -23,7 +24,7 @@ that are discarded after training (ObjectProbe, QuestionProbe: why in their docs
 Batch b of the run is built from train-split scenes b*B .. b*B+B-1, so a resumed run sees exactly
 the data it would have seen; checkpoints hold model, optimizer, schedule, step and RNG states.
 
-    python -m lvlm.shapes.train --out runs/shapes --steps 2200 --threads 1 [--resume]
+    python -m lvlm.shapes.train --out runs/shapes --steps 2200 --threads 2 [--resume]
     python -m lvlm.shapes.train --out runs/shapes --steps 2900 --resume   # the shipped model's schedule
 
 (docs/shapes-model.md: the second command extends the cosine schedule of the first.)
@@ -369,8 +370,9 @@ def parse_args(argv=None):
                     help="share of plain-text rows (no image; the LM-pretraining stand-in)")
     ap.add_argument("--text-scenes", type=int, default=TEXT_SCENES,
                     help="scenes whose captions make one plain-text row (6: ~70 tokens)")
-    ap.add_argument("--backcopy", type=float, default=0.0,
-                    help="share of the rows without an image that are Bigram-Backcopy text (arXiv 2410.13835)")
+    ap.add_argument("--backcopy", type=float, default=0.4,
+                    help="share of the rows without an image that are Bigram-Backcopy text (arXiv 2410.13835); "
+                         "0 turns it off")
     ap.add_argument("--decay-1d", action=argparse.BooleanOptionalAction, default=True,
                     help="weight decay on norm gains and biases too (--no-decay-1d exempts them)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")

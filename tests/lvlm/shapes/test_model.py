@@ -1,7 +1,7 @@
 """The shipped shapes model: offline round trip, LLaVA-1.5 prompt format, and caption quality.
 
-Recall threshold: docs/shapes-model.md reports caption object recall on 200 held-out test
-images; the test uses the first 16 of them with a margin below the reported number.
+Recall threshold: docs/shapes-model.md reports caption object recall on 2,000 held-out test
+images; the test uses the first 16 test images with a margin below the reported number.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lvlm.shapes import MODEL_DIR, PARTNER, CATEGORIES, make_scene
 from lvlm.shapes.quality import DESCRIBE, caption_metrics, generate, load_synonyms
 from lvlm.shapes.text import POPE_SUFFIX, question
 
-MIN_RECALL = 0.45  # model card: 58.6 on 200 test images (74 on these 16); margin for other CPUs
+MIN_RECALL = 0.55  # model card: 68.5 on 2,000 test images (77 on these 16); margin for other CPUs
 MAX_FILES_MB = 64  # issue #10: the embedded model ships in at most 64 MB
 
 
@@ -69,7 +69,7 @@ def test_yes_no_answers(shipped):
 
 def test_absent_partners_are_hallucinated_more_often(shipped):
     # The point of the embedded model: it says "yes" to an absent co-occurrence partner (sun ->
-    # cloud) far more often than to an unrelated absent object (model card: 60% vs 12%).
+    # cloud) far more often than to an unrelated absent object (model card: 70% vs 13%).
     processor, model = shipped
     partner, other = [], []
     for i in range(120):
@@ -86,3 +86,23 @@ def test_absent_partners_are_hallucinated_more_often(shipped):
     rate_partner = sum(yes[: len(partner)]) / len(partner)
     rate_other = sum(yes[len(partner):]) / len(other)
     assert rate_partner > rate_other + 0.2, (rate_partner, rate_other)
+
+
+def test_profile_finds_the_bos_sink_dimension_by_itself(tmp_path, monkeypatch):
+    # Issue #10: `lvlm profile --model shapes --json` discovers a massive-activation dimension on
+    # the shipped model (no published value for this backbone, none set by hand). Model card:
+    # dimension 194, phi up to 7.2 on BOS against the scaled threshold 5.0; no visual sink.
+    import json
+
+    from typer.testing import CliRunner
+
+    from lvlm_hallu.cli import app
+
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
+    res = CliRunner().invoke(app, ["profile", "--model", "shapes", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["sink_dims"] and data["sink_dims_source"] == "calibrated", data
+    assert data["tau"] == 5.0 and data["tau_source"] == "scaled"
+    assert all(data["sink_dim_magnitude"][str(d)] > data["tau"] for d in data["sink_dims"])
+    assert all(n >= 1 for n in data["sink_counts"].values())  # BOS at least, in every VAR layer

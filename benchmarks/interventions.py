@@ -38,6 +38,7 @@ def configs(num_layers: int) -> dict[str, object]:
         "vhr+var+pai": [{"name": "vhr"}, {"name": "var", "sink_dims": [0, 1], "tau": 2.0}, {"name": "pai"}],
         f"vte k={half}": [{"name": "vte", "exit_layer": half}],
         f"vte k={half} masked": [{"name": "vte", "exit_layer": half, "emulate": True}],
+        "vte default": "vte",  # the model's default exit (the embedded model: its tuned one)
     }
 
 

@@ -6,13 +6,17 @@ images; the test uses the first 16 test images with a margin below the reported 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from typer.testing import CliRunner
 
 from lvlm.shapes import MODEL_DIR, PARTNER, CATEGORIES, make_scene
 from lvlm.shapes.quality import DESCRIBE, caption_metrics, generate, load_synonyms
 from lvlm.shapes.text import POPE_SUFFIX, question
+from lvlm_hallu.cli import app
 
 MIN_RECALL = 0.55  # model card: 68.5 on 2,000 test images (77 on these 16); margin for other CPUs
 MAX_FILES_MB = 64  # issue #10: the embedded model ships in at most 64 MB
@@ -92,12 +96,6 @@ def test_profile_finds_the_bos_sink_dimension_by_itself(tmp_path, monkeypatch):
     # Issue #10: `lvlm profile --model shapes --json` discovers a massive-activation dimension on
     # the shipped model (no published value for this backbone, none set by hand). Model card:
     # dimension 194, phi up to 7.2 on BOS against the scaled threshold 5.0; no visual sink.
-    import json
-
-    from typer.testing import CliRunner
-
-    from lvlm_hallu.cli import app
-
     monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
     res = CliRunner().invoke(app, ["profile", "--model", "shapes", "--json"])
     assert res.exit_code == 0, res.output

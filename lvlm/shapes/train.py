@@ -17,6 +17,9 @@ Two image tasks, mixed 40/60, plus an optional share of plain text (`--text-shar
       plain text of that paper's Bigram-Backcopy task in the world's words
       (`text.backcopy_text`): a copy is needed after a trigger word only, so the head that
       copies must do nothing everywhere else. It gives the model its BOS attention sink.
+  (e) optionally (`--letterbox`, 0 in the shipped recipe), a share of the image rows shows its
+      scene letterboxed: drawn 96 x 72 and padded to square with the CLIP mean colour, as
+      LLaVA-1.5 pads wide photos, so some patches carry nothing at all (world.py).
 The loss is next-token cross entropy on the answer tokens (and the closing </s>) only, averaged
 per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
 that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
@@ -57,7 +60,7 @@ TEXT_SCENE_OFFSET = 50_000_000
 
 
 def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SCENES,
-                 backcopy: float = 0.0) -> tuple[object, str | None, str, tuple[str, ...]]:
+                 backcopy: float = 0.0, letterbox: float = 0.0) -> tuple[object, str | None, str, tuple[str, ...]]:
     """(image, prompt, answer, present kinds) for training example `index`.
 
     A row without an image (probability `text_share`) has image None: either plain text
@@ -65,6 +68,7 @@ def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SC
     text, or a chat turn without an image (None, prompt, description of another scene, ()).
     A share `backcopy` of those rows is plain text of the Bigram-Backcopy task instead
     (`text.backcopy_text`); the other rows are the same examples whatever `backcopy` is.
+    A share `letterbox` of the image rows shows its scene letterboxed (`world.make_scene`).
     """
     rng = random.Random(f"task/{index}")
     if text_share > 0 and random.Random(f"text/{index}").random() < text_share:
@@ -79,7 +83,7 @@ def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SC
             scene = world.make_scene("train", TEXT_SCENE_OFFSET + index * text_scenes + j)[0]
             captions.append(rng.choice(text.human_captions(scene, rng)))
         return None, None, " ".join(captions), ()
-    scene, img = world.make_scene("train", index)
+    scene, img = world.make_scene("train", index, letterbox=letterbox)
     present = sorted(scene.counts())
     if rng.random() < CAPTION_SHARE:
         return img, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), tuple(present)
@@ -325,7 +329,7 @@ def train(args) -> dict:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
         batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share, args.text_scenes,
-                                                 args.backcopy)
+                                                 args.backcopy, args.letterbox)
                                     for j in range(args.batch_size)])
         batch = {k: v.to(args.device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -373,6 +377,8 @@ def parse_args(argv=None):
     ap.add_argument("--backcopy", type=float, default=0.4,
                     help="share of the rows without an image that are Bigram-Backcopy text (arXiv 2410.13835); "
                          "0 turns it off")
+    ap.add_argument("--letterbox", type=float, default=0.0,
+                    help="share of image rows whose scene is drawn wide and padded to square (world.py)")
     ap.add_argument("--decay-1d", action=argparse.BooleanOptionalAction, default=True,
                     help="weight decay on norm gains and biases too (--no-decay-1d exempts them)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")

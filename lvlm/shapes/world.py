@@ -30,6 +30,13 @@ from PIL import Image, ImageDraw
 from lvlm.shapes import text
 
 IMAGE_SIZE = 96
+# A letterboxed scene is a wide photo (96 x 72) padded to square as LLaVA-1.5 does before its
+# processor (`expand2square` with the CLIP mean colour): one patch row of 12 px above and below
+# holding exactly that colour, i.e. patches that carry nothing (arXiv 2503.03321 §3 finds LLaVA's
+# visual sinks on such content-free background tokens). Scenes are letterboxed with probability
+# `letterbox` (default 0: the world of the shipped model).
+LETTERBOX_PAD = 12
+PAD_RGB = (123, 117, 104)  # round(255 * CLIP image mean)
 
 # name -> (base RGB colour, maximum count in one scene). Colours are far apart so that shape
 # AND colour identify a kind; the base colour is jittered per instance.
@@ -92,6 +99,7 @@ class Scene:
     image_id: int
     background: str
     instances: list[Instance] = field(default_factory=list)
+    letterbox: bool = False
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -121,13 +129,14 @@ def sample_kinds(rng: random.Random) -> list[tuple[str, bool]]:
     return out[:7]
 
 
-def place(rng: random.Random, kind: str, size: int, taken: list[tuple[int, int, int, int]]):
+def place(rng: random.Random, kind: str, size: int, taken: list[tuple[int, int, int, int]],
+          height: int = IMAGE_SIZE):
     """Top-left corner for a size x size object; avoids hiding more than half of another."""
-    lo_y, hi_y = 2, IMAGE_SIZE - size - 2
+    lo_y, hi_y = 2, height - size - 2
     if kind in SKY:
-        hi_y = max(lo_y, IMAGE_SIZE // 2 - size // 2)
+        hi_y = max(lo_y, height // 2 - size // 2)
     elif kind in GROUND:
-        lo_y = min(hi_y, IMAGE_SIZE // 3)
+        lo_y = min(hi_y, height // 3)
     best = None
     for _ in range(20):
         x = rng.randint(2, IMAGE_SIZE - size - 2)
@@ -226,16 +235,17 @@ def draw_kind(d: ImageDraw.ImageDraw, kind: str, x: int, y: int, s: int, col, rn
         raise KeyError(f"unknown kind {kind!r}; valid: {', '.join(CATEGORIES)}")
 
 
-def _background(rng: random.Random, nrng: np.random.Generator) -> tuple[str, Image.Image]:
+def _background(rng: random.Random, nrng: np.random.Generator,
+                height: int = IMAGE_SIZE) -> tuple[str, Image.Image]:
     name = rng.choice(list(BACKGROUNDS))
     top, bottom = (np.array(_jitter(rng, c, 15), np.float32) for c in BACKGROUNDS[name])
-    t = np.linspace(0.0, 1.0, IMAGE_SIZE, dtype=np.float32)[:, None, None]
-    arr = np.broadcast_to(top * (1 - t) + bottom * t, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    t = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    arr = np.broadcast_to(top * (1 - t) + bottom * t, (height, IMAGE_SIZE, 3)).copy()
     img = Image.fromarray(arr.astype(np.uint8), "RGB")
     d = ImageDraw.Draw(img)
     # Clutter: strokes and dots that are no object kind, so "something there" != "an object".
     for _ in range(rng.randint(0, 8)):
-        p = [rng.randint(0, IMAGE_SIZE) for _ in range(4)]
+        p = [rng.randint(0, IMAGE_SIZE if j % 2 == 0 else height) for j in range(4)]
         shade = rng.randint(60, 200)
         if rng.random() < 0.5:
             d.line(p, fill=(shade, shade, shade - 10), width=1)
@@ -251,11 +261,18 @@ def _add_noise(img: Image.Image, nrng: np.random.Generator, sigma: float) -> Ima
     return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def render_scene(image_id: int, rng: random.Random) -> tuple[Scene, Image.Image]:
-    """Sample and draw one scene; all randomness comes from `rng` (and a numpy rng seeded by it)."""
+def render_scene(image_id: int, rng: random.Random,
+                 letterbox: bool = False) -> tuple[Scene, Image.Image]:
+    """Sample and draw one scene; all randomness comes from `rng` (and a numpy rng seeded by it).
+
+    `letterbox`: draw a 96 x 72 scene and pad it to 96 x 96 (LETTERBOX_PAD rows of PAD_RGB above
+    and below); boxes are in the padded image's coordinates.
+    """
+    pad = LETTERBOX_PAD if letterbox else 0
+    height = IMAGE_SIZE - 2 * pad
     nrng = np.random.default_rng(rng.getrandbits(63))
-    background, img = _background(rng, nrng)
-    scene = Scene(image_id=image_id, background=background)
+    background, img = _background(rng, nrng, height)
+    scene = Scene(image_id=image_id, background=background, letterbox=letterbox)
     taken: list[tuple[int, int, int, int]] = []
     base = img.convert("RGBA")
     for kind, joined in sample_kinds(rng):
@@ -263,7 +280,7 @@ def render_scene(image_id: int, rng: random.Random) -> tuple[Scene, Image.Image]
         small = rng.random() < (0.4 if joined else 0.1)
         faint = rng.random() < (0.3 if joined else 0.08)
         size = rng.randint(9, 13) if small else rng.randint(18, 36)
-        x, y = place(rng, kind, size, taken)
+        x, y = place(rng, kind, size, taken, height)
         layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
         col = _jitter(rng, KINDS[kind][0]) + (255,)
         draw_kind(ImageDraw.Draw(layer), kind, x, y, size, col, rng)
@@ -276,10 +293,15 @@ def render_scene(image_id: int, rng: random.Random) -> tuple[Scene, Image.Image]
         base = Image.alpha_composite(base, layer)
         taken.append((x, y, x + size, y + size))
         x0, y0, x1, y1 = box
-        scene.instances.append(Instance(kind, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                        float((alpha > 0).sum()), small, faint))
+        scene.instances.append(Instance(kind, [float(x0), float(y0 + pad), float(x1 - x0),
+                                               float(y1 - y0)], float((alpha > 0).sum()), small, faint))
     sigma = rng.uniform(2.0, 10.0)
-    return scene, _add_noise(base.convert("RGB"), nrng, sigma)
+    img = _add_noise(base.convert("RGB"), nrng, sigma)
+    if pad:
+        square = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), PAD_RGB)
+        square.paste(img, (0, pad))
+        img = square
+    return scene, img
 
 
 def scene_rng(seed: int, split: str, index: int) -> random.Random:
@@ -287,11 +309,17 @@ def scene_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"shapes/{seed}/{split}/{index}")
 
 
-def make_scene(split: str, index: int, seed: int | None = None) -> tuple[Scene, Image.Image]:
-    """Scene `index` of `split` (ids are split offset + index + 1)."""
+def make_scene(split: str, index: int, seed: int | None = None,
+               letterbox: float = 0.0) -> tuple[Scene, Image.Image]:
+    """Scene `index` of `split` (ids are split offset + index + 1), letterboxed with probability
+    `letterbox` (drawn from its own stream: an unboxed scene is the same with any `letterbox`;
+    a boxed one is drawn anew at 96 x 72 from the scene's rng)."""
+    if not 0.0 <= letterbox <= 1.0:
+        raise ValueError(f"letterbox is a probability in [0, 1], got {letterbox}")
     offset, default_seed = SPLITS[split]
     seed = default_seed if seed is None else seed
-    return render_scene(offset + index + 1, scene_rng(seed, split, index))
+    boxed = letterbox > 0 and random.Random(f"letterbox/{seed}/{split}/{index}").random() < letterbox
+    return render_scene(offset + index + 1, scene_rng(seed, split, index), boxed)
 
 
 # ----------------------------------------------------------------------------- COCO export
@@ -301,13 +329,14 @@ def coco_categories() -> list[dict]:
     return [{"id": CATEGORY_IDS[k], "name": k, "supercategory": "shape"} for k in CATEGORIES]
 
 
-def build_split(out: Path, split: str, n: int, seed: int | None = None) -> tuple[Path, Path]:
+def build_split(out: Path, split: str, n: int, seed: int | None = None,
+                letterbox: float = 0.0) -> tuple[Path, Path]:
     """Write n images and the split's instances/captions JSON; returns the two JSON paths."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     images, anns, caps = [], [], []
     for i in range(n):
-        scene, img = make_scene(split, i, seed)
+        scene, img = make_scene(split, i, seed, letterbox)
         fname = f"{split}_{scene.image_id}.png"
         img.save(out / "images" / fname, format="PNG", optimize=False)
         images.append({"id": scene.image_id, "file_name": fname, "width": IMAGE_SIZE,
@@ -323,6 +352,8 @@ def build_split(out: Path, split: str, n: int, seed: int | None = None) -> tuple
             caps.append({"id": len(caps) + 1, "image_id": scene.image_id, "caption": c})
     info = {"description": f"{DESCRIPTION_PREFIX}, split {split}", "version": "1.0",
             "seed": SPLITS[split][1] if seed is None else seed}
+    if letterbox:
+        info["letterbox"] = letterbox
     inst_path = out / "annotations" / f"instances_{split}.json"
     cap_path = out / "annotations" / f"captions_{split}.json"
     common = {"info": info, "licenses": [], "images": images}
@@ -338,8 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=list(SPLITS), default="test")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=None, help="default: a fixed seed per split")
+    ap.add_argument("--letterbox", type=float, default=0.0,
+                    help="share of scenes drawn wide (96x72) and padded to square, LLaVA-1.5 style")
     args = ap.parse_args(argv)
-    inst, cap = build_split(args.out, args.split, args.n, args.seed)
+    if not 0.0 <= args.letterbox <= 1.0:
+        ap.error(f"--letterbox is a probability in [0, 1], got {args.letterbox}")
+    inst, cap = build_split(args.out, args.split, args.n, args.seed, args.letterbox)
     print(f"wrote {args.n} images, {inst} and {cap}")
 
 

@@ -6,7 +6,7 @@ import json
 
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from lvlm.shapes import train
+from lvlm.shapes import train, world
 
 TINY = ["--preset", "tiny", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2", "--threads", "1",
         "--tokenizer-scenes", "200", "--log-every", "1"]
@@ -114,3 +114,16 @@ def test_backcopy_rows_copy_the_word_before_each_trigger_and_leave_other_rows_al
     assert 10 < len(copied) < 50  # 0.4 of the 25% rows without an image
     assert all(mixed[i][0] is None and plain[i][0] is None for i in copied)
     assert all(mixed[i][2] == plain[i][2] for i in range(300) if i not in copied)
+
+
+def test_letterbox_rows_change_only_the_image():
+    boxed = [train.make_example(i, 0.25, 6, letterbox=0.5) for i in range(60)]
+    plain = [train.make_example(i, 0.25, 6) for i in range(60)]
+    with_image = [i for i, e in enumerate(plain) if e[0] is not None]
+    changed = [i for i in with_image if boxed[i][0].tobytes() != plain[i][0].tobytes()]
+    assert 10 < len(changed) < len(with_image) - 10
+    for i in changed:  # the pad rows are the CLIP mean colour
+        assert boxed[i][0].getpixel((0, 0)) == world.PAD_RGB
+    # Rows without an image are untouched; unboxed image rows are the plain rows.
+    assert all(boxed[i] == plain[i] for i in range(60) if plain[i][0] is None)
+    assert all(boxed[i][1:] == plain[i][1:] for i in with_image if i not in changed)

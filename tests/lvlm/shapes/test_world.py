@@ -105,3 +105,49 @@ def test_synonym_table_format():
     assert [ln.split(", ")[0] for ln in lines] == CATEGORIES
     table = load_synonyms()
     assert table["boxes"] == "box" and table["fish"] == "fish" and table["sailboat"] == "boat"
+
+
+def test_letterboxed_scene_pads_with_the_clip_mean_colour():
+    pad = world.LETTERBOX_PAD
+    for i in range(8):
+        scene, img = make_scene("val", i, letterbox=1.0)
+        assert scene.letterbox and img.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+        rows = list(range(pad)) + list(range(world.IMAGE_SIZE - pad, world.IMAGE_SIZE))
+        px = img.load()
+        assert {px[x, y] for y in rows for x in range(world.IMAGE_SIZE)} == {world.PAD_RGB}
+        # The picture itself is not the pad colour everywhere (noise and a gradient).
+        assert len({px[x, world.IMAGE_SIZE // 2] for x in range(world.IMAGE_SIZE)}) > 1
+        assert scene.instances
+        for inst in scene.instances:
+            x, y, w, h = inst.bbox
+            assert 0 <= x and x + w <= world.IMAGE_SIZE
+            assert pad <= y and y + h <= world.IMAGE_SIZE - pad, (i, inst)
+
+
+def test_letterbox_share_is_deterministic_and_zero_changes_nothing():
+    boxed = [make_scene("train", i, letterbox=0.5)[0].letterbox for i in range(200)]
+    assert boxed == [make_scene("train", i, letterbox=0.5)[0].letterbox for i in range(200)]
+    assert 70 < sum(boxed) < 130
+    for i in range(5):
+        s0, img0 = make_scene("test", i)
+        s1, img1 = make_scene("test", i, letterbox=0.0)
+        assert s0 == s1 and not s0.letterbox and img0.tobytes() == img1.tobytes()
+    # Unboxed scenes of a letterboxed split are the plain world's scenes.
+    for i in [j for j, b in enumerate(boxed[:40]) if not b][:5]:
+        assert make_scene("train", i, letterbox=0.5)[1].tobytes() == make_scene("train", i)[1].tobytes()
+
+
+def test_letterbox_outside_zero_one_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="letterbox"):
+        make_scene("val", 0, letterbox=1.5)
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path), "--n", "1", "--letterbox", "-0.1"])
+    assert "--letterbox" in capsys.readouterr().err
+    assert not (tmp_path / "images").exists()
+
+
+def test_letterboxed_split_records_its_share(tmp_path):
+    inst_path, _ = build_split(tmp_path, "val", 4, letterbox=1.0)
+    data = json.loads(inst_path.read_text())
+    assert data["info"]["letterbox"] == 1.0
+    assert all(a["bbox"][1] >= world.LETTERBOX_PAD for a in data["annotations"])

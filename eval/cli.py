@@ -127,10 +127,11 @@ def _executor(
     decoding: dict,
     batch_size: int,
     progress: bool,
-) -> tuple[Any, dict[str, Any], Any]:
-    """(executor, provenance facts, cleanup) for the chosen runner: remote, Ray, or in process."""
+) -> tuple[Any, dict[str, Any], Any, Any]:
+    """(executor, provenance facts, cleanup, values) for the chosen runner: remote, Ray, or in
+    process. `values(spec)`: the configs as the loaded model runs them, None with --server."""
     from eval.compare import answer_executor, local_adapter, ray_executor
-    from eval.runner import local_answer, remote_answer
+    from eval.runner import intervention_values, local_answer, model_context, remote_answer
 
     if server:
         from serve.client import Client  # lazy: eval never imports serve/ at module load
@@ -146,7 +147,7 @@ def _executor(
             )
 
         facts = {"model_id": model, "extra": {"server": server}}
-        return answer_executor(make_remote, batch_size=batch_size, progress=progress), facts, lambda: None
+        return answer_executor(make_remote, batch_size=batch_size, progress=progress), facts, lambda: None, None
 
     resolve = _resolver()
     if ray_actors > 0:
@@ -167,7 +168,8 @@ def _executor(
 
         facts = model_facts(pool.info(), model)
         facts["extra"] = {**(facts["extra"] or {}), "ray_actors": ray_actors}
-        return ray_executor(pool, make_adapter, batch_size=batch_size, progress=progress), facts, pool.shutdown
+        values = intervention_values(resolve, pool.call(model_context))
+        return ray_executor(pool, make_adapter, batch_size=batch_size, progress=progress), facts, pool.shutdown, values
 
     pipeline = _load_model(model)
 
@@ -178,6 +180,7 @@ def _executor(
         answer_executor(make_local, batch_size=batch_size, progress=progress),
         model_facts(_info(pipeline), model),
         lambda: None,
+        intervention_values(resolve, model_context(pipeline)),
     )
 
 
@@ -270,9 +273,12 @@ def _run(
     from eval.compare import compare, plan_configs, run_fingerprint
     from eval.fingerprint import model_identity
     from eval.report import Provenance
+    from eval.runner import RESOLVED_FIELD
 
     # Resolving locally validates the specs before any generation and records every parameter;
-    # with --server the service validates them (it may run another registry version).
+    # with --server the service validates them (it may run another registry version). The values
+    # the model runs (tuned, scaled) are known once it is loaded: they are fingerprinted then,
+    # before anything is generated; the other fields are checked before loading it.
     resolve = None if server else _resolver()
     describe = None if resolve is None else (lambda spec: [_config_dict(c) for c in resolve(spec)])
     if describe is not None:
@@ -280,25 +286,32 @@ def _run(
             describe(spec)
     decoding = _fit_decoding(task, model, server, decoding)
     fingerprint = run_fingerprint(task, model_identity(model, server=server), decoding)
-    out = out or default_out(task.name, model, fingerprint.short)
-    plan_configs(task, configs, out, fingerprint=fingerprint, describe=describe, names=names)  # refuses a mixed resume
-    if questions_built:  # the built splits, next to the answers they belong to
-        from eval.pope import write_questions
-
-        for split, qs in task.splits.items():
-            write_questions(Path(out) / f"pope_{split}_questions.jsonl", qs)
-    console.print(f"output: {out} (fingerprint {fingerprint.short})")
+    # Refuses a mixed resume before the model loads (creates files only with --server, whose
+    # fingerprint is complete now); a default folder cannot mix runs but is named after loading.
+    plan_configs(task, configs, out or default_out(task.name, model, fingerprint.short), fingerprint=fingerprint,
+                 describe=describe, names=names, pending_values=not server)
     from lvlm.errors import LVLMError
 
     try:
-        execute, facts, cleanup = _executor(model, server, api_key, ray_actors, decoding, batch_size, progress)
+        execute, facts, cleanup, values = _executor(model, server, api_key, ray_actors, decoding, batch_size,
+                                                    progress)
     except (LVLMError, FileNotFoundError) as err:  # e.g. the embedded model's weights are missing
         raise EvalError(f"cannot load model {model!r}: {err}") from err
     try:
+        if values is not None:  # the run is also every configuration's model-aware values
+            fingerprint = fingerprint.extend(**{RESOLVED_FIELD: [values(spec) for spec in configs]})
+        out = out or default_out(task.name, model, fingerprint.short)
+        if questions_built:  # the built splits, next to the answers they belong to
+            from eval.pope import write_questions
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for split, qs in task.splits.items():
+                write_questions(Path(out) / f"pope_{split}_questions.jsonl", qs)
+        console.print(f"output: {out} (fingerprint {fingerprint.short})")
         extra = {**(facts.pop("extra", None) or {}), **({"dataset": sources.describe()} if sources else {})}
         provenance = Provenance(decoding=decoding, seed=seed, extra=extra or None, **facts)
         report, paths = compare(task, configs, execute, out, provenance, describe=describe, names=names,
-                                fingerprint=fingerprint, resamples=resamples)
+                                fingerprint=fingerprint, resamples=resamples, values=values)
     except LVLMError as err:  # the model's own typed errors (context, images) become messages too
         raise EvalError(f"the model refused a request: {err}") from err
     finally:

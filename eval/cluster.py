@@ -122,6 +122,9 @@ class Replica:
         info = getattr(self.model, "info", None)
         return dict(info() if callable(info) else info or {})
 
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        return fn(self.model)
+
     def where(self) -> dict[str, Any]:
         import os
 
@@ -292,6 +295,12 @@ class ClusterPool:
         import ray
 
         return ray.get(self.actors[0].info.remote()) if self.actors else {}
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(model)` on the first replica (all replicas load the same model)."""
+        import ray
+
+        return ray.get(self.actors[0].call.remote(fn)) if self.actors else None
 
     def where(self) -> list[dict[str, Any]]:
         """Node id and process id of every replica."""

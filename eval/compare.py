@@ -41,7 +41,7 @@ from eval.pope import (
     score_answers,
 )
 from eval.report import ConfigResult, Provenance, Report, ReportPaths, atomic_write_text, sha256_file, write_report
-from eval.runner import AnswerFn, Item, RayPool, ResultsFile, run
+from eval.runner import RESOLVED_FIELD, AnswerFn, Item, RayPool, ResultsFile, check_results_file, run
 from eval.significance import RESAMPLES, UnitStats, paired_bootstrap, ratio
 
 CHAIR_PROMPT = "Please describe this image in detail."
@@ -344,7 +344,7 @@ class PlannedConfig:
     spec: Any
     name: str
     results_path: Path
-    resolved: Any  # describe(spec): every parameter, or None
+    resolved: Any  # values(spec) or else describe(spec): every parameter, or None
     fingerprint: Fingerprint | None
 
 
@@ -356,12 +356,18 @@ def plan_configs(
     fingerprint: Fingerprint | None = None,
     describe: Callable[[Any], Any] | None = None,
     names: Sequence[str] | None = None,
+    values: Callable[[Any], Any] | None = None,
+    pending_values: bool = False,
 ) -> list[PlannedConfig]:
     """Name, describe and fingerprint every configuration, and claim its results file.
 
+    `describe(spec)` gives the configs as requested (model-free); `values(spec)` as the model runs
+    them (model-aware defaults and tuned values filled), fingerprinted as RESOLVED_FIELD.
     Claiming writes the fingerprint header into a new results file or checks an existing one, so
     a mismatched resume fails here (FingerprintMismatch), before anything is generated. Callers
-    that load a model call this first, then `compare`, which claims again (idempotent).
+    that load a model call this first with `pending_values=True` (the values are not known yet:
+    existing files are checked on every other field and no file is created), then `compare`
+    with `values`, which claims for good.
     """
     out_dir = Path(out_dir)
     names = list(names) if names is not None else [config_name(c) for c in configs]
@@ -371,14 +377,21 @@ def plan_configs(
         raise ValueError(f"configuration names must be unique: {names}")
     planned = []
     for spec, name in zip(configs, names, strict=True):
-        resolved = describe(spec) if describe is not None else None
+        described = describe(spec) if describe is not None else None
+        model_values = values(spec) if values is not None and not pending_values else None
         fp = None
         if fingerprint is not None:
-            fp = fingerprint.extend(interventions=resolved if resolved is not None else spec)
+            fp = fingerprint.extend(interventions=described if described is not None else spec)
+            if model_values is not None:
+                fp = fp.extend(**{RESOLVED_FIELD: model_values})
         path = out_dir / f"{task.name}_{slug(name)}.jsonl"
-        planned.append(PlannedConfig(spec, name, path, resolved, fp))
+        planned.append(PlannedConfig(spec, name, path, model_values if model_values is not None else described, fp))
     for plan in planned:  # only after every spec was described: a bad one fails before any file exists
-        if plan.fingerprint is not None:
+        if plan.fingerprint is None:
+            continue
+        if pending_values:  # check only; the header is written once the values are known
+            check_results_file(plan.results_path, plan.fingerprint, ignore=(RESOLVED_FIELD,))
+        else:
             ResultsFile(plan.results_path, plan.fingerprint)
     return planned
 
@@ -420,11 +433,14 @@ def compare(
     fingerprint: Fingerprint | None = None,
     resamples: int = RESAMPLES,
     bootstrap_seed: int = 0,
+    values: Callable[[Any], Any] | None = None,
 ) -> tuple[Report, ReportPaths]:
     """Run `task` once per configuration, score it, and write the report (JSON, Markdown, PNG).
 
     `describe(spec)` (e.g. resolve + asdict) records each configuration with all its parameters,
     defaults included; every spec is described before anything runs, so a bad one fails early.
+    `values(spec)` records them as the loaded model runs them (`plan_configs`), in the report and
+    the fingerprint.
     `names` label the configurations (default: derived from the specs); they name the files too.
     `fingerprint` (`run_fingerprint`) stamps every results file and refuses a mismatched resume.
     Every configuration after the first gets paired bootstrap intervals against the first
@@ -432,7 +448,8 @@ def compare(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    planned = plan_configs(task, configs, out_dir, fingerprint=fingerprint, describe=describe, names=names)
+    planned = plan_configs(task, configs, out_dir, fingerprint=fingerprint, describe=describe, names=names,
+                           values=values)
     items = task.items()
     results, stats = [], []
     for plan in planned:

@@ -8,7 +8,11 @@ different run. A `Fingerprint` is a canonical JSON object of everything a run de
      "model":     {"id", "revision", "config_sha256", "weights_sha256"}   (or {"id", "server"}),
      "prompt":    the prompt (template) sent with every item,
      "decoding":  {"max_new_tokens", "temperature", ...},
-     "interventions": fully resolved configs, every parameter (per results file),
+     "interventions": the configs as requested, every parameter (per results file),
+     "interventions_resolved": the configs as the model runs them: model-aware values (published,
+                  scaled, tuned) filled from the model's facts and profile, so re-tuned or
+                  re-shipped values are a different run (absent with --server: the service
+                  resolves them),
      "items":     {"count", "sha256"} over (key, prompt, image file name) of every item,
      "scorer":    metric flavour, options, ground-truth / synonym-table / question-file digests}
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,14 +113,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_header(header: Mapping[str, Any] | None, expected: Fingerprint, path: str | Path) -> None:
-    """Raise FingerprintMismatch unless `header` (a results file's first line) has `expected`."""
+def check_header(header: Mapping[str, Any] | None, expected: Fingerprint, path: str | Path,
+                 ignore: Sequence[str] = ()) -> None:
+    """Raise FingerprintMismatch unless `header` (a results file's first line) has `expected`.
+
+    `ignore`: fields left out of the comparison on both sides (fields not known yet, e.g. the
+    model-aware intervention values before the model is loaded; they are checked later).
+    """
     if header is None:
         raise FingerprintMismatch(
             f"{path} has results but no run fingerprint (written by an older version); its answers "
             "cannot be matched to this run. Use another --out, or omit --out for a folder per fingerprint."
         )
-    found = Fingerprint(header.get(HEADER_KEY) or {})
+    found = Fingerprint(header.get(HEADER_KEY) or {}).without(*ignore)
+    expected = expected.without(*ignore)
     if found.digest == expected.digest:
         return
     diff = "\n  ".join(found.differences(expected)) or "(same fields, different digest)"

@@ -108,6 +108,50 @@ class ResultsFile:
             os.fsync(f.fileno())
 
 
+def check_results_file(path: str | Path, expected: Fingerprint, ignore: Sequence[str] = ()) -> None:
+    """Check an existing results file against `expected` minus the `ignore` fields (not known
+    yet); a missing or empty file passes and nothing is written (FingerprintMismatch otherwise)."""
+    if not Path(path).exists():
+        return
+    found = ResultsFile(path)
+    if found.header is not None or found.records:
+        check_header(found.header, expected, path, ignore=ignore)
+
+
+# The fingerprint field of the configs as the loaded model runs them (eval/fingerprint.py).
+RESOLVED_FIELD = "interventions_resolved"
+
+
+def model_context(pipeline: Any) -> tuple[Any, dict[str, Any]] | None:
+    """(facts, profile) of a loaded model, what its model-aware intervention values come from;
+    None for a model without them (a test double)."""
+    facts, profile = getattr(pipeline, "facts", None), getattr(pipeline, "profile", None)
+    if facts is None or not callable(profile):
+        return None
+    return facts, dict(profile())
+
+
+def intervention_values(resolve: Callable[[Any], Sequence[Any]] | None,
+                        context: tuple[Any, Mapping[str, Any]] | None) -> Callable[[Any], list[dict]] | None:
+    """`values(spec)`: the configs of `spec` as the model of `context` runs them, every parameter
+    with its model-aware value and source (interventions.defaults.describe); None without both."""
+    if resolve is None or context is None:
+        return None
+    from eval.errors import EvalError
+    from interventions.defaults import describe
+    from interventions.registry import InterventionError
+
+    facts, profile = context
+
+    def values(spec: Any) -> list[dict[str, Any]]:
+        try:
+            return describe(resolve(spec), facts, profile)
+        except InterventionError as err:  # e.g. "tuned" for a model without tuned values
+            raise EvalError(f"interventions {spec!r}: {err}") from err
+
+    return values
+
+
 def make_record(item: Item, answer: str) -> dict:
     return {"key": item.key, **item.meta, "answer": str(answer)}
 

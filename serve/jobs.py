@@ -94,17 +94,19 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metri
 
     import interventions
     from eval.fingerprint import Fingerprint, items_digest, model_identity
-    from eval.runner import ResultsFile, local_answer
+    from eval.runner import RESOLVED_FIELD, check_results_file, intervention_values, local_answer, model_context
 
     req = ctx.request
     path = ctx.workdir / f"{task.name}.jsonl"
     # A resumed job continues its results file only if nothing its answers depend on has changed
     # (the model's weights, the request, the items): FingerprintMismatch fails the job otherwise.
     # The batch size and the number of replicas change who answers, not what.
+    # The values the replicas run for "tuned" and model-aware defaults are checked once they are
+    # loaded (eval.runner.RESOLVED_FIELD), everything else before.
     fingerprint = Fingerprint.of(benchmark=task.name,
                                  model=model_identity(ctx.model), load=ctx.load_kwargs,
                                  job={k: v for k, v in req.items() if k != "batch_size"}, items=items_digest(items))
-    ResultsFile(path, fingerprint)  # checked before any replica loads the model
+    check_results_file(path, fingerprint, ignore=(RESOLVED_FIELD,))
     # Picklable (a partial of module functions): it travels to the replicas with every batch.
     adapter = partial(local_answer, max_new_tokens=req["max_tokens"], interventions=req.get("interventions"),
                       resolve=interventions.resolve, seed=req.get("seed"))
@@ -116,6 +118,9 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metri
 
     pool = ctx.pool()
     try:
+        values = intervention_values(interventions.resolve, pool.call(model_context))
+        if values is not None:
+            fingerprint = fingerprint.extend(**{RESOLVED_FIELD: values(req.get("interventions"))})
         done = pool.run(items, path, adapter, batch_size=req["batch_size"], progress=False,
                         fingerprint=fingerprint, on_batch=on_batch)
     finally:

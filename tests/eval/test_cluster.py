@@ -242,3 +242,35 @@ def test_resume_checks_the_run_fingerprint(ray_local, tmp_path):
     rows = lines(out)
     assert rows[0]["digest"] == fp.digest and [r["key"] for r in rows[1:]] == ["k0", "k1", "k2", "k3"]
     assert {k: r["answer"] for k, r in records.items()} == {f"k{i}": f"q{i}|-" for i in range(4)}
+
+
+class TunedModel(EchoModel):
+    """An EchoModel with the facts and profile model-aware intervention values come from."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.facts = SimpleNamespace(hidden_size=192, num_layers=6)
+
+    def profile(self):
+        return {"model_id": "echo", "tuned": {"vhr": {"params": {"alpha": 2.5, "layers": [1, 2]}}}, "pid": os.getpid()}
+
+
+def test_replica_context_gives_the_tuned_values_the_replica_runs(ray_local):
+    """`lvlm eval ... --ray-actors N` fingerprints the values the replicas run (eval.runner.intervention_values)."""
+    from eval.cluster import ClusterPool
+    from eval.errors import EvalError
+    from eval.runner import intervention_values, model_context
+    from interventions import resolve
+
+    pool = ClusterPool(TunedModel, num_actors=1)
+    try:
+        facts, profile = pool.call(model_context)
+    finally:
+        pool.shutdown()
+    assert profile["pid"] != os.getpid() and facts.num_layers == 6  # computed on the replica
+    (vhr,) = intervention_values(lambda spec: tuple(resolve(spec)), (facts, profile))("vhr:tuned")
+    assert (vhr["alpha"], list(vhr["layers"]), vhr["sources"]["alpha"]) == (2.5, [1, 2], "tuned")
+    with pytest.raises(EvalError, match="pai: no tuned values for echo"):
+        intervention_values(lambda spec: tuple(resolve(spec)), (facts, profile))("pai:tuned")

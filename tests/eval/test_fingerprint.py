@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -189,3 +190,53 @@ def test_pope_with_another_seed_never_reuses_answers(cli, shapes_coco, tmp_path)
     assert cli.models["fake/a"].calls == calls + 2 * 3 * 36
     hashes = [json.loads((f / "pope_report.json").read_text())["provenance"]["question_file_hash"] for f in folders]
     assert hashes[0] != hashes[1]
+
+
+class TunedEchoModel(EchoModel):
+    """An EchoModel with what model-aware intervention values come from: facts and a profile."""
+
+    facts = SimpleNamespace(hidden_size=192, num_layers=6)
+    tuned_alpha = 2.0
+
+    def profile(self):
+        return {"model_id": self.name, "tuned": {"vhr": {"params": {"alpha": self.tuned_alpha, "layers": [2, 3]}}}}
+
+
+def test_tuned_values_are_fingerprinted_and_a_retuned_model_refuses_to_resume(cli, tiny_coco, tmp_path, monkeypatch):
+    """The confirmed bug: `vhr:tuned` was fingerprinted as {"preset": "tuned"} with null values, so
+    answers made with the old tuned values were resumed after a new `lvlm tune`."""
+    from interventions import resolve
+
+    monkeypatch.setattr(cli, "_resolver", lambda: lambda spec: tuple(resolve(spec)))
+    monkeypatch.setattr(cli, "_load_model", lambda name: cli.models.setdefault(name, TunedEchoModel(name)))
+    out = tmp_path / "shared"
+    assert _chair(cli, tiny_coco, "--model", "fake/a", "--out", str(out), "--interventions", "vhr:tuned").exit_code == 0
+    header = json.loads((out / "chair_vhr_tuned.jsonl").read_text().splitlines()[0])["fingerprint"]
+    assert header["interventions"][0]["alpha"] is None and header["interventions"][0]["preset"] == "tuned"
+    (pinned,) = header["interventions_resolved"]
+    assert pinned["alpha"] == 2.0 and pinned["layers"] == [2, 3]
+    assert pinned["sources"] == {"alpha": "tuned", "layers": "tuned"}
+    report = json.loads((out / "chair_report.json").read_text())
+    assert report["results"][0]["details"]["interventions_resolved"][0]["alpha"] == 2.0
+    # The same values resume without generating; new tuned values are another run.
+    model = cli.models["fake/a"]
+    calls = model.calls
+    assert _chair(cli, tiny_coco, "--model", "fake/a", "--out", str(out), "--interventions", "vhr:tuned").exit_code == 0
+    assert model.calls == calls
+    model.tuned_alpha = 3.0
+    res = _chair(cli, tiny_coco, "--model", "fake/a", "--out", str(out), "--interventions", "vhr:tuned")
+    assert res.exit_code == 2 and "interventions_resolved[0].alpha: 2.0 != 3.0" in res.output
+    assert model.calls == calls  # refused before anything was generated
+    # Without --out each set of tuned values gets its own folder, named after the model loaded.
+    for alpha in (2.0, 3.0):
+        model.tuned_alpha = alpha
+        assert _chair(cli, tiny_coco, "--model", "fake/a", "--interventions", "vhr:tuned").exit_code == 0
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2
+    alphas = set()
+    for folder in folders:
+        report = json.loads((folder / "chair_report.json").read_text())
+        fp = report["provenance"]["fingerprint"]
+        assert folder.name.endswith(fp["digest"][:12])
+        alphas.add(fp["fields"]["interventions_resolved"][0][0]["alpha"])
+    assert alphas == {2.0, 3.0}

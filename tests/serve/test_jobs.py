@@ -79,10 +79,14 @@ class YesModel:
 
 
 class InProcessPool:
-    """`eval.cluster.ClusterPool` as far as a job sees it: run(items, path, adapter, ...), shutdown()."""
+    """`eval.cluster.ClusterPool` as far as a job sees it: run(items, path, adapter, ...), call(fn),
+    shutdown()."""
 
     def __init__(self, model):
         self.model, self.runs, self.closed = model, [], False
+
+    def call(self, fn):
+        return fn(self.model)
 
     def run(self, items, path, adapter, *, batch_size, progress, fingerprint, on_batch):
         from eval.cluster import RunStats
@@ -145,3 +149,34 @@ def test_pope_job_answers_through_its_pool_and_resume_checks_the_fingerprint(tmp
     # another decoding setting must not continue this results file: refused before any replica starts
     with pytest.raises(FingerprintMismatch, match="max_tokens"):
         JOB_KINDS["pope"].run(context(tmp_path, dict(POPE, max_tokens=5), None, []))
+
+
+class TunedYesModel(YesModel):
+    """A YesModel with the facts and profile that model-aware intervention values come from."""
+
+    def __init__(self, alpha):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.facts, self.alpha = SimpleNamespace(hidden_size=192, num_layers=6), alpha
+
+    def profile(self):
+        return {"model_id": "shapes", "tuned": {"vhr": {"params": {"alpha": self.alpha, "layers": [2, 3]}}}}
+
+
+def test_a_job_with_tuned_values_does_not_resume_under_other_tuned_values(tmp_path):
+    import json
+
+    from eval.fingerprint import FingerprintMismatch
+
+    request = dict(POPE, interventions="vhr:tuned")
+    pool = InProcessPool(TunedYesModel(2.0))
+    metrics = JOB_KINDS["pope"].run(context(tmp_path, request, pool, []))
+    header = json.loads((tmp_path / "pope.jsonl").read_text().splitlines()[0])["fingerprint"]
+    assert header["interventions_resolved"][0]["alpha"] == 2.0
+    again = InProcessPool(TunedYesModel(2.0))
+    assert JOB_KINDS["pope"].run(context(tmp_path, request, again, [])) == metrics and again.runs == [0]
+    retuned = InProcessPool(TunedYesModel(3.0))
+    with pytest.raises(FingerprintMismatch, match=r"interventions_resolved\[0\]\.alpha: 2\.0 != 3\.0"):
+        JOB_KINDS["pope"].run(context(tmp_path, request, retuned, []))
+    assert retuned.model.images == [] and retuned.closed  # nothing answered, the pool shut down

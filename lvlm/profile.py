@@ -275,13 +275,20 @@ def save_tuned(pipe, entries: dict[str, dict[str, Any]]) -> Path:
 
 
 def ship_tuned(pipe, entries: dict[str, dict[str, Any]]) -> Path:
-    """Write the package's tuned values for the embedded model (they become its defaults)."""
+    """Write the package's tuned values for the embedded model (they become its defaults).
+
+    A search of some methods replaces theirs and keeps the other methods' shipped values when
+    those were tuned for the same weights (values for other weights are dropped).
+    """
     paths = _shipped_paths().get(pipe.model_id)
     if paths is None:
         raise ValueError(f"only the embedded models ({', '.join(_shipped_paths())}) ship tuned values; "
                          f"{pipe.model_id!r} keeps them in its profile ({cache_path(pipe)})")
-    out = {"model_id": pipe.model_id, "weights_sha256": weights_digest(paths[1]),
-           "methods": {m: {k: v for k, v in e.items() if k != "shipped"} for m, e in entries.items()}}
+    digest = weights_digest(paths[1])
+    previous = _read(paths[0]) or {}
+    kept = (previous.get("methods") or {}) if previous.get("weights_sha256") == digest else {}
+    fresh = {m: {k: v for k, v in e.items() if k != "shipped"} for m, e in entries.items()}
+    out = {"model_id": pipe.model_id, "weights_sha256": digest, "methods": {**kept, **fresh}}
     paths[0].write_text(json.dumps(out, indent=1, default=list) + "\n")
     if hasattr(pipe, "_profile"):
         pipe._profile = None

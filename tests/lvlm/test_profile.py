@@ -78,10 +78,14 @@ def test_tuned_values_survive_a_refresh_and_ship_only_for_embedded_models(tmp_pa
     weights.write_bytes(b"weights v1")
     shipped = tmp_path / "tuned.json"
     monkeypatch.setattr(profiles, "_shipped_paths", lambda: {"tiny-llava": (shipped, weights)})
-    profiles.ship_tuned(pipe, {"pai": {"params": {"alpha": 0.6}}})
+    profiles.ship_tuned(pipe, {"pai": {"params": {"alpha": 0.6}}, "vte": {"params": {"exit_layer": 1}}})
+    profiles.ship_tuned(pipe, {"pai": {"params": {"alpha": 0.6}}})  # a search of PAI only keeps VTE's values
     data = profiles.load_or_compute(pipe)
-    assert data["tuned_shipped"] == {"pai": {"params": {"alpha": 0.6}, "shipped": True}}
+    assert data["tuned_shipped"] == {"pai": {"params": {"alpha": 0.6}, "shipped": True},
+                                     "vte": {"params": {"exit_layer": 1}, "shipped": True}}
     assert "tuned_shipped" not in json.loads(profiles.cache_path(pipe).read_text())  # read from the package
     weights.write_bytes(b"weights v2")  # retrained: the shipped values no longer apply
     with pytest.warns(UserWarning, match="tuned for other weights"):
         assert profiles.load_or_compute(pipe)["tuned_shipped"] == {}
+    profiles.ship_tuned(pipe, {"pai": {"params": {"alpha": 0.4}}})  # the new weights' search: VTE's old value goes
+    assert json.loads(shipped.read_text())["methods"] == {"pai": {"params": {"alpha": 0.4}}}

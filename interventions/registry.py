@@ -109,7 +109,12 @@ def resolve(spec: Spec) -> tuple[Any, ...]:
     """Validate a request's interventions and return their configs (empty tuple = none)."""
     if spec is None:
         return ()
-    items: list[Any] = spec.split("+") if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str):
+        items: list[Any] = spec.split("+")
+    elif isinstance(spec, Mapping):  # one object, {"name": "vhr", "alpha": 1.5}; list() would take its keys
+        items = [spec]
+    else:
+        items = list(spec)
     configs = []
     for item in items:
         if isinstance(item, str):  # "vhr" or "vhr:tuned"

@@ -290,6 +290,14 @@ def test_invalid_configs(spec, message):
     assert message in str(err.value)
 
 
+def test_one_object_is_one_intervention():
+    (config,) = resolve({"name": "vhr", "alpha": 1.5, "layers": [2, 3]})
+    assert (config.name, config.alpha, tuple(config.layers)) == ("vhr", 1.5, (2, 3))
+    assert resolve({"name": "vhr", "alpha": 1.5}) == resolve([{"name": "vhr", "alpha": 1.5}])
+    with pytest.raises(InterventionError, match="needs a string 'name'"):
+        resolve({"alpha": 1.5})
+
+
 def test_invalid_for_the_model(pipe):
     with pytest.raises(ValueError, match="exit_layer 9 outside the model's 0..3"):
         run(pipe, [{"name": "vte", "exit_layer": 9}])

@@ -377,7 +377,7 @@ def parse_args(argv=None):
     ap.add_argument("--backcopy", type=float, default=0.4,
                     help="share of the rows without an image that are Bigram-Backcopy text (arXiv 2410.13835); "
                          "0 turns it off")
-    ap.add_argument("--letterbox", type=float, default=0.0,
+    ap.add_argument("--letterbox", type=world.probability, default=0.0,
                     help="share of image rows whose scene is drawn wide and padded to square (world.py)")
     ap.add_argument("--decay-1d", action=argparse.BooleanOptionalAction, default=True,
                     help="weight decay on norm gains and biases too (--no-decay-1d exempts them)")

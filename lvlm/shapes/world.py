@@ -309,6 +309,14 @@ def scene_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"shapes/{seed}/{split}/{index}")
 
 
+def probability(text: str) -> float:
+    """argparse type of a share in [0, 1] (--letterbox here and in train.py)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability in [0, 1], got {value}")
+    return value
+
+
 def make_scene(split: str, index: int, seed: int | None = None,
                letterbox: float = 0.0) -> tuple[Scene, Image.Image]:
     """Scene `index` of `split` (ids are split offset + index + 1), letterboxed with probability
@@ -369,11 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=list(SPLITS), default="test")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=None, help="default: a fixed seed per split")
-    ap.add_argument("--letterbox", type=float, default=0.0,
+    ap.add_argument("--letterbox", type=probability, default=0.0,
                     help="share of scenes drawn wide (96x72) and padded to square, LLaVA-1.5 style")
     args = ap.parse_args(argv)
-    if not 0.0 <= args.letterbox <= 1.0:
-        ap.error(f"--letterbox is a probability in [0, 1], got {args.letterbox}")
     inst, cap = build_split(args.out, args.split, args.n, args.seed, args.letterbox)
     print(f"wrote {args.n} images, {inst} and {cap}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from lvlm.shapes import train, world
@@ -127,3 +128,5 @@ def test_letterbox_rows_change_only_the_image():
     # Rows without an image are untouched; unboxed image rows are the plain rows.
     assert all(boxed[i] == plain[i] for i in range(60) if plain[i][0] is None)
     assert all(boxed[i][1:] == plain[i][1:] for i in with_image if i not in changed)
+    with pytest.raises(SystemExit):  # refused by argparse, before any model is built
+        train.parse_args(["--out", "unused", "--letterbox", "1.5"])

@@ -20,6 +20,11 @@ Two image tasks, mixed 40/60, plus an optional share of plain text (`--text-shar
   (e) optionally (`--letterbox`, 0 in the shipped recipe), a share of the image rows shows its
       scene letterboxed: drawn 96 x 72 and padded to square with the CLIP mean colour, as
       LLaVA-1.5 pads wide photos, so some patches carry nothing at all (world.py).
+Stages, in the order a real LVLM is built (not the shipped recipe, which trains everything jointly
+from step 0): `--init-from RUN` starts from another run's weights and tokenizer with a fresh
+optimizer and schedule, `--freeze-lm` trains only the vision tower, the projector and the probes
+(LLaVA-1.5's alignment stage, with the tower trained too because ours has no pretraining), and
+`--data-offset` moves a stage onto examples the earlier stages never saw.
 The loss is next-token cross entropy on the answer tokens (and the closing </s>) only, averaged
 per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
 that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
@@ -292,18 +297,38 @@ def param_groups(params, weight_decay: float, decay_1d: bool) -> list[dict]:
 
 
 def setup(args):
-    """Processor and model: fresh, or reloaded from the run dir so a resume uses the same vocab."""
+    """Processor and model: fresh, reloaded from the run dir so a resume uses the same vocab, or
+    (`--init-from`) the weights and vocab of an earlier stage's finished model."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
     proc_dir = args.out / "processor"
     if args.resume and proc_dir.exists():
-        from transformers import LlavaProcessor
-
         processor = LlavaProcessor.from_pretrained(proc_dir)
+    elif args.init_from is not None:
+        processor = LlavaProcessor.from_pretrained(args.init_from)
+        processor.save_pretrained(proc_dir)
     else:
         processor = M.build_processor(M.build_tokenizer(n_scenes=args.tokenizer_scenes))
         processor.save_pretrained(proc_dir)
     torch.manual_seed(args.seed)
-    model = M.build_model(M.Preset.from_name(args.preset), processor.tokenizer)
+    if args.init_from is not None:  # a resume then loads its own checkpoint over these weights
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        model = M.build_model(M.Preset.from_name(args.preset), processor.tokenizer)
+    if args.freeze_lm:
+        for p in model.model.language_model.parameters():
+            p.requires_grad_(False)
+        model.lm_head.requires_grad_(False)  # tied to the frozen embeddings
     return processor, model
+
+
+def init_dir(path: str) -> Path:
+    """--init-from: a finished run (its model/ folder) or a model folder itself."""
+    p = Path(path)
+    p = p / "model" if (p / "model" / "config.json").exists() else p
+    if not (p / "config.json").exists():
+        raise argparse.ArgumentTypeError(f"{path}: no finished model here (config.json, or a run's model/)")
+    return p
 
 
 def train(args) -> dict:
@@ -319,7 +344,7 @@ def train(args) -> dict:
     qprobe.to(args.device)
     own = {id(p) for p in model.parameters()}
     params = list(model.parameters()) + [p for p in probe.parameters() if id(p) not in own]
-    params += list(qprobe.parameters())
+    params = [p for p in params + list(qprobe.parameters()) if p.requires_grad]  # --freeze-lm
     opt = torch.optim.AdamW(param_groups(params, args.weight_decay, args.decay_1d), lr=args.lr,
                             betas=(0.9, 0.98))
     ckpt = args.out / "checkpoint.pt"
@@ -328,8 +353,8 @@ def train(args) -> dict:
     t0, losses, auxes = time.time(), [], []
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        batch = collate(processor, [make_example(step * args.batch_size + j, args.text_share, args.text_scenes,
-                                                 args.backcopy, args.letterbox)
+        batch = collate(processor, [make_example(args.data_offset + step * args.batch_size + j, args.text_share,
+                                                 args.text_scenes, args.backcopy, args.letterbox)
                                     for j in range(args.batch_size)])
         batch = {k: v.to(args.device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -381,6 +406,12 @@ def parse_args(argv=None):
                     help="share of image rows whose scene is drawn wide and padded to square (world.py)")
     ap.add_argument("--decay-1d", action=argparse.BooleanOptionalAction, default=True,
                     help="weight decay on norm gains and biases too (--no-decay-1d exempts them)")
+    ap.add_argument("--init-from", type=init_dir, default=None,
+                    help="start from this run's (or model folder's) weights and tokenizer, fresh optimizer and schedule")
+    ap.add_argument("--freeze-lm", action="store_true",
+                    help="train the vision tower, projector and probes only (an alignment stage)")
+    ap.add_argument("--data-offset", type=int, default=0,
+                    help="index of the first example (a later stage on examples an earlier one never saw)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")
     ap.add_argument("--tokenizer-scenes", type=int, default=3000, help="scenes in the BPE corpus")

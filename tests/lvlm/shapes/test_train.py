@@ -130,3 +130,29 @@ def test_letterbox_rows_change_only_the_image():
     assert all(boxed[i][1:] == plain[i][1:] for i in with_image if i not in changed)
     with pytest.raises(SystemExit):  # refused by argparse, before any model is built
         train.parse_args(["--out", "unused", "--letterbox", "1.5"])
+
+
+def test_stages_init_from_a_run_freeze_the_lm_and_move_the_data(tmp_path, monkeypatch):
+    import torch
+
+    first = tmp_path / "lm"
+    train.train(train.parse_args(["--out", str(first), "--steps", "3", "--text-share", "1.0", *TINY]))
+    seen = []
+    make = train.make_example
+    monkeypatch.setattr(train, "make_example", lambda i, *a: seen.append(i) or make(i, *a))
+    second = tmp_path / "align"
+    out = train.train(train.parse_args(["--out", str(second), "--steps", "2", "--init-from", str(first),
+                                        "--freeze-lm", "--text-share", "0", "--data-offset", "1000", *TINY]))
+    assert out["start_step"] == 0 and seen == list(range(1000, 1016))  # 2 steps x 8 rows, from the offset
+    a = LlavaForConditionalGeneration.from_pretrained(first / "model").state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(second / "model").state_dict()
+    lm = [k for k in a if ".language_model." in k or k.startswith("lm_head")]
+    vision = [k for k in a if "vision_tower" in k or "multi_modal_projector" in k]
+    assert lm and vision
+    assert all(torch.equal(a[k], b[k]) for k in lm)  # the language model is frozen
+    assert sum(not torch.equal(a[k], b[k]) for k in vision) > len(vision) // 2  # the tower and projector train
+    # The stage keeps the first run's vocabulary.
+    assert (LlavaProcessor.from_pretrained(second / "model").tokenizer.get_vocab()
+            == LlavaProcessor.from_pretrained(first / "model").tokenizer.get_vocab())
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "nothing")])

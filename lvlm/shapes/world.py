@@ -338,12 +338,16 @@ def coco_categories() -> list[dict]:
 
 
 def build_split(out: Path, split: str, n: int, seed: int | None = None,
-                letterbox: float = 0.0) -> tuple[Path, Path]:
-    """Write n images and the split's instances/captions JSON; returns the two JSON paths."""
+                letterbox: float = 0.0, first: int = 0) -> tuple[Path, Path]:
+    """Write n images (scenes first .. first+n-1 of the split) and their instances/captions JSON;
+    returns the two JSON paths. A range is the same scenes a larger split holds at those indices,
+    so a fresh held-out set is the range after the ones already used."""
+    if first < 0 or n < 0:
+        raise ValueError(f"first and n must be >= 0, got first={first}, n={n}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     images, anns, caps = [], [], []
-    for i in range(n):
+    for i in range(first, first + n):
         scene, img = make_scene(split, i, seed, letterbox)
         fname = f"{split}_{scene.image_id}.png"
         img.save(out / "images" / fname, format="PNG", optimize=False)
@@ -379,8 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=None, help="default: a fixed seed per split")
     ap.add_argument("--letterbox", type=probability, default=0.0,
                     help="share of scenes drawn wide (96x72) and padded to square, LLaVA-1.5 style")
+    ap.add_argument("--first", type=int, default=0,
+                    help="index of the first scene (ids are split offset + index + 1): a range after the ones used")
     args = ap.parse_args(argv)
-    inst, cap = build_split(args.out, args.split, args.n, args.seed, args.letterbox)
+    if args.first < 0 or args.n < 0:
+        ap.error(f"--first and --n must be >= 0, got {args.first} and {args.n}")
+    inst, cap = build_split(args.out, args.split, args.n, args.seed, args.letterbox, args.first)
     print(f"wrote {args.n} images, {inst} and {cap}")
 
 

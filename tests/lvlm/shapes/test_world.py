@@ -151,3 +151,22 @@ def test_letterboxed_split_records_its_share(tmp_path):
     data = json.loads(inst_path.read_text())
     assert data["info"]["letterbox"] == 1.0
     assert all(a["bbox"][1] >= world.LETTERBOX_PAD for a in data["annotations"])
+
+
+def test_a_range_of_the_split_is_the_same_scenes_a_larger_split_holds(test_split, tmp_path):
+    inst_path, cap_path = build_split(tmp_path, "test", 3, first=N - 3)
+    whole, part = COCO(str(test_split / "annotations" / "instances_test.json")), COCO(str(inst_path))
+    ids = sorted(part.getImgIds())
+    assert ids == sorted(whole.getImgIds())[-3:] == [SPLITS["test"][0] + i + 1 for i in range(N - 3, N)]
+    for i in ids:
+        name = part.imgs[i]["file_name"]
+        assert (tmp_path / "images" / name).read_bytes() == (test_split / "images" / name).read_bytes()
+        boxes = lambda c: sorted((a["category_id"], tuple(a["bbox"])) for a in c.loadAnns(c.getAnnIds(imgIds=[i])))
+        assert boxes(part) == boxes(whole)
+    caps = lambda path: sorted((c["image_id"], c["caption"]) for c in json.loads(path.read_text())["annotations"]
+                               if c["image_id"] in ids)
+    assert caps(cap_path) == caps(test_split / "annotations" / "captions_test.json")
+    with pytest.raises(ValueError, match="first"):
+        build_split(tmp_path, "test", 3, first=-1)
+    with pytest.raises(SystemExit):
+        world.main(["--out", str(tmp_path / "x"), "--first", "-2"])

@@ -304,11 +304,9 @@ def setup(args):
     proc_dir = args.out / "processor"
     if args.resume and proc_dir.exists():
         processor = LlavaProcessor.from_pretrained(proc_dir)
-    elif args.init_from is not None:
-        processor = LlavaProcessor.from_pretrained(args.init_from)
-        processor.save_pretrained(proc_dir)
     else:
-        processor = M.build_processor(M.build_tokenizer(n_scenes=args.tokenizer_scenes))
+        processor = (LlavaProcessor.from_pretrained(args.init_from) if args.init_from is not None
+                     else M.build_processor(M.build_tokenizer(n_scenes=args.tokenizer_scenes)))
         processor.save_pretrained(proc_dir)
     torch.manual_seed(args.seed)
     if args.init_from is not None:  # a resume then loads its own checkpoint over these weights

@@ -317,6 +317,14 @@ def probability(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """argparse type of a scene count or index, >= 0 (--n, --first)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def make_scene(split: str, index: int, seed: int | None = None,
                letterbox: float = 0.0) -> tuple[Scene, Image.Image]:
     """Scene `index` of `split` (ids are split offset + index + 1), letterboxed with probability
@@ -379,15 +387,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--split", choices=list(SPLITS), default="test")
-    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n", type=count, default=200)
     ap.add_argument("--seed", type=int, default=None, help="default: a fixed seed per split")
     ap.add_argument("--letterbox", type=probability, default=0.0,
                     help="share of scenes drawn wide (96x72) and padded to square, LLaVA-1.5 style")
-    ap.add_argument("--first", type=int, default=0,
+    ap.add_argument("--first", type=count, default=0,
                     help="index of the first scene (ids are split offset + index + 1): a range after the ones used")
     args = ap.parse_args(argv)
-    if args.first < 0 or args.n < 0:
-        ap.error(f"--first and --n must be >= 0, got {args.first} and {args.n}")
     inst, cap = build_split(args.out, args.split, args.n, args.seed, args.letterbox, args.first)
     print(f"wrote {args.n} images, {inst} and {cap}")
 

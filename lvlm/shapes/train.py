@@ -393,11 +393,11 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--text-share", type=float, default=0.25,
+    ap.add_argument("--text-share", type=world.probability, default=0.25,
                     help="share of plain-text rows (no image; the LM-pretraining stand-in)")
     ap.add_argument("--text-scenes", type=int, default=TEXT_SCENES,
                     help="scenes whose captions make one plain-text row (6: ~70 tokens)")
-    ap.add_argument("--backcopy", type=float, default=0.4,
+    ap.add_argument("--backcopy", type=world.probability, default=0.4,
                     help="share of the rows without an image that are Bigram-Backcopy text (arXiv 2410.13835); "
                          "0 turns it off")
     ap.add_argument("--letterbox", type=world.probability, default=0.0,
@@ -408,7 +408,7 @@ def parse_args(argv=None):
                     help="start from this run's (or model folder's) weights and tokenizer, fresh optimizer and schedule")
     ap.add_argument("--freeze-lm", action="store_true",
                     help="train the vision tower, projector and probes only (an alignment stage)")
-    ap.add_argument("--data-offset", type=int, default=0,
+    ap.add_argument("--data-offset", type=world.count, default=0,
                     help="index of the first example (a later stage on examples an earlier one never saw)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")

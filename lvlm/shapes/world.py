@@ -310,7 +310,7 @@ def scene_rng(seed: int, split: str, index: int) -> random.Random:
 
 
 def probability(text: str) -> float:
-    """argparse type of a share in [0, 1] (--letterbox here and in train.py)."""
+    """argparse type of a share in [0, 1] (--letterbox here; --letterbox, --text-share, --backcopy in train.py)."""
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"a probability in [0, 1], got {value}")
@@ -318,7 +318,7 @@ def probability(text: str) -> float:
 
 
 def count(text: str) -> int:
-    """argparse type of a scene count or index, >= 0 (--n, --first)."""
+    """argparse type of a scene count or index, >= 0 (--n, --first; train.py's --data-offset)."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")

@@ -128,8 +128,14 @@ def test_letterbox_rows_change_only_the_image():
     # Rows without an image are untouched; unboxed image rows are the plain rows.
     assert all(boxed[i] == plain[i] for i in range(60) if plain[i][0] is None)
     assert all(boxed[i][1:] == plain[i][1:] for i in with_image if i not in changed)
+
+
+@pytest.mark.parametrize("bad", [["--letterbox", "1.5"], ["--text-share", "-0.1"], ["--backcopy", "2"],
+                                 ["--data-offset", "-5"]])
+def test_shares_outside_0_1_and_negative_offsets_are_refused(bad, capsys):
     with pytest.raises(SystemExit):  # refused by argparse, before any model is built
-        train.parse_args(["--out", "unused", "--letterbox", "1.5"])
+        train.parse_args(["--out", "unused", *bad])
+    assert bad[0] in capsys.readouterr().err
 
 
 def test_stages_init_from_a_run_freeze_the_lm_and_move_the_data(tmp_path, monkeypatch):

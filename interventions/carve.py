@@ -12,12 +12,15 @@ CARVE edits the image, not the attention:
    Lsel = layers 20..25 of a 32-layer backbone, scaled by depth.
 3. Mask: the top 20 % of pixels, connected components, keep the max(K_min = 3, ⌊#regions·p⌋)
    regions with the largest attention sum, zero the rest, crop to their bounding box, upscale
-   (aspect kept, Lanczos).
+   (aspect kept, Lanczos) by the larger of the two ratios to the model's input size (the tower's
+   square input; a dynamic-resolution tower's input is the image's own size), as the official
+   code does.
 4. Final answer to Q with the refined image (paper) or with the original and refined images
-   together (released code): `mode` = "paper" | "code".
+   together (released code): `mode` = "paper" | "code". The released code appends "Answer the
+   question using a single word or phrase." to Q and G (`answer_suffix`, on in code mode).
 The pipeline reaches this module through a narrow protocol: `generate(requests, plan_factory=)`,
-`image_grid(request)` (the first image's patch grid as image-token indices) and `facts`; nothing
-of `lvlm/` is imported.
+`image_grid(request)` (the first image's patch grid as image-token indices), `image_input_size()`
+and `facts`; nothing of `lvlm/` is imported.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from interventions.registry import InterventionError, register
 from kernels.edits import KEY_VISUAL
 
 GENERAL_PROMPT = "Write a general description of the image."
+ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # the released code's, on Q and G
 MODES = ("paper", "code")
 
 
@@ -67,6 +71,9 @@ class CARVEConfig:
     top_p: float = field(default=0.2, metadata={"doc": "fraction of pixels kept before connected components"})
     k_min: int = field(default=3, metadata={"doc": "minimum number of regions kept"})
     mode: str = field(default="paper", metadata={"doc": "paper: refined image only; code: original + refined"})
+    answer_suffix: bool | None = field(default=None, metadata={
+        "doc": "append 'Answer the question using a single word or phrase.' to Q and G (the released code); "
+               "default: on in code mode, off in paper mode"})
     preset: str = field(default="default", metadata={"doc": "default | paper (no tuned values: CARVE is not searched)"})
 
     def __post_init__(self):
@@ -82,6 +89,8 @@ class CARVEConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.answer_suffix is not None and not isinstance(self.answer_suffix, bool):
+            raise ValueError(f"answer_suffix must be true or false, got {self.answer_suffix!r}")
         if self.preset == "tuned":
             raise ValueError("carve has no tuned values (`lvlm tune` does not search CARVE); use preset 'paper'")
 
@@ -91,6 +100,11 @@ class CARVEConfig:
         if bad:
             raise ValueError(f"carve: layers {bad} outside the model's 0..{num_layers - 1}")
         return layers
+
+    def suffix(self) -> str:
+        """What Q and G get appended: the released code's answer instruction in code mode."""
+        on = self.mode == "code" if self.answer_suffix is None else self.answer_suffix
+        return ANSWER_SUFFIX if on else ""
 
 
 class Readout(Component):
@@ -151,8 +165,11 @@ def select_regions(score: np.ndarray, *, top_p: float, k_min: int) -> tuple[np.n
     return regions, int(count), np.argsort(sums)[::-1][:n_keep] + 1
 
 
-def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: int) -> tuple[Image.Image, dict]:
-    """Keep the top-p pixels' strongest regions, zero the rest, crop and upscale (Lanczos)."""
+def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: int,
+                 target: tuple[int, int] | None = None) -> tuple[Image.Image, dict]:
+    """Keep the top-p pixels' strongest regions, zero the rest, crop, and upscale (Lanczos, aspect
+    kept) by the larger of the two ratios to `target` (width, height; default the image's size):
+    the crop then covers the target in both directions, as the official code's max does."""
     regions, count, kept = select_regions(score, top_p=top_p, k_min=k_min)
     if count == 0:
         return image, {"regions": 0, "kept": 0, "box": [0, 0, image.width, image.height]}
@@ -162,7 +179,8 @@ def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: 
     pixels = np.asarray(image.convert("RGB")).copy()
     pixels[~keep] = 0
     crop = Image.fromarray(pixels).crop(box)
-    factor = min(image.width / crop.width, image.height / crop.height)
+    width, height = target or image.size
+    factor = max(width / crop.width, height / crop.height)
     refined = crop.resize((max(1, round(crop.width * factor)), max(1, round(crop.height * factor))), Image.LANCZOS)
     return refined, {"regions": int(count), "kept": int(len(kept)), "box": list(box),
                      "mask_fraction": round(float(keep.mean()), 4)}
@@ -191,8 +209,9 @@ def refine_requests(pipe: Any, requests: Sequence[Any], *, collect: dict[int, di
     layers = sorted({l for _, c in jobs for l in c.readout_layers(facts.num_layers)})
     probes = []
     for i, config in jobs:
-        base = replace(requests[i], interventions=(), max_new_tokens=config.max_steps, temperature=0.0, stop=())
-        probes += [base, replace(base, prompt=config.general_prompt)]
+        base = replace(requests[i], prompt=requests[i].prompt + config.suffix(), interventions=(),
+                       max_new_tokens=config.max_steps, temperature=0.0, stop=())
+        probes += [base, replace(base, prompt=config.general_prompt + config.suffix())]
     readout = Readout(layers)
 
     def plan_factory(facts_, reqs):
@@ -207,15 +226,18 @@ def refine_requests(pipe: Any, requests: Sequence[Any], *, collect: dict[int, di
         image = requests[i].image
         score = fuse(pick(readout.maps.get(2 * n, [])), pick(readout.maps.get(2 * n + 1, [])),
                      grid=pipe.image_grid(requests[i]), size=image.size, lam=config.lam)
-        refined, info = refine_image(image, score, top_p=config.top_p, k_min=config.k_min)
+        refined, info = refine_image(image, score, top_p=config.top_p, k_min=config.k_min,
+                                     target=pipe.image_input_size())
         if collect is not None:
             regions, _, kept = select_regions(score, top_p=config.top_p, k_min=config.k_min)
             collect[i] = {"score": score, "regions": regions, "kept": kept, "refined": refined, "image": image}
         new_image = refined if config.mode == "paper" else [image, refined]
         others = tuple(c for c in requests[i].interventions if c.name != "carve")
-        requests[i] = replace(requests[i], image=new_image, interventions=others)
+        requests[i] = replace(requests[i], prompt=requests[i].prompt + config.suffix(), image=new_image,
+                              interventions=others)
         source = "request" if config.layers is not None else layers_default(Backbone(None, facts.hidden_size, facts.num_layers)).source
         reports[i]["carve"] = {"mode": config.mode, "layers": sorted(own), "extra_passes": 2, **info,
+                               "answer_suffix": bool(config.suffix()), "refined_size": list(refined.size),
                                "preset": config.preset, "sources": {"layers": source}}
     added = 1000.0 * (time.perf_counter() - t0)
     for i, _ in jobs:

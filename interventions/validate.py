@@ -104,7 +104,7 @@ def _carve(config: Any, facts: Any) -> None:
 
 @check("vte")
 def _vte(config: Any, facts: Any) -> None:
-    _layer("vte", "exit_layer", config.exit_layer, facts.num_layers)
+    _layer("vte", "exit_layer", config.exit_layer, facts.num_layers + 1)  # k = L - 1 or L: never exit (neutral)
     _layer("vte", "min_layer", config.min_layer, facts.num_layers)
     if config.policy == "router":
         from interventions.vte import router_names

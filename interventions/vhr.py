@@ -19,7 +19,7 @@ import torch
 
 from interventions.defaults import Backbone, Default, round_half_up
 from interventions.plan import BatchPlan, Component
-from interventions.registry import register
+from interventions.registry import InterventionError, register
 
 PAPER_BAND = 14  # last 14 of LLaVA-1.5-7B's 32 layers (plus layer 1)
 PAPER_DEPTH = 32
@@ -60,7 +60,9 @@ class VHRConfig:
                                                                "> 1 reinforces); default 2.0"})
     layers: tuple[int, ...] | None = field(default=None, metadata={
         "doc": "target layers; default {1} ∪ the last round(14·L/32) layers (LLaVA-1.5-7B: 1, 18..31)"})
-    reinforce_twin: bool = field(default=True, metadata={"doc": "also reinforce the image-removed row"})
+    reinforce_twin: bool | None = field(default=None, metadata={
+        "doc": "also reinforce the image-removed row; default true, false when PAI's contrast shares the "
+               "request (its image-removed branch stays plain, methods.md 1.7)"})
     report_vhd: bool = field(default=False, metadata={"doc": "also report each target layer's per-head divergence (lvlm inspect)"})
     preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
@@ -70,6 +72,8 @@ class VHRConfig:
             raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.reinforce_twin is not None and not isinstance(self.reinforce_twin, bool):
+            raise ValueError(f"reinforce_twin must be true or false, got {self.reinforce_twin!r}")
 
     @staticmethod
     def paper_defaults(backbone: Backbone) -> dict[str, Default]:
@@ -88,12 +92,26 @@ class VHRConfig:
         return VHR(plan, configs)
 
 
+def twin_reinforced(request: int, config: VHRConfig, plan: BatchPlan) -> bool:
+    """Whether VHR scales the request's image-removed twin too. A request has one twin; when PAI's
+    contrast reads it, it must stay plain (methods.md 1.7), so VHR then selects its heads against
+    the plain twin (the `reinforce_twin: false` reading of 1.5); asking for both is refused."""
+    pai = plan.configs("pai").get(request)
+    shared = bool(pai is not None and pai.contrast)
+    if config.reinforce_twin and shared:
+        raise InterventionError("vhr: reinforce_twin=true cannot be combined with pai's contrast in one request: "
+                                "the image-removed branch PAI reads must stay plain (methods.md 1.7); drop "
+                                "reinforce_twin or the contrast", param="interventions.vhr.reinforce_twin")
+    return not shared if config.reinforce_twin is None else config.reinforce_twin
+
+
 class VHR(Component):
     name = "vhr"
 
     def __init__(self, plan: BatchPlan, configs: dict[int, VHRConfig]):
         self.configs = configs
         self.targets = {r: set(c.target_layers(plan.facts.num_layers)) for r, c in configs.items()}
+        self.reinforce_twin = {r: twin_reinforced(r, c, plan) for r, c in configs.items()}
         self.heads: dict[int, dict[int, torch.Tensor]] = {r: {} for r in configs}  # request -> layer -> (H,) bool
         self.vhd: dict[int, dict[int, list[float]]] = {r: {} for r in configs}
         for r in configs:
@@ -106,7 +124,7 @@ class VHR(Component):
             return None
         scale = torch.ones(len(plan.rows), plan.facts.num_heads)
         for b, (r, is_twin) in enumerate(zip(plan.rows, plan.twin)):
-            if r in rows and (not is_twin or self.configs[r].reinforce_twin):
+            if r in rows and (not is_twin or self.reinforce_twin[r]):
                 scale[b, self.heads[r][layer]] = float(self.configs[r].alpha)
         return scale.to(device)
 
@@ -135,6 +153,6 @@ class VHR(Component):
         for r in self.configs:
             selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(self.heads[r].items())}
             plan.report(r, vhr={"alpha": self.configs[r].alpha, "layers": sorted(self.targets[r]), "heads": selected,
-                                "twin_rows": 1})
+                                "twin_rows": 1, "reinforce_twin": self.reinforce_twin[r]})
             if self.configs[r].report_vhd:
                 plan.reports_[r]["vhr"]["vhd"] = {l: v for l, v in sorted(self.vhd[r].items())}

@@ -8,13 +8,16 @@ exists when rows are physically removed, so this is what the engine does; `emula
 the visual keys instead (identical outputs, no saving) and serves as the test oracle.
 
 Policies:
-- "fixed": exit after layer k (default k = L // 2); k = L − 1 never exits.
+- "fixed": exit after layer k (default k = L // 2); k = L − 1 (or L) never exits.
 - "dynamic" (training-free): exit after the first layer ≥ min_layer at which the last prompt
   row's head-mean attention mass on visual keys has stayed below `threshold` for `patience`
   consecutive layers (read out by the kernel's READOUT, no attention matrix materialized).
-- "router": DyVTE-style trained router (an MLP on [mean of the text hidden states after the
-  image; last hidden state], exit when its sigmoid > 0.5), from trained weights
-  (torch.save of {"w1": (Hd, 2E), "b1": (Hd,), "w2": (1, Hd), "b2": (1,)}); none are published.
+- "router": DyVTE-style trained router, an MLP (GELU hidden layer) on [mean of the text hidden
+  states after the image, the last token excluded; last hidden state], evaluated from layer 0
+  (`min_layer` 0 unless set). Two weight formats, loaded as they are (torch.save of a dict; none
+  are published): DyVTE's two logits without bias, {"w1": (Hd, 2E), "w2": (2, Hd)}, exit when
+  g1 > g0; or one logit with biases, {"w1", "b1": (Hd,), "w2": (1, Hd), "b2": (1,)}, exit when
+  its sigmoid > 0.5.
   A request names a router by `router` NAME only; the file is `<name>.pt` in the directory the
   operator configures (`lvlm serve --router-dir`, environment variable LVLM_ROUTER_DIR), loaded
   with `weights_only=True`. Requests never name paths: a path would let any caller make the
@@ -63,12 +66,23 @@ def load_router_weights(name: str) -> dict[str, torch.Tensor]:
     return _load_weights(str(path), path.stat().st_mtime_ns)
 
 
+ROUTER_FORMATS = {  # keys -> rows of w2: DyVTE's two bias-free logits, or one logit with biases
+    frozenset({"w1", "w2"}): 2,
+    frozenset({"w1", "b1", "w2", "b2"}): 1,
+}
+
+
 @functools.lru_cache(maxsize=16)
 def _load_weights(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:  # mtime: a replaced file reloads
     weights = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"w1", "b1", "w2", "b2"} - set(weights) if isinstance(weights, dict) else {"w1", "b1", "w2", "b2"}
-    if missing:
-        raise ValueError(f"vte: router weights lack {sorted(missing)}")
+    keys = frozenset(weights) if isinstance(weights, dict) else frozenset()
+    outputs = ROUTER_FORMATS.get(keys)
+    if outputs is None:
+        raise ValueError(f"vte: router weights must hold w1, w2 (DyVTE: two logits, no bias) or w1, b1, w2, b2 "
+                         f"(one logit); got {sorted(keys)}")
+    if weights["w2"].ndim != 2 or weights["w2"].shape[0] != outputs:
+        raise ValueError(f"vte: router w2 must have {outputs} rows for this format, got shape "
+                         f"{tuple(weights['w2'].shape)}")
     return weights
 
 
@@ -80,7 +94,8 @@ class VTEConfig:
     exit_layer: int | None = field(default=None, metadata={"doc": "fixed exit layer k (default L // 2, or the tuned exit)"})
     threshold: float = field(default=0.1, metadata={"doc": "dynamic: visual attention mass below which to exit"})
     patience: int = field(default=1, metadata={"doc": "dynamic: consecutive layers below the threshold"})
-    min_layer: int = field(default=2, metadata={"doc": "dynamic/router: earliest exit layer"})
+    min_layer: int | None = field(default=None, metadata={
+        "doc": "dynamic/router: earliest exit layer; default 2 (dynamic), 0 (router: DyVTE evaluates from layer 0)"})
     router: str | None = field(default=None, metadata={"doc": "router: name of trained weights in the server's router directory"})
     emulate: bool = field(default=False, metadata={"doc": "mask visual keys instead of removing rows (oracle)"})
     preset: str = field(default="default", metadata={"doc": "default | paper | tuned (exit from `lvlm tune`)"})
@@ -92,6 +107,9 @@ class VTEConfig:
             raise ValueError(f"exit_layer must be an integer >= 0, got {self.exit_layer!r}")
         if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if self.min_layer is not None and (isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int)
+                                           or self.min_layer < 0):
+            raise ValueError(f"min_layer must be an integer >= 0, got {self.min_layer!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
         if self.router is not None and (not isinstance(self.router, str) or not ROUTER_NAME.fullmatch(self.router)):
@@ -108,18 +126,25 @@ class VTEConfig:
     def plan_component(plan: BatchPlan, configs: dict, profile: dict) -> "VTE":
         return VTE(plan, configs)
 
+    def earliest(self) -> int:
+        """The first layer after which the dynamic or router policy may exit."""
+        if self.min_layer is not None:
+            return self.min_layer
+        return 0 if self.policy == "router" else 2
+
 
 class Router(torch.nn.Module):
     """DyVTE-style exit router: MLP over [mean text-after-image hidden; last hidden]."""
 
     def __init__(self, weights: dict[str, torch.Tensor]):
         super().__init__()
-        self.w1, self.b1 = weights["w1"].float(), weights["b1"].float()
-        self.w2, self.b2 = weights["w2"].float(), weights["b2"].float()
+        self.w1, self.w2 = weights["w1"].float(), weights["w2"].float()
+        self.b1 = weights["b1"].float() if "b1" in weights else torch.zeros(self.w1.shape[0])
+        self.b2 = weights["b2"].float() if "b2" in weights else torch.zeros(self.w2.shape[0])
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (2E,) -> probability of exiting
-        h = torch.nn.functional.gelu(features.float() @ self.w1.T + self.b1)
-        return torch.sigmoid(h @ self.w2.T + self.b2).squeeze(-1)
+    def forward(self, features: torch.Tensor) -> bool:  # (2E,) -> exit now?
+        g = torch.nn.functional.gelu(features.float() @ self.w1.T + self.b1) @ self.w2.T + self.b2
+        return bool(g[1] > g[0]) if g.shape[-1] == 2 else bool(g[0] > 0)  # sigmoid(g) > 0.5
 
 
 class VTE(Component):
@@ -133,9 +158,9 @@ class VTE(Component):
         self.removed: dict[int, int] = {r: 0 for r in configs}
         self.routers: dict[int, Router] = {}
         for r, c in configs.items():
-            if c.exit_layer is not None and c.exit_layer >= num_layers:
-                raise ValueError(f"vte: exit_layer {c.exit_layer} outside the model's 0..{num_layers - 1}")
-            if c.min_layer >= num_layers:
+            if c.exit_layer is not None and c.exit_layer > num_layers:  # L - 1 and L: never exit
+                raise ValueError(f"vte: exit_layer {c.exit_layer} outside the model's 0..{num_layers}")
+            if c.earliest() >= num_layers:
                 raise ValueError(f"vte: min_layer {c.min_layer} outside the model's 0..{num_layers - 1}")
             self.exit[r] = (c.exit_layer if c.exit_layer is not None else num_layers // 2) if c.policy == "fixed" else None
             if c.policy == "router":
@@ -151,19 +176,22 @@ class VTE(Component):
         if state.phase != "prefill":
             return
         for r, router in self.routers.items():
-            if self.exit[r] is None and layer - 1 >= self.configs[r].min_layer:
-                if float(router(self._router_features(plan, state, r))) > 0.5:
+            if self.exit[r] is None and layer - 1 >= self.configs[r].earliest():
+                if router(self._router_features(plan, state, r)):
                     self.exit[r] = layer - 1
         leaving = [r for r, c in self.configs.items() if not c.emulate and self.exit[r] == layer - 1]
         if leaving:
             self._remove_visual_rows(plan, state, leaving)
 
     def _router_features(self, plan, state, r: int) -> torch.Tensor:
+        """[mean of the text rows after the image, the last one excluded (zeros if none); last row]."""
         b = plan.main_row(r)
         visual = plan.visual[b]
-        after = torch.arange(visual.shape[0], device=visual.device) > visual.nonzero().max() if visual.any() else visual
-        text = state.hidden[b][after & (torch.arange(visual.shape[0], device=visual.device) >= state.row_start[b])]
-        return torch.cat([text.float().mean(0), state.hidden[b, -1].float()])
+        position = torch.arange(visual.shape[0], device=visual.device)
+        after = position > visual.nonzero().max() if visual.any() else position >= state.row_start[b]
+        text = state.hidden[b][after & (position >= state.row_start[b]) & (position < visual.shape[0] - 1)]
+        mean = text.float().mean(0) if len(text) else state.hidden.new_zeros(state.hidden.shape[-1], dtype=torch.float32)
+        return torch.cat([mean, state.hidden[b, -1].float()])
 
     def _remove_visual_rows(self, plan: BatchPlan, state, leaving: list[int]) -> None:
         """Drop the visual rows of the leaving requests and re-pack the batch, left-padded."""
@@ -193,14 +221,14 @@ class VTE(Component):
 
     def contribute(self, plan, layer, state, fields):
         dynamic = [r for r, c in self.configs.items() if c.policy == "dynamic" and self.exit[r] is None]
-        if state.phase == "prefill" and dynamic and layer >= min(self.configs[r].min_layer for r in dynamic):
+        if state.phase == "prefill" and dynamic and layer >= min(self.configs[r].earliest() for r in dynamic):
             fields["readout"] = True
 
     def after_attention(self, plan, layer, state, out, readout):
         if state.phase != "prefill" or readout is None:
             return out
         for r, c in self.configs.items():
-            if c.policy != "dynamic" or self.exit[r] is not None or layer < c.min_layer:
+            if c.policy != "dynamic" or self.exit[r] is not None or layer < c.earliest():
                 continue
             b = plan.main_row(r)
             visual = (plan.key_class(layer, state)[b] & KEY_VISUAL) != 0

@@ -126,6 +126,15 @@ class Pipeline:
         first = replace(request, image=_images(request)[0])  # the first image's tokens come first
         return patch_grid(self, self.prepare([first])).panels[-1].tokens
 
+    def image_input_size(self) -> tuple[int, int] | None:
+        """(width, height) of the vision tower's square input (LLaVA-1.5: 336 x 336; LLaVA-NeXT:
+        its base tile), or None for a dynamic-resolution tower (Qwen2-VL), which takes an image
+        at its own size. CARVE upscales its crop to it."""
+        side = getattr(getattr(self.model.config, "vision_config", None), "image_size", None)
+        if self.facts.vision_grid is None or not isinstance(side, int):
+            return None
+        return side, side
+
     def build_plan(self, requests: Sequence[Request], plan_factory=None):
         if plan_factory is not None:
             return plan_factory(self.facts, requests)

@@ -1,7 +1,9 @@
 """Each intervention: neutral parameters, effect, parity with independent implementations."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +13,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 import lvlm
 from interventions import InterventionError, resolve
 from interventions.plan import build_plan
+from interventions.carve import GENERAL_PROMPT as CARVE_G, refine_image
+from interventions.validate import validate
 from interventions.vhr import default_layers
+from interventions.vte import VTE
 from lvlm import tiny
 from tests.conftest import ACTIVE, NEUTRAL
 
@@ -122,6 +127,37 @@ def test_vhr_matches_hooked_transformers(pipe):
     assert all(len(h) == 2 for h in selected.values())  # half of 4 heads, above the median
     eos = pipe.tokenizer.eos_token_id
     assert ours.token_ids == (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+
+
+def test_vhr_with_pai_contrast_leaves_the_shared_twin_plain(pipe):
+    """methods.md 1.7: PAI's image-removed branch stays unreinforced when VHR shares the request."""
+    model, _ = tiny.build("tiny-llava")
+    vhr = {"name": "vhr", "alpha": 3.0, "layers": [1, 2, 3]}
+    req = lvlm.Request("Describe it.", IMG2, interventions=resolve([vhr, {"name": "pai", "alpha": 0.5, "contrast": True}]))
+    with torch.no_grad():
+        plain = model(**pipe.prepare([replace(req, image=None, interventions=())])).logits[0, -1]
+
+    def prefill(request):  # as the pipeline lays out a batch: the request, then its image-removed twin
+        plan = build_plan(pipe.facts, [request], profile={})
+        component, scales = next(c for c in plan.components if c.name == "vhr"), []
+        scale = component._scale
+        component._scale = lambda *a: scales.append(scale(*a)) or scales[-1]  # record every layer's (B, H) scales
+        batch = pipe.prepare([request, *plan.twin_requests()])
+        plan.bind(batch)
+        logits, _ = pipe.engine.prefill(batch["input_ids"], batch["attention_mask"], pipe.vision_inputs(batch), plan)
+        return logits, plan, torch.stack([s for s in scales if s is not None])  # None: a layer VHR leaves alone
+
+    logits, plan, scales = prefill(req)
+    assert plan.twin == [False, True] and scales.shape == (3, 2, 4)
+    assert scales[:, 1].eq(1).all() and scales[:, 0].eq(3.0).sum() == 6  # the twin plain, two heads per layer reinforced
+    torch.testing.assert_close(logits[1], plain, atol=1e-4, rtol=1e-4)  # the twin is the plain text-only model
+    assert plan.reports()[0]["vhr"]["reinforce_twin"] is False
+    # VHR alone reinforces its twin (the default reading of 1.5), so the checks above can fail.
+    _, plan, scales = prefill(replace(req, interventions=resolve([vhr])))
+    assert scales[:, 1].eq(3.0).sum() == 6 and plan.reports()[0]["vhr"]["reinforce_twin"] is True
+    with pytest.raises(InterventionError, match="must stay plain") as err:
+        build_plan(pipe.facts, [replace(req, interventions=resolve([{**vhr, "reinforce_twin": True}, {"name": "pai", "contrast": True}]))])
+    assert err.value.param == "interventions.vhr.reinforce_twin"
 
 
 def test_vhr_default_layers():
@@ -258,14 +294,86 @@ def test_vte_router_weights(pipe, tmp_path, monkeypatch):
     assert res.report["vte"]["exit_layer"] == 1  # the router says "exit" at the first allowed layer
 
 
+def test_vte_loads_dyvte_routers_as_they_are_and_evaluates_them_from_layer_0(pipe, tmp_path, monkeypatch):
+    """methods.md 4.2: two bias-free logits, exit when g1 > g0, from layer 0."""
+    E = pipe.facts.hidden_size
+    monkeypatch.setenv("LVLM_ROUTER_DIR", str(tmp_path))
+    u = torch.zeros(2 * E)
+    u[E] = 1.0  # reads one coordinate a of the last hidden state: h = (gelu(a), gelu(-a))
+    w1 = torch.stack([u, -u])
+    torch.save({"w1": w1, "w2": torch.tensor([[0.0, 0.0], [1.0, 1.0]])}, tmp_path / "exits.pt")  # g1 = a·erf(a/√2) > 0
+    torch.save({"w1": w1, "w2": torch.tensor([[1.0, 1.0], [0.0, 0.0]])}, tmp_path / "stays.pt")  # g0 > g1
+    torch.save({"w1": w1, "w2": torch.zeros(1, 2)}, tmp_path / "bad.pt")
+    assert run(pipe, [{"name": "vte", "policy": "router", "router": "exits"}]).report["vte"]["exit_layer"] == 0
+    stays = run(pipe, [{"name": "vte", "policy": "router", "router": "stays"}])
+    assert stays.report["vte"]["exit_layer"] is None and stays.token_ids == run(pipe, None).token_ids
+    with pytest.raises(ValueError, match="w2 must have 2 rows"):
+        run(pipe, [{"name": "vte", "policy": "router", "router": "bad"}])
+
+
+def test_vte_router_features_leave_out_the_last_token():
+    hidden = torch.arange(8.0)[None, :, None].expand(1, 8, 3).clone()  # row t holds t
+    visual = torch.tensor([[False, True, True, True, False, False, False, False]])  # text 4..7 after the image
+    plan = SimpleNamespace(main_row=lambda r: 0, visual=visual)
+    state = SimpleNamespace(hidden=hidden, row_start=torch.tensor([0]))
+    features = VTE._router_features(None, plan, state, 0)
+    assert features.tolist() == [5.0] * 3 + [7.0] * 3  # mean of rows 4, 5, 6 (not 7); then the last row
+
+
+def test_vte_exit_at_L_is_neutral_as_at_L_minus_1(pipe):
+    L = pipe.facts.num_layers
+    base = run(pipe, None, image=IMG2)
+    for k in (L - 1, L):
+        res = run(pipe, [{"name": "vte", "exit_layer": k}], image=IMG2)
+        assert res.token_ids == base.token_ids and res.report["vte"]["exit_layer"] is None
+    with pytest.raises(InterventionError, match="outside"):
+        validate(resolve([{"name": "vte", "exit_layer": L + 1}]), pipe.facts)
+
+
 # -- CARVE -----------------------------------------------------------------------------------------
 def test_carve_reports_and_refines(pipe):
     res = run(pipe, ACTIVE["carve"], image=IMG2)
     info = res.report["carve"]
     assert info["extra_passes"] == 2 and info["kept"] >= 1 and 0 < info["mask_fraction"] <= 0.25
     assert res.report["added_ms"] > 0
-    code = run(pipe, [{"name": "carve", "mode": "code", "max_steps": 4}], image=IMG2)
+    code = run(pipe, [{"name": "carve", "mode": "code", "max_steps": 4, "answer_suffix": False}], image=IMG2)
     assert code.prompt_tokens > res.prompt_tokens  # two images in the final prompt
+    # The crop is upscaled by the larger ratio to the tower's square input (methods.md 5.5).
+    x0, y0, x1, y1 = info["box"]
+    side = pipe.model.config.vision_config.image_size
+    factor = max(side / (x1 - x0), side / (y1 - y0))
+    assert info["refined_size"] == [round((x1 - x0) * factor), round((y1 - y0) * factor)]
+    assert min(info["refined_size"]) >= side - 1 and info["answer_suffix"] is False
+
+
+def test_carve_upscales_a_thin_crop_by_the_larger_ratio():
+    score = np.zeros((100, 100))
+    score[40:50, 10:90] = 1.0  # one 80 x 10 region holds every top pixel
+    refined, info = refine_image(Image.new("RGB", (100, 100), "white"), score, top_p=0.08, k_min=1, target=(336, 336))
+    assert info["box"] == [10, 40, 90, 50] and refined.size == (2688, 336)  # x 33.6: both sides cover 336
+    assert refine_image(Image.new("RGB", (100, 100)), score, top_p=0.08, k_min=1)[0].size == (800, 100)
+
+
+def test_carve_answer_suffix_goes_on_q_and_g_in_code_mode(pipe, monkeypatch):
+    prompts = []
+    generate = pipe.generate
+
+    def spy(reqs, **kw):  # the read-out probes run with CARVE's own plan
+        if "plan_factory" in kw:
+            prompts.append([r.prompt for r in reqs])
+        return generate(reqs, **kw)
+
+    monkeypatch.setattr(pipe, "generate", spy)
+    suffix = "\nAnswer the question using a single word or phrase."
+    tokens = {}
+    for spec, on in (({"mode": "code"}, True), ({"mode": "paper"}, False), ({"mode": "paper", "answer_suffix": True}, True)):
+        prompts.clear()
+        res = run(pipe, [{"name": "carve", "max_steps": 2, **spec}], image=IMG2, n=2)
+        assert prompts == [["Describe it." + suffix, CARVE_G + suffix] if on else ["Describe it.", CARVE_G]]
+        assert res.report["carve"]["answer_suffix"] is on
+        tokens[on] = tokens.get(on, []) + [res.prompt_tokens]
+    suffix_tokens = len(pipe.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    assert tokens[True][1] == tokens[False][0] + suffix_tokens  # and the final question carries it
 
 
 # -- invalid configurations --------------------------------------------------------------------------
@@ -299,7 +407,7 @@ def test_one_object_is_one_intervention():
 
 
 def test_invalid_for_the_model(pipe):
-    with pytest.raises(ValueError, match="exit_layer 9 outside the model's 0..3"):
+    with pytest.raises(ValueError, match="exit_layer 9 outside the model's 0..4"):
         run(pipe, [{"name": "vte", "exit_layer": 9}])
     with pytest.raises(ValueError, match=r"layers \[7\] outside"):
         run(pipe, [{"name": "vhr", "layers": [7]}])

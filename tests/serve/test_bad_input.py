@@ -280,7 +280,7 @@ CHAT_CASES = [
     # -- VTE
     ("vte-policy-unknown", iv("vte", policy="magic"), 400, INV, "interventions.vte"),
     ("vte-exit-layer-999", iv("vte", exit_layer=999), 400, INV, "interventions.vte.exit_layer"),
-    ("vte-exit-layer-L", iv("vte", exit_layer=6), 400, INV, "interventions.vte.exit_layer"),
+    ("vte-exit-layer-L-plus-1", iv("vte", exit_layer=7), 400, INV, "interventions.vte.exit_layer"),  # L = 6 is neutral
     ("vte-exit-layer-negative", iv("vte", exit_layer=-1), 400, INV, "interventions.vte"),
     ("vte-min-layer-999", iv("vte", policy="dynamic", min_layer=999), 400, INV, "interventions.vte.min_layer"),
     ("vte-threshold-2", iv("vte", policy="dynamic", threshold=2), 400, INV, "interventions.vte"),

@@ -169,11 +169,15 @@ def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: 
                  target: tuple[int, int] | None = None) -> tuple[Image.Image, dict]:
     """Keep the top-p pixels' strongest regions, zero the rest, crop, and upscale (Lanczos, aspect
     kept) by the larger of the two ratios to `target` (width, height; default the image's size):
-    the crop then covers the target in both directions, as the official code's max does."""
+    the crop then covers the target in both directions, as the official code's max does. A mask
+    that keeps every pixel returns the image unchanged, so top_p = 1 is neutral."""
     regions, count, kept = select_regions(score, top_p=top_p, k_min=k_min)
     if count == 0:
         return image, {"regions": 0, "kept": 0, "box": [0, 0, image.width, image.height]}
     keep = np.isin(regions, kept)
+    if keep.all():  # nothing masked or cropped (top_p = 1): the refined image is the image itself
+        return image, {"regions": int(count), "kept": int(len(kept)), "box": [0, 0, image.width, image.height],
+                       "mask_fraction": 1.0}
     ys, xs = np.nonzero(keep)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     pixels = np.asarray(image.convert("RGB")).copy()

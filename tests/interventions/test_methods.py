@@ -352,6 +352,8 @@ def test_carve_upscales_a_thin_crop_by_the_larger_ratio():
     refined, info = refine_image(Image.new("RGB", (100, 100), "white"), score, top_p=0.08, k_min=1, target=(336, 336))
     assert info["box"] == [10, 40, 90, 50] and refined.size == (2688, 336)  # x 33.6: both sides cover 336
     assert refine_image(Image.new("RGB", (100, 100)), score, top_p=0.08, k_min=1)[0].size == (800, 100)
+    image = Image.new("RGB", (100, 100))
+    assert refine_image(image, score, top_p=1.0, k_min=1, target=(336, 336))[0] is image  # keeps all: neutral
 
 
 def test_carve_answer_suffix_goes_on_q_and_g_in_code_mode(pipe, monkeypatch):

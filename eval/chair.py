@@ -28,7 +28,8 @@ from types import MappingProxyType
 
 from pycocotools.coco import COCO
 
-from eval.coco import captions_by_image, check_image_id, instance_categories, load_coco, validate_image_ids
+from eval.coco import (captions_by_image, check_image_id, instance_categories, load_coco, read_utf8_lines,
+                       validate_image_ids)
 from eval.errors import AnnotationError, ImageIdError, NLTKDataError
 
 DEFAULT_SYNONYMS_PATH = Path(__file__).resolve().parent / "data" / "chair_synonyms.txt"
@@ -265,7 +266,9 @@ class GroundTruth:
 
     def save(self, path: str | Path) -> None:
         """Write the {image_id: [category, ...]} mapping (a cache: mining captions takes minutes)."""
-        Path(path).write_text(json.dumps(self.to_json(), indent=0))
+        from eval.report import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json(), indent=0))
 
 
 def ground_truth_from_coco(
@@ -395,7 +398,7 @@ def read_captions(
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"captions file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8_lines(path)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -403,7 +406,7 @@ def read_captions(
             raise AnnotationError(f"{path}: not a JSON list: {err}") from err
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

@@ -137,15 +137,29 @@ def sample_image_ids(ids: Sequence[int], n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(pool, n)
 
 
+def read_utf8_lines(path: str | Path) -> str:
+    """A text file's contents, or an AnnotationError if it is not UTF-8. Split it on "\n" only
+    (`str.splitlines` would also cut a JSON record at a raw U+2028 inside a string)."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{path}: not UTF-8 text ({err})") from err
+
+
 def read_image_list(path: str | Path) -> list[int]:
     """Image ids from a JSON list or a text file with one id per line."""
-    text = Path(path).read_text()
+    text = read_utf8_lines(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        ids = json.loads(stripped)
+        try:
+            ids = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise ImageIdError(f"{path}: not a JSON list of image ids: {err}") from err
+        if not isinstance(ids, list):
+            raise ImageIdError(f"{path}: not a JSON list of image ids")
     else:
         ids = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             line = line.strip()
             if not line:
                 continue
@@ -157,7 +171,9 @@ def read_image_list(path: str | Path) -> list[int]:
 
 
 def write_image_list(path: str | Path, ids: Sequence[int]) -> None:
-    Path(path).write_text("".join(f"{check_image_id(i)}\n" for i in ids))
+    from eval.report import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{check_image_id(i)}\n" for i in ids))
 
 
 def image_ids_hash(ids: Iterable[int]) -> str:
@@ -203,7 +219,10 @@ def resolve_annotation_paths(
 
 
 def check_image_files(files: Iterable[str | Path], what: str = "image") -> None:
-    """Raise AnnotationError listing the missing files (all of them are checked before any model runs)."""
+    """Raise AnnotationError listing the missing, then the unreadable files (all of them are
+    checked before any model runs, so a truncated download does not stop a run midway)."""
+    from PIL import Image, UnidentifiedImageError
+
     files = list(files)
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
@@ -213,3 +232,13 @@ def check_image_files(files: Iterable[str | Path], what: str = "image") -> None:
             f"{len(missing)} of {len(files)} {what} files are missing (in {', '.join(folders[:3])}): {shown}; "
             "check --images"
         )
+    unreadable = []
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            unreadable.append(str(f))
+    if unreadable:
+        shown = ", ".join(Path(m).name for m in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+        raise AnnotationError(f"{len(unreadable)} of {len(files)} {what} files are not readable images: {shown}")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from eval.coco import read_utf8_lines
 from eval.errors import AnnotationError, ParserError, PopeBuildError
 
 SPLITS = ("random", "popular", "adversarial")
@@ -153,7 +154,7 @@ def build_splits(objects_by_image: Mapping[int, Iterable[str]], **kwargs) -> dic
 def read_questions(path: str | Path) -> list[PopeQuestion]:
     """Official POPE question file: JSON lines {question_id, image, text, label}."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8_lines(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -173,7 +174,9 @@ def read_questions(path: str | Path) -> list[PopeQuestion]:
 
 
 def write_questions(path: str | Path, questions: Sequence[PopeQuestion]) -> None:
-    Path(path).write_text("".join(json.dumps(q.to_json()) + "\n" for q in questions), encoding="utf-8")
+    from eval.report import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(q.to_json()) + "\n" for q in questions))
 
 
 _IMAGE_ID = re.compile(r"(\d+)(?:\.\w+)?$")

@@ -470,8 +470,10 @@ def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evalu
     if ship:
         ship_tuned(pipeline, entries)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "tune_report.json").write_text(json.dumps(entries, indent=1, default=list))
-    (Path(out) / "tune_report.md").write_text(markdown(entries))
+    from eval.report import atomic_write_text
+
+    atomic_write_text(Path(out) / "tune_report.json", json.dumps(entries, indent=1, default=list))
+    atomic_write_text(Path(out) / "tune_report.md", markdown(entries))
     return entries
 
 

@@ -318,3 +318,23 @@ def test_shapes_world_annotations_get_the_shapes_synonyms_whatever_the_model(cli
     assert code == 0, output
     data = json.loads(out.read_text())
     assert data["n_mentions"] == 1 and data["chair_s"] == 0.0
+
+
+def test_unreadable_images_bad_image_lists_and_bad_text_are_clear_errors(cli, tiny_coco, tmp_path):
+    (tiny_coco.images / "COCO_val2014_000000000002.jpg").write_bytes(b"")  # a truncated download
+    _fails(invoke(cli, "chair", "--model", "fake/m", "--images", tiny_coco.images, "--annotations", tiny_coco.root,
+                  "-n", "3"),
+           "1 of 3 image files are not readable images", "COCO_val2014_000000000002.jpg")
+    bad_list = tmp_path / "ids.json"
+    bad_list.write_text("[1, 2")
+    _fails(invoke(cli, "chair", "--model", "fake/m", "--images", tiny_coco.images, "--annotations", tiny_coco.root,
+                  "--image-list", bad_list), "not a JSON list of image ids")
+    latin1 = tmp_path / "caps.jsonl"
+    latin1.write_bytes(json.dumps({"image_id": 1, "caption": "A caf\u00e9."}, ensure_ascii=False).encode("latin-1") + b"\n")
+    _fails(invoke(cli, "score-chair", latin1, "--gt", tiny_coco.instances), "not UTF-8 text")
+
+
+def test_a_raw_line_separator_inside_a_caption_stays_one_record(tmp_path):
+    caps = tmp_path / "caps.jsonl"
+    caps.write_bytes(json.dumps({"image_id": 1, "caption": "A dog.\u2028A cat."}, ensure_ascii=False).encode() + b"\n")
+    assert [r.caption for r in read_captions(caps)] == ["A dog.\u2028A cat."]

@@ -28,7 +28,7 @@ from types import MappingProxyType
 
 from pycocotools.coco import COCO
 
-from eval.coco import (captions_by_image, check_image_id, instance_categories, load_coco, read_utf8_lines,
+from eval.coco import (captions_by_image, check_image_id, instance_categories, load_coco, read_utf8_text,
                        validate_image_ids)
 from eval.errors import AnnotationError, ImageIdError, NLTKDataError
 
@@ -398,7 +398,7 @@ def read_captions(
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"captions file not found: {path}")
-    text = read_utf8_lines(path)
+    text = read_utf8_text(path)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

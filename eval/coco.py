@@ -137,8 +137,8 @@ def sample_image_ids(ids: Sequence[int], n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(pool, n)
 
 
-def read_utf8_lines(path: str | Path) -> str:
-    """A text file's contents, or an AnnotationError if it is not UTF-8. Split it on "\n" only
+def read_utf8_text(path: str | Path) -> str:
+    """A text file's contents, or an AnnotationError if it is not UTF-8. Split JSON lines on "\n" only
     (`str.splitlines` would also cut a JSON record at a raw U+2028 inside a string)."""
     try:
         return Path(path).read_bytes().decode("utf-8")
@@ -148,7 +148,7 @@ def read_utf8_lines(path: str | Path) -> str:
 
 def read_image_list(path: str | Path) -> list[int]:
     """Image ids from a JSON list or a text file with one id per line."""
-    text = read_utf8_lines(path)
+    text = read_utf8_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -223,13 +223,15 @@ def check_image_files(files: Iterable[str | Path], what: str = "image") -> None:
     checked before any model runs, so a truncated download does not stop a run midway)."""
     from PIL import Image, UnidentifiedImageError
 
+    def shown(paths: list[str]) -> str:  # the first five names
+        return ", ".join(Path(m).name for m in paths[:5]) + (" ..." if len(paths) > 5 else "")
+
     files = list(files)
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         folders = sorted({str(Path(m).parent) for m in missing})
-        shown = ", ".join(Path(m).name for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise AnnotationError(
-            f"{len(missing)} of {len(files)} {what} files are missing (in {', '.join(folders[:3])}): {shown}; "
+            f"{len(missing)} of {len(files)} {what} files are missing (in {', '.join(folders[:3])}): {shown(missing)}; "
             "check --images"
         )
     unreadable = []
@@ -240,5 +242,4 @@ def check_image_files(files: Iterable[str | Path], what: str = "image") -> None:
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
             unreadable.append(str(f))
     if unreadable:
-        shown = ", ".join(Path(m).name for m in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
-        raise AnnotationError(f"{len(unreadable)} of {len(files)} {what} files are not readable images: {shown}")
+        raise AnnotationError(f"{len(unreadable)} of {len(files)} {what} files are not readable images: {shown(unreadable)}")

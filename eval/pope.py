@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eval.coco import read_utf8_lines
+from eval.coco import read_utf8_text
 from eval.errors import AnnotationError, ParserError, PopeBuildError
 
 SPLITS = ("random", "popular", "adversarial")
@@ -154,7 +154,7 @@ def build_splits(objects_by_image: Mapping[int, Iterable[str]], **kwargs) -> dic
 def read_questions(path: str | Path) -> list[PopeQuestion]:
     """Official POPE question file: JSON lines {question_id, image, text, label}."""
     out = []
-    for n, line in enumerate(read_utf8_lines(path).split("\n"), 1):
+    for n, line in enumerate(read_utf8_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -161,7 +161,7 @@ class VTE(Component):
             if c.exit_layer is not None and c.exit_layer > num_layers:  # L - 1 and L: never exit
                 raise ValueError(f"vte: exit_layer {c.exit_layer} outside the model's 0..{num_layers}")
             if c.earliest() >= num_layers:
-                raise ValueError(f"vte: min_layer {c.min_layer} outside the model's 0..{num_layers - 1}")
+                raise ValueError(f"vte: min_layer {c.earliest()} outside the model's 0..{num_layers - 1}")
             self.exit[r] = (c.exit_layer if c.exit_layer is not None else num_layers // 2) if c.policy == "fixed" else None
             if c.policy == "router":
                 self.routers[r] = Router(load_router_weights(c.router))

@@ -38,8 +38,11 @@ from typing import Any
 
 import typer
 
+from eval.errors import EvalError
+
 METHODS = ("vhr", "pai", "var", "vte")
 GRIDS = ("small", "full")
+POPE_TOKENS = 16  # new tokens for a yes/no answer
 Metrics = Mapping[str, float]  # CHAIR_s, CHAIR_i, Recall, Len (x100 like papers) and F1 (POPE)
 Evaluate = Callable[[str | None, Mapping[str, Any]], Metrics]  # (method or None = no intervention, params)
 
@@ -218,19 +221,24 @@ def configurations(method: str, space: Mapping[str, Sequence[Any]], shape: Shape
 
 
 def config_key(method: str | None, params: Mapping[str, Any], eval_key: str) -> str:
-    blob = json.dumps({"method": method, "params": params, "eval": eval_key}, sort_keys=True)
+    blob = json.dumps({"method": method, "params": params, "eval": eval_key}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class MetricsCache:
-    """One JSON file per evaluated configuration, keyed by (method, params, evaluation settings)."""
+    """One JSON file per evaluated configuration, keyed by (method, params, evaluation settings).
 
-    def __init__(self, root: str | Path, eval_key: str):
+    `key(method, params)`, when given, names the entry instead (SplitEvaluator.key: the settings
+    plus the values the loaded model runs the configuration with)."""
+
+    def __init__(self, root: str | Path, eval_key: str,
+                 key: Callable[[str | None, Mapping[str, Any]], str] | None = None):
         self.root, self.eval_key = Path(root), eval_key
+        self.key = key or (lambda method, params: config_key(method, params, eval_key))
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, method: str | None, params: Mapping[str, Any]) -> Path:
-        return self.root / f"{method or 'none'}-{config_key(method, params, self.eval_key)}.json"
+        return self.root / f"{method or 'none'}-{self.key(method, params)}.json"
 
     def get(self, method: str | None, params: Mapping[str, Any]) -> dict[str, float] | None:
         path = self.path(method, params)
@@ -412,32 +420,64 @@ def load_split(images: Path | None, instances: Path | None, captions: Path | Non
 
 
 class SplitEvaluator:
-    """Evaluate one configuration on the split through the eval runners; results files per config."""
+    """Evaluate one configuration on the split through the eval runners; results files per config.
+
+    Every results file carries a run fingerprint (eval/fingerprint.py): the task, `model` (its
+    identity: id plus config and weights digests), the decoding, the configuration as requested
+    and as the loaded model runs it. `key` names a configuration's files after the settings and
+    those model-aware values, so a re-profiled model or re-shipped defaults start new files
+    instead of resuming old answers; a file that still differs is refused (FingerprintMismatch).
+    """
 
     def __init__(self, pipeline: Any, split: Split, runs_dir: Path, *, max_new_tokens: int = 64,
-                 batch_size: int = 8, eval_key: str = ""):
+                 batch_size: int = 8, eval_key: str = "", model: Mapping[str, Any] | None = None):
+        from eval.runner import intervention_values, model_context
+        from interventions import resolve
+
         self.pipeline, self.split, self.runs_dir = pipeline, split, Path(runs_dir)
         self.max_new_tokens, self.batch_size, self.eval_key = max_new_tokens, batch_size, eval_key
+        self.model = dict(model) if model is not None else {"id": getattr(pipeline, "model_id", None)}
+        self.values = intervention_values(resolve, model_context(pipeline))
 
     def spec(self, method: str | None, params: Mapping[str, Any]) -> Any:
         # "paper": parameters outside the search keep the paper's values, not shipped tuned ones
         return None if method is None else [{"name": method, "preset": "paper", **params}]
 
+    def resolved(self, method: str | None, params: Mapping[str, Any]) -> Any:
+        spec = self.spec(method, params)
+        return None if spec is None or self.values is None else self.values(spec)
+
+    def key(self, method: str | None, params: Mapping[str, Any]) -> str:
+        return config_key(method, {"params": dict(params), "resolved": self.resolved(method, params)},
+                          self.eval_key)
+
+    def fingerprint(self, task: Any, method: str | None, params: Mapping[str, Any], max_new_tokens: int) -> Any:
+        from eval.compare import run_fingerprint
+        from eval.runner import RESOLVED_FIELD
+
+        decoding = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0}
+        fp = run_fingerprint(task, self.model, decoding).extend(interventions=self.spec(method, params))
+        resolved = self.resolved(method, params)
+        return fp if resolved is None else fp.extend(**{RESOLVED_FIELD: resolved})
+
     def __call__(self, method: str | None, params: Mapping[str, Any]) -> dict[str, float]:
         from eval.runner import local_answer, run
         from interventions import resolve
 
-        stem = f"{method or 'none'}-{config_key(method, params, self.eval_key)}"
+        stem = f"{method or 'none'}-{self.key(method, params)}"
         spec = self.spec(method, params)
         chair_answer = local_answer(self.pipeline, max_new_tokens=self.max_new_tokens, interventions=spec,
                                     resolve=resolve)
         records = run(self.split.chair.items(), chair_answer, self.runs_dir / f"{stem}_chair.jsonl",
-                      batch_size=self.batch_size, progress=False)
+                      batch_size=self.batch_size, progress=False,
+                      fingerprint=self.fingerprint(self.split.chair, method, params, self.max_new_tokens))
         metrics = dict(self.split.chair.score(records)[0])
         if self.split.pope is not None:
-            pope_answer = local_answer(self.pipeline, max_new_tokens=16, interventions=spec, resolve=resolve)
+            pope_answer = local_answer(self.pipeline, max_new_tokens=POPE_TOKENS, interventions=spec,
+                                       resolve=resolve)
             records = run(self.split.pope.items(), pope_answer, self.runs_dir / f"{stem}_pope.jsonl",
-                          batch_size=self.batch_size, progress=False)
+                          batch_size=self.batch_size, progress=False,
+                          fingerprint=self.fingerprint(self.split.pope, method, params, POPE_TOKENS))
             metrics["F1"] = dict(self.split.pope.score(records)[0])["adversarial F1"]
         return metrics
 
@@ -462,7 +502,7 @@ def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evalu
 
     profile = load_or_compute(pipeline)
     shape = model_shape(pipeline, profile)
-    cache = MetricsCache(Path(out) / "configs", eval_key_of(eval_info))
+    cache = MetricsCache(Path(out) / "configs", eval_key_of(eval_info), key=getattr(evaluate, "key", None))
     entries = search(spaces, evaluate, shape, constraints=constraints, cache=cache, progress=progress)
     for entry in entries.values():
         entry["eval"] = dict(eval_info or {})
@@ -514,6 +554,7 @@ def tune_command(
     console = Console(stderr=True)
     try:
         import lvlm
+        from eval.fingerprint import model_identity
         from lvlm.profile import cache_path, load_or_compute, shipped_models
 
         names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -541,14 +582,15 @@ def tune_command(
                           "so VAR cannot act on this model")
             names.remove("var")
         spaces = build_spaces(names, shape, grid, space)
-        info = {"model": pipe.model_id, "profile": cache_path(pipe).name, "max_new_tokens": max_new_tokens,
-                "seed": seed, **split.key}
+        identity = model_identity(model)  # weights digests: a checkpoint changed in place is a new run
+        info = {"model": pipe.model_id, "weights": identity, "profile": cache_path(pipe).name,
+                "max_new_tokens": max_new_tokens, "seed": seed, **split.key}
         evaluate = SplitEvaluator(pipe, split, out / "runs", max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  eval_key=eval_key_of(info))
+                                  eval_key=eval_key_of(info), model=identity)
         constraints = Constraints(max_recall_drop, max_f1_drop, vte_max_recall_drop, weight_i)
         entries = tune(pipe, spaces, evaluate, out, constraints=constraints, eval_info=info, ship=ship,
                        progress=progress)
-    except (TuneError, ValueError, FileNotFoundError) as err:
+    except (TuneError, EvalError, ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     print(markdown(entries))

@@ -21,7 +21,10 @@
   with the package for the embedded model (`SHIPPED_TUNED`), used only when the shipped file
   was written for the exact weights that are loaded (sha256 of model.safetensors).
 The cache lives in `$LVLM_CACHE` (default `~/.cache/lvlm`)/profiles/<model>-<digest>.json, the digest covering
-the model config and, for the embedded models (retrained in place), the weights.
+the model config and, for the embedded models (retrained in place), the weights; for a checkpoint
+loaded from a local folder, the name, size and modification time of its weight files, so a
+checkpoint rewritten in place gets a new profile instead of the old weights' sink dimensions and
+tuned values.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def cache_path(pipe) -> Path:
     paths = _shipped_paths().get(pipe.model_id)
     if paths is not None and paths[1].exists():
         identity += weights_digest(paths[1])
+    elif os.path.isdir(pipe.model_id):
+        identity += local_weights_stamp(Path(pipe.model_id))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pipe.model_id)[-60:]
     return root / "profiles" / f"{slug}-{digest}.json"
@@ -196,6 +201,16 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "tuned_shipped"}, indent=2, default=list))
     tmp.replace(path)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def local_weights_stamp(folder: Path) -> str:
+    """Name, size and mtime of a local checkpoint's weight files: cheap for a 7B folder, and
+    changed by any rewrite (a copy without preserved times only costs a recomputed profile)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
 
 
 def weights_digest(path: Path) -> str:

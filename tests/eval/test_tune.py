@@ -194,3 +194,59 @@ def test_cli_refuses_to_ship_a_model_without_a_package(val_split, tmp_path):
     result = CliRunner().invoke(app, ["tune", "--model", "tiny-llava", "--images", str(root / "images"),
                                       "--instances", str(instances), "--ship", "--out", str(tmp_path), "--no-progress"])
     assert result.exit_code == 2 and "--ship is for the embedded models (shapes)" in result.output
+
+
+def test_tune_answers_carry_a_fingerprint_and_a_checkpoint_changed_in_place_is_a_new_run(val_split, tmp_path,
+                                                                                       monkeypatch):
+    import torch
+
+    from eval.fingerprint import checkpoint_digests
+    from lvlm import tiny
+
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path / "cache"))
+    root, instances, captions = val_split
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    model, processor = tiny.build("tiny-llava")
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    args = ["tune", "--model", str(ckpt), "--images", str(root / "images"), "--instances", str(instances),
+            "--captions", str(captions), "--methods", "vhr", "--space", "vhr.alpha=1.5", "--space",
+            "vhr.layers=[1]", "-n", "3", "--pope-n", "2", "--max-new-tokens", "3", "--out", str(out), "--no-progress"]
+
+    def tune_once():
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return sorted(p.name for p in (out / "runs").glob("*.jsonl"))
+
+    first = tune_once()
+    assert len(first) == 4  # none and vhr, CHAIR and POPE
+    headers = {name: json.loads((out / "runs" / name).read_text().splitlines()[0]) for name in first}
+    weights = checkpoint_digests(ckpt)["weights_sha256"]
+    for name, header in headers.items():
+        fp = header["fingerprint"]
+        assert fp["model"]["weights_sha256"] == weights and fp["decoding"]["max_new_tokens"] == (
+            3 if name.endswith("_chair.jsonl") else 16)
+        assert fp["benchmark"] == ("chair" if name.endswith("_chair.jsonl") else "pope")
+    (vhr_chair,) = [h for n, h in headers.items() if n.startswith("vhr-") and n.endswith("_chair.jsonl")]
+    resolved = vhr_chair["fingerprint"]["interventions_resolved"][0]
+    assert resolved["alpha"] == 1.5 and resolved["layers"] == [1]
+    assert tune_once() == first  # a rerun resumes: no new files
+
+    with torch.no_grad():  # the same path, other weights
+        model.get_input_embeddings().weight.add_(0.5)
+    model.save_pretrained(ckpt)
+    second = tune_once()
+    assert len(second) == 8 and set(first) < set(second)
+    assert len(list((out / "configs").glob("*.json"))) == 4
+
+    # a results file of another run under a configuration's name is refused, not resumed
+    for cached in (out / "configs").glob("*.json"):
+        cached.unlink()
+    target = out / "runs" / second[0]
+    lines = target.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["fingerprint"]["decoding"]["max_new_tokens"] = 99
+    target.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "belongs to another run" in result.output
+    assert "decoding.max_new_tokens: 99 !=" in result.output

@@ -89,3 +89,25 @@ def test_tuned_values_survive_a_refresh_and_ship_only_for_embedded_models(tmp_pa
         assert profiles.load_or_compute(pipe)["tuned_shipped"] == {}
     profiles.ship_tuned(pipe, {"pai": {"params": {"alpha": 0.4}}})  # the new weights' search: VTE's old value goes
     assert json.loads(shipped.read_text())["methods"] == {"pai": {"params": {"alpha": 0.4}}}
+
+
+def test_a_local_checkpoint_rewritten_in_place_gets_a_new_profile(tmp_path, monkeypatch):
+    from lvlm import tiny
+
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path / "cache"))
+    model, processor = tiny.build("tiny-llava")
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    pipe = lvlm.load(str(ckpt))
+    profiles.save_tuned(pipe, {"vhr": {"params": {"alpha": 1.5}}})
+    before = profiles.cache_path(pipe)
+    reloaded = lvlm.load(str(ckpt))  # loading again finds the same profile and its tuned values
+    assert profiles.cache_path(reloaded) == before
+    assert profiles.load_or_compute(reloaded)["tuned"] == {"vhr": {"params": {"alpha": 1.5}}}
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    model.save_pretrained(ckpt)
+    again = lvlm.load(str(ckpt))
+    assert profiles.cache_path(again) != before
+    assert "tuned" not in profiles.load_or_compute(again)  # the old weights' search does not apply

@@ -188,6 +188,12 @@ def pope_metrics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def pope_image_metrics(splits: Sequence[str], sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """pope_metrics from per-image sums whose columns are the splits' (questions, TP, FP, TN, FN) side by side."""
+    table, width = sums["images"], len(POPE_STATS)
+    return pope_metrics({split: table[:, i * width:(i + 1) * width] for i, split in enumerate(splits)})
+
+
 def _questions_hash(questions: Sequence[PopeQuestion]) -> str:
     # Same bytes as eval.pope.write_questions, so a written split hashes like its file.
     return hashlib.sha256("".join(json.dumps(q.to_json()) + "\n" for q in questions).encode()).hexdigest()
@@ -241,19 +247,23 @@ class PopeTask:
         return metrics, {"splits": {s: m.to_dict() for s, m in per_split.items()}, "counts": counts}
 
     def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:
-        """Per question, within its split: one-hot TP, FP, TN, FN (unparsed answers in none)."""
+        """Per image, the unit POPE samples (eval.md: the splits share each image's positive
+        questions): its summed one-hot TP, FP, TN, FN in every split (unparsed answers in none),
+        so a resample draws whole images, the same ones in every split."""
         parse = get_parser(self.parser)
-        groups, keys = {}, {}
-        for split, questions in self.splits.items():
-            rows = []
+        splits = list(self.splits)
+        images = sorted({q.image for questions in self.splits.values() for q in questions})
+        row = {image: i for i, image in enumerate(images)}
+        table = np.zeros((len(images), len(splits), len(POPE_STATS)))
+        for s, (split, questions) in enumerate(self.splits.items()):
             for q in questions:
                 pred = parse(records[f"{split}/{q.question_id}"]["answer"], q.label)
                 yes, pos = pred == "yes", q.label == "yes"
                 no = pred == "no"  # pred None (lmms-eval, unparsed) is in no cell: wrong either way
-                rows.append((1, yes and pos, yes and not pos, no and not pos, no and pos))
-            groups[split] = np.array(rows, dtype=np.float64).reshape(-1, len(POPE_STATS))  # (questions, 5)
-            keys[split] = tuple(str(q.question_id) for q in questions)
-        return UnitStats(POPE_STATS, groups, keys, pope_metrics)
+                table[row[q.image], s] += (1, yes and pos, yes and not pos, no and not pos, no and pos)
+        columns = tuple(f"{split} {stat}" for split in splits for stat in POPE_STATS)
+        return UnitStats(columns, {"images": table.reshape(len(images), -1)}, {"images": tuple(images)},
+                         partial(pope_image_metrics, tuple(splits)))
 
     def fingerprint_fields(self) -> dict[str, Any]:
         return {

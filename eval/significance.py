@@ -1,6 +1,6 @@
 """Paired bootstrap confidence intervals for the difference of a metric between two configurations.
 
-Two configurations answered the same units (images for CHAIR, questions for POPE). The paired
+Two configurations answered the same units (images, for CHAIR and for POPE). The paired
 bootstrap (Efron & Tibshirani 1993; Koehn 2004 for the paired form used in MT evaluation) draws R
 resamples of the units with replacement (seeded), recomputes every metric of BOTH configurations
 on the same resample, and takes the percentiles of the differences:
@@ -10,8 +10,10 @@ on the same resample, and takes the percentiles of the differences:
 
 Metrics are recomputed from resampled sums of per-unit statistics (CHAIR_i = Σ hallucinated
 mentions / Σ mentions, Precision = Σ TP / Σ (TP + FP) ...), exactly as the scorers compute them on
-the whole set, never as means of per-unit ratios. Units in several groups (POPE's three splits)
-are resampled within each group. A configuration against itself gives d_r = 0 for every r, so the
+the whole set, never as means of per-unit ratios. A POPE image's statistics are its questions'
+sums in every split, side by side, so one resample draws the same images in all three splits (they
+share each image's positive questions) and keeps an image's six questions together. Units in several
+groups are resampled within each group. A configuration against itself gives d_r = 0 for every r, so the
 interval is exactly [0, 0].
 """
 

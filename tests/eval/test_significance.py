@@ -17,12 +17,14 @@ from lvlm.types import Result
 
 
 def _pope_task(tmp_path, n=200):
+    """n questions, four per image (two yes, two no); the second split repeats the first half."""
     from PIL import Image
 
-    Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
     objects = ["dog", "cat", "car", "tree"]
-    qs = [PopeQuestion(i + 1, "a.jpg", f"Is there a {objects[i % 4]} in the image? {i}", "yes" if i % 2 == 0 else "no")
-          for i in range(n)]
+    for k in range(n // 4 + 1):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{k}.jpg")
+    qs = [PopeQuestion(i + 1, f"{i // 4}.jpg", f"Is there a {objects[i % 4]} in the image? {i}",
+                       "yes" if i % 2 == 0 else "no") for i in range(n)]
     return PopeTask({"random": qs, "popular": qs[: n // 2]}, tmp_path)
 
 
@@ -149,3 +151,32 @@ def test_interval_significance():
     assert Interval(1.0, 0.2, 2.0).significant and Interval(-1.0, -2.0, -0.1).significant
     assert not Interval(0.5, -0.1, 1.0).significant and not Interval(0.0, 0.0, 0.0).significant
     assert ConfigResult("x", "x", {"a": 1.0}, intervals={"a": Interval(1, 0.5, 2).to_dict()}).significant("a")
+
+
+def test_pope_resamples_whole_images_the_same_in_every_split(tmp_path):
+    """POPE's unit is the image (its splits share each image's positives): a split that repeats
+    another's questions gets exactly its interval, and one image is one unit."""
+    task = _pope_task(tmp_path, 120)
+    twin = PopeTask({"random": task.splits["random"], "popular": task.splits["random"]}, tmp_path)
+    truth = {it.key: it.meta["label"] for it in twin.items()}
+    rng = random.Random(4)
+    flips = {k: rng.random() < 0.3 for k in truth if k.startswith("random/")}
+
+    def answers(flip):
+        def answer(it):
+            wrong = flip and flips["random/" + it.key.split("/")[1]]
+            return ("No" if truth[it.key] == "yes" else "Yes") if wrong else truth[it.key].capitalize()
+        return _records(twin, answer)
+
+    base, worse = (twin.unit_stats(r, twin.score(r)[1]) for r in (answers(False), answers(True)))
+    assert base.keys == {"images": tuple(sorted({f"{i}.jpg" for i in range(30)}))}
+    found = paired_bootstrap(base, worse, resamples=300, seed=0)
+    assert found["random F1"] == found["popular F1"] == found["POPE (mean F1)"]
+    assert found["random F1"].high < 0
+    qs = [PopeQuestion(i + 1, "one.jpg", f"Is there a {o} in the image?", lab)
+          for i, (o, lab) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "yes"), ("tree", "no")])]
+    single = PopeTask({"random": qs}, tmp_path)
+    right = _records(single, lambda it: it.meta["label"].capitalize())
+    wrong = dict(right, **{"random/1": {**right["random/1"], "answer": "No"}})
+    iv = paired_bootstrap(single.unit_stats(right, {}), single.unit_stats(wrong, {}), resamples=50)["random Acc"]
+    assert iv.low == iv.high == iv.diff == pytest.approx(-25.0)

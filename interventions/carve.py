@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from interventions.defaults import Backbone, Default, round_half_up
 from interventions.plan import BatchPlan, Component
-from interventions.registry import InterventionError, register
+from interventions.registry import InterventionError, index_tuple, register
 from kernels.edits import KEY_VISUAL
 
 GENERAL_PROMPT = "Write a general description of the image."
@@ -88,7 +88,7 @@ class CARVEConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            object.__setattr__(self, "layers", index_tuple(self.layers, "carve", "layers"))
         if self.answer_suffix is not None and not isinstance(self.answer_suffix, bool):
             raise ValueError(f"answer_suffix must be true or false, got {self.answer_suffix!r}")
         if self.preset == "tuned":

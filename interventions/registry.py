@@ -13,6 +13,7 @@ method's `preset`: "default", "paper" (published or scaled values) or "tuned" (`
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Mapping, Sequence, Union
 
 Spec = Union[None, str, Sequence[Union[str, Mapping[str, Any]]]]
@@ -38,6 +39,20 @@ class Entry:
 
 
 _REGISTRY: dict[str, Entry] = {}
+
+
+def index_tuple(values: Any, name: str, param: str) -> tuple[int, ...]:
+    """A list of layer or dimension indices as a tuple of ints. A bool or a non-integral number is
+    refused (InterventionError naming `interventions.<name>.<param>`), not truncated: `[true, 1.9]`
+    must not run as layers (1, 1)."""
+    where = f"interventions.{name}.{param}"
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, range)):
+        raise InterventionError(f"{name}: {param} must be a list of integers, got {values!r}", param=where)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+    if bad:
+        raise InterventionError(f"{name}: {param} must be a list of integers, got {bad[0]!r} in {list(values)!r}",
+                                param=where)
+    return tuple(int(v) for v in values)
 
 
 def register(name: str, *, paper: str, summary: str, order: int = 50) -> Callable[[type], type]:

@@ -58,7 +58,7 @@ def check_finite(config: Any) -> None:
     for f in dataclasses.fields(config):
         limit = MAX_VALUE.get((name, f.name))
         for x in _numbers(getattr(config, f.name)):
-            if not math.isfinite(x):
+            if isinstance(x, float) and not math.isfinite(x):  # an int is finite (and may not fit a float)
                 raise InterventionError(f"{name}: {f.name} must be a finite number, got {x!r}",
                                         param=f"interventions.{name}.{f.name}")
             if limit is not None and abs(x) > limit:

@@ -30,7 +30,7 @@ import torch
 
 from interventions.defaults import PUBLISHED_BACKBONES, Backbone, Default, sink_threshold
 from interventions.plan import BatchPlan, Component, Stopwatch
-from interventions.registry import register
+from interventions.registry import index_tuple, register
 from kernels.edits import KEY_SINK, KEY_VISUAL
 
 # Sink dimensions reported by Kang et al. per backbone: (model_type, hidden, layers) -> D_sink.
@@ -90,7 +90,7 @@ class VARConfig:
         if self.require_visual_sink is not None and not isinstance(self.require_visual_sink, bool):
             raise ValueError(f"require_visual_sink must be true or false, got {self.require_visual_sink!r}")
         if self.sink_dims is not None:
-            dims = tuple(int(d) for d in self.sink_dims)
+            dims = index_tuple(self.sink_dims, "var", "sink_dims")
             if not dims or min(dims) < 0:
                 raise ValueError("sink_dims must be a non-empty list of dimension indices")
             object.__setattr__(self, "sink_dims", dims)

@@ -19,7 +19,7 @@ import torch
 
 from interventions.defaults import Backbone, Default, round_half_up
 from interventions.plan import BatchPlan, Component
-from interventions.registry import InterventionError, register
+from interventions.registry import InterventionError, index_tuple, register
 
 PAPER_BAND = 14  # last 14 of LLaVA-1.5-7B's 32 layers (plus layer 1)
 PAPER_DEPTH = 32
@@ -71,7 +71,7 @@ class VHRConfig:
                                        or not self.alpha > 0):
             raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            object.__setattr__(self, "layers", index_tuple(self.layers, "vhr", "layers"))
         if self.reinforce_twin is not None and not isinstance(self.reinforce_twin, bool):
             raise ValueError(f"reinforce_twin must be true or false, got {self.reinforce_twin!r}")
 

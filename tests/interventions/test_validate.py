@@ -60,11 +60,38 @@ def test_one_past_the_end_is_refused_and_the_engine_could_not_run_it(pipe):
     ({"name": "vhr", "alpha": 1e308}, "interventions.vhr.alpha"),
     ({"name": "var", "tau": float("inf")}, "interventions.var.tau"),
     ({"name": "carve", "lam": float("nan")}, "interventions.carve"),
+    # integers too large for a float (JSON allows them): refused, not an OverflowError (a 500)
+    ({"name": "vhr", "alpha": 10**400}, "interventions.vhr.alpha"),
+    ({"name": "pai", "gamma": 10**400}, "interventions.pai.gamma"),
+    ({"name": "vhr", "layers": [10**400]}, "interventions.vhr.layers"),
+    ({"name": "vte", "exit_layer": 10**400}, "interventions.vte.exit_layer"),
 ])
 def test_non_finite_and_huge_values_are_refused(pipe, spec, param):
     with pytest.raises(InterventionError) as info:
         validate(resolve([spec]), pipe.facts)
     assert info.value.param.startswith(param)
+
+
+@pytest.mark.parametrize("spec, param", [
+    ({"name": "vhr", "layers": [True, 1.9]}, "interventions.vhr.layers"),  # used to run as layers (1, 1)
+    ({"name": "vhr", "layers": [1, 2.0]}, "interventions.vhr.layers"),
+    ({"name": "vhr", "layers": 1}, "interventions.vhr.layers"),
+    ({"name": "carve", "layers": [False]}, "interventions.carve.layers"),
+    ({"name": "var", "sink_dims": [2.7]}, "interventions.var.sink_dims"),
+    ({"name": "var", "sink_dims": "12"}, "interventions.var.sink_dims"),
+])
+def test_index_lists_are_integers_not_truncated(spec, param):
+    with pytest.raises(InterventionError, match="must be a list of integers") as info:
+        resolve([spec])
+    assert info.value.param == param
+
+
+def test_integer_index_lists_are_kept(pipe):
+    import numpy as np
+
+    (vhr,) = resolve([{"name": "vhr", "layers": [np.int64(1), 2]}])
+    (var,) = resolve([{"name": "var", "sink_dims": range(2, 4)}])
+    assert vhr.layers == (1, 2) and type(vhr.layers[0]) is int and var.sink_dims == (2, 3)
 
 
 def test_the_caps_are_far_above_the_papers_settings_and_run(pipe):

@@ -133,7 +133,8 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
     if len(prompt) > limits.max_prompt_chars:
         raise BadRequest(f"prompt of {len(prompt)} characters exceeds the limit of {limits.max_prompt_chars}",
                          param="messages", code="context_length_exceeded")
-    max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
+    # a request that names no limit gets the default, never more than the operator's --max-tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
     if max_tokens > limits.max_tokens:
         raise BadRequest(f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}",
                          param="max_tokens", code="invalid_value")

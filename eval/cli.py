@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ ServerOpt = typer.Option(None, "--server", help="service base URL: use the remot
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="LVLM_API_KEY")
 RayOpt = typer.Option(0, "--ray-actors", help="spread batches over N Ray model actors (0: in process)")
 ProgressOpt = typer.Option(True, "--progress/--no-progress")
-ResamplesOpt = typer.Option(1000, "--resamples", help="paired bootstrap resamples for the 95% intervals")
+ResamplesOpt = typer.Option(1000, "--resamples", min=1, help="paired bootstrap resamples for the 95% intervals")
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -266,6 +267,14 @@ def _print_report(report: Any, paths: Any) -> None:
     console.print(f"report: {paths.json}, {paths.markdown}" + (f", {paths.png}" if paths.png else ""))
 
 
+def _default_folder(task: Any, model: str, fingerprint: Any, configs: Sequence[Any], server: str | None) -> Path:
+    """The folder of a run without --out. With --server no resolved values are known, so the
+    configurations as requested name it too: runs of other configurations never share a folder
+    (nor overwrite each other's report)."""
+    named = fingerprint.extend(interventions=list(configs)) if server else fingerprint
+    return default_out(task.name, model, named.short)
+
+
 def _run(
     task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None,
     *, sources=None, questions_built=False, resamples=1000, inspect_k=0,
@@ -288,9 +297,15 @@ def _run(
     fingerprint = run_fingerprint(task, model_identity(model, server=server), decoding)
     # Refuses a mixed resume before the model loads (creates files only with --server, whose
     # fingerprint is complete now); a default folder cannot mix runs but is named after loading.
-    plan_configs(task, configs, out or default_out(task.name, model, fingerprint.short), fingerprint=fingerprint,
-                 describe=describe, names=names, pending_values=not server)
+    plan_configs(task, configs, out or _default_folder(task, model, fingerprint, configs, server),
+                 fingerprint=fingerprint, describe=describe, names=names, pending_values=not server)
     from lvlm.errors import LVLMError
+
+    refused: tuple[type[Exception], ...] = (LVLMError,)
+    if server:
+        from serve.client import APIError
+
+        refused += (APIError,)
 
     try:
         execute, facts, cleanup, values = _executor(model, server, api_key, ray_actors, decoding, batch_size,
@@ -300,7 +315,7 @@ def _run(
     try:
         if values is not None:  # the run is also every configuration's model-aware values
             fingerprint = fingerprint.extend(**{RESOLVED_FIELD: [values(spec) for spec in configs]})
-        out = out or default_out(task.name, model, fingerprint.short)
+        out = out or _default_folder(task, model, fingerprint, configs, server)
         if questions_built:  # the built splits, next to the answers they belong to
             from eval.pope import write_questions
 
@@ -312,8 +327,10 @@ def _run(
         provenance = Provenance(decoding=decoding, seed=seed, extra=extra or None, **facts)
         report, paths = compare(task, configs, execute, out, provenance, describe=describe, names=names,
                                 fingerprint=fingerprint, resamples=resamples, values=values)
-    except LVLMError as err:  # the model's own typed errors (context, images) become messages too
-        raise EvalError(f"the model refused a request: {err}") from err
+    except refused as err:  # the model's own typed errors (context, images), the service's errors
+        where = f"the service at {server}" if server else "the model"
+        raise EvalError(f"{where} refused a request or could not be reached: {err} (the answers so far are "
+                        "kept; the same command resumes)") from err
     finally:
         cleanup()
     _print_report(report, paths)

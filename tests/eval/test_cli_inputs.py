@@ -338,3 +338,21 @@ def test_a_raw_line_separator_inside_a_caption_stays_one_record(tmp_path):
     caps = tmp_path / "caps.jsonl"
     caps.write_bytes(json.dumps({"image_id": 1, "caption": "A dog.\u2028A cat."}, ensure_ascii=False).encode() + b"\n")
     assert [r.caption for r in read_captions(caps)] == ["A dog.\u2028A cat."]
+
+
+def test_a_server_that_cannot_be_reached_is_an_error_and_runs_of_other_configs_get_other_folders(cli, tiny_coco):
+    dead = "http://127.0.0.1:9"  # the discard port: connection refused
+    for interventions in ("vhr", "var"):
+        code, output = invoke(cli, "chair", "--server", dead, "--model", "fake/m", "--images", tiny_coco.images,
+                              "--annotations", tiny_coco.root, "-n", "2", "--interventions", interventions,
+                              "--no-progress")
+        _fails((code, output), f"the service at {dead} refused a request or could not be reached",
+               "the same command resumes")
+    folders = sorted(p.name for p in cli.RUNS.iterdir())  # claimed with --server before answering
+    assert len(folders) == 2, folders  # one folder: the second run's report would overwrite the first's
+
+
+def test_resamples_must_be_positive(cli, tiny_coco):
+    code, output = invoke(cli, "compare", "--benchmark", "chair", "--model", "fake/m", "--images", tiny_coco.images,
+                          "--annotations", tiny_coco.root, "-n", "2", "--resamples", "0")
+    assert code == 2 and "--resamples" in output and "Traceback" not in output

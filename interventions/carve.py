@@ -77,6 +77,9 @@ class CARVEConfig:
     preset: str = field(default="default", metadata={"doc": "default | paper (no tuned values: CARVE is not searched)"})
 
     def __post_init__(self):
+        if not isinstance(self.general_prompt, str) or not self.general_prompt.strip():
+            raise InterventionError(f"carve: general_prompt must be a non-empty instruction, got {self.general_prompt!r}",
+                                    param="interventions.carve.general_prompt")
         if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= 256:
             raise ValueError(f"max_steps must be an integer in [1, 256], got {self.max_steps!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:

@@ -15,3 +15,7 @@ class ImageError(LVLMError, ValueError):
 
 class PromptError(LVLMError, ValueError):
     """A prompt is malformed: missing image token, too long for the context, empty."""
+
+
+class ContextLengthError(PromptError):
+    """The prompt (image tokens included) plus max_new_tokens does not fit the model's context."""

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from lvlm.adapters import Adapter, ModelFacts
 from lvlm.detokenize import IncrementalDetokenizer
 from lvlm.engine import Engine, NoPlan, Sampler, timed
-from lvlm.errors import ImageError, PromptError
+from lvlm.errors import ContextLengthError, ImageError, PromptError
 from lvlm.logprobs import pieces_for, step_logprobs
 from lvlm.types import Request, Result, TextDelta, Timings, TokenLogprob
 
@@ -97,7 +97,7 @@ class Pipeline:
         lengths = batch["attention_mask"].sum(-1).tolist()
         for request, length in zip(requests, lengths):
             if length + request.max_new_tokens > self.max_context:
-                raise PromptError(
+                raise ContextLengthError(
                     f"prompt of {length} tokens plus max_new_tokens={request.max_new_tokens} exceeds "
                     f"the model context of {self.max_context} tokens"
                 )

@@ -71,7 +71,7 @@ def serve_command(
         1, "--eval-replicas", min=1,
         help="model replicas per eval job, anywhere in the Ray cluster (the runner of lvlm eval --ray-actors)"),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="largest max_tokens a request may ask for"),
-    max_concurrent: int = typer.Option(32, "--max-concurrent", help="generation requests per replica before 429"),
+    max_concurrent: int = typer.Option(32, "--max-concurrent", help="generation requests per replica before 429 (at least 2 x --max-batch-size: one batch runs while the next fills)"),
     eval_jobs: bool = typer.Option(True, "--eval-jobs/--no-eval-jobs", help="accept POST /v1/eval/jobs"),
     jobs_dir: Optional[Path] = typer.Option(
         None, "--jobs-dir", envvar="LVLM_JOBS_DIR",

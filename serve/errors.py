@@ -77,12 +77,14 @@ def error_for(exc: BaseException, request_id: str | None = None) -> ServiceError
     if isinstance(exc, ServiceError):
         return exc
     from interventions import InterventionError
-    from lvlm.errors import ImageError, PromptError
+    from lvlm.errors import ContextLengthError, ImageError, PromptError
 
     if isinstance(exc, InterventionError):
         return BadRequest(str(exc), param=exc.param or "interventions", code="invalid_intervention")
     if isinstance(exc, ImageError):
         return BadRequest(str(exc), param="messages", code="invalid_image")
+    if isinstance(exc, ContextLengthError):  # image tokens count: the text-only check before it can pass
+        return BadRequest(str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, PromptError):
         return BadRequest(str(exc), param="messages", code="invalid_prompt")
     log.error("request %s failed", request_id or "-", exc_info=exc)

@@ -14,9 +14,10 @@ request that never got an answer raises `APIConnectionError`, or `APITimeoutErro
 out of time. The base URL may end in `/v1` (the form OpenAI clients use).
 
 Retries (`Retry`, on by default: 2 retries, exponential backoff from 0.5 s, honouring
-Retry-After): 429 and 503 answers and failed connections are retried for every request, since
-the server did not start on them; a connection lost after the request was sent is retried only
-for idempotent calls (reads, chat) — never a job submission, never a stream after its first byte.
+Retry-After): failed connections, 429s and 503 `overloaded` are retried for every request, since
+the server never started on them; any other 503 (`replica_unavailable`: the replica died, maybe
+after creating the job) and a connection lost after the request was sent are retried only for
+idempotent calls (reads, chat) — never a job submission, never a stream after its first byte.
 Imports only httpx, pydantic and serve.schema (PIL lazily, only when handed a PIL image) so it
 works in a process without torch.
 """
@@ -226,6 +227,26 @@ def service_root(base_url: str) -> str:
     return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
+# 503 codes (serve/gateway.py) that prove the request never reached a replica: Ray's queue was
+# full. `replica_unavailable` proves nothing (the replica may have died after acting), nor does a
+# 503 without our error object.
+NOT_STARTED_503_CODES = frozenset({"overloaded"})
+
+
+def _never_started(response: httpx.Response) -> bool:
+    """The answer says the server did nothing with the request, so sending it again is safe even
+    when it is not idempotent: a 429 (refused at admission) or a 503 with a not-started code."""
+    if response.status_code == 429:
+        return True
+    if response.status_code != 503:
+        return False
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        return False
+    return isinstance(error, dict) and error.get("code") in NOT_STARTED_503_CODES
+
+
 @dataclass(frozen=True)
 class Retry:
     """When and how long to wait before trying a request again (`Retry(max_retries=0)`: never)."""
@@ -244,11 +265,13 @@ class Retry:
 
     def decide(self, attempt: int, *, response: httpx.Response | None = None, error: httpx.HTTPError | None = None,
                idempotent: bool = True) -> float | None:
-        """Seconds to wait before retrying, or None to give up and report."""
+        """Seconds to wait before retrying, or None to give up and report. A request that is not
+        idempotent is sent again only when it cannot have had an effect the first time."""
         if attempt >= self.max_retries:
             return None
         if response is not None:
-            return self.wait_s(attempt, response) if response.status_code in self.statuses else None
+            retryable = response.status_code in self.statuses and (idempotent or _never_started(response))
+            return self.wait_s(attempt, response) if retryable else None
         # A connection that never opened means the server never saw the request: always safe.
         never_sent = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
         if never_sent or (idempotent and isinstance(error, (httpx.TransportError,))):
@@ -266,7 +289,7 @@ def _retrying(retry: Retry, send: Callable[[], httpx.Response], *, idempotent: b
             if wait is None:
                 raise _transport_error(err) from err
         else:
-            wait = retry.decide(attempt, response=response)
+            wait = retry.decide(attempt, response=response, idempotent=idempotent)
             if wait is None:
                 return response
         time.sleep(wait)
@@ -283,7 +306,7 @@ async def _async_retrying(retry: Retry, send: Callable[[], Any], *, idempotent: 
             if wait is None:
                 raise _transport_error(err) from err
         else:
-            wait = retry.decide(attempt, response=response)
+            wait = retry.decide(attempt, response=response, idempotent=idempotent)
             if wait is None:
                 return response
         await asyncio.sleep(wait)

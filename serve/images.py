@@ -13,7 +13,9 @@ Safety rules, each a 4xx with the OpenAI error object:
   routable (no loopback, link-local such as 169.254.169.254 metadata services, private, shared,
   reserved or multicast), the connection goes to the address that was checked (so a second DNS
   answer cannot rebind it to an internal host), redirects are re-checked hop by hop, and the
-  download is capped in bytes and wall time.
+  download is capped in bytes and wall time. A URL that does not parse (bad IPv6 literal, bad
+  IDNA name, port outside 1..65535), a host that does not resolve and a connection that fails
+  are all 400s: they are the request's fault or the remote host's, never the replica's.
 """
 
 from __future__ import annotations
@@ -128,21 +130,35 @@ async def fetch_remote(url: str, limits: Limits, *, param: str = "messages", res
                          code="remote_image_timeout") from err
 
 
+def parse_remote_url(url: str, param: str, base: httpx.URL | None = None) -> httpx.URL:
+    """The http(s) URL (or redirect `location`, relative to `base`) as httpx parses it; 400 if it
+    does not parse, lacks a host, or names a port no socket can have."""
+    try:
+        target = base.join(url) if base is not None else httpx.URL(url)
+        host = target.host  # decodes an "xn--" name only now: idna's IDNAError (a ValueError), not InvalidURL
+    except (httpx.InvalidURL, ValueError) as err:
+        raise BadRequest(f"image URL {url[:200]!r} is malformed ({err})", param=param,
+                         code="invalid_image_url") from err
+    if target.scheme not in ("http", "https") or not host:
+        raise BadRequest("remote image URLs must be http(s) URLs with a host", param=param, code="invalid_image_url")
+    # httpx accepts any port number; connecting to 99999 fails deep inside anyio as an ExceptionGroup.
+    if target.port is not None and not 1 <= target.port <= 65535:
+        raise BadRequest(f"image URL port {target.port} is outside 1..65535", param=param, code="invalid_image_url")
+    return target
+
+
 async def _fetch(url: str, limits: Limits, param: str, resolve: Resolver,
                  transport: httpx.AsyncBaseTransport | None) -> bytes:
     # trust_env=False: an HTTP(S)_PROXY from the environment would connect on our behalf and
     # bypass the address check.
     async with httpx.AsyncClient(transport=transport, timeout=limits.remote_timeout_s,
                                  follow_redirects=False, trust_env=False) as client:
+        target = parse_remote_url(url, param)
         for _ in range(limits.remote_max_redirects + 1):
-            target = httpx.URL(url)
-            if target.scheme not in ("http", "https") or not target.host:
-                raise BadRequest("remote image URLs must be http(s) URLs with a host", param=param,
-                                 code="invalid_image_url")
             port = target.port or (443 if target.scheme == "https" else 80)
             try:
                 addresses = await resolve(target.host, port)
-            except OSError as err:
+            except (OSError, UnicodeError) as err:  # UnicodeError: the idna codec refuses a label over 63 chars
                 raise BadRequest(f"cannot resolve image host {target.host!r}", param=param,
                                  code="invalid_image_url") from err
             if not addresses or not all(is_public_address(a) for a in addresses):
@@ -153,26 +169,43 @@ async def _fetch(url: str, limits: Limits, param: str, resolve: Resolver,
             pinned = target.copy_with(host=addresses[0])
             headers = {"Host": target.netloc.decode("ascii"), "Accept": "image/*"}
             extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-            async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
-                if response.is_redirect and "location" in response.headers:
-                    url = str(target.join(response.headers["location"]))
-                    continue
-                if response.status_code != 200:
-                    raise BadRequest(f"fetching the image failed with HTTP {response.status_code}", param=param,
-                                     code="remote_image_error")
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limits.max_image_bytes:
-                    raise PayloadTooLarge(f"remote image exceeds the limit of {limits.max_image_bytes} bytes",
-                                          param=param)
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data += chunk
-                    if len(data) > limits.max_image_bytes:
-                        raise PayloadTooLarge(f"remote image exceeds the limit of {limits.max_image_bytes} bytes",
-                                              param=param)
-                return bytes(data)
+            try:
+                data, location = await _download(client, pinned, headers, extensions, limits, param)
+            except httpx.TimeoutException as err:
+                raise BadRequest(f"fetching the image from {target.host!r} timed out", param=param,
+                                 code="remote_image_timeout") from err
+            # RequestError: refused, unreachable, reset, TLS failure, bad content-encoding. UnicodeError:
+            # httpx parses a redirect's location even when not following it, and lets idna's
+            # IDNAError for an "xn--" host there escape.
+            except (httpx.RequestError, UnicodeError) as err:
+                raise BadRequest(f"cannot fetch the image from {target.host!r} ({type(err).__name__})",
+                                 param=param, code="remote_image_error") from err
+            if location is None:
+                return data
+            target = parse_remote_url(location, param, base=target)
         raise BadRequest(f"too many redirects (more than {limits.remote_max_redirects})", param=param,
                          code="remote_image_error")
+
+
+async def _download(client: httpx.AsyncClient, pinned: httpx.URL, headers: dict[str, str],
+                    extensions: dict[str, str], limits: Limits, param: str) -> tuple[bytes, str | None]:
+    """One GET: the body within the size limit, or the `location` of a redirect (body b"")."""
+    async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
+        if response.is_redirect and "location" in response.headers:
+            return b"", response.headers["location"]
+        if response.status_code != 200:
+            raise BadRequest(f"fetching the image failed with HTTP {response.status_code}", param=param,
+                             code="remote_image_error")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_image_bytes:
+            raise PayloadTooLarge(f"remote image exceeds the limit of {limits.max_image_bytes} bytes", param=param)
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > limits.max_image_bytes:
+                raise PayloadTooLarge(f"remote image exceeds the limit of {limits.max_image_bytes} bytes",
+                                      param=param)
+        return bytes(data), None
 
 
 async def load_image(url: str, limits: Limits, param: str = "messages", **fetch_kwargs) -> Image.Image:

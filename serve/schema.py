@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Wire(BaseModel):
@@ -27,7 +27,7 @@ class _Wire(BaseModel):
 
 
 # OpenAI chat fields this service does not implement; a value other than the field's neutral
-# one (null, 0, false, empty, {"type": "text"}) is a 400 naming the field.
+# one (null, 0, false, empty, {"type": "text"}, `modalities` ["text"]) is a 400 naming the field.
 UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
                       "logit_bias", "presence_penalty", "frequency_penalty", "audio", "modalities", "prediction",
                       "web_search_options")
@@ -75,8 +75,15 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
-def _neutral(value: Any) -> bool:
-    """True for values that ask for nothing: null, false, 0, empty, {"type": "text"}, "none"/"auto"."""
+# Neutral values particular to one field: ["text"] is OpenAI's default `modalities` (text out).
+FIELD_NEUTRAL: dict[str, tuple[Any, ...]] = {"modalities": (["text"],)}
+
+
+def _neutral(value: Any, field: str | None = None) -> bool:
+    """True for values that ask for nothing: null, false, 0, empty, {"type": "text"}, "none"/"auto",
+    and the field's own defaults in FIELD_NEUTRAL."""
+    if field is not None and value in FIELD_NEUTRAL.get(field, ()):
+        return True
     if value is None or value is False:
         return True
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -119,6 +126,13 @@ class ChatCompletionRequest(_Wire):
     prediction: Any = None
     web_search_options: Any = None
 
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI's schema marks these nullable and clients send null for "not set": it means the
+        # default, exactly as omitting the field does (the other nullable fields are Optional).
+        return cls.model_fields[info.field_name].get_default() if value is None else value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
@@ -134,7 +148,7 @@ class ChatCompletionRequest(_Wire):
 
     def unsupported(self) -> list[str]:
         """The unimplemented OpenAI fields this request sets to something other than neutral."""
-        return [name for name in UNSUPPORTED_FIELDS if not _neutral(getattr(self, name))]
+        return [name for name in UNSUPPORTED_FIELDS if not _neutral(getattr(self, name), name)]
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -165,6 +165,27 @@ def test_openai_client_in_process(http):
     assert info.value.body["param"] == "n"
 
 
+def test_openai_client_sends_nulls_and_text_modalities(http):
+    """The official client sends an explicit None as JSON null; OpenAI's schema allows it, so must we."""
+    openai = pytest.importorskip("openai")
+    sent = []
+    http.event_hooks["request"].append(lambda request: sent.append(json.loads(request.content)))
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(png())}},
+                                             {"type": "text", "text": "Look"}]}]
+    plain = oai.chat.completions.create(model="fake-lvlm", max_tokens=4, messages=messages)
+    nulls = oai.chat.completions.create(model="fake-lvlm", max_tokens=4, messages=messages, temperature=None,
+                                        top_p=None, n=None, stream=None, stream_options=None, stop=None,
+                                        modalities=["text"])
+    assert {k: sent[-1][k] for k in ("temperature", "top_p", "n", "stream", "modalities")} == {
+        "temperature": None, "top_p": None, "n": None, "stream": None, "modalities": ["text"]}
+    assert nulls.choices[0].message.content == plain.choices[0].message.content
+    assert nulls.usage == plain.usage
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="fake-lvlm", messages=messages, modalities=["text", "audio"])
+    assert info.value.body["param"] == "modalities" and info.value.body["code"] == "unsupported_parameter"
+
+
 def test_concurrency_limit_answers_429(http, service):
     for _ in range(service.admission.limit):
         service.admission.acquire()

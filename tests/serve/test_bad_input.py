@@ -170,6 +170,9 @@ CHAT_CASES = [
     ("frequency-penalty", {"json": body(frequency_penalty=-1)}, 400, "unsupported_parameter", "frequency_penalty"),
     ("audio", {"json": body(audio={"voice": "alloy"})}, 400, "unsupported_parameter", "audio"),
     ("modalities-audio", {"json": body(modalities=["text", "audio"])}, 400, "unsupported_parameter", "modalities"),
+    ("modalities-audio-only", {"json": body(modalities=["audio"])}, 400, "unsupported_parameter", "modalities"),
+    ("modalities-text-twice", {"json": body(modalities=["text", "text"])}, 400, "unsupported_parameter",
+     "modalities"),
     ("prediction", {"json": body(prediction={"type": "content", "content": "x"})}, 400, "unsupported_parameter",
      "prediction"),
     # -- conversation structure
@@ -248,8 +251,8 @@ CHAT_CASES = [
     ("vhr-layers-999", iv("vhr", layers=[999]), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-minus-1", iv("vhr", layers=[-1]), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-just-beyond", iv("vhr", layers=[1, 6]), 400, INV, "interventions.vhr.layers"),
-    ("vhr-layers-strings", iv("vhr", layers=["a"]), 400, INV, "interventions.vhr"),
-    ("vhr-layers-number", iv("vhr", layers=5), 400, INV, "interventions.vhr"),
+    ("vhr-layers-strings", iv("vhr", layers=["a"]), 400, INV, "interventions.vhr.layers"),
+    ("vhr-layers-number", iv("vhr", layers=5), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-nan", raw_iv("vhr", "layers", "[NaN]"), 400, INV, None),
     # -- VAR
     ("var-p-over-1", iv("var", p=1.5), 400, INV, "interventions.var"),
@@ -446,6 +449,45 @@ def test_neutral_values_of_unsupported_fields_are_accepted(http):
     r = http.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Neutral please", **neutral))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].startswith("Neutral 20x10")
+
+
+NULLABLE = {"temperature": None, "top_p": None, "n": None, "stream": None, "stream_options": None, "stop": None,
+            "max_tokens": None, "max_completion_tokens": None, "seed": None, "logprobs": None, "top_logprobs": None,
+            "user": None}
+
+
+def test_null_sampling_fields_mean_the_default(http, pipeline):
+    """OpenAI's schema marks these nullable; null must act exactly as omitting the field."""
+    import asyncio
+
+    from serve import chat
+    from serve.schema import ChatCompletionRequest
+
+    model = chat.ModelInfo(model_id="fake-lvlm", aliases=frozenset({"fake-lvlm"}), max_context=256,
+                           facts=pipeline.facts)
+    omitted = {k: v for k, v in body(prompt="Null please").items() if k != "max_tokens"}
+    nulls = {**omitted, **NULLABLE}
+    parsed = ChatCompletionRequest.model_validate_json(json.dumps(nulls))
+    assert (parsed.temperature, parsed.top_p, parsed.n, parsed.stream) == (0.0, 1.0, 1, False)
+    assert parsed.model_dump() == ChatCompletionRequest.model_validate_json(json.dumps(omitted)).model_dump()
+    a, b = (asyncio.run(chat.prepare(ChatCompletionRequest.model_validate_json(json.dumps(x)), model, LIMITS))
+            for x in (nulls, omitted))
+    assert (a.stream, a.include_usage, a.request.temperature, a.request.top_p, a.request.max_new_tokens,
+            a.request.stop, a.request.logprobs) == (b.stream, b.include_usage, b.request.temperature,
+                                                   b.request.top_p, b.request.max_new_tokens, b.request.stop,
+                                                   b.request.logprobs)
+    for field in NULLABLE:
+        r = http.post("/v1/chat/completions", headers=AUTH, json={**body(prompt="Null please"), field: None})
+        assert r.status_code == 200, (field, r.text)
+        assert r.headers["content-type"].startswith("application/json")  # "stream": null is not a stream
+        assert r.json()["choices"][0]["message"]["content"].startswith("Null 20x10")
+
+
+def test_modalities_text_is_accepted(http):
+    for modalities in (["text"], None, []):
+        r = http.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Text only", modalities=modalities))
+        assert r.status_code == 200, (modalities, r.text)
+        assert r.json()["choices"][0]["message"]["content"].startswith("Text 20x10")
 
 
 def test_thin_png_is_refused_fast_while_good_requests_keep_their_latency(pipeline):

@@ -155,6 +155,57 @@ def test_lost_connection_is_not_retried_for_a_job_submission():
     assert client.list_models()[0].id == "m"  # a read is retried
 
 
+def unavailable(code: str) -> tuple:
+    """The gateway's 503 answer for `code` (serve/gateway.py unavailable_for), as the Script plays it."""
+    from serve.errors import Unavailable
+
+    error = Unavailable("replica trouble", code=code, retry_after_s=1.0)
+    return 503, error.body(), {"retry-after": "0"}
+
+
+JOB = {"id": "evaljob-1", "object": "eval.job", "kind": "pope", "state": "queued"}
+
+
+def test_job_submission_is_not_retried_after_a_replica_died():
+    # The replica may have created the job before it died: a second POST could make a duplicate.
+    client, script = scripted(unavailable("replica_unavailable"), (200, JOB, {}))
+    with pytest.raises(OverloadedError) as info:
+        client.submit_eval("pope", limit=2)
+    assert info.value.code == "replica_unavailable" and info.value.status_code == 503
+    assert script.seen == [("POST", "/v1/eval/jobs")]
+    # a 503 that is not our error object (a proxy's plain text) proves nothing either
+    client, script = scripted((503, b"Service Unavailable", {}), (200, JOB, {}))
+    with pytest.raises(OverloadedError):
+        client.submit_eval("pope", limit=2)
+    assert len(script.seen) == 1
+    # an idempotent read after the same 503 is retried
+    client, script = scripted(unavailable("replica_unavailable"), (200, JOB, {}))
+    assert client.job("evaljob-1").id == "evaljob-1"
+    assert script.seen == [("GET", "/v1/eval/jobs/evaljob-1")] * 2
+
+
+def test_job_submission_is_retried_when_it_was_never_admitted():
+    busy = (429, {"error": {"message": "busy", "type": "rate_limit_error", "code": "overloaded"}}, {})
+    client, script = scripted(busy, unavailable("overloaded"), (200, JOB, {}))
+    assert client.submit_eval("pope", limit=2).id == "evaljob-1"
+    assert script.seen == [("POST", "/v1/eval/jobs")] * 3
+
+
+def test_async_job_submission_is_not_retried_after_a_replica_died():
+    import asyncio
+
+    async def go():
+        script = Script(unavailable("replica_unavailable"), (200, JOB, {}))
+        transport = httpx.MockTransport(script)
+        async with AsyncClient(http_client=httpx.AsyncClient(transport=transport, base_url="http://svc"),
+                               retry=Retry(backoff_s=0.001)) as client:
+            with pytest.raises(OverloadedError, match="replica trouble"):
+                await client.submit_eval("pope", limit=2)
+        return script.seen
+
+    assert asyncio.run(go()) == [("POST", "/v1/eval/jobs")]
+
+
 def test_timeouts_have_their_own_error():
     client, _ = scripted(httpx.ReadTimeout("slow"), retry=Retry(max_retries=0))
     with pytest.raises(APITimeoutError):

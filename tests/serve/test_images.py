@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 
 import httpx
 import pytest
@@ -153,6 +154,83 @@ def test_remote_fetch_time_limit():
         asyncio.run(fetch_remote("http://slow.example/a.png", Limits(allow_remote_images=True, remote_timeout_s=0.2),
                                  resolve=slow_resolve))
     assert info.value.code == "remote_image_timeout"
+
+
+async def no_resolving(host, port):
+    raise AssertionError(f"{host!r} must be refused before it is resolved")
+
+
+def no_connecting(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"no connection may be made ({request.url})")
+
+
+MALFORMED_URLS = [
+    "http://[::1",  # unclosed IPv6 literal: httpx.InvalidURL
+    "http://exa\u00a0mple.com/x",  # no-break space in the host: httpx.InvalidURL
+    "http://xn--zz--/x",  # invalid A-label: idna.IDNAError (a ValueError, not InvalidURL)
+    "http://host:99999/x.png",  # httpx parses it; connecting would raise an ExceptionGroup
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_remote_urls_are_400s_before_any_lookup(url):
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(fetch_remote(url, REMOTE, resolve=no_resolving, transport=httpx.MockTransport(no_connecting)))
+    assert (info.value.status, info.value.code) == (400, "invalid_image_url")
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_remote_urls_are_400s_over_http(url, fake_pipeline):
+    from fastapi.testclient import TestClient
+
+    from serve.app import Service, build_app
+    from serve.config import ServeConfig
+
+    service = Service(fake_pipeline, ServeConfig(model="fake", limits=REMOTE),
+                      fetch_kwargs={"resolve": no_resolving, "transport": httpx.MockTransport(no_connecting)})
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+    with TestClient(build_app(service), raise_server_exceptions=False) as http:
+        r = http.post("/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": content}], "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_image_url" and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unresolvable_and_unreachable_hosts_are_400s():
+    async def unknown_host(host, port):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    async def idna_encoding(host, port):
+        host.encode("idna")  # what getaddrinfo does first: UnicodeError for a label over 63 characters
+        raise AssertionError("the name should not have encoded")
+
+    for host, resolve in (("nowhere.example", unknown_host), ("x" * 64 + ".example", idna_encoding)):
+        with pytest.raises(BadRequest) as info:
+            asyncio.run(fetch_remote(f"http://{host}/a.png", REMOTE, resolve=resolve,
+                                     transport=httpx.MockTransport(no_connecting)))
+        assert (info.value.status, info.value.code) == (400, "invalid_image_url")
+
+    def refused(request):
+        raise httpx.ConnectError("All connection attempts failed", request=request)
+
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(fetch_remote("http://images.example/a.png", REMOTE,
+                                 resolve=fake_resolver({"images.example": ["93.184.216.34"]}),
+                                 transport=httpx.MockTransport(refused)))
+    assert (info.value.status, info.value.code) == (400, "remote_image_error")
+
+
+@pytest.mark.parametrize("location", ["http://[::1/latest", "http://xn--zz--/x", "http://images.example:99999/x"])
+def test_malformed_redirect_location_is_a_400(location):
+    def handler(request):
+        return httpx.Response(302, headers={"location": location})
+
+    with pytest.raises(BadRequest) as info:
+        asyncio.run(fetch_remote("http://images.example/a.png", REMOTE,
+                                 resolve=fake_resolver({"images.example": ["93.184.216.34"]}),
+                                 transport=httpx.MockTransport(handler)))
+    # httpx itself refuses some locations (RemoteProtocolError: the remote host's fault), we the rest
+    assert info.value.status == 400 and info.value.code in ("remote_image_error", "invalid_image_url")
 
 
 def test_api_key_check():

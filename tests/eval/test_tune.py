@@ -242,7 +242,7 @@ def test_tune_answers_carry_a_fingerprint_and_a_checkpoint_changed_in_place_is_a
     # a results file of another run under a configuration's name is refused, not resumed
     for cached in (out / "configs").glob("*.json"):
         cached.unlink()
-    target = out / "runs" / second[0]
+    target = out / "runs" / sorted(set(second) - set(first))[0]  # a file of the current weights
     lines = target.read_text().splitlines()
     header = json.loads(lines[0])
     header["fingerprint"]["decoding"]["max_new_tokens"] = 99

@@ -328,7 +328,9 @@ def search(spaces: Mapping[str, Mapping[str, Sequence[Any]]], evaluate: Evaluate
             "baseline": base,
             "objective": chosen["objective"] if chosen else None,
             "baseline_objective": round(objective(base, constraints), 4),
-            "improves": bool(chosen and (method == "vte" or chosen["objective"] < objective(base, constraints))),
+            # unrounded on both sides: a no-op's rounded objective can sit below the baseline's own
+            "improves": bool(chosen and (method == "vte" or objective(chosen["metrics"], constraints)
+                                         < objective(base, constraints))),
             "constraints": asdict(constraints),
             "space": {k: list(v) for k, v in spaces[method].items()},
             "table": rows,

@@ -67,6 +67,20 @@ def test_search_recovers_the_planted_optimum_and_resumes(tmp_path):
     assert len(calls) == 2 * 31 and fresh["vhr"]["params"] == entries["vhr"]["params"]  # new settings, new key
 
 
+def test_a_configuration_that_changes_nothing_does_not_improve():
+    """VAR on a model without visual sinks measures exactly the baseline; its objective, rounded
+    for the table, must not count as beating the unrounded baseline (the shipped shapes VAR said
+    `improves: true` for a no-op)."""
+    base = {"CHAIR_s": 43.875, "CHAIR_i": 25.73340195573855, "Recall": 67.19, "F1": 79.78, "Len": 9.29}
+    spaces = build_spaces(["var"], SHAPE, "small", ["var.p=0.4", "var.rho=0.5", "var.require_visual_sink=true"])
+    entries = search(spaces, lambda method, params: dict(base), SHAPE, progress=False)
+    assert entries["var"]["objective"] == entries["var"]["baseline_objective"] == 69.6084
+    assert entries["var"]["params"] is not None and not entries["var"]["improves"]
+    better = search(spaces, lambda method, params: {**base, "CHAIR_i": base["CHAIR_i"] - (0.001 if method else 0)},
+                    SHAPE, progress=False)
+    assert better["var"]["improves"]
+
+
 def test_constraints_are_options():
     spaces = build_spaces(["vhr", "vte"], SHAPE, "small", SPACE[:2])
     loose = Constraints(max_recall_drop=10.0, vte_max_recall_drop=6.0)

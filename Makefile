@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= shapes
 
-.PHONY: install test serve demo bench gpu-check clean test-newest-transformers
+.PHONY: install test serve demo bench gpu-check gpu-wheels clean test-newest-transformers
 
 install: $(VENV)/.installed
 
@@ -48,12 +48,26 @@ bench: install
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/interventions.py
 
-# The whole GPU validation (kernel checks at LLaVA-1.5-7B shapes for every flag combination, both
-# benchmarks) into docs/gpu-check.md; without a GPU a dry run that says what it skips. Uses only
-# torch, triton and transformers: on a lent GPU machine it runs with the system Python
-# when the project's venv is absent, with no install step.
+# The whole GPU validation (kernel checks at LLaVA-1.5-7B shapes for every flag combination, the
+# kernel, intervention, decode and load benchmarks) into docs/gpu-check.md; without a GPU a dry
+# run that says what it skips. On a lent GPU machine it runs with the system Python when the
+# project's venv is absent, with no install step; where that image lacks what the engine steps
+# need (transformers 5.17 there, no FastAPI/pydantic), the script installs the wheels carried in
+# .whl/ (`make gpu-wheels`) into a temporary folder first. docs/kernels.md, "make gpu-check".
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Run here (a package index is needed) before a device call: the wheels of the installed
+# transformers and web stack, for the lent machines' Python 3.12 on x86-64, into .whl/ (ignored
+# by git; the device call names it in `carry`). docs/kernels.md, "A lent GPU".
+GPU_WHEELS ?= .whl
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) $$($(PY) benchmarks/gpu_check.py --wheel-list)
+	@ls $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,6 +33,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,29 +190,181 @@ def check_table(rows) -> tuple[str, int]:
 def run_step(title, cmd, timeout):
     log(f"{title}: {' '.join(cmd)}")
     start = time.time()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)}
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         text, ok = p.stdout + (f"\n[stderr]\n{p.stderr[-3000:]}" if p.returncode else ""), p.returncode == 0
     except subprocess.TimeoutExpired as e:
-        text, ok = f"{e.stdout or ''}\n[timed out after {timeout} s]", False
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text, ok = f"{out}\n[timed out after {timeout} s]", False
     log(f"{title}: {'done' if ok else 'FAILED'} in {time.time() - start:.0f} s")
     print(text, flush=True)
     return text, ok
 
 
+# -- what the lent machine has -------------------------------------------------------------------
+# The lent GPU machines' image (.library/device/KINDS.md, 2026-11): Python 3.12, torch 2.11,
+# triton 3.6, transformers 5.17, no FastAPI/pydantic. The kernel checks need torch and triton only.
+# The engine needs the transformers version pyproject.toml names (5.17's decoder layers call the
+# cache `past_key_values`, and lvlm.engine refuses them), and the in-process load benchmark needs
+# the service's web stack. `make gpu-wheels` downloads those wheels into .whl/ here; a device call
+# that carries .whl gets them installed into a temporary folder by this script.
+CARRIED = ("transformers", "fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types",
+           "typing-inspection", "opentelemetry-api")  # with what they need beyond the image's packages
+SERVING = ("fastapi", "starlette", "pydantic", "httpx", "prometheus_client")
+
+
+def transformers_range() -> str:
+    """The transformers specifier of pyproject.toml's dependencies (e.g. ">=5.24,<5.25")."""
+    import re
+
+    m = re.search(r'"transformers\s*([^";]*)', (ROOT / "pyproject.toml").read_text())
+    return m.group(1).strip() if m else ""
+
+
+def stack_problems() -> dict[str, str]:
+    """{"engine": why, "serving": why} for what this Python lacks; empty when it has everything."""
+    import importlib.util
+
+    problems = {}
+    try:
+        import transformers
+        from packaging.specifiers import SpecifierSet
+
+        spec = transformers_range()
+        if spec and transformers.__version__ not in SpecifierSet(spec):
+            problems["engine"] = f"transformers {transformers.__version__} is outside pyproject.toml's {spec}"
+    except ImportError as e:
+        problems["engine"] = f"cannot import {e.name}"
+    missing = [m for m in SERVING if importlib.util.find_spec(m) is None]
+    if missing:
+        problems["serving"] = f"missing {', '.join(missing)}"
+    return problems
+
+
+def wheel_list() -> list[str]:
+    """`name==version` of the packages `make gpu-wheels` downloads: this environment's versions."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in CARRIED]
+
+
+def use_carried_wheels(wheels: Path) -> None:
+    """When this Python lacks what the engine or the load benchmark needs and `wheels` holds
+    wheels, install them into a temporary folder and run this script again with it first on
+    PYTHONPATH (once: LVLM_GPU_SITE marks the second run)."""
+    found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+    problems = stack_problems()
+    if not problems or not found or os.environ.get("LVLM_GPU_SITE"):
+        return
+    import tempfile
+
+    site = Path(tempfile.gettempdir()) / "lvlm-gpu-site"
+    log(f"{'; '.join(problems.values())}: installing {len(found)} carried wheel(s) from {wheels} into {site}")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        log(f"pip could not install the carried wheels (the engine steps will be skipped):\n{p.stderr[-2000:]}")
+        return
+    path = os.pathsep.join(x for x in (str(site), str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONPATH": path, "LVLM_GPU_SITE": str(site)})
+
+
+# -- the steps after the kernel checks, in priority order ------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    name: str
+    title: str
+    gpu: tuple[str, ...]  # arguments after the Python executable, on the GPU
+    cap_s: int  # the most it may take of the budget
+    dry: tuple[str, ...] | None = None  # a small CPU run of the same script (dry run), if any
+    needs: tuple[str, ...] = ()  # "engine", "serving"
+
+
+STEPS = (
+    Step("attention", "benchmarks/attention.py --quick (#14: Triton vs SDPA-flash vs fp16 eager)",
+         ("benchmarks/attention.py", "--quick"), 240),
+    Step("interventions", "benchmarks/interventions.py (#14: random-llava-1.5-7b, fp16, batch 8)",
+         ("benchmarks/interventions.py", "--model", "random-llava-1.5-7b", "--device", "cuda", "--dtype", "float16",
+          "--batch", "8", "--new-tokens", "32", "--repeats", "2"), 300,
+         ("benchmarks/interventions.py", "--model", "tiny-llava", "--batch", "2", "--new-tokens", "4", "--repeats", "1"),
+         ("engine",)),
+    Step("decode", "benchmarks/decode.py (#13: step time from token 16 to 512 at 576 image tokens; engine vs "
+         "generate at batch 1 and 8; random-llava-1.5-7b, fp16)",
+         ("benchmarks/decode.py", "--model", "random-llava-1.5-7b", "--device", "cuda", "--dtype", "float16"), 180,
+         ("benchmarks/decode.py", "--width", "64", "--layers", "1", "--new-tokens", "20", "--throughput-tokens", "4",
+          "--batches", "1,2", "--repeats", "1"),
+         ("engine",)),
+    Step("load", "benchmarks/load.py --in-process (#13: static vs continuous batching, shapes model on the GPU, "
+         "mixed interventions, answers of 64-128 tokens)",
+         ("benchmarks/load.py", "--in-process", "--model", "shapes", "--device", "cuda", "--schedulers",
+          "static,continuous,static,continuous", "--concurrency", "32,8", "--requests", "64", "--answer-tokens",
+          "64-128"), 240,
+         ("benchmarks/load.py", "--in-process", "--model", "tiny-llava", "--schedulers", "static,continuous",
+          "--concurrency", "4", "--requests", "6", "--answer-tokens", "2-5"),
+         ("engine", "serving")),
+    Step("tests", "pytest tests/kernels (CUDA)",
+         ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"), 600, None, ("engine", "pytest")),
+)
+
+
+def run_steps(steps, dry: bool, budget_s: float, start: float, problems: dict[str, str]) -> tuple[list[str], bool]:
+    """Each step in turn within what is left of the budget; a step whose needs this Python lacks
+    is skipped with the reason (and counts as not passed)."""
+    import importlib.util
+
+    sections, ok = [], True
+    for step in steps:
+        argv = step.dry if dry else step.gpu
+        if argv is None:
+            continue
+        why = [problems[n] for n in step.needs if n in problems]
+        if "pytest" in step.needs and importlib.util.find_spec("pytest") is None:
+            why.append("pytest is not installed")
+        left = budget_s - (time.time() - start) - 15
+        if not why and left < 60:
+            why.append(f"only {max(0, left):.0f} s of the budget left (run it alone: --only {step.name})")
+        if why:
+            log(f"skipping {step.name}: {'; '.join(why)}")
+            sections.append(f"## {step.title}\n\nSkipped: {'; '.join(why)}.")
+            ok = False
+            continue
+        text, step_ok = run_step(step.name, [sys.executable, *argv], int(min(step.cap_s, left)))
+        sections.append(f"## {step.title}{' (dry run: small CPU version)' if dry else ''}\n\n```\n"
+                        + text.strip()[-6000:] + "\n```")
+        ok = ok and step_ok
+    return sections, ok
+
+
 def main() -> int:
+    names = ["kernels", *(s.name for s in STEPS)]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="skip the CUDA parts (automatic without a GPU)")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file (default on a GPU: docs/gpu-check.md)")
-    ap.add_argument("--workers", type=int, default=min(6, os.cpu_count() or 1))
-    ap.add_argument("--skip-benchmarks", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=540, help="time limit of the whole command (the benchmarks "
-                    "get what the kernel checks leave)")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    ap.add_argument("--only", default=",".join(names),
+                    help=f"comma-separated parts to run, in this order: {', '.join(names)} (default: all)")
+    ap.add_argument("--skip-benchmarks", action="store_true", help="the kernel checks only (same as --only kernels)")
+    ap.add_argument("--budget-s", type=float, default=540, help="time limit of the whole command (each part gets "
+                    "what the parts before it leave)")
+    ap.add_argument("--wheels", type=Path, default=ROOT / ".whl",
+                    help="wheels carried to the machine (`make gpu-wheels`), installed when this Python lacks them")
+    ap.add_argument("--wheel-list", action="store_true", help="print the name==version of the wheels to carry, and exit")
     args = ap.parse_args()
+    if args.wheel_list:
+        print(" ".join(wheel_list()))
+        return 0
+    only = [] if args.skip_benchmarks else [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.skip_benchmarks:
+        only = ["kernels"]
+    if unknown := [n for n in only if n not in names]:
+        ap.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     start = time.time()
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    use_carried_wheels(args.wheels)
     import torch
 
     dry = args.dry_run or not torch.cuda.is_available()
@@ -221,14 +374,21 @@ def main() -> int:
     import triton
 
     device = torch.cuda.get_device_name(0) if not dry else f"no GPU ({platform.processor() or platform.machine()} CPU)"
+    site = f" (carried wheels: {os.environ['LVLM_GPU_SITE']})" if os.environ.get("LVLM_GPU_SITE") else ""
     header = (f"# GPU check\n\n`make gpu-check` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}) on **{device}**; "
-              f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}.\n")
+              f"Python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
+              f"transformers {transformers.__version__}{site}.\n")
     log(header.splitlines()[-1])
+    problems = stack_problems()
+    for part, why in problems.items():
+        log(f"NOTE: the {part} steps will be skipped: {why}. Fix: `make gpu-wheels` on a machine with a package "
+            f"index, then carry .whl (docs/kernels.md, 'A lent GPU').")
     sections = [header]
     ok = True
-    if dry:
+    if "kernels" in only and dry:
         log("DRY RUN: no CUDA device (or --dry-run). Skipping the CUDA kernel checks at LLaVA-1.5-7B shapes and "
-            "both GPU benchmarks; running the check harness on the Triton interpreter at tiny shapes instead.")
+            "the GPU benchmarks; running the check harness on the Triton interpreter at tiny shapes, and each "
+            "benchmark script in a small CPU version, instead.")
         rows = []
         for phase, B, H, Hkv, N in DRY_SHAPES:
             for flags in [(), FLAGS]:
@@ -236,9 +396,7 @@ def main() -> int:
         table, failed = check_table(rows)
         sections.append("## Kernel checks (dry run: interpreter, tiny shapes, plain and all flags)\n\n" + table)
         ok = failed == 0
-        sections.append("\nCUDA parts skipped (dry run): kernel checks at 7B shapes, benchmarks/attention.py, "
-                        "benchmarks/interventions.py.")
-    else:
+    elif "kernels" in only:
         rows = kernel_checks(GPU_SHAPES, ["float16", "bfloat16"], max(1, args.workers))
         table, failed = check_table(rows)
         sections.append(f"## Kernel checks: Triton fp16/bf16 vs fp32 reference, every flag combination\n\n"
@@ -247,33 +405,12 @@ def main() -> int:
                         f"{failed} failed.\n\n" + table)
         ok = failed == 0
         log(f"kernel checks: {len(rows) - failed}/{len(rows)} passed ({time.time() - start:.0f} s so far)")
-        if not args.skip_benchmarks:
-            py = sys.executable
-
-            def left(cap):  # the whole command must fit one GPU call of 9 minutes
-                return int(max(60, min(cap, args.budget_s - (time.time() - start) - 15)))
-
-            text, step_ok = run_step("attention benchmark", [py, "benchmarks/attention.py", "--quick"], left(240))
-            sections.append("## benchmarks/attention.py --quick\n\n```\n" + text.strip() + "\n```")
-            ok = ok and step_ok
-            text, step_ok = run_step("interventions benchmark", [
-                py, "benchmarks/interventions.py", "--model", "random-llava-1.5-7b", "--device", "cuda",
-                "--dtype", "float16", "--batch", "8", "--new-tokens", "32", "--repeats", "2"], left(300))
-            sections.append("## benchmarks/interventions.py (random-llava-1.5-7b, fp16, batch 8)\n\n```\n"
-                            + text.strip() + "\n```")
-            ok = ok and step_ok
-        import importlib.util
-
-        remaining = args.budget_s - (time.time() - start)
-        if importlib.util.find_spec("pytest") is None or remaining < 90:
-            why = "pytest is not installed" if remaining >= 90 else f"only {remaining:.0f} s of the budget left"
-            log(f"skipping tests/kernels on CUDA: {why}")
-            sections.append(f"tests/kernels on CUDA: skipped ({why}).")
-        else:
-            text, step_ok = run_step("tests/kernels on CUDA", [
-                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], int(remaining - 15))
-            sections.append("## pytest tests/kernels (CUDA)\n\n```\n" + text.strip()[-4000:] + "\n```")
-            ok = ok and step_ok
+    more, steps_ok = run_steps([s for s in STEPS if s.name in only], dry, args.budget_s, start, problems)
+    sections += more
+    ok = ok and steps_ok
+    if dry:
+        sections.append("\nCUDA parts skipped (dry run): kernel checks at 7B shapes, the GPU benchmarks at their "
+                        "GPU sizes, pytest tests/kernels on CUDA.")
     sections.append(f"\nTotal {time.time() - start:.0f} s; {'all checks passed' if ok else 'SOME CHECKS FAILED'}.\n")
     out = args.out or (None if dry else ROOT / "docs" / "gpu-check.md")
     text = "\n\n".join(sections)

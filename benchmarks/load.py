@@ -236,7 +236,8 @@ def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float,
     from serve.app import Service, build_app
     from serve.config import ServeConfig
 
-    config = ServeConfig(model=args.model, max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s,
+    config = ServeConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch_size=max_batch_size,
+                         batch_wait_timeout_s=wait_s,
                          eval_jobs=False, scheduler=scheduler, max_prefill_tokens=args.max_prefill_tokens,
                          admit_after_steps=args.admit_after_steps)
     out = {}
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start", action="store_true",
                     help="start a local service (Ray) for each --batch-sizes x --batch-wait-ms pair")
     ap.add_argument("--model", default="tiny-llava")
+    ap.add_argument("--device", default="cpu", help="--in-process: where the model runs (e.g. cuda)")
+    ap.add_argument("--dtype", default=None, help="--in-process: model dtype (default: the loader's for the device)")
     ap.add_argument("--batch-sizes", default="8", help="with --start: comma-separated max batch sizes to compare")
     ap.add_argument("--batch-wait-ms", default="50", help="with --start: comma-separated batch waits (ms) to compare")
     ap.add_argument("--requests", type=int, default=64, help="stop after this many requests")
@@ -316,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not args.start and not args.url and not args.in_process:
         ap.error("give --url of a running service, --start or --in-process")
+    if (args.device != "cpu" or args.dtype) and not args.in_process:
+        ap.error("--device and --dtype are for --in-process (a started service takes lvlm serve's --device)")
     if args.answer_tokens and not args.in_process:
         ap.error("--answer-tokens needs --in-process (the HTTP API cannot ask for ignore_eos)")
 
@@ -329,10 +334,14 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = {}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine += f", {torch.cuda.get_device_name(0)}"
     if args.in_process:
         import lvlm
 
-        pipeline = lvlm.load(args.model)
+        pipeline = lvlm.load(args.model, device=args.device, dtype=args.dtype)
         pipeline.generate([__import__("lvlm").Request("Hi", Image.new("RGB", (64, 64)), max_new_tokens=2)])  # warm-up
         # concurrency-major, schedulers back to back: on a shared machine whose load drifts, the
         # configurations compared at one concurrency run minutes apart at most

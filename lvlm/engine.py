@@ -22,7 +22,7 @@ from kernels.edits import AttentionEdits
 from lvlm.adapters import Adapter, ModelFacts
 from lvlm.cache import DEFAULT_CHUNK, KVCache
 from lvlm.devices import execution_device
-from lvlm.errors import PromptError
+from lvlm.errors import PromptError, UnsupportedModelError
 from lvlm.positions import positions_for
 
 
@@ -178,6 +178,23 @@ def causal_mask(start: torch.Tensor, q_len: int, k_len: int, used: int | None = 
     return visible[:, None]
 
 
+def check_cache_argument(layers) -> None:
+    """The engine hands its KV cache to each decoder layer as `cache=` (transformers 5.24, the
+    version pyproject.toml names; earlier 5.x releases, 5.17 for one, call it `past_key_values`). A layer without that parameter would take it
+    into `**kwargs` and ignore it, so every decode step would attend to its own token only: wrong
+    answers, not an error. Refuse such a transformers up front."""
+    import inspect
+
+    import transformers
+
+    for cls in {type(layer) for layer in layers}:
+        if "cache" not in inspect.signature(cls.forward).parameters:
+            raise UnsupportedModelError(
+                f"transformers {transformers.__version__}: {cls.__name__}.forward takes no `cache` argument, "
+                f"so the engine's KV cache would be ignored; install the transformers version pyproject.toml names "
+                f"(on a machine without a package index, carry its wheel: `make gpu-wheels`, docs/kernels.md)")
+
+
 class Engine:
     """Prefill and decode over one loaded model; stateless between calls.
 
@@ -192,6 +209,7 @@ class Engine:
         self.model, self.adapter, self.facts = model, adapter, facts
         self.cache_chunk, self.static_shapes = cache_chunk, static_shapes
         self.layers = adapter.get(model, "layers")
+        check_cache_argument(self.layers)
         self.rotary = adapter.get(model, "rotary")
         self.norm = adapter.get(model, "norm")
         self.embed = adapter.get(model, "embed")

@@ -212,3 +212,26 @@ def test_cancelled_row_leaves_and_others_continue():
         batch.step()
     assert rows[1].result.finish_reason == "cancelled" and len(rows[1].result.token_ids) == 2
     assert [rows[0].result.token_ids, rows[2].result.token_ids] == [alone[0], alone[2]]
+
+
+def test_decoder_layers_without_a_cache_parameter_are_refused():
+    """transformers 5.17 (the lent GPU machines' release) names the decoder layers' cache
+    `past_key_values`: `cache=` would vanish into `**kwargs` and every decode step would attend to
+    its own token only. The engine refuses such layers instead of answering wrongly."""
+    from lvlm.engine import check_cache_argument
+    from lvlm.errors import UnsupportedModelError
+
+    class OldLayer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, position_embeddings=None, **kwargs):
+            return hidden_states
+
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
+            return hidden_states
+
+    check_cache_argument(torch.nn.ModuleList([Layer(), Layer()]))
+    with pytest.raises(UnsupportedModelError, match="OldLayer.forward takes no `cache` argument"):
+        check_cache_argument(torch.nn.ModuleList([Layer(), OldLayer()]))
+    pipe = lvlm.load("tiny-llava")  # the installed transformers passes
+    check_cache_argument(pipe.engine.layers)

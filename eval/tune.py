@@ -121,6 +121,8 @@ RANGES: dict[str, dict[str, Callable[[Any, Shape], str | None]]] = {
         "layers": lambda v, s: None if (isinstance(v, str) and v in vhr_bands(s.num_layers)) or (
             isinstance(v, (list, tuple)) and v and all(_int(x) and 0 <= x < s.num_layers for x in v)) else
         f"layers={v!r}: a band ({', '.join(vhr_bands(s.num_layers))}) or layer indices in 0..{s.num_layers - 1}",
+        "positions": lambda v, s: None if v in ("all", "last") else
+        f"positions={v!r}: the prompt positions VHR scales at prefill, all or last",
     },
     "pai": {
         "alpha": lambda v, s: None if _number(v) and 0 <= v <= 100 else

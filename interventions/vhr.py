@@ -21,6 +21,7 @@ from interventions.defaults import Backbone, Default, round_half_up
 from interventions.plan import BatchPlan, Component
 from interventions.registry import InterventionError, index_tuple, register
 
+POSITIONS = ("all", "last")
 PAPER_BAND = 14  # last 14 of LLaVA-1.5-7B's 32 layers (plus layer 1)
 PAPER_DEPTH = 32
 
@@ -63,6 +64,9 @@ class VHRConfig:
     reinforce_twin: bool | None = field(default=None, metadata={
         "doc": "also reinforce the image-removed row; default true, false when PAI's contrast shares the "
                "request (its image-removed branch stays plain, methods.md 1.7)"})
+    positions: str = field(default="all", metadata={
+        "doc": "prompt positions whose selected head outputs are scaled at prefill: all (default) or last (only the "
+               "position that predicts the first token; methods.md 1.4 does not say); decode steps scale the new token"})
     report_vhd: bool = field(default=False, metadata={"doc": "also report each target layer's per-head divergence (lvlm inspect)"})
     preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
@@ -74,6 +78,8 @@ class VHRConfig:
             object.__setattr__(self, "layers", index_tuple(self.layers, "vhr", "layers"))
         if self.reinforce_twin is not None and not isinstance(self.reinforce_twin, bool):
             raise ValueError(f"reinforce_twin must be true or false, got {self.reinforce_twin!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
 
     @staticmethod
     def paper_defaults(backbone: Backbone) -> dict[str, Default]:
@@ -147,12 +153,17 @@ class VHR(Component):
         scale = self._scale(plan, layer, out.device)
         if scale is None:
             return out
-        return out * scale[:, :, None, None].to(out.dtype)
+        scale = scale[:, :, None, None].expand(-1, -1, out.shape[2], 1).clone()  # (B, H, Tq, 1)
+        last_only = [b for b, r in enumerate(plan.rows) if r in self.configs and self.configs[r].positions == "last"]
+        if last_only:  # rows are left-padded: the position that predicts the first token is the last one
+            scale[last_only, :, :-1] = 1.0
+        return out * scale.to(out.dtype)
 
     def finish(self, plan: BatchPlan) -> None:
         for r in self.configs:
             selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(self.heads[r].items())}
             plan.report(r, vhr={"alpha": self.configs[r].alpha, "layers": sorted(self.targets[r]), "heads": selected,
-                                "twin_rows": 1, "reinforce_twin": self.reinforce_twin[r]})
+                                "twin_rows": 1, "reinforce_twin": self.reinforce_twin[r],
+                                "positions": self.configs[r].positions})
             if self.configs[r].report_vhd:
                 plan.reports_[r]["vhr"]["vhd"] = {l: v for l, v in sorted(self.vhd[r].items())}

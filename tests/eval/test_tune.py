@@ -110,6 +110,7 @@ def test_default_grids_stay_inside_the_papers_ranges():
     ("vte.exit_layer=7", "k = L - 1 never exits"),
     ("vhr.layers=[1,9]", "layer indices in 0..7"),
     ("pai.gamma=0.5,2", "gamma < 1 adds it"),
+    ("vhr.positions=all,first", "the prompt positions VHR scales at prefill, all or last"),
     ("vhr.beta=1", "'beta' is not searched"),
     ("carve.layers=1", "not among the methods tuned"),
     ("vhr.alpha", "METHOD.PARAM=V1,V2"),

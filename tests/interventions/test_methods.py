@@ -80,8 +80,9 @@ def test_rows_repacked_by_token_exit_keep_their_own_edits(pipe):
 
 
 # -- VHR against an independent implementation on transformers' own forward (eager + hooks) --------
-def vhr_reference_tokens(batch, layers, alpha, n):
-    """Greedy tokens of row 0 with VHR done by o_proj pre-hooks on transformers' eager model."""
+def vhr_reference_tokens(batch, layers, alpha, n, positions="all"):
+    """Greedy tokens of row 0 with VHR done by o_proj pre-hooks on transformers' eager model
+    (`positions` "last": at prefill only the last prompt position is scaled)."""
     model, _ = tiny.build("tiny-llava")
     model.set_attn_implementation("eager")
     cfg = model.config.text_config
@@ -102,8 +103,10 @@ def vhr_reference_tokens(batch, layers, alpha, n):
                 vhd = torch.where(big_vhd & big_ta, 0.0, vhd)
                 divergence[layer] = vhd.tolist()
                 chosen[layer] = vhd > torch.quantile(vhd, 0.5, interpolation="lower")
-            scale = torch.where(chosen[layer], alpha, 1.0)
-            return ((heads * scale[None, None, :, None]).view(B, T, H * D),)
+            scale = torch.where(chosen[layer], alpha, 1.0)[None, None, :, None].expand(1, T, H, 1).clone()
+            if positions == "last":
+                scale[:, :-1] = 1.0
+            return ((heads * scale).view(B, T, H * D),)
 
         return pre
 
@@ -127,6 +130,27 @@ def test_vhr_matches_hooked_transformers(pipe):
     assert all(len(h) == 2 for h in selected.values())  # half of 4 heads, above the median
     eos = pipe.tokenizer.eos_token_id
     assert ours.token_ids == (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+
+
+def test_vhr_reinforcing_the_last_prompt_position_only_matches_hooked_transformers(pipe):
+    """`positions: last` (methods.md 1.4 leaves open which prompt positions are scaled): at
+    prefill only the position that predicts the first token is reinforced, in both rows; decode
+    steps as with `all`. It selects its own heads and gives other tokens than `all`."""
+    spec = {"name": "vhr", "alpha": 3.0, "layers": [1, 2, 3], "positions": "last"}
+    req = lvlm.Request("Describe it.", IMG2, max_new_tokens=NEW, interventions=resolve([spec]))
+    (ours,) = pipe.generate([req])
+    batch = pipe.prepare([req, replace(req, image=None, interventions=())])
+    tokens, selected, _ = vhr_reference_tokens(batch, [1, 2, 3], 3.0, NEW, positions="last")
+    assert ours.report["vhr"]["heads"] == selected and ours.report["vhr"]["positions"] == "last"
+    eos = pipe.tokenizer.eos_token_id
+    assert ours.token_ids == (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+    everywhere, _, _ = vhr_reference_tokens(batch, [1, 2, 3], 3.0, NEW)
+    assert everywhere != tokens  # the option changes what VHR does
+    (last, every) = pipe.generate([req, replace(req, interventions=resolve([{**spec, "positions": "all"}]))])
+    assert last.token_ids == ours.token_ids  # one batch, each row its own reading
+    assert every.token_ids == (everywhere[: everywhere.index(eos) + 1] if eos in everywhere else everywhere)
+    with pytest.raises(InterventionError, match="positions must be one of all, last"):
+        resolve([{**spec, "positions": "first"}])
 
 
 def test_vhr_with_pai_contrast_leaves_the_shared_twin_plain(pipe):

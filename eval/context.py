@@ -44,9 +44,9 @@ def model_folder(name: str) -> Path | None:
         return Path(MODEL_DIR) if (Path(MODEL_DIR) / "config.json").is_file() else None
     if os.path.isdir(name):
         return Path(name)
-    from eval.fingerprint import _hub_snapshot
+    from lvlm.loader import hub_snapshot
 
-    return _hub_snapshot(name, None)
+    return hub_snapshot(name, None)
 
 
 def measure(folder: Path, prompts: Sequence[str], image: str | None) -> Budget:

@@ -186,18 +186,6 @@ def checkpoint_digests(folder: str | Path) -> dict[str, str | None]:
     }
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # malformed repo ids and the like: the model is simply not in the cache
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
 def model_identity(name: str, *, revision: str | None = None, server: str | None = None) -> dict[str, Any]:
     """What identifies a model's weights: id plus config and weights digests where they can be read.
 
@@ -223,7 +211,9 @@ def model_identity(name: str, *, revision: str | None = None, server: str | None
             tiny = None
         if tiny is not None and name in tiny.ALL:
             return {"id": name, "built_by": f"lvlm.tiny ({package_version()})"}
-        folder = _hub_snapshot(name, revision)
+        from lvlm.loader import hub_snapshot
+
+        folder = hub_snapshot(name, revision)
     identity: dict[str, Any] = {"id": name, "revision": revision}
     if folder is not None and folder.is_dir():
         identity.update(checkpoint_digests(folder))

@@ -128,4 +128,21 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
     model = (model if device_map is not None else model.to(device)).eval()
     processor_cls = images_only(adapter.processor_class) if adapter.images_only_processor else AutoProcessor
     processor = processor_cls.from_pretrained(path, revision=revision, backend="pil")
-    return Pipeline(model, processor, adapter, name)
+    pipe = Pipeline(model, processor, adapter, name)
+    if name != "shapes" and not Path(path).is_dir():  # a hub id: the snapshot it resolved to
+        pipe.snapshot = hub_snapshot(name, revision)
+    return pipe
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot folder (named by its commit) that a hub id and revision resolve to in
+    the Hugging Face cache, or None when it is not cached (or not a hub id)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # malformed repo ids and the like: the model is simply not in the cache
+        return None
+    return Path(found).parent if isinstance(found, str) else None

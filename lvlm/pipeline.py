@@ -59,6 +59,7 @@ class Pipeline:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self._profile: dict[str, Any] | None = None
+        self.snapshot: Path | None = None  # a hub checkpoint's cache snapshot (its commit), set by lvlm.load
 
     @property
     def max_context(self) -> int:

@@ -24,7 +24,8 @@ The cache lives in `$LVLM_CACHE` (default `~/.cache/lvlm`)/profiles/<model>-<dig
 the model config and, for the embedded models (retrained in place), the weights; for a checkpoint
 loaded from a local folder, the name, size and modification time of its weight files, so a
 checkpoint rewritten in place gets a new profile instead of the old weights' sink dimensions and
-tuned values.
+tuned values; for a hub id, the commit of the cache snapshot its revision resolved to (a new
+revision of the same id gets its own profile).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def cache_path(pipe) -> Path:
         identity += weights_digest(paths[1])
     elif os.path.isdir(pipe.model_id):
         identity += local_weights_stamp(Path(pipe.model_id))
+    elif getattr(pipe, "snapshot", None) is not None:  # a hub id: the commit its revision resolved to
+        identity += f"snapshot:{pipe.snapshot.name}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pipe.model_id)[-60:]
     return root / "profiles" / f"{slug}-{digest}.json"

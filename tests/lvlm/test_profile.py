@@ -1,6 +1,8 @@
 """Model profiles: sink-dimension discovery, published values, on-disk cache."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +113,37 @@ def test_a_local_checkpoint_rewritten_in_place_gets_a_new_profile(tmp_path, monk
     again = lvlm.load(str(ckpt))
     assert profiles.cache_path(again) != before
     assert "tuned" not in profiles.load_or_compute(again)  # the old weights' search does not apply
+
+
+def test_a_hub_checkpoint_at_another_revision_gets_its_own_profile(tmp_path):
+    """A hub id is keyed by the commit its revision resolves to in the Hugging Face cache: new
+    weights pushed under the same id (same config) no longer inherit the old profile's sink
+    dimensions and tuned values. Real cache resolution (transformers and huggingface_hub, offline)
+    over a cache laid out as the hub client writes it, in a subprocess so that its cache path
+    takes effect."""
+    import subprocess
+    import sys
+
+    from lvlm import tiny
+
+    repo = tmp_path / "hub" / "models--lvlm-test--tiny"
+    model, processor = tiny.build("tiny-llava")
+    for commit in ("a" * 40, "b" * 40):
+        model.save_pretrained(repo / "snapshots" / commit)
+        processor.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "LVLM_CACHE": str(tmp_path / "c")}
+    script = ("import sys, lvlm; from lvlm import profile; p = lvlm.load('lvlm-test/tiny', revision=sys.argv[1] or None); "
+              "print(p.snapshot.name, profile.cache_path(p).name)")
+
+    def load(ref: str, revision: str = "") -> tuple[str, str]:
+        (repo / "refs" / "main").write_text(ref)
+        out = subprocess.run([sys.executable, "-c", script, revision], env=env, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
+        assert out.returncode == 0, out.stderr[-2000:]
+        return tuple(out.stdout.split()[-2:])
+
+    first, again, moved = load("a" * 40), load("a" * 40), load("b" * 40)
+    assert first[0] == "a" * 40 and moved[0] == "b" * 40
+    assert first[1] == again[1] != moved[1]  # same commit, same profile; a new commit, a new one
+    assert load("b" * 40, revision="a" * 40) == first  # an explicit revision resolves to its own snapshot

@@ -64,7 +64,7 @@ class VHRConfig:
     reinforce_twin: bool | None = field(default=None, metadata={
         "doc": "also reinforce the image-removed row; default true, false when PAI's contrast shares the "
                "request (its image-removed branch stays plain, methods.md 1.7)"})
-    positions: str = field(default="all", metadata={
+    positions: str | None = field(default=None, metadata={
         "doc": "prompt positions whose selected head outputs are scaled at prefill: all (default) or last (only the "
                "position that predicts the first token; methods.md 1.4 does not say); decode steps scale the new token"})
     report_vhd: bool = field(default=False, metadata={"doc": "also report each target layer's per-head divergence (lvlm inspect)"})
@@ -78,13 +78,15 @@ class VHRConfig:
             object.__setattr__(self, "layers", index_tuple(self.layers, "vhr", "layers"))
         if self.reinforce_twin is not None and not isinstance(self.reinforce_twin, bool):
             raise ValueError(f"reinforce_twin must be true or false, got {self.reinforce_twin!r}")
-        if self.positions not in POSITIONS:
+        if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
 
     @staticmethod
     def paper_defaults(backbone: Backbone) -> dict[str, Default]:
         layers = backbone.published("vhr", "layers") or Default(default_layers(backbone.num_layers), "scaled")
-        return {"alpha": Default(VHRConfig.PAPER["alpha"], "published"), "layers": layers}
+        # positions: the paper's o <- alpha*o read literally names no position, so every one
+        return {"alpha": Default(VHRConfig.PAPER["alpha"], "published"), "layers": layers,
+                "positions": Default("all", "published")}
 
     def target_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(num_layers)
@@ -164,6 +166,6 @@ class VHR(Component):
             selected = {l: h.nonzero().flatten().tolist() for l, h in sorted(self.heads[r].items())}
             plan.report(r, vhr={"alpha": self.configs[r].alpha, "layers": sorted(self.targets[r]), "heads": selected,
                                 "twin_rows": 1, "reinforce_twin": self.reinforce_twin[r],
-                                "positions": self.configs[r].positions})
+                                "positions": self.configs[r].positions or "all"})
             if self.configs[r].report_vhd:
                 plan.reports_[r]["vhr"]["vhd"] = {l: v for l, v in sorted(self.vhd[r].items())}

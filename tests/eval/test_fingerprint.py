@@ -215,7 +215,7 @@ def test_tuned_values_are_fingerprinted_and_a_retuned_model_refuses_to_resume(cl
     assert header["interventions"][0]["alpha"] is None and header["interventions"][0]["preset"] == "tuned"
     (pinned,) = header["interventions_resolved"]
     assert pinned["alpha"] == 2.0 and pinned["layers"] == [2, 3]
-    assert pinned["sources"] == {"alpha": "tuned", "layers": "tuned"}
+    assert pinned["sources"] == {"alpha": "tuned", "layers": "tuned", "positions": "published"}
     report = json.loads((out / "chair_report.json").read_text())
     assert report["results"][0]["details"]["interventions_resolved"][0]["alpha"] == 2.0
     # The same values resume without generating; new tuned values are another run.

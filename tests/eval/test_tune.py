@@ -193,7 +193,7 @@ def test_tune_writes_the_profile_and_tuned_presets_resolve(tmp_path, monkeypatch
     (res,) = pipe.generate([lvlm.Request("Describe it.", tuning_image(), max_new_tokens=2,
                                          interventions=resolve("vhr:tuned"))])
     assert res.report["vhr"]["alpha"] == 2.5 and res.report["vhr"]["layers"] == [1]
-    assert res.report["vhr"]["sources"] == {"alpha": "tuned", "layers": "tuned"} and L == 4
+    assert res.report["vhr"]["sources"] == {"alpha": "tuned", "layers": "tuned", "positions": "published"} and L == 4
     with pytest.raises(ValueError, match="only the embedded models"):
         tuning.tune(pipe, spaces, evaluate, tmp_path / "out", eval_info={"n": 3}, ship=True, progress=False)
 

@@ -55,7 +55,9 @@ def test_sources_published_scaled_request():
     (vhr,) = resolve("vhr")
     on_7b, info = apply(vhr, LLAVA_7B, {})
     assert on_7b.alpha == 2.0 and on_7b.layers == (1, *range(18, 32))
-    assert info == {"preset": "default", "sources": {"alpha": "published", "layers": "published"}}
+    assert info == {"preset": "default", "sources": {"alpha": "published", "layers": "published",
+                                                     "positions": "published"}}
+    assert on_7b.positions == "all"  # the paper's o <- alpha*o names no position: every one
     narrow, info = apply(vhr, NARROW, {})
     assert narrow.layers == (1, 4, 5, 6, 7) and info["sources"]["layers"] == "scaled"
     (asked,) = resolve([{"name": "var", "tau": 3.0}])
@@ -64,6 +66,16 @@ def test_sources_published_scaled_request():
     assert info["sources"] == {"p": "published", "rho": "published", "tau": "request",
                                "require_visual_sink": "published"}
     assert resolved.require_visual_sink is True  # the official code's rule unless asked or tuned
+
+
+def test_vhr_prompt_positions_are_tunable():
+    profile = {"tuned": {"vhr": {"params": {"alpha": 1.5, "layers": [2, 3, 4], "positions": "last"}}}}
+    resolved, info = apply(resolve("vhr:tuned")[0], NARROW, profile)
+    assert (resolved.alpha, resolved.layers, resolved.positions) == (1.5, (2, 3, 4), "last")
+    assert info["sources"]["positions"] == "tuned"
+    assert apply(resolve("vhr:paper")[0], NARROW, profile)[0].positions == "all"
+    (asked,) = resolve([{"name": "vhr", "preset": "tuned", "positions": "all"}])
+    assert apply(asked, NARROW, profile)[0].positions == "all"
 
 
 def test_var_rule_for_layers_without_a_visual_sink_is_tunable():
@@ -84,7 +96,8 @@ def test_presets_pick_tuned_values():
                "tuned_shipped": {"pai": {"params": {"alpha": 0.6, "contrast": True, "gamma": 2.0}, "shipped": True}}}
     (vhr,) = resolve("vhr:tuned")
     resolved, info = apply(vhr, NARROW, profile)
-    assert (resolved.alpha, resolved.layers) == (1.7, (1, 7)) and info["sources"] == {"alpha": "tuned", "layers": "tuned"}
+    assert (resolved.alpha, resolved.layers) == (1.7, (1, 7)) and info["sources"] == {"alpha": "tuned", "layers": "tuned",
+                                                                                     "positions": "published"}
     (plain,) = resolve("vhr")  # a user's own search is used only on request
     assert apply(plain, NARROW, profile)[0].alpha == 2.0
     (pai,) = resolve("pai")  # shipped values are the default
@@ -123,7 +136,8 @@ def test_catalog_shows_presets_and_paper_defaults():
     assert next(p for p in vhr["params"] if p["name"] == "alpha")["default"] == 2.0
     facts = type("Facts", (), {"num_layers": 8, "hidden_size": 256})()
     per_model = next(c for c in catalog(facts, {"tuned": {"vhr": {"params": {"alpha": 1.5}}}}) if c["name"] == "vhr")
-    assert per_model["preset_values"] == {"paper": {"alpha": 2.0, "layers": (1, 4, 5, 6, 7)}, "tuned": {"alpha": 1.5}}
+    assert per_model["preset_values"] == {"paper": {"alpha": 2.0, "layers": (1, 4, 5, 6, 7), "positions": "all"},
+                                        "tuned": {"alpha": 1.5}}
 
 
 # -- end to end: the profile, a pipeline, and the service --------------------------------------------
@@ -168,7 +182,8 @@ def test_tuned_preset_round_trip_through_profile_and_http(pipe):
     profiles.save_tuned(pipe, {"vhr": {"params": {"alpha": 1.7, "layers": [1, L - 1]}}})
     res = _generate(pipe, "vhr:tuned")
     assert res.report["vhr"]["alpha"] == 1.7 and res.report["vhr"]["layers"] == [1, L - 1]
-    assert res.report["vhr"]["preset"] == "tuned" and res.report["vhr"]["sources"] == {"alpha": "tuned", "layers": "tuned"}
+    assert res.report["vhr"]["preset"] == "tuned" and res.report["vhr"]["sources"] == {"alpha": "tuned", "layers": "tuned",
+                                                                                               "positions": "published"}
     default = _generate(pipe, "vhr")  # the user's own search is not the default
     assert default.report["vhr"]["alpha"] == 2.0 and default.report["vhr"]["sources"]["alpha"] == "published"
     ok = chat([{"name": "vhr", "preset": "tuned"}])
@@ -179,7 +194,7 @@ def test_tuned_preset_round_trip_through_profile_and_http(pipe):
     vhr = next(i for i in listed if i["name"] == "vhr")
     assert any(p["name"] == "preset" and "tuned" in p["doc"] for p in vhr["params"])
     assert vhr["presets"] == ["default", "paper", "tuned"]
-    assert vhr["preset_values"] == {"paper": {"alpha": 2.0, "layers": list(vhr_layers(L))},
+    assert vhr["preset_values"] == {"paper": {"alpha": 2.0, "layers": list(vhr_layers(L)), "positions": "all"},
                                     "tuned": {"alpha": 1.7, "layers": [1, L - 1]}}
     var = next(i for i in listed if i["name"] == "var")
     assert var["preset_values"]["tuned"] is None and var["preset_values"]["paper"]["p"] == 0.4
@@ -191,4 +206,4 @@ def test_describe_fills_values_for_fingerprints():
 
     (vhr,) = describe(resolve("vhr:paper"), facts, {})
     assert vhr["alpha"] == 2.0 and vhr["layers"] == (1, 4, 5, 6, 7) and vhr["preset"] == "paper"
-    assert vhr["sources"] == {"alpha": "published", "layers": "scaled"}
+    assert vhr["sources"] == {"alpha": "published", "layers": "scaled", "positions": "published"}

@@ -133,17 +133,20 @@ def test_a_hub_checkpoint_at_another_revision_gets_its_own_profile(tmp_path):
         processor.save_pretrained(repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "LVLM_CACHE": str(tmp_path / "c")}
-    script = ("import sys, lvlm; from lvlm import profile; p = lvlm.load('lvlm-test/tiny', revision=sys.argv[1] or None); "
-              "print(p.snapshot.name, profile.cache_path(p).name)")
-
-    def load(ref: str, revision: str = "") -> tuple[str, str]:
-        (repo / "refs" / "main").write_text(ref)
-        out = subprocess.run([sys.executable, "-c", script, revision], env=env, capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[2])
-        assert out.returncode == 0, out.stderr[-2000:]
-        return tuple(out.stdout.split()[-2:])
-
-    first, again, moved = load("a" * 40), load("a" * 40), load("b" * 40)
+    # one process, four loads: (what refs/main names, the revision asked for)
+    steps = [("a" * 40, ""), ("a" * 40, ""), ("b" * 40, ""), ("b" * 40, "a" * 40)]
+    script = ("import sys, pathlib, lvlm; from lvlm import profile\n"
+              "ref = pathlib.Path(sys.argv[1])\n"
+              "for step in sys.argv[2:]:\n"
+              "    main, revision = step.split(':')\n"
+              "    ref.write_text(main)\n"
+              "    p = lvlm.load('lvlm-test/tiny', revision=revision or None)\n"
+              "    print('LOADED', p.snapshot.name, profile.cache_path(p).name)\n")
+    (repo / "refs" / "main").write_text("a" * 40)
+    out = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main"), *(f"{m}:{r}" for m, r in steps)],
+                         env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, again, moved, pinned = [tuple(line.split()[1:]) for line in out.stdout.splitlines() if line.startswith("LOADED")]
     assert first[0] == "a" * 40 and moved[0] == "b" * 40
     assert first[1] == again[1] != moved[1]  # same commit, same profile; a new commit, a new one
-    assert load("b" * 40, revision="a" * 40) == first  # an explicit revision resolves to its own snapshot
+    assert pinned == first  # an explicit revision resolves to its own snapshot

@@ -249,14 +249,14 @@ def wheel_list() -> list[str]:
     return [f"{name}=={version(name)}" for name in CARRIED]
 
 
-def use_carried_wheels(wheels: Path) -> None:
+def use_carried_wheels(wheels: Path) -> dict[str, str]:
     """When this Python lacks what the engine or the load benchmark needs and `wheels` holds
     wheels, install them into a temporary folder and run this script again with it first on
-    PYTHONPATH (once: LVLM_GPU_SITE marks the second run)."""
+    PYTHONPATH (once: LVLM_GPU_SITE marks the second run). Returns what is still missing."""
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     problems = stack_problems()
     if not problems or not found or os.environ.get("LVLM_GPU_SITE"):
-        return
+        return problems
     import tempfile
 
     site = Path(tempfile.gettempdir()) / "lvlm-gpu-site"
@@ -266,7 +266,7 @@ def use_carried_wheels(wheels: Path) -> None:
                        capture_output=True, text=True)
     if p.returncode:
         log(f"pip could not install the carried wheels (the engine steps will be skipped):\n{p.stderr[-2000:]}")
-        return
+        return problems
     path = os.pathsep.join(x for x in (str(site), str(ROOT), os.environ.get("PYTHONPATH")) if x)
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONPATH": path, "LVLM_GPU_SITE": str(site)})
@@ -356,15 +356,13 @@ def main() -> int:
     if args.wheel_list:
         print(" ".join(wheel_list()))
         return 0
-    only = [] if args.skip_benchmarks else [n.strip() for n in args.only.split(",") if n.strip()]
-    if args.skip_benchmarks:
-        only = ["kernels"]
+    only = ["kernels"] if args.skip_benchmarks else [n.strip() for n in args.only.split(",") if n.strip()]
     if unknown := [n for n in only if n not in names]:
         ap.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     start = time.time()
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    use_carried_wheels(args.wheels)
+    problems = use_carried_wheels(args.wheels)
     import torch
 
     dry = args.dry_run or not torch.cuda.is_available()
@@ -379,7 +377,6 @@ def main() -> int:
               f"Python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"transformers {transformers.__version__}{site}.\n")
     log(header.splitlines()[-1])
-    problems = stack_problems()
     for part, why in problems.items():
         log(f"NOTE: the {part} steps will be skipped: {why}. Fix: `make gpu-wheels` on a machine with a package "
             f"index, then carry .whl (docs/kernels.md, 'A lent GPU').")

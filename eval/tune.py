@@ -84,6 +84,12 @@ def vhr_bands(num_layers: int) -> dict[str, tuple[int, ...]]:
             "half": tuple(sorted({1, *half})), "middle": middle}
 
 
+def vhr_positions() -> tuple[str, ...]:
+    from interventions.vhr import POSITIONS
+
+    return POSITIONS
+
+
 def default_space(method: str, shape: Shape, grid: str = "small") -> dict[str, list[Any]]:
     L, tau = shape.num_layers, shape.tau
     small = grid == "small"
@@ -121,7 +127,7 @@ RANGES: dict[str, dict[str, Callable[[Any, Shape], str | None]]] = {
         "layers": lambda v, s: None if (isinstance(v, str) and v in vhr_bands(s.num_layers)) or (
             isinstance(v, (list, tuple)) and v and all(_int(x) and 0 <= x < s.num_layers for x in v)) else
         f"layers={v!r}: a band ({', '.join(vhr_bands(s.num_layers))}) or layer indices in 0..{s.num_layers - 1}",
-        "positions": lambda v, s: None if v in ("all", "last") else
+        "positions": lambda v, s: None if v in vhr_positions() else
         f"positions={v!r}: the prompt positions VHR scales at prefill, all or last",
     },
     "pai": {

@@ -155,9 +155,10 @@ class VHR(Component):
         scale = self._scale(plan, layer, out.device)
         if scale is None:
             return out
-        scale = scale[:, :, None, None].expand(-1, -1, out.shape[2], 1).clone()  # (B, H, Tq, 1)
+        scale = scale[:, :, None, None]  # (B, H, 1, 1): every prompt position
         last_only = [b for b, r in enumerate(plan.rows) if r in self.configs and self.configs[r].positions == "last"]
         if last_only:  # rows are left-padded: the position that predicts the first token is the last one
+            scale = scale.expand(-1, -1, out.shape[2], 1).clone()
             scale[last_only, :, :-1] = 1.0
         return out * scale.to(out.dtype)
 

@@ -180,9 +180,10 @@ def causal_mask(start: torch.Tensor, q_len: int, k_len: int, used: int | None = 
 
 def check_cache_argument(layers) -> None:
     """The engine hands its KV cache to each decoder layer as `cache=` (transformers 5.24, the
-    version pyproject.toml names; earlier 5.x releases, 5.17 for one, call it `past_key_values`). A layer without that parameter would take it
-    into `**kwargs` and ignore it, so every decode step would attend to its own token only: wrong
-    answers, not an error. Refuse such a transformers up front."""
+    version pyproject.toml names; earlier 5.x releases, 5.17 for one, call it `past_key_values`).
+    A layer without that parameter would take it into `**kwargs` and ignore it, so every decode
+    step would attend to its own token only: wrong answers, not an error. Refuse such a
+    transformers up front."""
     import inspect
 
     import transformers

@@ -55,7 +55,7 @@ def select_heads(vhd: torch.Tensor) -> torch.Tensor:
           summary="reinforce vision-aware heads: scale the heads whose output depends most on the image")
 @dataclass(frozen=True)
 class VHRConfig:
-    PAPER: ClassVar[dict] = {"alpha": 2.0}
+    PAPER: ClassVar[dict] = {"alpha": 2.0, "positions": "all"}  # positions: o <- alpha*o names none, so every one
 
     alpha: float | None = field(default=None, metadata={"doc": "reinforcement factor for selected heads (> 0; "
                                                                "> 1 reinforces); default 2.0"})
@@ -84,9 +84,8 @@ class VHRConfig:
     @staticmethod
     def paper_defaults(backbone: Backbone) -> dict[str, Default]:
         layers = backbone.published("vhr", "layers") or Default(default_layers(backbone.num_layers), "scaled")
-        # positions: the paper's o <- alpha*o read literally names no position, so every one
         return {"alpha": Default(VHRConfig.PAPER["alpha"], "published"), "layers": layers,
-                "positions": Default("all", "published")}
+                "positions": Default(VHRConfig.PAPER["positions"], "published")}
 
     def target_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else default_layers(num_layers)

@@ -74,6 +74,10 @@ def test_vhr_prompt_positions_are_tunable():
     assert (resolved.alpha, resolved.layers, resolved.positions) == (1.5, (2, 3, 4), "last")
     assert info["sources"]["positions"] == "tuned"
     assert apply(resolve("vhr:paper")[0], NARROW, profile)[0].positions == "all"
+    from interventions import catalog
+
+    (vhr,) = [i for i in catalog() if i["name"] == "vhr"]
+    assert next(p["default"] for p in vhr["params"] if p["name"] == "positions") == "all"  # /v1/interventions
     (asked,) = resolve([{"name": "vhr", "preset": "tuned", "positions": "all"}])
     assert apply(asked, NARROW, profile)[0].positions == "all"
 

@@ -5,26 +5,27 @@ trained by `python -m lvlm.shapes.train`; `SYNONYMS_PATH` is the CHAIR synonym t
 world's object words; the world API generates seeded scenes with COCO annotations.
 """
 
+from importlib import import_module
 from pathlib import Path
-
-from lvlm.shapes.world import (
-    CATEGORIES,
-    CATEGORY_IDS,
-    IMAGE_SIZE,
-    PAIRS,
-    PARTNER,
-    SPLITS,
-    Instance,
-    Scene,
-    build_split,
-    make_scene,
-)
+from typing import Any
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "model"
 SYNONYMS_PATH = ASSETS / "synonyms.txt"
 
-__all__ = [
-    "ASSETS", "MODEL_DIR", "SYNONYMS_PATH", "CATEGORIES", "CATEGORY_IDS", "IMAGE_SIZE", "PAIRS",
-    "PARTNER", "SPLITS", "Instance", "Scene", "build_split", "make_scene",
-]
+# The world's names are read from lvlm.shapes.world on first use (PEP 562), not imported here:
+# `python -m lvlm.shapes.world` (and .train) would otherwise find the module already imported by
+# this package and warn that running it may be unpredictable.
+_WORLD_NAMES = frozenset({
+    "CATEGORIES", "CATEGORY_IDS", "IMAGE_SIZE", "PAIRS", "PARTNER", "SPLITS", "Instance", "Scene",
+    "build_split", "make_scene",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WORLD_NAMES:
+        return getattr(import_module("lvlm.shapes.world"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ASSETS", "MODEL_DIR", "SYNONYMS_PATH", *sorted(_WORLD_NAMES)]

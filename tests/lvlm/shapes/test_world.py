@@ -170,3 +170,19 @@ def test_a_range_of_the_split_is_the_same_scenes_a_larger_split_holds(test_split
         build_split(tmp_path, "test", 3, first=-1)
     with pytest.raises(SystemExit):
         world.main(["--out", str(tmp_path / "x"), "--first", "-2"])
+
+
+def test_the_documented_module_command_runs_without_a_runpy_warning(tmp_path):
+    """`python -m lvlm.shapes.world` as the model card writes it: the package must not import the
+    module first (runpy then warns that running it "may result in unpredictable behaviour")."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "lvlm.shapes.world", "--out", str(tmp_path),
+         "--split", "val", "--n", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" not in done.stderr
+    assert len(list((tmp_path / "images").iterdir())) == 2

@@ -62,7 +62,20 @@ ServerOpt = typer.Option(None, "--server", help="service base URL: use the remot
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="LVLM_API_KEY")
 RayOpt = typer.Option(0, "--ray-actors", help="spread batches over N Ray model actors (0: in process)")
 ProgressOpt = typer.Option(True, "--progress/--no-progress")
-ResamplesOpt = typer.Option(1000, "--resamples", min=1, help="paired bootstrap resamples for the 95% intervals")
+ResamplesOpt = typer.Option(1000, "--resamples", min=1, help="paired bootstrap resamples for the intervals")
+LevelOpt = typer.Option(
+    0.95, "--level",
+    help="two-sided confidence level of the intervals, e.g. 0.9875 for a Bonferroni level over four comparisons",
+)
+
+
+def _check_level(level: float) -> None:
+    from eval.significance import check_level
+
+    try:
+        check_level(level)
+    except ValueError as err:
+        raise EvalError(f"--level: {err}") from err
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -225,6 +238,7 @@ def default_out(benchmark: str, model: str, digest: str) -> Path:
 
 def _print_report(report: Any, paths: Any) -> None:
     from eval.report import format_interval
+    from eval.significance import level_label
 
     names: list[str] = []
     counts: list[str] = []
@@ -256,7 +270,8 @@ def _print_report(report: Any, paths: Any) -> None:
     console.print(table)
     sig = report.significance
     if sig and len(report.results) > 1:
-        diff = Table(title=f"difference to {sig['baseline']}: paired bootstrap 95% interval (* excludes 0)")
+        diff = Table(title=f"difference to {sig['baseline']}: paired bootstrap {level_label(sig['level'])} interval "
+                           "(* excludes 0)")
         diff.add_column("metric")
         for r in report.results[1:]:
             diff.add_column(r.name, justify="right")
@@ -277,7 +292,7 @@ def _default_folder(task: Any, model: str, fingerprint: Any, configs: Sequence[A
 
 def _run(
     task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None,
-    *, sources=None, questions_built=False, resamples=1000, inspect_k=0,
+    *, sources=None, questions_built=False, resamples=1000, level=0.95, inspect_k=0,
 ):
     from eval.compare import compare, plan_configs, run_fingerprint
     from eval.fingerprint import model_identity
@@ -326,7 +341,7 @@ def _run(
         extra = {**(facts.pop("extra", None) or {}), **({"dataset": sources.describe()} if sources else {})}
         provenance = Provenance(decoding=decoding, seed=seed, extra=extra or None, **facts)
         report, paths = compare(task, configs, execute, out, provenance, describe=describe, names=names,
-                                fingerprint=fingerprint, resamples=resamples, values=values)
+                                fingerprint=fingerprint, resamples=resamples, level=level, values=values)
     except refused as err:  # the model's own typed errors (context, images), the service's errors
         where = f"the service at {server}" if server else "the model"
         raise EvalError(f"{where} refused a request or could not be reached: {err} (the answers so far are "
@@ -475,13 +490,16 @@ def compare(
     short_caption: bool = typer.Option(False, "--short-caption"),
     prompt: str = typer.Option("Please describe this image in detail.", "--prompt"),
     resamples: int = ResamplesOpt,
+    level: float = LevelOpt,
     progress: bool = ProgressOpt,
     inspect_k: int = typer.Option(0, "--inspect", help="attach inspections of the first K images (docs/inspect.md; "
                                                        "runs the model in this process)"),
 ) -> None:
     """Run one benchmark for several intervention configurations and write a comparison report
-    with paired bootstrap 95% intervals of each configuration's difference to the first."""
+    with paired bootstrap intervals (95% by default, --level) of each configuration's difference to the
+    first."""
     try:
+        _check_level(level)
         if config:
             names, configs = (list(x) for x in zip(*[_named_config(c) for c in config], strict=True))
         else:
@@ -500,7 +518,7 @@ def compare(
             raise EvalError(f"unknown benchmark {benchmark!r}; valid: chair, pope")
         decoding = {"max_new_tokens": tokens, "temperature": 0.0}
         _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names,
-             sources=sources, questions_built=built, resamples=resamples, inspect_k=inspect_k)
+             sources=sources, questions_built=built, resamples=resamples, level=level, inspect_k=inspect_k)
     except EvalError as err:
         raise _fail(err) from err
 

@@ -6,8 +6,9 @@ configuration; configurations are passed through opaquely as `interventions` spe
 service client, Ray actors). Each configuration has its own resumable results file, stamped with
 the run fingerprint (eval/fingerprint.py), so an interrupted comparison restarts where it stopped
 and never reuses another run's answers. Every configuration after the first gets the paired
-bootstrap 95% interval of each metric's difference to the first (eval/significance.py): per image
-for CHAIR, per question (within its split) for POPE. Metrics follow docs/eval.md: CHAIR (Rohrbach
+bootstrap interval (95% unless asked otherwise) of each metric's difference to the first
+(eval/significance.py), resampling images: for POPE an image carries its questions in every split.
+Metrics follow docs/eval.md: CHAIR (Rohrbach
 et al. 2018, arXiv:1809.02156) and POPE (Li et al. 2023, arXiv:2305.10355).
 """
 
@@ -42,7 +43,7 @@ from eval.pope import (
 )
 from eval.report import ConfigResult, Provenance, Report, ReportPaths, atomic_write_text, sha256_file, write_report
 from eval.runner import RESOLVED_FIELD, AnswerFn, Item, RayPool, ResultsFile, check_results_file, run
-from eval.significance import RESAMPLES, UnitStats, paired_bootstrap, ratio
+from eval.significance import LEVEL, RESAMPLES, UnitStats, check_level, paired_bootstrap, ratio
 
 CHAIR_PROMPT = "Please describe this image in detail."
 
@@ -443,6 +444,7 @@ def compare(
     fingerprint: Fingerprint | None = None,
     resamples: int = RESAMPLES,
     bootstrap_seed: int = 0,
+    level: float = LEVEL,
     values: Callable[[Any], Any] | None = None,
 ) -> tuple[Report, ReportPaths]:
     """Run `task` once per configuration, score it, and write the report (JSON, Markdown, PNG).
@@ -454,8 +456,9 @@ def compare(
     `names` label the configurations (default: derived from the specs); they name the files too.
     `fingerprint` (`run_fingerprint`) stamps every results file and refuses a mismatched resume.
     Every configuration after the first gets paired bootstrap intervals against the first
-    (`resamples` resamples, `bootstrap_seed`).
+    (`resamples` resamples, `bootstrap_seed`, two-sided at `level`).
     """
+    check_level(level)  # before anything runs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     planned = plan_configs(task, configs, out_dir, fingerprint=fingerprint, describe=describe, names=names,
@@ -476,7 +479,7 @@ def compare(
         stats.append(task.unit_stats(records, details) if hasattr(task, "unit_stats") else None)
         intervals = None
         if results and stats[0] is not None and stats[-1] is not None:
-            found = paired_bootstrap(stats[0], stats[-1], resamples=resamples, seed=bootstrap_seed,
+            found = paired_bootstrap(stats[0], stats[-1], resamples=resamples, seed=bootstrap_seed, level=level,
                                      names=[m for m in metrics if m in results[0].metrics])
             intervals = {m: iv.to_dict() for m, iv in found.items()}
         results.append(ConfigResult(plan.name, plan.spec, metrics, info, details.get("counts"), intervals))
@@ -487,8 +490,8 @@ def compare(
     provenance = dataclasses.replace(provenance, benchmark=task.name, **filled)
     significance = None
     if len(results) > 1:
-        unit = "image" if task.name == "chair" else "question (within its split)"
+        unit = "image" if task.name == "chair" else "image (its questions in every split)"
         significance = {"baseline": results[0].name, "method": "paired bootstrap, percentile interval",
-                        "level": 0.95, "resamples": resamples, "seed": bootstrap_seed, "unit": unit}
+                        "level": level, "resamples": resamples, "seed": bootstrap_seed, "unit": unit}
     report = Report(provenance, tuple(results), significance)
     return report, write_report(report, out_dir, stem or f"{task.name}_report", charts=charts)

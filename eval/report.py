@@ -5,7 +5,7 @@ truth, prompt, decoding and metric flavour, so every report carries model id and
 processor settings, prompt, decoding parameters, interventions with their parameters, seed, image
 ids hash, question-file hash, metric flavour, package version, attention backend and the run
 fingerprint (eval/fingerprint.py). Comparisons carry, per configuration after the first, the paired
-bootstrap 95% interval of each metric's difference to the first (eval/significance.py): the
+bootstrap interval (95% by default) of each metric's difference to the first (eval/significance.py): the
 Markdown marks significant differences with "*" and lists the intervals, the PNG draws them as
 error bars (baseline value + interval) on each configuration's bar. Every file is written to a
 temporary file in the same folder, fsynced, made world-readable (0644) and renamed over the
@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eval.significance import level_label
 
 PACKAGE = "lvlm-hallu"
 REPORT_MODE = 0o644
@@ -172,10 +174,10 @@ def markdown(report: Report) -> str:
     if sig and any(r.intervals for r in report.results):
         lines += [
             "",
-            f"\\* the {100 * sig['level']:.0f}% interval of the difference to **{sig['baseline']}** excludes 0 "
+            f"\\* the {level_label(sig['level'])} interval of the difference to **{sig['baseline']}** excludes 0 "
             f"({sig['method']}, per {sig['unit']}, {sig['resamples']} resamples, seed {sig['seed']}).",
             "",
-            f"## Differences to {sig['baseline']} ({100 * sig['level']:.0f}% interval)",
+            f"## Differences to {sig['baseline']} ({level_label(sig['level'])} interval)",
             "",
             "| configuration | " + " | ".join(names) + " |",
             "|---|" + "---:|" * len(names),
@@ -195,7 +197,7 @@ def error_bars(results: Sequence[ConfigResult], metric: str) -> tuple[list[float
     """(below, above) bar lengths: the baseline value plus the difference interval, around each value.
 
     A configuration's bar shows its value v = base + diff; its error bar spans base + [low, high],
-    the 95% interval of its difference to the baseline, so a bar whose error bar does not reach the
+    the interval of its difference to the baseline (95% by default), so a bar whose error bar does not reach the
     baseline's value differs significantly. The baseline and configurations without an interval
     get no bar (0, 0).
     """
@@ -247,7 +249,7 @@ def chart_png(report: Report) -> bytes:
     fig.suptitle(f"{report.provenance.benchmark}: {report.provenance.model_id or ''}")
     sig = report.significance
     if sig and any(r.intervals for r in report.results):
-        fig.text(0.5, 0.005, f"error bars: {sig['baseline']} + {100 * sig['level']:.0f}% paired bootstrap interval "
+        fig.text(0.5, 0.005, f"error bars: {sig['baseline']} + {level_label(sig['level'])} paired bootstrap interval "
                  f"of the difference (per {sig['unit']}, {sig['resamples']} resamples)", ha="center", fontsize=7)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
     else:

@@ -31,6 +31,18 @@ RESAMPLES = 1000
 LEVEL = 0.95
 
 
+def check_level(level: float) -> float:
+    """The two-sided confidence level, refused outside (0, 1) (e.g. a percentage given as 95)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be strictly between 0 and 1 (e.g. 0.95), got {level!r}")
+    return level
+
+
+def level_label(level: float) -> str:
+    """0.95 -> '95%', 0.9875 -> '98.75%' (a Bonferroni level for four comparisons)."""
+    return f"{100 * level:.4g}%"
+
+
 @dataclass(frozen=True, eq=False)
 class UnitStats:
     """Additive per-unit statistics of one configuration, by group, and how metrics follow from sums."""
@@ -91,6 +103,7 @@ def paired_bootstrap(
     for g in base.groups:
         if tuple(base.keys[g]) != tuple(other.keys[g]):
             raise ValueError(f"group {g!r}: the two configurations answered different units")
+    check_level(level)
     rng = np.random.default_rng(seed)
     sums_a: dict[str, np.ndarray] = {}
     sums_b: dict[str, np.ndarray] = {}

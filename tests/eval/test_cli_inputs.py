@@ -356,3 +356,10 @@ def test_resamples_must_be_positive(cli, tiny_coco):
     code, output = invoke(cli, "compare", "--benchmark", "chair", "--model", "fake/m", "--images", tiny_coco.images,
                           "--annotations", tiny_coco.root, "-n", "2", "--resamples", "0")
     assert code == 2 and "--resamples" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("level", ["95", "0", "1"])
+def test_a_level_outside_zero_one_is_a_clear_error_before_loading(cli, tiny_coco, level):
+    _fails(invoke(cli, "compare", "--benchmark", "chair", "--model", "fake/m", "--images", tiny_coco.images,
+                  "--annotations", tiny_coco.root, "-n", "2", "--level", level),
+           "--level", "strictly between 0 and 1")

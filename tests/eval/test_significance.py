@@ -180,3 +180,50 @@ def test_pope_resamples_whole_images_the_same_in_every_split(tmp_path):
     wrong = dict(right, **{"random/1": {**right["random/1"], "answer": "No"}})
     iv = paired_bootstrap(single.unit_stats(right, {}), single.unit_stats(wrong, {}), resamples=50)["random Acc"]
     assert iv.low == iv.high == iv.diff == pytest.approx(-25.0)
+
+
+def test_a_higher_level_widens_the_interval_around_the_same_resamples(tmp_path):
+    """--level: the same seeded resamples, cut at other percentiles: 98.75% (Bonferroni over four
+    looks) contains 95%, and the labels in the JSON and Markdown say which level was used."""
+    task = _pope_task(tmp_path)
+
+    class SomeFlips:  # "var" flips a third of the answers, chosen by the question's text: images differ
+        def generate(self, requests):
+            flip = [("var" in r.interventions and sum(map(ord, r.prompt)) % 3 == 0) for r in requests]
+            return [Result(text="No" if f else "Yes", token_ids=[], finish_reason="stop", prompt_tokens=0)
+                    for f in flip]
+
+    execute = answer_executor(lambda spec: local_answer(SomeFlips(), interventions=spec), progress=False)
+    reports = {}
+    for level in (0.95, 0.9875):
+        report, paths = compare(task, ["none", "var"], execute, tmp_path / "out", Provenance(), resamples=400,
+                                level=level)
+        reports[level] = (report.results[1].intervals, json.loads(paths.json.read_text()), paths.markdown.read_text())
+    narrow, wide = reports[0.95][0], reports[0.9875][0]
+    assert narrow.keys() == wide.keys()
+    for name in narrow:
+        assert wide[name]["diff"] == narrow[name]["diff"]
+        assert wide[name]["low"] <= narrow[name]["low"] and wide[name]["high"] >= narrow[name]["high"], name
+    assert any(wide[n]["high"] - wide[n]["low"] > narrow[n]["high"] - narrow[n]["low"] for n in narrow)
+    sig = reports[0.9875][1]["significance"]
+    assert sig["level"] == 0.9875 and sig["unit"] == "image (its questions in every split)"
+    assert "## Differences to none (98.75% interval)" in reports[0.9875][2]
+    assert "the 98.75% interval of the difference" in reports[0.9875][2]
+    assert "## Differences to none (95% interval)" in reports[0.95][2]
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, 95.0, -0.5])
+def test_a_level_outside_zero_one_is_refused_before_anything_runs(tmp_path, level):
+    task = _pope_task(tmp_path)
+    calls = []
+
+    def execute(items, path, spec, description=None):
+        calls.append(spec)
+        return {}
+
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        compare(task, ["none", "var"], execute, tmp_path / "out", Provenance(), level=level)
+    assert calls == [] and not (tmp_path / "out").exists()
+    stats = UnitStats(("n",), {"all": np.ones((3, 1))}, {"all": ("1", "2", "3")}, lambda s: {"n": s["all"][:, 0]})
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        paired_bootstrap(stats, stats, level=level)

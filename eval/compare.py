@@ -8,8 +8,8 @@ the run fingerprint (eval/fingerprint.py), so an interrupted comparison restarts
 and never reuses another run's answers. Every configuration after the first gets the paired
 bootstrap interval (95% unless asked otherwise) of each metric's difference to the first
 (eval/significance.py), resampling images: for POPE an image carries its questions in every split.
-Metrics follow docs/eval.md: CHAIR (Rohrbach
-et al. 2018, arXiv:1809.02156) and POPE (Li et al. 2023, arXiv:2305.10355).
+Metrics follow docs/eval.md: CHAIR (Rohrbach et al. 2018, arXiv:1809.02156) and POPE (Li et al.
+2023, arXiv:2305.10355).
 """
 
 from __future__ import annotations

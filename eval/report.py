@@ -5,11 +5,11 @@ truth, prompt, decoding and metric flavour, so every report carries model id and
 processor settings, prompt, decoding parameters, interventions with their parameters, seed, image
 ids hash, question-file hash, metric flavour, package version, attention backend and the run
 fingerprint (eval/fingerprint.py). Comparisons carry, per configuration after the first, the paired
-bootstrap interval (95% by default) of each metric's difference to the first (eval/significance.py): the
-Markdown marks significant differences with "*" and lists the intervals, the PNG draws them as
-error bars (baseline value + interval) on each configuration's bar. Every file is written to a
-temporary file in the same folder, fsynced, made world-readable (0644) and renamed over the
-target, so a reader never sees a half-written report.
+bootstrap interval (95% by default) of each metric's difference to the first
+(eval/significance.py): the Markdown marks significant differences with "*" and lists the
+intervals, the PNG draws them as error bars (baseline value + interval) on each configuration's
+bar. Every file is written to a temporary file in the same folder, fsynced, made world-readable
+(0644) and renamed over the target, so a reader never sees a half-written report.
 """
 
 from __future__ import annotations
@@ -197,9 +197,9 @@ def error_bars(results: Sequence[ConfigResult], metric: str) -> tuple[list[float
     """(below, above) bar lengths: the baseline value plus the difference interval, around each value.
 
     A configuration's bar shows its value v = base + diff; its error bar spans base + [low, high],
-    the interval of its difference to the baseline (95% by default), so a bar whose error bar does not reach the
-    baseline's value differs significantly. The baseline and configurations without an interval
-    get no bar (0, 0).
+    the interval of its difference to the baseline (95% by default), so a bar whose error bar does
+    not reach the baseline's value differs significantly. The baseline and configurations without
+    an interval get no bar (0, 0).
     """
     below, above = [], []
     base = float(results[0].metrics.get(metric, float("nan"))) if results else float("nan")

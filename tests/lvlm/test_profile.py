@@ -146,7 +146,8 @@ def test_a_hub_checkpoint_at_another_revision_gets_its_own_profile(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(repo / "refs" / "main"), *(f"{m}:{r}" for m, r in steps)],
                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
-    first, again, moved, pinned = [tuple(line.split()[1:]) for line in out.stdout.splitlines() if line.startswith("LOADED")]
+    loaded = [tuple(line.split()[1:]) for line in out.stdout.splitlines() if line.startswith("LOADED")]
+    first, again, moved, pinned = loaded
     assert first[0] == "a" * 40 and moved[0] == "b" * 40
     assert first[1] == again[1] != moved[1]  # same commit, same profile; a new commit, a new one
     assert pinned == first  # an explicit revision resolves to its own snapshot

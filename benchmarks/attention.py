@@ -31,8 +31,8 @@ if "--interpret" in sys.argv:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits  # noqa: E402
+from lvlm_hallu.kernels import reference  # noqa: E402
+from lvlm_hallu.kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits  # noqa: E402
 
 # Peak HBM bandwidth in TB/s by a substring of torch.cuda.get_device_name().
 PEAK_TBPS = {"H200": 4.8, "H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100": 3.35,
@@ -105,7 +105,7 @@ def sdpa(q, k, v, causal, device):
 def run(shapes, device, dtype, with_triton, variants, decode):
     kernels = None
     if with_triton:
-        from kernels import triton_attention as kernels
+        from lvlm_hallu.kernels import triton_attention as kernels
     peak = next((tbps for name, tbps in PEAK_TBPS.items() if device.type == "cuda" and name in torch.cuda.get_device_name()), None)
     unit = "%HBM" if decode else "TFLOP/s"
     print(f"\n{'decode' if decode else 'prefill'}  {dtype}  {device}"
@@ -155,7 +155,7 @@ def sm90_resources():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_attention as ta
+    from lvlm_hallu.kernels import triton_attention as ta
 
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     D = 128
@@ -228,8 +228,8 @@ def host_overhead(calls: int = 3000, sms: int = 132):
     the split choice of an H100 (`sms` SMs). Prints the median microseconds per call."""
     import types
 
-    from kernels import dispatch
-    from kernels import triton_attention as ta
+    from lvlm_hallu.kernels import dispatch
+    from lvlm_hallu.kernels import triton_attention as ta
 
     for name in ("_attn_prefill_kernel", "_attn_decode_kernel", "_attn_reduce_kernel", "_readout_kernel"):
         setattr(ta, name, _NoLaunch())

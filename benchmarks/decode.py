@@ -34,8 +34,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lvlm  # noqa: E402
-from lvlm.engine import Engine  # noqa: E402
+from lvlm_hallu import lvlm  # noqa: E402
+from lvlm_hallu.lvlm.engine import Engine  # noqa: E402
 
 WINDOWS = (16, 128, 256, 512)
 
@@ -45,10 +45,10 @@ def small_576(width: int, layers: int, device: str):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from kernels.dispatch import register
-    from lvlm import tiny
-    from lvlm.adapters import adapter_for
-    from lvlm.pipeline import Pipeline
+    from lvlm_hallu.kernels.dispatch import register
+    from lvlm_hallu.lvlm import tiny
+    from lvlm_hallu.lvlm.adapters import adapter_for
+    from lvlm_hallu.lvlm.pipeline import Pipeline
 
     tok = tiny.char_tokenizer()
     heads = max(1, width // 64)
@@ -130,7 +130,7 @@ def throughput(pipe, batch: int, new_tokens: int, device: str, repeats: int) -> 
     the engine's sampling, detokenization and stop checks; generate's logits processing)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from lvlm.pipeline import RunningBatch
+    from lvlm_hallu.lvlm.pipeline import RunningBatch
 
     reqs = requests(batch, new_tokens)
     inputs = pipe.prepare(reqs)

@@ -45,15 +45,15 @@ def autogroup_enabled() -> bool:
 def load_model(model: str):
     import torch
 
-    import lvlm
+    from lvlm_hallu import lvlm
 
     torch.set_num_threads(1)  # one core per replica: scaling comes from replicas, not threads
     return lvlm.load(model)
 
 
 def make_items(folder: Path, n: int, prompt: str) -> list:
-    from eval.runner import Item
-    from lvlm.shapes import build_split
+    from lvlm_hallu.eval.runner import Item
+    from lvlm_hallu.lvlm.shapes import build_split
 
     inst, _ = build_split(folder, "test", n)
     import json
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from eval.cluster import ClusterPool
-    from eval.runner import local_answer
+    from lvlm_hallu.eval.cluster import ClusterPool
+    from lvlm_hallu.eval.runner import local_answer
 
     counts = [int(c) for c in args.actors.split(",")]
     work = Path(tempfile.mkdtemp(prefix="eval-actors-"))

@@ -67,13 +67,13 @@ def deployments():
             self._app = echo_app()
 
         async def forward(self, method, path, query, headers, body):
-            from serve.gateway import asgi_stream
+            from lvlm_hallu.serve.gateway import asgi_stream
 
             async for item in asgi_stream(self._app, method, path, query, headers, body):
                 yield item
 
         async def respond(self, method, path, query, headers, body):
-            from serve.gateway import asgi_answer
+            from lvlm_hallu.serve.gateway import asgi_answer
 
             return await asgi_answer(self._app, method, path, query, headers, body)
 
@@ -126,8 +126,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve.config import ServeConfig
-    from serve.gateway import bind_gateway
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.gateway import bind_gateway
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -68,7 +68,7 @@ def build(phase, B, H, Hkv, N, flags, dtype, device, seed=0):
     image keys (4 of them visual sinks), the question; one dropped text key; row b > 0 padded."""
     import torch
 
-    from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
+    from lvlm_hallu.kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     D = 128 if N > 64 else 16
@@ -113,8 +113,8 @@ def check_one(phase, B, H, Hkv, N, flags, dtype_name):
     """One kernel call against the fp32 reference: (max |o error|, readout error, ok)."""
     import torch
 
-    from kernels import reference
-    from kernels import triton_attention as ta
+    from lvlm_hallu.kernels import reference
+    from lvlm_hallu.kernels import triton_attention as ta
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name)

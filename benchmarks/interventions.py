@@ -24,8 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lvlm  # noqa: E402
-from interventions import resolve  # noqa: E402
+from lvlm_hallu import lvlm  # noqa: E402
+from lvlm_hallu.interventions import resolve  # noqa: E402
 
 
 def configs(num_layers: int) -> dict[str, object]:

@@ -186,8 +186,8 @@ def start_service(model: str, max_batch_size: int, port: int, batch_wait_s: floa
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from serve.app import run
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.app import run
+    from lvlm_hallu.serve.config import ServeConfig
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -233,8 +233,8 @@ def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float,
                    args) -> dict:
     """The service's FastAPI app with a real pipeline, driven over httpx's ASGI transport: no Ray,
     no HTTP sockets, the same Service, runners and admission limits."""
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
 
     config = ServeConfig(model=args.model, device=args.device, dtype=args.dtype, max_batch_size=max_batch_size,
                          batch_wait_timeout_s=wait_s,
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
 
         machine += f", {torch.cuda.get_device_name(0)}"
     if args.in_process:
-        import lvlm
+        from lvlm_hallu import lvlm
 
         pipeline = lvlm.load(args.model, device=args.device, dtype=args.dtype)
         pipeline.generate([__import__("lvlm").Request("Hi", Image.new("RGB", (64, 64)), max_new_tokens=2)])  # warm-up

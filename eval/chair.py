@@ -28,9 +28,9 @@ from types import MappingProxyType
 
 from pycocotools.coco import COCO
 
-from eval.coco import (captions_by_image, check_image_id, instance_categories, load_coco, read_utf8_text,
+from lvlm_hallu.eval.coco import (captions_by_image, check_image_id, instance_categories, load_coco, read_utf8_text,
                        validate_image_ids)
-from eval.errors import AnnotationError, ImageIdError, NLTKDataError
+from lvlm_hallu.eval.errors import AnnotationError, ImageIdError, NLTKDataError
 
 DEFAULT_SYNONYMS_PATH = Path(__file__).resolve().parent / "data" / "chair_synonyms.txt"
 
@@ -266,7 +266,7 @@ class GroundTruth:
 
     def save(self, path: str | Path) -> None:
         """Write the {image_id: [category, ...]} mapping (a cache: mining captions takes minutes)."""
-        from eval.report import atomic_write_text
+        from lvlm_hallu.eval.report import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_json(), indent=0))
 

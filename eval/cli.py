@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from eval.errors import EvalError
+from lvlm_hallu.eval.errors import EvalError
 
 # rich_markup_mode=None: help texts such as "{image_id: [category]}" are printed as written.
 app = typer.Typer(help="CHAIR and POPE evaluation (docs/eval.md).", no_args_is_help=True, rich_markup_mode=None)
@@ -70,7 +70,7 @@ LevelOpt = typer.Option(
 
 
 def _check_level(level: float) -> None:
-    from eval.significance import check_level
+    from lvlm_hallu.eval.significance import check_level
 
     try:
         check_level(level)
@@ -88,7 +88,7 @@ def _warn(text: str) -> None:
 
 
 def _load_model(name: str) -> Any:
-    import lvlm  # lazy: torch and the model stack load only when a command runs a model
+    from lvlm_hallu import lvlm  # lazy: torch and the model stack load only when a command runs a model
 
     return lvlm.load(name)
 
@@ -96,7 +96,7 @@ def _load_model(name: str) -> Any:
 def _resolver() -> Any:
     """`interventions.resolve` with its errors turned into EvalError, or None if unavailable."""
     try:
-        from interventions import resolve
+        from lvlm_hallu.interventions import resolve
     except ImportError:  # the engine then receives the spec's names
         return None
 
@@ -144,11 +144,11 @@ def _executor(
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(executor, provenance facts, cleanup, values) for the chosen runner: remote, Ray, or in
     process. `values(spec)`: the configs as the loaded model runs them, None with --server."""
-    from eval.compare import answer_executor, local_adapter, ray_executor
-    from eval.runner import intervention_values, local_answer, model_context, remote_answer
+    from lvlm_hallu.eval.compare import answer_executor, local_adapter, ray_executor
+    from lvlm_hallu.eval.runner import intervention_values, local_answer, model_context, remote_answer
 
     if server:
-        from serve.client import Client  # lazy: eval never imports serve/ at module load
+        from lvlm_hallu.serve.client import Client  # lazy: eval never imports serve/ at module load
 
         client = Client(server, api_key=api_key)
 
@@ -173,7 +173,7 @@ def _executor(
         gpus = ray.cluster_resources().get("GPU", 0)
         options = {"num_cpus": 1, **({"num_gpus": min(1.0, gpus / ray_actors)} if gpus else {})}
         # Replicas under ray.util.ActorPool; images travel as bytes (docs/cluster.md).
-        from eval.cluster import ClusterPool
+        from lvlm_hallu.eval.cluster import ClusterPool
 
         pool = ClusterPool(partial(_load_model, model), ray_actors, actor_options=options)
 
@@ -220,7 +220,7 @@ def _fit_decoding(task: Any, model: str, server: str | None, decoding: dict) -> 
     """Lower max_new_tokens to the model's context before loading it (local runs)."""
     if server:
         return decoding
-    from eval.context import fit_max_new_tokens
+    from lvlm_hallu.eval.context import fit_max_new_tokens
 
     items = task.items()
     first_image = next((it.image for it in items if it.image), None)
@@ -237,8 +237,8 @@ def default_out(benchmark: str, model: str, digest: str) -> Path:
 
 
 def _print_report(report: Any, paths: Any) -> None:
-    from eval.report import format_interval
-    from eval.significance import level_label
+    from lvlm_hallu.eval.report import format_interval
+    from lvlm_hallu.eval.significance import level_label
 
     names: list[str] = []
     counts: list[str] = []
@@ -294,10 +294,10 @@ def _run(
     task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None,
     *, sources=None, questions_built=False, resamples=1000, level=0.95, inspect_k=0,
 ):
-    from eval.compare import compare, plan_configs, run_fingerprint
-    from eval.fingerprint import model_identity
-    from eval.report import Provenance
-    from eval.runner import RESOLVED_FIELD
+    from lvlm_hallu.eval.compare import compare, plan_configs, run_fingerprint
+    from lvlm_hallu.eval.fingerprint import model_identity
+    from lvlm_hallu.eval.report import Provenance
+    from lvlm_hallu.eval.runner import RESOLVED_FIELD
 
     # Resolving locally validates the specs before any generation and records every parameter;
     # with --server the service validates them (it may run another registry version). The values
@@ -314,11 +314,11 @@ def _run(
     # fingerprint is complete now); a default folder cannot mix runs but is named after loading.
     plan_configs(task, configs, out or _default_folder(task, model, fingerprint, configs, server),
                  fingerprint=fingerprint, describe=describe, names=names, pending_values=not server)
-    from lvlm.errors import LVLMError
+    from lvlm_hallu.lvlm.errors import LVLMError
 
     refused: tuple[type[Exception], ...] = (LVLMError,)
     if server:
-        from serve.client import APIError
+        from lvlm_hallu.serve.client import APIError
 
         refused += (APIError,)
 
@@ -332,7 +332,7 @@ def _run(
             fingerprint = fingerprint.extend(**{RESOLVED_FIELD: [values(spec) for spec in configs]})
         out = out or _default_folder(task, model, fingerprint, configs, server)
         if questions_built:  # the built splits, next to the answers they belong to
-            from eval.pope import write_questions
+            from lvlm_hallu.eval.pope import write_questions
 
             Path(out).mkdir(parents=True, exist_ok=True)
             for split, qs in task.splits.items():
@@ -355,9 +355,9 @@ def _run(
 
 def _attach_inspections(task, configs, names, model, out, paths, k, decoding) -> None:
     """Inspect the first k images with each configuration; link the pages from the report."""
-    from eval.compare import config_name
-    from lvlm.errors import LVLMError
-    from lvlm.inspection.attach import attach
+    from lvlm_hallu.eval.compare import config_name
+    from lvlm_hallu.lvlm.errors import LVLMError
+    from lvlm_hallu.lvlm.inspection.attach import attach
 
     cases = [(it.key, it.image, it.prompt) for it in task.items()]
     labels = names or [config_name(c) for c in configs]
@@ -375,7 +375,7 @@ def _attach_inspections(task, configs, names, model, out, paths, k, decoding) ->
 
 def _chair(model, images, annotations, instances, captions, n, seed, image_list, gt_json, synonyms, short_caption,
            prompt):
-    from eval.datasets import chair_task, resolve_sources
+    from lvlm_hallu.eval.datasets import chair_task, resolve_sources
 
     other = image_list is not None or gt_json is not None
     sources = resolve_sources(model, images, annotations, instances, captions, synonyms, other_data=other,
@@ -384,7 +384,7 @@ def _chair(model, images, annotations, instances, captions, n, seed, image_list,
 
 
 def _pope(model, images, annotations, instances, captions, n, seed, questions, parser, synonyms, progress):
-    from eval.datasets import pope_task, resolve_sources
+    from lvlm_hallu.eval.datasets import pope_task, resolve_sources
 
     # about half of the world's scenes hold >= 3 objects (POPE's eligibility): generate enough of them
     sources = resolve_sources(model, images, annotations, instances, captions, synonyms, other_data=bool(questions),
@@ -541,7 +541,7 @@ def score_chair(
     caption_key: str = typer.Option("caption", "--caption-key", help="field of the caption (LLaVA logs: text)"),
 ) -> None:
     """Score existing captions with CHAIR, without a model."""
-    from eval.chair import (
+    from lvlm_hallu.eval.chair import (
         CaptionParser,
         ground_truth_from_coco,
         ground_truth_from_json,
@@ -549,9 +549,9 @@ def score_chair(
         read_captions,
         score_captions,
     )
-    from eval.coco import load_coco
-    from eval.datasets import synonyms_for
-    from eval.report import atomic_write_text
+    from lvlm_hallu.eval.coco import load_coco
+    from lvlm_hallu.eval.datasets import synonyms_for
+    from lvlm_hallu.eval.report import atomic_write_text
 
     try:
         if gt_json is None and gt is None and captions_gt is None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from eval.fingerprint import Fingerprint
-from eval.runner import AnswerFn, Item, ResultsFile, _batches, _check_keys, _progress, local_answer, make_record
+from lvlm_hallu.eval.fingerprint import Fingerprint
+from lvlm_hallu.eval.runner import AnswerFn, Item, ResultsFile, _batches, _check_keys, _progress, local_answer, make_record
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
 

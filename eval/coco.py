@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-from eval.errors import AnnotationError, ImageIdError
+from lvlm_hallu.eval.errors import AnnotationError, ImageIdError
 
 # File names used by the COCO 2014 release; --annotations DIR prefers these, then any other
 # naming (val2017, the shapes world's test split ...): instances_*.json / captions_*.json.
@@ -171,7 +171,7 @@ def read_image_list(path: str | Path) -> list[int]:
 
 
 def write_image_list(path: str | Path, ids: Sequence[int]) -> None:
-    from eval.report import atomic_write_text
+    from lvlm_hallu.eval.report import atomic_write_text
 
     atomic_write_text(path, "".join(f"{check_image_id(i)}\n" for i in ids))
 

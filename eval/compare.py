@@ -27,11 +27,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from eval.chair import FLAVOUR as CHAIR_FLAVOUR
-from eval.chair import CaptionParser, GroundTruth, score_captions
-from eval.coco import image_ids_hash
-from eval.fingerprint import Fingerprint, canonical, items_digest, sha256_text
-from eval.pope import (
+from lvlm_hallu.eval.chair import FLAVOUR as CHAIR_FLAVOUR
+from lvlm_hallu.eval.chair import CaptionParser, GroundTruth, score_captions
+from lvlm_hallu.eval.coco import image_ids_hash
+from lvlm_hallu.eval.fingerprint import Fingerprint, canonical, items_digest, sha256_text
+from lvlm_hallu.eval.pope import (
     DEFAULT_PARSER,
     PROMPT_SUFFIX,
     PopeQuestion,
@@ -41,9 +41,9 @@ from eval.pope import (
     read_questions,
     score_answers,
 )
-from eval.report import ConfigResult, Provenance, Report, ReportPaths, atomic_write_text, sha256_file, write_report
-from eval.runner import RESOLVED_FIELD, AnswerFn, Item, RayPool, ResultsFile, check_results_file, run
-from eval.significance import LEVEL, RESAMPLES, UnitStats, check_level, paired_bootstrap, ratio
+from lvlm_hallu.eval.report import ConfigResult, Provenance, Report, ReportPaths, atomic_write_text, sha256_file, write_report
+from lvlm_hallu.eval.runner import RESOLVED_FIELD, AnswerFn, Item, RayPool, ResultsFile, check_results_file, run
+from lvlm_hallu.eval.significance import LEVEL, RESAMPLES, UnitStats, check_level, paired_bootstrap, ratio
 
 CHAIR_PROMPT = "Please describe this image in detail."
 
@@ -334,7 +334,7 @@ def ray_executor(
 
 def local_adapter(spec: Any, **decoding: Any) -> Callable[[Any], AnswerFn]:
     """Picklable model -> AnswerFn for Ray actors: `local_answer` with this spec and decoding."""
-    from eval.runner import local_answer
+    from lvlm_hallu.eval.runner import local_answer
 
     return partial(local_answer, interventions=spec, **decoding)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.errors import EvalError
+from lvlm_hallu.eval.errors import EvalError
 
 
 class ContextError(EvalError):
@@ -39,12 +39,12 @@ class Budget:
 def model_folder(name: str) -> Path | None:
     """The checkpoint folder of `name` if it can be read without loading (shapes, a folder, a cached hub id)."""
     if name == "shapes":
-        from lvlm.shapes import MODEL_DIR
+        from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
         return Path(MODEL_DIR) if (Path(MODEL_DIR) / "config.json").is_file() else None
     if os.path.isdir(name):
         return Path(name)
-    from lvlm.loader import hub_snapshot
+    from lvlm_hallu.lvlm.loader import hub_snapshot
 
     return hub_snapshot(name, None)
 
@@ -53,7 +53,7 @@ def measure(folder: Path, prompts: Sequence[str], image: str | None) -> Budget:
     """Context from the config; longest prompt, in tokens, from the processor on `image`."""
     from transformers import AutoConfig, AutoProcessor
 
-    from eval.runner import load_image
+    from lvlm_hallu.eval.runner import load_image
 
     config = AutoConfig.from_pretrained(str(folder))
     text = getattr(config, "text_config", config)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.errors import AnnotationError, EvalError
-from eval.world import DEFAULT_N, World, shapes_world
+from lvlm_hallu.eval.errors import AnnotationError, EvalError
+from lvlm_hallu.eval.world import DEFAULT_N, World, shapes_world
 
 COCO_N = 500  # the papers' protocol: 500 random images
 
@@ -55,14 +55,14 @@ def resolve_sources(
     the world is not generated behind the user's back; `world_images` is how many scenes the
     sample needs at least (the world has at least WORLD_IMAGES).
     """
-    from eval.coco import resolve_annotation_paths
+    from lvlm_hallu.eval.coco import resolve_annotation_paths
 
     no_data = not any((images, annotations, instances, captions)) and not other_data
     if model == "shapes" and no_data:
         world = shapes_world(world_images or DEFAULT_N)
         return Sources(world.images, world.instances, world.captions, synonyms or world.synonyms, world)
     if synonyms is None and model == "shapes":  # the embedded model names shapes, not COCO objects
-        from lvlm.shapes import SYNONYMS_PATH
+        from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
         synonyms = Path(SYNONYMS_PATH)
     inst, caps = resolve_annotation_paths(annotations, instances, captions)
@@ -75,8 +75,8 @@ def synonyms_for(synonyms: Path | None, coco) -> Path | None:
     names shapes, not COCO objects), else None: the COCO table."""
     if synonyms is not None or coco is None:
         return synonyms
-    from lvlm.shapes import SYNONYMS_PATH
-    from lvlm.shapes.world import DESCRIPTION_PREFIX
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.lvlm.shapes.world import DESCRIPTION_PREFIX
 
     info = coco.dataset.get("info") or {}
     return Path(SYNONYMS_PATH) if str(info.get("description", "")).startswith(DESCRIPTION_PREFIX) else None
@@ -104,8 +104,8 @@ def chair_task(
     prompt: str,
 ):
     """A ChairTask on a seeded sample (or `image_list`) of the annotated images."""
-    from eval.chair import CaptionParser, ground_truth_from_coco, ground_truth_from_json, load_synonyms
-    from eval.coco import (
+    from lvlm_hallu.eval.chair import CaptionParser, ground_truth_from_coco, ground_truth_from_json, load_synonyms
+    from lvlm_hallu.eval.coco import (
         check_image_files,
         image_file_names,
         image_ids,
@@ -114,7 +114,7 @@ def chair_task(
         sample_image_ids,
         validate_image_ids,
     )
-    from eval.compare import ChairTask
+    from lvlm_hallu.eval.compare import ChairTask
 
     if sources.instances is None and sources.captions is None:
         raise EvalError("CHAIR needs --instances and/or --captions (or --annotations DIR) for the image list")
@@ -143,7 +143,7 @@ def chair_task(
 
 
 def _question_files(questions: list[Path]) -> dict[str, Path]:
-    from eval.pope import SPLITS
+    from lvlm_hallu.eval.pope import SPLITS
 
     files: dict[str, Path] = {}
     for q in questions:
@@ -167,9 +167,9 @@ def pope_task(
     progress: bool = True,
 ):
     """(PopeTask, built) from question files, or built from the annotations (`built` = True)."""
-    from eval.coco import check_image_files
-    from eval.compare import PopeTask
-    from eval.pope import get_parser
+    from lvlm_hallu.eval.coco import check_image_files
+    from lvlm_hallu.eval.compare import PopeTask
+    from lvlm_hallu.eval.pope import get_parser
 
     get_parser(parser_name)
     if questions:
@@ -193,9 +193,9 @@ def build_from_annotations(sources: Sources, n: int, seed: int, *, progress: boo
     """The three splits from instances + mined captions; only the sampled images' captions are mined."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from eval.chair import CaptionParser, MinedObjects, load_synonyms
-    from eval.coco import image_file_names, load_coco
-    from eval.pope import build_splits
+    from lvlm_hallu.eval.chair import CaptionParser, MinedObjects, load_synonyms
+    from lvlm_hallu.eval.coco import image_file_names, load_coco
+    from lvlm_hallu.eval.pope import build_splits
 
     coco = load_coco(sources.instances, "instances")
     caps = load_coco(sources.captions, "captions") if sources.captions else None

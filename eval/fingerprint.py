@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.errors import EvalError
-from eval.report import sha256_file
+from lvlm_hallu.eval.errors import EvalError
+from lvlm_hallu.eval.report import sha256_file
 
 HEADER_KEY = "fingerprint"
 LARGE_FILE = 512 << 20  # weight files above this are digested from size + head + tail (see _file_digest)
@@ -195,23 +195,23 @@ def model_identity(name: str, *, revision: str | None = None, server: str | None
     """
     if server:
         return {"id": name, "server": server}
-    from eval.report import package_version
+    from lvlm_hallu.eval.report import package_version
 
     folder: Path | None = None
     if name == "shapes":
-        from lvlm.shapes import MODEL_DIR
+        from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
         folder = Path(MODEL_DIR)
     elif os.path.isdir(name):
         folder = Path(name)
     else:
         try:
-            from lvlm import tiny
+            from lvlm_hallu.lvlm import tiny
         except ImportError:  # pragma: no cover - eval installed without the model stack
             tiny = None
         if tiny is not None and name in tiny.ALL:
             return {"id": name, "built_by": f"lvlm.tiny ({package_version()})"}
-        from lvlm.loader import hub_snapshot
+        from lvlm_hallu.lvlm.loader import hub_snapshot
 
         folder = hub_snapshot(name, revision)
     identity: dict[str, Any] = {"id": name, "revision": revision}

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eval.coco import read_utf8_text
-from eval.errors import AnnotationError, ParserError, PopeBuildError
+from lvlm_hallu.eval.coco import read_utf8_text
+from lvlm_hallu.eval.errors import AnnotationError, ParserError, PopeBuildError
 
 SPLITS = ("random", "popular", "adversarial")
 TEMPLATE = "Is there {article} {object} in the image?"
@@ -174,7 +174,7 @@ def read_questions(path: str | Path) -> list[PopeQuestion]:
 
 
 def write_questions(path: str | Path, questions: Sequence[PopeQuestion]) -> None:
-    from eval.report import atomic_write_text
+    from lvlm_hallu.eval.report import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(q.to_json()) + "\n" for q in questions))
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.significance import level_label
+from lvlm_hallu.eval.significance import level_label
 
 PACKAGE = "lvlm-hallu"
 REPORT_MODE = 0o644

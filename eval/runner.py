@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.errors import ResultsFileError
-from eval.fingerprint import HEADER_KEY, Fingerprint, check_header
+from lvlm_hallu.eval.errors import ResultsFileError
+from lvlm_hallu.eval.fingerprint import HEADER_KEY, Fingerprint, check_header
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ def intervention_values(resolve: Callable[[Any], Sequence[Any]] | None,
     with its model-aware value and source (interventions.defaults.describe); None without both."""
     if resolve is None or context is None:
         return None
-    from eval.errors import EvalError
-    from interventions.defaults import describe
-    from interventions.registry import InterventionError
+    from lvlm_hallu.eval.errors import EvalError
+    from lvlm_hallu.interventions.defaults import describe
+    from lvlm_hallu.interventions.registry import InterventionError
 
     facts, profile = context
 
@@ -251,7 +251,7 @@ def local_answer(
     `interventions` is passed through opaquely: `resolve` (e.g. `interventions.resolve`) turns the
     spec into configs once; without it the spec's names are passed as a tuple.
     """
-    from lvlm.types import Request
+    from lvlm_hallu.lvlm.types import Request
 
     configs = tuple(resolve(interventions)) if resolve is not None else split_spec(interventions)
 
@@ -312,7 +312,7 @@ def remote_answer(
 def __getattr__(name: str) -> Any:
     """`RayPool` / `run_ray` are eval.cluster's `ClusterPool` / `run_cluster` (same arguments)."""
     if name in ("RayPool", "run_ray"):
-        from eval import cluster
+        from lvlm_hallu.eval import cluster
 
         return cluster.ClusterPool if name == "RayPool" else cluster.run_cluster
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,7 @@ from typing import Any
 
 import typer
 
-from eval.errors import EvalError
+from lvlm_hallu.eval.errors import EvalError
 
 METHODS = ("vhr", "pai", "var", "vte")
 GRIDS = ("small", "full")
@@ -74,7 +74,7 @@ class Shape:
 
 
 def vhr_bands(num_layers: int) -> dict[str, tuple[int, ...]]:
-    from interventions.vhr import default_layers, late_band
+    from lvlm_hallu.interventions.vhr import default_layers, late_band
 
     k = late_band(num_layers)
     late = tuple(range(num_layers - k, num_layers))
@@ -85,7 +85,7 @@ def vhr_bands(num_layers: int) -> dict[str, tuple[int, ...]]:
 
 
 def vhr_positions() -> tuple[str, ...]:
-    from interventions.vhr import POSITIONS
+    from lvlm_hallu.interventions.vhr import POSITIONS
 
     return POSITIONS
 
@@ -384,11 +384,11 @@ def load_split(images: Path | None, instances: Path | None, captions: Path | Non
                n: int, pope_n: int, seed: int = 0, prompt: str | None = None,
                allow_test_split: bool = False) -> Split:
     """CHAIR on `n` sampled images and POPE (adversarial) on `pope_n` images of a COCO-format split."""
-    from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
-    from eval.compare import CHAIR_PROMPT, ChairTask, PopeTask
-    from eval.coco import image_file_names, image_ids, image_ids_hash, load_coco, sample_image_ids
-    from eval.datasets import synonyms_for
-    from eval.pope import build_split
+    from lvlm_hallu.eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
+    from lvlm_hallu.eval.compare import CHAIR_PROMPT, ChairTask, PopeTask
+    from lvlm_hallu.eval.coco import image_file_names, image_ids, image_ids_hash, load_coco, sample_image_ids
+    from lvlm_hallu.eval.datasets import synonyms_for
+    from lvlm_hallu.eval.pope import build_split
 
     if images is None or not Path(images).is_dir():
         raise TuneError(f"--images must be a folder with the split's images, got {images}")
@@ -441,8 +441,8 @@ class SplitEvaluator:
 
     def __init__(self, pipeline: Any, split: Split, runs_dir: Path, *, max_new_tokens: int = 64,
                  batch_size: int = 8, eval_key: str = "", model: Mapping[str, Any] | None = None):
-        from eval.runner import intervention_values, model_context
-        from interventions import resolve
+        from lvlm_hallu.eval.runner import intervention_values, model_context
+        from lvlm_hallu.interventions import resolve
 
         self.pipeline, self.split, self.runs_dir = pipeline, split, Path(runs_dir)
         self.max_new_tokens, self.batch_size, self.eval_key = max_new_tokens, batch_size, eval_key
@@ -462,8 +462,8 @@ class SplitEvaluator:
                           self.eval_key)
 
     def fingerprint(self, task: Any, method: str | None, params: Mapping[str, Any], max_new_tokens: int) -> Any:
-        from eval.compare import run_fingerprint
-        from eval.runner import RESOLVED_FIELD
+        from lvlm_hallu.eval.compare import run_fingerprint
+        from lvlm_hallu.eval.runner import RESOLVED_FIELD
 
         decoding = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0}
         fp = run_fingerprint(task, self.model, decoding).extend(interventions=self.spec(method, params))
@@ -471,8 +471,8 @@ class SplitEvaluator:
         return fp if resolved is None else fp.extend(**{RESOLVED_FIELD: resolved})
 
     def __call__(self, method: str | None, params: Mapping[str, Any]) -> dict[str, float]:
-        from eval.runner import local_answer, run
-        from interventions import resolve
+        from lvlm_hallu.eval.runner import local_answer, run
+        from lvlm_hallu.interventions import resolve
 
         stem = f"{method or 'none'}-{self.key(method, params)}"
         spec = self.spec(method, params)
@@ -493,7 +493,7 @@ class SplitEvaluator:
 
 
 def model_shape(pipeline: Any, profile: Mapping[str, Any]) -> Shape:
-    from interventions.defaults import Backbone, sink_threshold
+    from lvlm_hallu.interventions.defaults import Backbone, sink_threshold
 
     backbone = Backbone.of(pipeline.facts, profile)
     return Shape(backbone.num_layers, backbone.hidden_size, float(sink_threshold(backbone).value),
@@ -508,7 +508,7 @@ def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evalu
          constraints: Constraints = Constraints(), eval_info: Mapping[str, Any] | None = None,
          ship: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Search, then store the entries in the model's profile (and the package with `ship`)."""
-    from lvlm.profile import load_or_compute, save_tuned, ship_tuned
+    from lvlm_hallu.lvlm.profile import load_or_compute, save_tuned, ship_tuned
 
     profile = load_or_compute(pipeline)
     shape = model_shape(pipeline, profile)
@@ -520,7 +520,7 @@ def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evalu
     if ship:
         ship_tuned(pipeline, entries)
     Path(out).mkdir(parents=True, exist_ok=True)
-    from eval.report import atomic_write_text
+    from lvlm_hallu.eval.report import atomic_write_text
 
     atomic_write_text(Path(out) / "tune_report.json", json.dumps(entries, indent=1, default=list))
     atomic_write_text(Path(out) / "tune_report.md", markdown(entries))
@@ -563,23 +563,23 @@ def tune_command(
 
     console = Console(stderr=True)
     try:
-        import lvlm
-        from eval.fingerprint import model_identity
-        from lvlm.profile import cache_path, load_or_compute, shipped_models
+        from lvlm_hallu import lvlm
+        from lvlm_hallu.eval.fingerprint import model_identity
+        from lvlm_hallu.lvlm.profile import cache_path, load_or_compute, shipped_models
 
         names = [m.strip() for m in methods.split(",") if m.strip()]
         if ship and model not in shipped_models():
             raise TuneError(f"--ship is for the embedded models ({', '.join(shipped_models())}); the results of "
                             f"{model!r} go to its profile")
         if model == "shapes" and images is None and instances is None and captions is None:
-            from lvlm.shapes import SYNONYMS_PATH
-            from lvlm.shapes.world import build_split
+            from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
+            from lvlm_hallu.lvlm.shapes.world import build_split
 
             data = out / "data"
             instances, captions = build_split(data, "val", val_n)  # deterministic: rebuilding is harmless
             images, synonyms = data / "images", synonyms or SYNONYMS_PATH
         elif model == "shapes" and synonyms is None:
-            from lvlm.shapes import SYNONYMS_PATH
+            from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
             synonyms = SYNONYMS_PATH
         split = load_split(images, instances, captions, synonyms=synonyms, n=n, pope_n=pope_n, seed=seed,

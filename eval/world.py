@@ -45,7 +45,7 @@ def cache_root() -> Path:
 
 def shapes_world(n_images: int = WORLD_IMAGES, seed: int | None = None) -> World:
     """The test split with max(n_images, WORLD_IMAGES) scenes, generated on first use."""
-    from lvlm.shapes import SPLITS, SYNONYMS_PATH, build_split
+    from lvlm_hallu.lvlm.shapes import SPLITS, SYNONYMS_PATH, build_split
 
     seed = SPLITS[SPLIT][1] if seed is None else seed
     size = max(n_images, WORLD_IMAGES)

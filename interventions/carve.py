@@ -34,10 +34,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from interventions.defaults import Backbone, Default, round_half_up
-from interventions.plan import BatchPlan, Component
-from interventions.registry import InterventionError, index_tuple, register
-from kernels.edits import KEY_VISUAL
+from lvlm_hallu.interventions.defaults import Backbone, Default, round_half_up
+from lvlm_hallu.interventions.plan import BatchPlan, Component
+from lvlm_hallu.interventions.registry import InterventionError, index_tuple, register
+from lvlm_hallu.kernels.edits import KEY_VISUAL
 
 GENERAL_PROMPT = "Write a general description of the image."
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # the released code's, on Q and G

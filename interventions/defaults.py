@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from interventions.registry import PRESETS, InterventionError
+from lvlm_hallu.interventions.registry import PRESETS, InterventionError
 
 SOURCES = ("published", "scaled", "tuned", "request", "calibrated")
 
@@ -207,7 +207,7 @@ def describe(configs: Sequence[Any], facts: Any, profile: Mapping[str, Any] | No
 
 def preset_values(method: str, backbone: Backbone, profile: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{"paper": {param: value}, "tuned": {param: value} | None} for catalogs and docs."""
-    from interventions.registry import entry
+    from lvlm_hallu.interventions.registry import entry
 
     paper = {k: d.value for k, d in paper_defaults(entry(method).config, backbone).items()}
     tuned = tuned_entry(profile, method, "tuned")

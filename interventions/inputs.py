@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from interventions.registry import InterventionError
+from lvlm_hallu.interventions.registry import InterventionError
 
 
 def needs_image(config: Any) -> bool:

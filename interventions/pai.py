@@ -21,9 +21,9 @@ from typing import ClassVar
 
 import torch
 
-from interventions.defaults import Backbone, Default
-from interventions.plan import BatchPlan, Component
-from interventions.registry import register
+from lvlm_hallu.interventions.defaults import Backbone, Default
+from lvlm_hallu.interventions.plan import BatchPlan, Component
+from lvlm_hallu.interventions.registry import register
 
 
 @register("pai", paper="arXiv 2407.21771 (Liu et al., ECCV 2024)", order=40,

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kernels.edits import KEY_VISUAL, AttentionEdits
+from lvlm_hallu.kernels.edits import KEY_VISUAL, AttentionEdits
 
 
 class Component:
@@ -263,7 +263,7 @@ class BatchPlan:
             else:
                 component.shift(offset)
                 self.components.append(component)
-        from interventions.registry import component_factories
+        from lvlm_hallu.interventions.registry import component_factories
 
         hook_order = list(component_factories())
         self.components.sort(key=lambda c: hook_order.index(c.name) if c.name in hook_order else len(hook_order))
@@ -315,8 +315,8 @@ def build_plan(facts: Any, requests: Sequence[Any], *, profile: dict | None = No
     Model-aware parameters the requests left unset are filled first (interventions/defaults.py),
     from the profile's published, calibrated and tuned values; their sources go to the report.
     """
-    from interventions.defaults import resolve_requests
-    from interventions.registry import component_factories
+    from lvlm_hallu.interventions.defaults import resolve_requests
+    from lvlm_hallu.interventions.registry import component_factories
 
     requests, provenance = resolve_requests(facts, requests, profile)
     plan = BatchPlan(facts, requests)

@@ -89,7 +89,7 @@ def entry(name: str) -> Entry:
 
 def _load_methods() -> None:
     """Import the method modules so that their `register` decorators run."""
-    from interventions import carve, pai, var, vhr, vte  # noqa: F401
+    from lvlm_hallu.interventions import carve, pai, var, vhr, vte  # noqa: F401
 
 
 def component_factories() -> dict[str, Callable]:
@@ -163,7 +163,7 @@ def catalog(facts: Any = None, profile: Mapping[str, Any] | None = None) -> list
     ones (layers, tau) say their rule in "doc". With the model's `facts` (and profile), "presets"
     holds the values each preset resolves to on that model ("tuned": None when it has none).
     """
-    from interventions import defaults
+    from lvlm_hallu.interventions import defaults
 
     backbone = defaults.Backbone.of(facts, profile) if facts is not None else None
     out = []

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
-from interventions.registry import InterventionError
+from lvlm_hallu.interventions.registry import InterventionError
 
 # Largest magnitude accepted per (method, parameter): far above every paper's setting, far below
 # what overflows fp16 attention logits or scales (65504) when multiplied by typical logits.
@@ -107,7 +107,7 @@ def _vte(config: Any, facts: Any) -> None:
     _layer("vte", "exit_layer", config.exit_layer, facts.num_layers + 1)  # k = L - 1 or L: never exit (neutral)
     _layer("vte", "min_layer", config.min_layer, facts.num_layers)
     if config.policy == "router":
-        from interventions.vte import router_names
+        from lvlm_hallu.interventions.vte import router_names
 
         available = router_names()
         if config.router not in available:

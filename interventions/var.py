@@ -28,10 +28,10 @@ from typing import ClassVar
 
 import torch
 
-from interventions.defaults import PUBLISHED_BACKBONES, Backbone, Default, sink_threshold
-from interventions.plan import BatchPlan, Component, Stopwatch
-from interventions.registry import index_tuple, register
-from kernels.edits import KEY_SINK, KEY_VISUAL
+from lvlm_hallu.interventions.defaults import PUBLISHED_BACKBONES, Backbone, Default, sink_threshold
+from lvlm_hallu.interventions.plan import BatchPlan, Component, Stopwatch
+from lvlm_hallu.interventions.registry import index_tuple, register
+from lvlm_hallu.kernels.edits import KEY_SINK, KEY_VISUAL
 
 # Sink dimensions reported by Kang et al. per backbone: (model_type, hidden, layers) -> D_sink.
 KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {

@@ -17,9 +17,9 @@ from typing import ClassVar
 
 import torch
 
-from interventions.defaults import Backbone, Default, round_half_up
-from interventions.plan import BatchPlan, Component
-from interventions.registry import InterventionError, index_tuple, register
+from lvlm_hallu.interventions.defaults import Backbone, Default, round_half_up
+from lvlm_hallu.interventions.plan import BatchPlan, Component
+from lvlm_hallu.interventions.registry import InterventionError, index_tuple, register
 
 POSITIONS = ("all", "last")
 PAPER_BAND = 14  # last 14 of LLaVA-1.5-7B's 32 layers (plus layer 1)

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from interventions.defaults import Backbone, Default
-from interventions.plan import BatchPlan, Component
-from interventions.registry import register
-from kernels.edits import KEY_VISUAL
+from lvlm_hallu.interventions.defaults import Backbone, Default
+from lvlm_hallu.interventions.plan import BatchPlan, Component
+from lvlm_hallu.interventions.registry import register
+from lvlm_hallu.kernels.edits import KEY_VISUAL
 
 POLICIES = ("fixed", "dynamic", "router")
 ROUTER_DIR_ENV = "LVLM_ROUTER_DIR"

@@ -4,6 +4,6 @@ fused Triton kernels (`kernels.triton_attention`, CUDA path), both taking `Atten
 `kernels.triton_attention` is not imported here so that importing the package never needs Triton.
 """
 
-from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
+from lvlm_hallu.kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
 
 __all__ = ["AttentionEdits", "KEY_DROP", "KEY_SINK", "KEY_VISUAL"]

@@ -35,7 +35,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kernels.edits import AttentionEdits
+from lvlm_hallu.kernels.edits import AttentionEdits
 
 ATTN_NAME = "lvlm"
 KEY_LAYOUTS = ("causal", "padded", "masked")
@@ -64,7 +64,7 @@ def backend_for(device_type: str) -> str:
     """'triton' on CUDA when Triton imports, else 'reference'. Decided once per device type."""
     if device_type == "cuda":
         try:
-            import kernels.triton_attention  # noqa: F401
+            import lvlm_hallu.kernels.triton_attention  # noqa: F401
         except Exception:  # an unusable Triton install must not take generation down
             return "reference"
         return "triton"
@@ -82,10 +82,10 @@ def edited_attention(q, k, v, kv_start, *, scale: float, edits: AttentionEdits |
     backend: (o (B,H,Tq,D), readout). `out`, when given, is where the kernels write o (any
     strides); the reference path copies into it."""
     if backend_for(q.device.type) == "triton" and triton_supports(q):
-        from kernels import triton_attention
+        from lvlm_hallu.kernels import triton_attention
 
         return triton_attention.attention(q, k, v, kv_start, scale=scale, edits=edits, out=out)
-    from kernels import reference
+    from lvlm_hallu.kernels import reference
 
     o, readout = reference.attention(q, k, v, kv_start, scale=scale, edits=edits)
     if out is not None:

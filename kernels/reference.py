@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
+from lvlm_hallu.kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
 
 
 def _key_bits(edits: AttentionEdits, bit: int) -> torch.Tensor:

@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
+from lvlm_hallu.kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
 
 LOG2E = 1.4426950408889634
 # Running-max floor: finite so that 2^(m_old - m_new) stays 1 (not NaN) while a row has seen

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lvlm.errors import UnsupportedModelError
+from lvlm_hallu.lvlm.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

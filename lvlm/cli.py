@@ -25,7 +25,7 @@ OFFLOAD_HELP = "folder for weights the device map offloads to disk"
 
 def presets_epilog() -> str:
     """The embedded model's paper and tuned values per method, for `lvlm generate --help`."""
-    from lvlm.profile import shipped_presets
+    from lvlm_hallu.lvlm.profile import shipped_presets
 
     def show(values):
         return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in values.items()) if values else "none"
@@ -47,7 +47,7 @@ class PresetsHelp(typer.core.TyperCommand):
 
 def placement(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[str]) -> dict:
     """The `lvlm.load` keywords of the --device-map/--max-memory/--offload-folder options."""
-    from lvlm.devices import parse_device_map, parse_max_memory
+    from lvlm_hallu.lvlm.devices import parse_device_map, parse_max_memory
 
     out = {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory),
            "offload_folder": offload_folder}
@@ -74,11 +74,11 @@ def generate(
     offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
 ) -> None:
     """Answer one prompt about one image and print the answer and timings."""
-    import lvlm
-    from interventions import InterventionError, resolve
-    from interventions.inputs import require_image
-    from lvlm.errors import LVLMError
-    from lvlm.pipeline import load_image
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.interventions import InterventionError, resolve
+    from lvlm_hallu.interventions.inputs import require_image
+    from lvlm_hallu.lvlm.errors import LVLMError
+    from lvlm_hallu.lvlm.pipeline import load_image
 
     try:
         spec = json.loads(interventions) if interventions and interventions.lstrip().startswith("[") else interventions
@@ -131,8 +131,8 @@ def profile(
     """Compute and cache a model's intervention profile (sink dimensions, sink counts per layer)."""
     import contextlib
 
-    import lvlm
-    from lvlm.profile import cache_path, load_or_compute
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.lvlm.profile import cache_path, load_or_compute
 
     pipe = lvlm.load(model, device=device, dtype=dtype)
     with contextlib.nullcontext() if as_json else console.status(f"profiling {pipe.model_id}"):
@@ -170,9 +170,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="print the estimate as JSON"),
 ) -> None:
     """Memory estimate before loading: weights, KV cache per 1k tokens, the largest batch that fits."""
-    from lvlm import memory
-    from lvlm.errors import LVLMError
-    from lvlm.loader import _dtype, _first_device
+    from lvlm_hallu.lvlm import memory
+    from lvlm_hallu.lvlm.errors import LVLMError
+    from lvlm_hallu.lvlm.loader import _dtype, _first_device
 
     try:
         kwargs = placement(device_map, max_memory, offload_folder)

@@ -17,13 +17,13 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from kernels.dispatch import backend_for
-from kernels.edits import AttentionEdits
-from lvlm.adapters import Adapter, ModelFacts
-from lvlm.cache import DEFAULT_CHUNK, KVCache
-from lvlm.devices import execution_device
-from lvlm.errors import PromptError, UnsupportedModelError
-from lvlm.positions import positions_for
+from lvlm_hallu.kernels.dispatch import backend_for
+from lvlm_hallu.kernels.edits import AttentionEdits
+from lvlm_hallu.lvlm.adapters import Adapter, ModelFacts
+from lvlm_hallu.lvlm.cache import DEFAULT_CHUNK, KVCache
+from lvlm_hallu.lvlm.devices import execution_device
+from lvlm_hallu.lvlm.errors import PromptError, UnsupportedModelError
+from lvlm_hallu.lvlm.positions import positions_for
 
 
 class Plan(Protocol):

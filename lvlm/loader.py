@@ -21,11 +21,11 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor
 
-from kernels.dispatch import register
-from lvlm.adapters import adapter_for
-from lvlm.pipeline import Pipeline
-from lvlm.processors import images_only
-from lvlm import memory, tiny
+from lvlm_hallu.kernels.dispatch import register
+from lvlm_hallu.lvlm.adapters import adapter_for
+from lvlm_hallu.lvlm.pipeline import Pipeline
+from lvlm_hallu.lvlm.processors import images_only
+from lvlm_hallu.lvlm import memory, tiny
 
 
 def _first_device(device_map: str | dict, max_memory: dict | None) -> str:
@@ -56,7 +56,7 @@ def _dispatch(model, device_map: str | dict, max_memory: dict | None, offload_fo
 
 def default_model() -> str:
     """"shapes" once its weights are present, else the random-weight tiny model."""
-    from lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
     return "shapes" if (Path(MODEL_DIR) / "config.json").exists() else "tiny-llava"
 
@@ -106,11 +106,11 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
             model = _dispatch(model.to(dtype=torch_dtype), device_map, max_memory, offload_folder)
         return Pipeline(model, processor, adapter_for(model.config), name)
     if name == "shapes":
-        from lvlm.shapes import MODEL_DIR
+        from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
         if not (Path(MODEL_DIR) / "config.json").exists():
             raise FileNotFoundError(f"the embedded shapes model is missing at {MODEL_DIR}; "
-                                    "train it with `python -m lvlm.shapes.train`")
+                                    "train it with `python -m lvlm_hallu.lvlm.shapes.train`")
         path = str(MODEL_DIR)
     else:
         path = name

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lvlm.types import TokenLogprob
+from lvlm_hallu.lvlm.types import TokenLogprob
 
 MAX_TOP = 20  # OpenAI's bound on top_logprobs
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")

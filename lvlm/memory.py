@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from lvlm.cache import DEFAULT_CHUNK
-from lvlm.errors import LVLMError
+from lvlm_hallu.lvlm.cache import DEFAULT_CHUNK
+from lvlm_hallu.lvlm.errors import LVLMError
 
 HEADROOM = 0.10  # kept free: CUDA context, allocator fragmentation, kernel workspaces
 
@@ -85,7 +85,7 @@ def estimate(config: Any, dtype: torch.dtype = torch.float32) -> Estimate:
     """Estimate the memory of a LLaVA-class model from its config (see the module docstring)."""
     import transformers
 
-    from lvlm.adapters import ModelFacts, adapter_for
+    from lvlm_hallu.lvlm.adapters import ModelFacts, adapter_for
 
     facts = ModelFacts.from_config(config)
     model_cls = getattr(transformers, adapter_for(config).model_class)
@@ -125,8 +125,8 @@ def measured_weight_bytes(model: torch.nn.Module) -> int:
 def config_for(name: str | None, revision: str | None = None) -> Any:
     """A model's config without its weights: the embedded, tiny and random-7B models by name,
     anything else through AutoConfig (hub id or local directory)."""
-    from lvlm import tiny
-    from lvlm.loader import default_model
+    from lvlm_hallu.lvlm import tiny
+    from lvlm_hallu.lvlm.loader import default_model
 
     name = name or default_model()
     if name == tiny.RANDOM_7B:
@@ -134,7 +134,7 @@ def config_for(name: str | None, revision: str | None = None) -> Any:
     if name in tiny.ALL:
         return tiny.build(name)[0].config  # a few hundred thousand parameters
     if name == "shapes":
-        from lvlm.shapes import MODEL_DIR
+        from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
         name = str(MODEL_DIR)
     from transformers import AutoConfig

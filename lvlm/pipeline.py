@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lvlm.adapters import Adapter, ModelFacts
-from lvlm.detokenize import IncrementalDetokenizer
-from lvlm.engine import Engine, NoPlan, Sampler, timed
-from lvlm.errors import ContextLengthError, ImageError, PromptError
-from lvlm.logprobs import pieces_for, step_logprobs
-from lvlm.types import Request, Result, TextDelta, Timings, TokenLogprob
+from lvlm_hallu.lvlm.adapters import Adapter, ModelFacts
+from lvlm_hallu.lvlm.detokenize import IncrementalDetokenizer
+from lvlm_hallu.lvlm.engine import Engine, NoPlan, Sampler, timed
+from lvlm_hallu.lvlm.errors import ContextLengthError, ImageError, PromptError
+from lvlm_hallu.lvlm.logprobs import pieces_for, step_logprobs
+from lvlm_hallu.lvlm.types import Request, Result, TextDelta, Timings, TokenLogprob
 
 OnToken = Callable[[int, str], None]
 
@@ -119,7 +119,7 @@ class Pipeline:
         aspect ratio, after the square base tile), else the one grid (LLaVA-1.5, Qwen2-VL)."""
         from dataclasses import replace
 
-        from lvlm.inspection.grids import GRIDS, patch_grid
+        from lvlm_hallu.lvlm.inspection.grids import GRIDS, patch_grid
 
         if self.adapter.family not in GRIDS:  # a family without a layout: one square base grid
             side = self.facts.vision_grid
@@ -141,14 +141,14 @@ class Pipeline:
             return plan_factory(self.facts, requests)
         if not any(r.interventions for r in requests):
             return NoPlan()
-        from interventions.plan import build_plan
+        from lvlm_hallu.interventions.plan import build_plan
 
         return build_plan(self.facts, requests, profile=self.profile())
 
     def profile(self) -> dict[str, Any]:
         """Cached per-model constants (sink dimensions, ...) for the interventions."""
         if self._profile is None:
-            from lvlm.profile import load_or_compute
+            from lvlm_hallu.lvlm.profile import load_or_compute
 
             self._profile = load_or_compute(self)
         return self._profile
@@ -172,7 +172,7 @@ class Pipeline:
         reports: list[dict[str, Any]] = [{} for _ in requests]
         if not any(c.name == "carve" for r in requests for c in r.interventions):
             return requests, reports
-        from interventions.carve import refine_requests
+        from lvlm_hallu.interventions.carve import refine_requests
 
         return refine_requests(self, requests)
 
@@ -266,7 +266,7 @@ class RunningBatch:
 
     def _plain_plan(self, rows: list["_RowState"]):
         """A plan without components for rows that ran without one (so that plans can merge)."""
-        from interventions.plan import BatchPlan
+        from lvlm_hallu.interventions.plan import BatchPlan
 
         for i, row in enumerate(rows):
             row.rid = i

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvlm.engine import NoPlan
-from lvlm.types import Request
+from lvlm_hallu.lvlm.engine import NoPlan
+from lvlm_hallu.lvlm.types import Request
 
 PROFILE_VERSION = 4
 CALIBRATION_PROMPTS = ("Describe this image.", "What objects are in the picture?")
@@ -53,7 +53,7 @@ PERSISTENCE = 0.5  # fraction of layers 2..L−1 in which BOS must be a sink thr
 
 
 def _shipped_paths() -> dict[str, Path]:
-    from lvlm.shapes import ASSETS, MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import ASSETS, MODEL_DIR
 
     return {"shapes": (ASSETS / "tuned.json", MODEL_DIR / "model.safetensors")}
 
@@ -100,13 +100,13 @@ class _LayerInputs(NoPlan):
 
 
 def backbone(pipe):
-    from interventions.defaults import Backbone
+    from lvlm_hallu.interventions.defaults import Backbone
 
     return Backbone.of_config(pipe.model.config)
 
 
 def known_sink_dims(config) -> tuple[int, ...] | None:
-    from interventions.defaults import Backbone
+    from lvlm_hallu.interventions.defaults import Backbone
 
     published = Backbone.of_config(config).published("var", "sink_dims")
     return tuple(published.value) if published else None
@@ -122,8 +122,8 @@ def select_sink_dims(normed: torch.Tensor, tau: float) -> list[int]:
 
 
 def compute(pipe) -> dict[str, Any]:
-    from interventions.defaults import sink_threshold
-    from interventions.var import phi, sink_scores
+    from lvlm_hallu.interventions.defaults import sink_threshold
+    from lvlm_hallu.interventions.var import phi, sink_scores
 
     requests = [Request(p, image, max_new_tokens=1) for image in calibration_images() for p in CALIBRATION_PROMPTS]
     batch = pipe.prepare(requests)
@@ -170,13 +170,13 @@ def compute(pipe) -> dict[str, Any]:
 
 def vhd_statistics(pipe) -> dict[int, float]:
     """Mean head divergence per layer (VHR's VHD, all layers, no reinforcement) on the inputs."""
-    from interventions.vhr import VHRConfig
+    from lvlm_hallu.interventions.vhr import VHRConfig
 
     config = VHRConfig(alpha=1.0, layers=tuple(range(pipe.facts.num_layers)), report_vhd=True)
     requests = [Request(CALIBRATION_PROMPTS[0], image, max_new_tokens=1, interventions=(config,))
                 for image in calibration_images()]
     # the plan's own defaults would need this profile: build it without one
-    from interventions.plan import build_plan
+    from lvlm_hallu.interventions.plan import build_plan
 
     results = pipe.generate(requests, plan_factory=lambda facts, reqs: build_plan(facts, reqs, profile={}))
     per_layer = {}
@@ -251,8 +251,8 @@ def shipped_tuned_for(model_id: str | None) -> dict[str, Any]:
 def shipped_presets(model_id: str = "shapes") -> dict[str, dict[str, Any]]:
     """{method: {"paper": {...}, "tuned": {...} | None}} of an embedded model, from its config and
     its shipped tuned file, without loading the weights (for help texts)."""
-    from interventions import names
-    from interventions.defaults import Backbone, preset_values
+    from lvlm_hallu.interventions import names
+    from lvlm_hallu.interventions.defaults import Backbone, preset_values
 
     if model_id not in _shipped_paths():
         raise ValueError(f"no embedded model {model_id!r}; embedded: {', '.join(shipped_models())}")

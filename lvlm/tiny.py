@@ -191,7 +191,7 @@ def _onevision(tok: PreTrainedTokenizerFast, seed: int):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-    from lvlm.processors import images_only
+    from lvlm_hallu.lvlm.processors import images_only
 
     tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     tok.eos_token = "<|im_end|>"
@@ -253,8 +253,8 @@ def _qwen(name: str, seed: int):
     M-RoPE sections (2, 3, 3) of the 16-dim heads."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from lvlm.adapters import ADAPTERS
-    from lvlm.processors import images_only
+    from lvlm_hallu.lvlm.adapters import ADAPTERS
+    from lvlm_hallu.lvlm.processors import images_only
 
     tok = qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}

@@ -10,12 +10,12 @@ import sys
 
 import typer
 
-from eval.cli import app as eval_app
-from eval.tune import tune_command
+from lvlm_hallu.eval.cli import app as eval_app
+from lvlm_hallu.eval.tune import tune_command
 from lvlm_hallu import demo
-from lvlm import cli as model_cli
-from lvlm.inspection import cli as inspection_cli
-from serve.cli import serve_command
+from lvlm_hallu.lvlm import cli as model_cli
+from lvlm_hallu.lvlm.inspection import cli as inspection_cli
+from lvlm_hallu.serve.cli import serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="LLaVA-class models with hallucination interventions.")

@@ -135,7 +135,7 @@ class Case:
     @property
     def partners(self) -> tuple[str, ...]:
         """Absent objects of the plain answer that are co-occurrence partners of present ones."""
-        from lvlm.shapes.world import PARTNER
+        from lvlm_hallu.lvlm.shapes.world import PARTNER
 
         return tuple(c for c in self.plain.hallucinated if any(PARTNER.get(g) == c for g in self.gt))
 
@@ -166,14 +166,14 @@ class Searcher:
 
     def __init__(self, pipe, parser, configs: tuple, *, scenes: SceneSource | None = None,
                  prompt: str = PROMPT, max_new_tokens: int = 32):
-        from lvlm.shapes import make_scene
+        from lvlm_hallu.lvlm.shapes import make_scene
 
         self.pipe, self.parser, self.configs = pipe, parser, tuple(configs)
         self.scenes = scenes or (lambda i: make_scene(SPLIT, i))
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
     def requests(self, image) -> list:
-        import lvlm
+        from lvlm_hallu import lvlm
 
         plain = lvlm.Request(self.prompt, image, max_new_tokens=self.max_new_tokens)
         return [plain, lvlm.Request(self.prompt, image, max_new_tokens=self.max_new_tokens,
@@ -321,7 +321,7 @@ def render(console, outcome: Outcome, parser, spec: str, image_path: Path | None
     from rich.table import Table
     from rich.text import Text
 
-    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
     case = outcome.case
     counts = (f"{outcome.searched} held-out test images searched: the plain model names an absent object "
@@ -357,7 +357,7 @@ def render(console, outcome: Outcome, parser, spec: str, image_path: Path | None
     image = str(image_path) if image_path else "IMAGE.png"
     console.print(Text("More:\n"
                        f"  lvlm inspect --model {model} --image {image} --prompt \"{PROMPT}\" --interventions {spec}\n"
-                       f"  python -m lvlm.shapes.world --out shapes-test --split test --n 200 && lvlm eval compare "
+                       f"  python -m lvlm_hallu.lvlm.shapes.world --out shapes-test --split test --n 200 && lvlm eval compare "
                        f"--benchmark chair --interventions none,{spec} --model {model} --prompt \"{PROMPT}\" --images shapes-test/images "
                        f"--instances shapes-test/annotations/instances_test.json --captions "
                        f"shapes-test/annotations/captions_test.json --synonyms {SYNONYMS_PATH}"), soft_wrap=True)
@@ -376,12 +376,12 @@ def command(
     """Show one held-out image where the default interventions remove a hallucinated object."""
     from rich.console import Console
 
-    import lvlm
-    from eval.chair import CaptionParser, load_synonyms
-    from eval.errors import EvalError
-    from interventions import InterventionError, resolve
-    from lvlm.errors import LVLMError
-    from lvlm.shapes import SYNONYMS_PATH, make_scene
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.eval.chair import CaptionParser, load_synonyms
+    from lvlm_hallu.eval.errors import EvalError
+    from lvlm_hallu.interventions import InterventionError, resolve
+    from lvlm_hallu.lvlm.errors import LVLMError
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH, make_scene
 
     from transformers.utils import logging as hf_logging
 

@@ -4,7 +4,7 @@ Importing the package only loads the SDK (httpx + pydantic), so `from serve impo
 works in a process without torch or Ray.
 """
 
-from serve.client import (
+from lvlm_hallu.serve.client import (
     APIConnectionError,
     APIError,
     APITimeoutError,

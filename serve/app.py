@@ -30,13 +30,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve import chat
-from serve.batching import EngineRunner, Outcome, TokenStream
-from serve.config import ServeConfig
-from serve.errors import BadRequest, MethodNotAllowed, NotFound, ServiceError, Unavailable, error_for
-from serve.limits import Admission, check_api_key, read_body
-from serve.metrics import Metrics
-from serve.schema import (
+from lvlm_hallu.serve import chat
+from lvlm_hallu.serve.batching import EngineRunner, Outcome, TokenStream
+from lvlm_hallu.serve.config import ServeConfig
+from lvlm_hallu.serve.errors import BadRequest, MethodNotAllowed, NotFound, ServiceError, Unavailable, error_for
+from lvlm_hallu.serve.limits import Admission, check_api_key, read_body
+from lvlm_hallu.serve.metrics import Metrics
+from lvlm_hallu.serve.schema import (
     ChatCompletionRequest,
     ChunkDelta,
     EvalJob,
@@ -58,7 +58,7 @@ def make_runner(pipeline: Any, config: ServeConfig, on_batch: Callable[[int, boo
     if config.scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
     if config.scheduler == "continuous" and hasattr(pipeline, "engine"):  # a fake pipeline has no engine
-        from serve.scheduler import ContinuousScheduler
+        from lvlm_hallu.serve.scheduler import ContinuousScheduler
 
         return ContinuousScheduler(pipeline, max_rows=config.max_batch_size, max_tokens=config.max_tokens_in_flight,
                                    max_prefill_tokens=config.max_prefill_tokens,
@@ -93,7 +93,7 @@ class Service:
         """One short generation so the first user request does not pay for lazy initialisation."""
         from PIL import Image
 
-        from lvlm.types import Request
+        from lvlm_hallu.lvlm.types import Request
 
         started = time.perf_counter()
         outcome = self.runner.run_batch([Request("Describe this image.", Image.new("RGB", (64, 64), "gray"),
@@ -181,7 +181,7 @@ class Service:
 
     def interventions(self) -> InterventionList:
         """The catalog, with each method's paper and tuned values on the served model."""
-        from interventions import catalog
+        from lvlm_hallu.interventions import catalog
 
         facts, profile = getattr(self.pipeline, "facts", None), getattr(self.pipeline, "profile", None)
         listed = catalog(facts, profile()) if facts is not None and callable(profile) else catalog()
@@ -222,11 +222,11 @@ class Service:
         if body.max_tokens is not None and body.max_tokens > self.limits.max_tokens:
             raise BadRequest(f"max_tokens={body.max_tokens} exceeds this server's limit of {self.limits.max_tokens}",
                              param="max_tokens", code="invalid_value")
-        from interventions import resolve
-        from interventions.validate import validate
+        from lvlm_hallu.interventions import resolve
+        from lvlm_hallu.interventions.validate import validate
 
         validate(resolve(body.intervention_spec()), self.model.facts)  # 400 now rather than a failed job later
-        from serve.jobspec import JobSpecError, check_options, check_seed
+        from lvlm_hallu.serve.jobspec import JobSpecError, check_options, check_seed
 
         try:  # the CLI's rules for the kind's options (serve/jobspec.py)
             check_seed(body.seed)
@@ -435,9 +435,9 @@ def _deployment_class():
     @serve.deployment(name="LVLMServer")
     class LVLMServer:
         async def __init__(self, config: ServeConfig):
-            import lvlm
+            from lvlm_hallu import lvlm
 
-            from serve.jobs import RayJobs
+            from lvlm_hallu.serve.jobs import RayJobs
 
             # Loading takes seconds to minutes; a thread keeps the replica's loop responsive.
             pipeline = await asyncio.to_thread(lvlm.load, config.model, **config.load_kwargs())
@@ -460,7 +460,7 @@ def _deployment_class():
 
         async def forward(self, method: str, path: str, query: str, headers: list, body: bytes):
             """One HTTP request relayed by the gateway (serve/gateway.py), answered as it streams."""
-            from serve.gateway import asgi_stream
+            from lvlm_hallu.serve.gateway import asgi_stream
 
             if getattr(self, "_app", None) is None:
                 self._app = build_app(self.service)
@@ -470,7 +470,7 @@ def _deployment_class():
         async def respond(self, method: str, path: str, query: str, headers: list, body: bytes) -> dict:
             """One relayed request whose answer cannot be a stream, in one reply (a unary handle
             call costs less than a streaming one: serve/gateway.py)."""
-            from serve.gateway import asgi_answer
+            from lvlm_hallu.serve.gateway import asgi_answer
 
             if getattr(self, "_app", None) is None:
                 self._app = build_app(self.service)
@@ -502,7 +502,7 @@ def build_application(config: ServeConfig):
         }
     else:
         options["num_replicas"] = config.replicas
-    from serve.gateway import bind_gateway
+    from lvlm_hallu.serve.gateway import bind_gateway
 
     # The gateway is the ingress: a replica that dies mid-request gets an OpenAI-shaped 503
     # (and one retry for idempotent requests) instead of the proxy's plain-text 500.

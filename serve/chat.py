@@ -22,14 +22,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from interventions import resolve
-from interventions.inputs import require_image
-from interventions.validate import validate
-from lvlm.types import Request, Result
-from serve.errors import BadRequest, NotFound
-from serve.images import load_image
-from serve.limits import Limits
-from serve.schema import (
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.interventions.inputs import require_image
+from lvlm_hallu.interventions.validate import validate
+from lvlm_hallu.lvlm.types import Request, Result
+from lvlm_hallu.serve.errors import BadRequest, NotFound
+from lvlm_hallu.serve.images import load_image
+from lvlm_hallu.serve.limits import Limits
+from lvlm_hallu.serve.schema import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,

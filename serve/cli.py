@@ -1,7 +1,7 @@
 """`lvlm serve`: start Ray (locally, or join a cluster with --address), deploy the service, block.
 
 Register on the main typer app with `app.command("serve")(serve_command)`; it also runs alone as
-`python -m serve.cli --model tiny-llava`.
+`python -m lvlm_hallu.serve.cli --model tiny-llava`.
 
 Before Ray starts, two checks answer in one line instead of a wall of Ray tracebacks: the port
 must be free (Ray's proxy binds with SO_REUSEPORT, so a second server on the same port would
@@ -81,8 +81,8 @@ def serve_command(
         None, "--router-dir", help="directory of VTE router weights (<name>.pt), chosen by name in requests"),
 ) -> None:
     """Serve the OpenAI-compatible API (chat completions with interventions, eval jobs) on Ray Serve."""
-    from serve.config import ServeConfig
-    from serve.limits import Limits
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits
 
     name = model or _default_model()
     problem = _port_problem(host, port) or _model_problem(name) or _router_dir_problem(router_dir)
@@ -92,7 +92,7 @@ def serve_command(
         console.print(f"[red]error:[/red] {problem}", soft_wrap=True)  # one line, however long
         raise typer.Exit(2)
     try:
-        from lvlm.cli import placement
+        from lvlm_hallu.lvlm.cli import placement
 
         placed = placement(device_map, max_memory, offload_folder)
     except ValueError as err:
@@ -114,7 +114,7 @@ def serve_command(
     _start_ray(address)
     from ray import serve
 
-    from serve.app import run
+    from lvlm_hallu.serve.app import run
 
     console.print(f"starting {config.model} on {device} ({replicas} replica(s), batches of {max_batch_size}) ...")
     try:
@@ -154,16 +154,16 @@ def _port_problem(host: str, port: int) -> str | None:
 
 def _model_problem(name: str) -> str | None:
     """Why `name` cannot be loaded, found in seconds from its config alone, or None."""
-    from lvlm import tiny
+    from lvlm_hallu.lvlm import tiny
 
     if name in tiny.ALL:
         return None
     if name == "shapes":
-        from lvlm.shapes import MODEL_DIR
+        from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
         ok = (Path(MODEL_DIR) / "config.json").exists()
         return None if ok else f"the embedded shapes model is missing at {MODEL_DIR}; train it with " \
-                               "`python -m lvlm.shapes.train`"
+                               "`python -m lvlm_hallu.lvlm.shapes.train`"
     known = f"use 'shapes', {', '.join(repr(t) for t in sorted(tiny.ALL))}, a hub id (org/name) or a checkpoint directory"
     local = Path(name).expanduser()
     if not local.exists() and not HUB_ID.fullmatch(name):
@@ -171,7 +171,7 @@ def _model_problem(name: str) -> str | None:
     try:
         from transformers import AutoConfig
 
-        from lvlm.adapters import adapter_for
+        from lvlm_hallu.lvlm.adapters import adapter_for
 
         if local.exists():
             config = AutoConfig.from_pretrained(str(local))
@@ -220,7 +220,7 @@ def _default_device() -> str:
 
 
 def _default_model() -> str:
-    from lvlm.loader import default_model
+    from lvlm_hallu.lvlm.loader import default_model
 
     return default_model()
 

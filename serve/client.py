@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 
-from serve.schema import (
+from lvlm_hallu.serve.schema import (
     ChatCompletion,
     ChatCompletionChunk,
     ErrorBody,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from serve.limits import Limits
+from lvlm_hallu.serve.limits import Limits
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from serve.schema import ErrorBody, ErrorResponse
+from lvlm_hallu.serve.schema import ErrorBody, ErrorResponse
 
 log = logging.getLogger("serve")
 
@@ -76,8 +76,8 @@ def error_for(exc: BaseException, request_id: str | None = None) -> ServiceError
     logged with the request id the client got in `x-request-id`."""
     if isinstance(exc, ServiceError):
         return exc
-    from interventions import InterventionError
-    from lvlm.errors import ContextLengthError, ImageError, PromptError
+    from lvlm_hallu.interventions import InterventionError
+    from lvlm_hallu.lvlm.errors import ContextLengthError, ImageError, PromptError
 
     if isinstance(exc, InterventionError):
         return BadRequest(str(exc), param=exc.param or "interventions", code="invalid_intervention")

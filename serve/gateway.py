@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request  # module level: the route's string annotations resolve here
 
-from serve.errors import PayloadTooLarge, ServiceError, Unavailable
+from lvlm_hallu.serve.errors import PayloadTooLarge, ServiceError, Unavailable
 
 log = logging.getLogger("serve")
 FORWARDED_HEADERS = ("authorization", "content-type", "content-length", "accept", "x-request-id")

@@ -31,8 +31,8 @@ from typing import Awaitable, Callable
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from serve.errors import BadRequest, PayloadTooLarge
-from serve.limits import Limits
+from lvlm_hallu.serve.errors import BadRequest, PayloadTooLarge
+from lvlm_hallu.serve.limits import Limits
 
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
 ONE_BYTE_MODES = frozenset({"1", "L", "P"})  # Pillow stores these in 1 byte per pixel, "I;16*" in 2, others in 4

@@ -57,8 +57,8 @@ class JobContext:
         """The job's `eval.cluster.ClusterPool`: `replicas` actors that each load the model once."""
         from functools import partial
 
-        import lvlm
-        from eval.cluster import ClusterPool
+        from lvlm_hallu import lvlm
+        from lvlm_hallu.eval.cluster import ClusterPool
 
         return ClusterPool(partial(lvlm.load, self.model, **self.load_kwargs), self.replicas,
                            actor_options=self.replica_options or None, name=self.replica_name)
@@ -92,9 +92,9 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metri
     """Answer `items` on the job's replica pool (eval/cluster.py); report after every batch."""
     from functools import partial
 
-    import interventions
-    from eval.fingerprint import Fingerprint, items_digest, model_identity
-    from eval.runner import RESOLVED_FIELD, check_results_file, intervention_values, local_answer, model_context
+    from lvlm_hallu import interventions
+    from lvlm_hallu.eval.fingerprint import Fingerprint, items_digest, model_identity
+    from lvlm_hallu.eval.runner import RESOLVED_FIELD, check_results_file, intervention_values, local_answer, model_context
 
     req = ctx.request
     path = ctx.workdir / f"{task.name}.jsonl"
@@ -131,10 +131,10 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metri
 
 @job_kind("chair", "CHAIR on captions of shapes-world test images (limit = images)")
 def run_chair(ctx: JobContext) -> dict:
-    from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms, score_captions
-    from eval.coco import image_file_names, load_coco
-    from eval.compare import CHAIR_PROMPT, ChairTask
-    from lvlm.shapes import SYNONYMS_PATH, build_split
+    from lvlm_hallu.eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms, score_captions
+    from lvlm_hallu.eval.coco import image_file_names, load_coco
+    from lvlm_hallu.eval.compare import CHAIR_PROMPT, ChairTask
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH, build_split
 
     req, opts = ctx.request, ctx.request.get("options") or {}
     req["max_tokens"] = req.get("max_tokens") or int(opts.get("max_new_tokens", 64))
@@ -158,11 +158,11 @@ def run_chair(ctx: JobContext) -> dict:
 
 @job_kind("pope", "POPE on shapes-world test images (limit = questions per split; options.splits, options.parser)")
 def run_pope(ctx: JobContext) -> dict:
-    from eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
-    from eval.coco import image_file_names, load_coco
-    from eval.compare import PopeTask
-    from eval.pope import SPLITS, build_split as build_pope_split, get_parser, metrics_from_predictions
-    from lvlm.shapes import SYNONYMS_PATH, build_split
+    from lvlm_hallu.eval.chair import CaptionParser, ground_truth_from_coco, load_synonyms
+    from lvlm_hallu.eval.coco import image_file_names, load_coco
+    from lvlm_hallu.eval.compare import PopeTask
+    from lvlm_hallu.eval.pope import SPLITS, build_split as build_pope_split, get_parser, metrics_from_predictions
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH, build_split
 
     req, opts = ctx.request, ctx.request.get("options") or {}
     req["max_tokens"] = req.get("max_tokens") or int(opts.get("max_new_tokens", 8))
@@ -309,7 +309,7 @@ class JobRegistry:
                  retention: dict[str, Any] | None = None, replicas: int = 1):
         import ray
 
-        from serve.jobstore import JobStore
+        from lvlm_hallu.serve.jobstore import JobStore
 
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -443,7 +443,7 @@ class RayJobs:
                  jobs_dir: str | None = None, retention: dict[str, Any] | None = None):
         import ray
 
-        from serve.jobstore import default_jobs_dir
+        from lvlm_hallu.serve.jobstore import default_jobs_dir
 
         # Ray restarts a dead registry with these same arguments (so the same jobs directory) and
         # retries the calls that were in flight or sent while it was down. It lives on the head

@@ -44,7 +44,7 @@ class PopeOptions(_Options):
     @field_validator("parser")
     @classmethod
     def _known_parser(cls, name: str) -> str:
-        from eval.pope import PARSERS
+        from lvlm_hallu.eval.pope import PARSERS
 
         if name not in PARSERS:
             raise ValueError(f"unknown POPE answer parser {name!r}; valid: {', '.join(PARSERS)}")
@@ -53,7 +53,7 @@ class PopeOptions(_Options):
     @field_validator("splits")
     @classmethod
     def _known_splits(cls, splits: Optional[list[str]]) -> Optional[list[str]]:
-        from eval.pope import SPLITS
+        from lvlm_hallu.eval.pope import SPLITS
 
         if splits is None:
             return None

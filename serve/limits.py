@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from serve.errors import Overloaded, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from lvlm_hallu.serve.errors import Overloaded, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 MiB = 1024 * 1024
 

@@ -44,8 +44,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from serve.batching import Outcome, StreamCancelled
-from serve.errors import Overloaded
+from lvlm_hallu.serve.batching import Outcome, StreamCancelled
+from lvlm_hallu.serve.errors import Overloaded
 
 log = logging.getLogger("serve.scheduler")
 
@@ -108,7 +108,7 @@ class ContinuousScheduler:
 
     def __init__(self, pipeline: Any, *, max_rows: int = 8, max_tokens: int = 65536, max_prefill_tokens: int = 2048,
                  admit_after_steps: int = 4, max_queue: int = 1024, on_batch: Callable[[int, bool], None] | None = None):
-        from lvlm.pipeline import RunningBatch
+        from lvlm_hallu.lvlm.pipeline import RunningBatch
 
         self.admission = Admission(max_rows, max_tokens, max_prefill_tokens, admit_after_steps)
         self.pipeline, self.max_queue = pipeline, max_queue
@@ -289,7 +289,7 @@ class ContinuousScheduler:
                 job.future.set_result(Outcome(result=row.result))
 
     def _fail_running(self, err: BaseException) -> None:
-        from lvlm.pipeline import RunningBatch
+        from lvlm_hallu.lvlm.pipeline import RunningBatch
 
         for job in self._jobs.values():
             if not job.future.done():

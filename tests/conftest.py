@@ -70,7 +70,7 @@ ACTIVE = {
 
 def hf_generate(name: str, batch: dict, max_new_tokens: int) -> list[list[int]]:
     """Greedy tokens from transformers' generate on an independently built copy (SDPA attention)."""
-    from lvlm import tiny
+    from lvlm_hallu.lvlm import tiny
 
     model, _ = tiny.build(name)
     model.set_attn_implementation("sdpa")

@@ -30,7 +30,7 @@ def test_the_old_decoder_layer_keyword_is_an_error_under_the_suite_filters():
     assert current.shape == hidden.shape  # the current keyword runs silently
 
 
-@pytest.mark.parametrize("module", ["lvlm.engine", "interventions.vhr", "lvlm_hallu.demo", "eval", "torch.nn.functional",
+@pytest.mark.parametrize("module", ["lvlm_hallu.lvlm.engine", "lvlm_hallu.interventions.vhr", "lvlm_hallu.demo", "lvlm_hallu.eval", "torch.nn.functional",
                                     "ray.serve.api", "transformers.modeling_layers"])
 @pytest.mark.parametrize("category", [FutureWarning, DeprecationWarning])
 def test_deprecations_attributed_to_the_project_or_its_libraries_fail(module, category):

@@ -30,4 +30,4 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lvlm.inspection' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lvlm.inspection.{module}"), name)
+    return getattr(importlib.import_module(f"lvlm_hallu.lvlm.inspection.{module}"), name)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lvlm.inspection.figures import pictures
-from lvlm.inspection.grids import InspectError
-from lvlm.inspection.page import check_writable
-from lvlm.inspection.page import write as write_page
-from lvlm.inspection.trace import Inspection, collect
+from lvlm_hallu.lvlm.inspection.figures import pictures
+from lvlm_hallu.lvlm.inspection.grids import InspectError
+from lvlm_hallu.lvlm.inspection.page import check_writable
+from lvlm_hallu.lvlm.inspection.page import write as write_page
+from lvlm_hallu.lvlm.inspection.trace import Inspection, collect
 
 
 def inspect(pipe: Any, image: Any, prompt: str, interventions: Any = "none", *,
@@ -18,11 +18,11 @@ def inspect(pipe: Any, image: Any, prompt: str, interventions: Any = "none", *,
     and collect the data of every picture. `image` is a path, bytes, a PIL image, or None for a
     text-only prompt (then only methods that act without an image, none today, may be named:
     `interventions.inputs.require_image`)."""
-    from interventions import resolve
-    from interventions.inputs import require_image
-    from lvlm.errors import ImageError, LVLMError
-    from lvlm.pipeline import load_image
-    from lvlm.types import Request
+    from lvlm_hallu.interventions import resolve
+    from lvlm_hallu.interventions.inputs import require_image
+    from lvlm_hallu.lvlm.errors import ImageError, LVLMError
+    from lvlm_hallu.lvlm.pipeline import load_image
+    from lvlm_hallu.lvlm.types import Request
 
     configs = resolve(interventions)
     spec = interventions if isinstance(interventions, str) else "+".join(c.name for c in configs)

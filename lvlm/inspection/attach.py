@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from lvlm.inspection.api import inspect, write
-from lvlm.inspection.page import check_writable
+from lvlm_hallu.lvlm.inspection.api import inspect, write
+from lvlm_hallu.lvlm.inspection.page import check_writable
 
 
 def first_images(cases: Sequence[tuple[str, str | None, str]], k: int) -> list[tuple[str, str, str]]:
@@ -38,7 +38,7 @@ def attach(pipe: Any, cases: Sequence[tuple[str, str | None, str]], configs: Seq
            out_dir: str | Path, markdown: str | Path | None, k: int, *, max_new_tokens: int = 64) -> list[dict]:
     """Inspect the first k images with each (name, spec) that has interventions; append links to
     `markdown` (the report). Returns one row per page: case key, configuration, page path, answers."""
-    from interventions import resolve
+    from lvlm_hallu.interventions import resolve
 
     root = check_writable(Path(out_dir) / "inspect")
     rows = []

@@ -37,10 +37,10 @@ def command(
     dtype: Optional[str] = typer.Option(None, "--dtype"),
 ) -> None:
     """Write pictures of what each intervention sees and changes, with both answers, to one HTML page."""
-    import lvlm
-    from interventions import InterventionError
-    from lvlm.errors import LVLMError
-    from lvlm.inspection import check_writable, inspect, write
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.interventions import InterventionError
+    from lvlm_hallu.lvlm.errors import LVLMError
+    from lvlm_hallu.lvlm.inspection import check_writable, inspect, write
 
     try:
         spec = json.loads(interventions) if interventions.lstrip().startswith("[") else interventions

@@ -29,8 +29,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from lvlm.inspection.grids import Panel
-from lvlm.inspection.trace import Inspection, Trace
+from lvlm_hallu.lvlm.inspection.grids import Panel
+from lvlm_hallu.lvlm.inspection.trace import Inspection, Trace
 
 CMAP = "inferno"
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvlm.errors import LVLMError
+from lvlm_hallu.lvlm.errors import LVLMError
 
 
 class InspectError(LVLMError, ValueError):

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lvlm.inspection.figures import Picture
-from lvlm.inspection.grids import InspectError
-from lvlm.inspection.trace import Inspection
+from lvlm_hallu.lvlm.inspection.figures import Picture
+from lvlm_hallu.lvlm.inspection.grids import InspectError
+from lvlm_hallu.lvlm.inspection.trace import Inspection
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 1em auto; color: #222; }

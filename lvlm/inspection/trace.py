@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from interventions.plan import BatchPlan, Component, build_plan
-from kernels.edits import KEY_SINK, KEY_VISUAL
-from lvlm.inspection.grids import PatchGrid, patch_grid
-from lvlm.types import Request
+from lvlm_hallu.interventions.plan import BatchPlan, Component, build_plan
+from lvlm_hallu.kernels.edits import KEY_SINK, KEY_VISUAL
+from lvlm_hallu.lvlm.inspection.grids import PatchGrid, patch_grid
+from lvlm_hallu.lvlm.types import Request
 
 
 class Tracer(Component):
@@ -153,7 +153,7 @@ def trace(pipe: Any, request: Request) -> Trace:
 
 def collect(pipe: Any, request: Request, spec: str, *, layers: tuple[int, ...] | None = None) -> Inspection:
     """Run `request` without interventions, then with them, and gather the data of the pictures."""
-    from interventions.carve import refine_requests
+    from lvlm_hallu.interventions.carve import refine_requests
 
     num_layers = pipe.facts.num_layers
     layers = tuple(layers) if layers else default_layers(num_layers)

@@ -1,7 +1,7 @@
 """The embedded default model and its synthetic shapes world (docs/shapes-model.md).
 
 `MODEL_DIR` holds a Hugging Face LLaVA checkpoint (LlavaForConditionalGeneration + LlavaProcessor)
-trained by `python -m lvlm.shapes.train`; `SYNONYMS_PATH` is the CHAIR synonym table of the
+trained by `python -m lvlm_hallu.lvlm.shapes.train`; `SYNONYMS_PATH` is the CHAIR synonym table of the
 world's object words; the world API generates seeded scenes with COCO annotations.
 """
 
@@ -14,7 +14,7 @@ MODEL_DIR = ASSETS / "model"
 SYNONYMS_PATH = ASSETS / "synonyms.txt"
 
 # The world's names are read from lvlm.shapes.world on first use (PEP 562), not imported here:
-# `python -m lvlm.shapes.world` (and .train) would otherwise find the module already imported by
+# `python -m lvlm_hallu.lvlm.shapes.world` (and .train) would otherwise find the module already imported by
 # this package and warn that running it may be unpredictable.
 _WORLD_NAMES = frozenset({
     "CATEGORIES", "CATEGORY_IDS", "IMAGE_SIZE", "PAIRS", "PARTNER", "SPLITS", "Instance", "Scene",
@@ -24,7 +24,7 @@ _WORLD_NAMES = frozenset({
 
 def __getattr__(name: str) -> Any:
     if name in _WORLD_NAMES:
-        return getattr(import_module("lvlm.shapes.world"), name)
+        return getattr(import_module("lvlm_hallu.lvlm.shapes.world"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

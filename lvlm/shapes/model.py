@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from lvlm.shapes import text, world
+from lvlm_hallu.lvlm.shapes import text, world
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4 in this order
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(5)

@@ -11,7 +11,7 @@ the project's reference evaluators (`eval/` imports `lvlm/`, never the reverse),
   - POPE splits follow docs/eval.md (images with >= 3 objects, 3 yes + 3 no per image,
     interleaved; random / popular / adversarial negatives) and the official answer rule.
 
-    python -m lvlm.shapes.quality [--model DIR] [--n-caption 200] [--n-pope 200] [--json OUT]
+    python -m lvlm_hallu.lvlm.shapes.quality [--model DIR] [--n-caption 200] [--n-pope 200] [--json OUT]
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from lvlm.shapes import text, world
+from lvlm_hallu.lvlm.shapes import text, world
 
 DESCRIBE = "Describe this image."
 
 
 def load_synonyms(path: Path | None = None) -> dict[str, str]:
-    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
     table = {}
     for line in Path(path or SYNONYMS_PATH).read_text().splitlines():
@@ -140,7 +140,7 @@ def evaluate(model_dir: Path, n_caption: int, n_pope: int, seed: int = 0) -> dic
 
 
 def main(argv=None) -> None:
-    from lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=MODEL_DIR)

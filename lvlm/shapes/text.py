@@ -13,7 +13,7 @@ import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # world imports this module; avoid the cycle at runtime
-    from lvlm.shapes.world import Scene
+    from lvlm_hallu.lvlm.shapes.world import Scene
 
 PLURAL = {"box": "boxes", "fish": "fish"}
 NUMBER = {2: "two", 3: "three", 4: "four", 5: "five"}
@@ -48,7 +48,7 @@ def join(items: list[str]) -> str:
 
 def where(scene: "Scene", kind: str) -> str:
     """Coarse position of the kind's largest instance, as a person would say it."""
-    from lvlm.shapes.world import IMAGE_SIZE
+    from lvlm_hallu.lvlm.shapes.world import IMAGE_SIZE
 
     inst = max((i for i in scene.instances if i.kind == kind), key=lambda i: i.area)
     x, y, w, h = inst.bbox
@@ -120,7 +120,7 @@ BACKCOPY_WORDS_PER_ROW = 40
 
 def _backcopy_words() -> list[str]:
     """The world's own words (kinds, plurals, numbers, colours, places), fixed order."""
-    from lvlm.shapes.world import BACKGROUNDS, CATEGORIES
+    from lvlm_hallu.lvlm.shapes.world import BACKGROUNDS, CATEGORIES
 
     words = list(CATEGORIES) + [plural(k) for k in CATEGORIES] + list(NUMBER.values())
     words += list(BACKGROUNDS) + ["left", "right", "top", "bottom", "middle", "picture", "image"]

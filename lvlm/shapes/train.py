@@ -32,8 +32,8 @@ that are discarded after training (ObjectProbe, QuestionProbe: why in their docs
 Batch b of the run is built from train-split scenes b*B .. b*B+B-1, so a resumed run sees exactly
 the data it would have seen; checkpoints hold model, optimizer, schedule, step and RNG states.
 
-    python -m lvlm.shapes.train --out runs/shapes --steps 2200 --threads 2 [--resume]
-    python -m lvlm.shapes.train --out runs/shapes --steps 2900 --resume   # the shipped model's schedule
+    python -m lvlm_hallu.lvlm.shapes.train --out runs/shapes --steps 2200 --threads 2 [--resume]
+    python -m lvlm_hallu.lvlm.shapes.train --out runs/shapes --steps 2900 --resume   # the shipped model's schedule
 
 (docs/shapes-model.md: the second command extends the cosine schedule of the first.)
 """
@@ -51,8 +51,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lvlm.shapes import model as M
-from lvlm.shapes import text, world
+from lvlm_hallu.lvlm.shapes import model as M
+from lvlm_hallu.lvlm.shapes import text, world
 
 IGNORE = -100
 QUESTION_PROBE_LAYER = 2  # hidden_states index: output of the 2nd of 4 decoder layers

@@ -11,7 +11,7 @@ Determinism: scene i of a split depends only on (seed, split, i), never on n, so
 images of `--n 50` and `--n 200` are identical, and the same arguments give the same PNG bytes
 and JSON.
 
-CLI:  python -m lvlm.shapes.world --out DIR --split test --n 200 [--seed S]
+CLI:  python -m lvlm_hallu.lvlm.shapes.world --out DIR --split test --n 200 [--seed S]
 writes DIR/images/<split>_<id>.png and DIR/annotations/{instances,captions}_<split>.json.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lvlm.shapes import text
+from lvlm_hallu.lvlm.shapes import text
 
 IMAGE_SIZE = 96
 # A letterboxed scene is a wide photo (96 x 72) padded to square as LLaVA-1.5 does before its

@@ -26,7 +26,7 @@ _point_nltk_at_shared_data()
 
 @pytest.fixture(scope="session")
 def parser():
-    from eval.chair import CaptionParser
+    from lvlm_hallu.eval.chair import CaptionParser
 
     return CaptionParser()
 
@@ -89,7 +89,7 @@ def tiny_coco(tmp_path) -> TinyCoco:
 @pytest.fixture(scope="session")
 def shapes_coco(tmp_path_factory) -> Path:
     """40 shapes-world test scenes in COCO format: images/ and annotations/{instances,captions}_test.json."""
-    from lvlm.shapes import build_split
+    from lvlm_hallu.lvlm.shapes import build_split
 
     root = tmp_path_factory.mktemp("shapes-coco")
     build_split(root, "test", 40)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eval.chair import (
+from lvlm_hallu.eval.chair import (
     DEFAULT_DOUBLE_WORDS,
     CaptionParser,
     GroundTruth,
@@ -18,7 +18,7 @@ from eval.chair import (
     read_captions,
     score_captions,
 )
-from eval.errors import ImageIdError, NLTKDataError
+from lvlm_hallu.eval.errors import ImageIdError, NLTKDataError
 
 
 def cats(parser, caption):

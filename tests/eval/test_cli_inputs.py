@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from eval.chair import drop_incomplete_sentence, read_captions
-from eval.coco import resolve_annotation_paths
-from eval.errors import AnnotationError
-from lvlm.types import Result
+from lvlm_hallu.eval.chair import drop_incomplete_sentence, read_captions
+from lvlm_hallu.eval.coco import resolve_annotation_paths
+from lvlm_hallu.eval.errors import AnnotationError
+from lvlm_hallu.lvlm.types import Result
 
 
 @pytest.fixture
 def cli(monkeypatch, tmp_path):
     """eval.cli whose model must never load (every case here fails before it) unless allowed."""
-    import eval.cli as cli
+    from lvlm_hallu.eval import cli
 
     def no_model(name):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -76,7 +76,7 @@ def test_missing_image_files_are_all_listed_up_front(cli, tiny_coco):
 
 
 def test_missing_images_of_pope_questions(cli, tmp_path):
-    from eval.pope import PopeQuestion, write_questions
+    from lvlm_hallu.eval.pope import PopeQuestion, write_questions
 
     write_questions(tmp_path / "coco_pope_random.json", [PopeQuestion(1, "gone.jpg", "Is there a dog?", "yes")])
     _fails(invoke(cli, "pope", "--model", "fake/m", "--images", tmp_path, "--questions",
@@ -102,7 +102,7 @@ def test_null_captions_are_an_error_and_empty_ones_are_counted(cli, tiny_coco, t
 
 
 def test_n_with_questions_is_refused(cli, tmp_path):
-    from eval.pope import PopeQuestion, write_questions
+    from lvlm_hallu.eval.pope import PopeQuestion, write_questions
 
     write_questions(tmp_path / "coco_pope_random.json", [PopeQuestion(1, "a.jpg", "Is there a dog?", "yes")])
     _fails(invoke(cli, "pope", "--model", "fake/m", "--images", tmp_path, "--questions",
@@ -183,8 +183,8 @@ def test_help_and_errors_keep_square_brackets(cli, tmp_path):
 def test_max_new_tokens_is_fitted_to_the_context_before_loading(shapes_coco):
     from transformers import AutoConfig
 
-    from eval.context import ContextError, fit_max_new_tokens
-    from lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.eval.context import ContextError, fit_max_new_tokens
+    from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
     context = AutoConfig.from_pretrained(MODEL_DIR).text_config.max_position_embeddings
     image = str(next((shapes_coco / "images").iterdir()))
@@ -211,7 +211,7 @@ def test_short_caption_follows_the_reference_cut():
 
 
 def test_report_files_are_world_readable(tmp_path):
-    from eval.report import Provenance, Report, write_report
+    from lvlm_hallu.eval.report import Provenance, Report, write_report
 
     old = os.umask(0o077)  # even under a strict umask
     try:
@@ -225,9 +225,9 @@ def test_report_files_are_world_readable(tmp_path):
 def test_progress_bars_name_benchmark_configuration_and_split(tmp_path):
     from PIL import Image
 
-    from eval.compare import PopeTask, compare
-    from eval.pope import PopeQuestion
-    from eval.report import Provenance
+    from lvlm_hallu.eval.compare import PopeTask, compare
+    from lvlm_hallu.eval.pope import PopeQuestion
+    from lvlm_hallu.eval.report import Provenance
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
     qs = [PopeQuestion(1, "a.jpg", "Is there a dog in the image?", "yes"),
@@ -247,7 +247,7 @@ def test_progress_bars_name_benchmark_configuration_and_split(tmp_path):
 def test_pope_console_and_markdown_show_precision_recall_and_unparseable(cli, tmp_path, monkeypatch):
     from PIL import Image
 
-    from eval.pope import PopeQuestion, write_questions
+    from lvlm_hallu.eval.pope import PopeQuestion, write_questions
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
     qs = [PopeQuestion(i + 1, "a.jpg", f"Is there a thing {i} in the image?", "yes" if i % 2 else "no")
@@ -275,9 +275,9 @@ def test_pope_console_and_markdown_show_precision_recall_and_unparseable(cli, tm
 
 
 def test_zero_setup_sources_generate_and_cache_the_shapes_world(tmp_path, monkeypatch):
-    from eval.datasets import COCO_N, default_n, resolve_sources
-    from eval.world import DEFAULT_N, WORLD_IMAGES
-    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.eval.datasets import COCO_N, default_n, resolve_sources
+    from lvlm_hallu.eval.world import DEFAULT_N, WORLD_IMAGES
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
     monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
     src = resolve_sources("shapes", None, None, None, None, None)
@@ -301,8 +301,8 @@ def test_shapes_world_annotations_get_the_shapes_synonyms_whatever_the_model(cli
     which synonym table reads them (before, every category was 'not in the synonym table')."""
     from pycocotools.coco import COCO
 
-    from eval.datasets import synonyms_for
-    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.eval.datasets import synonyms_for
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
     inst = shapes_coco / "annotations" / "instances_test.json"
     world = COCO(str(inst))

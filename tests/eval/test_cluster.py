@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.cluster import ImageBytes, pack, read_uri, unpack
-from eval.runner import Item, local_answer
+from lvlm_hallu.eval.cluster import ImageBytes, pack, read_uri, unpack
+from lvlm_hallu.eval.runner import Item, local_answer
 
 ray = pytest.importorskip("ray")
 # Ray workers cannot import this test module by name: ship its functions by value.
@@ -36,7 +36,7 @@ class EchoModel:
     def generate(self, requests):
         import time
 
-        from lvlm.types import Result
+        from lvlm_hallu.lvlm.types import Result
 
         if self.crash_on and any(r.prompt == self.crash_on for r in requests) and not os.path.exists(self.marker):
             Path(self.marker).write_text("crashed")  # once: the retried batch then succeeds
@@ -121,7 +121,7 @@ def ray_local():
 
 
 def test_bytes_reach_replicas_resume_and_spread(ray_local, tmp_path):
-    from eval.cluster import ClusterPool
+    from lvlm_hallu.eval.cluster import ClusterPool
 
     paths = write_images(tmp_path / "driver-only", 10)
     items = [Item(f"k{i}", f"q{i}", str(p), {"i": i}) for i, p in enumerate(paths)]
@@ -146,7 +146,7 @@ def test_bytes_reach_replicas_resume_and_spread(ray_local, tmp_path):
 
 @pytest.mark.parametrize("max_restarts", [2, 0], ids=["ray-restarts-replica", "driver-requeues-batch"])
 def test_replica_killed_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path, max_restarts):
-    from eval.cluster import ClusterPool
+    from lvlm_hallu.eval.cluster import ClusterPool
 
     n = 12
     items = [Item(f"k{i}", f"q{i}", None, {"i": i}) for i in range(n)]
@@ -172,7 +172,7 @@ def test_replica_killed_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path
 def test_named_replicas_and_the_per_batch_hook_through_a_kill(ray_local, tmp_path):
     """`on_batch` sees every record on disk after each batch (resumed keys included); a named replica
     killed for good from the hook has its batches re-queued and a replacement named next in line."""
-    from eval.cluster import ClusterPool
+    from lvlm_hallu.eval.cluster import ClusterPool
 
     n = 10
     items = [Item(f"k{i}", f"q{i}", None, {"i": i}) for i in range(n)]
@@ -201,7 +201,7 @@ def test_named_replicas_and_the_per_batch_hook_through_a_kill(ray_local, tmp_pat
 
 
 def test_model_error_is_raised_and_finished_batches_stay(ray_local, tmp_path):
-    from eval.cluster import ClusterPool
+    from lvlm_hallu.eval.cluster import ClusterPool
 
     items = [Item(f"k{i}", f"q{i}", "/definitely/not/here.png" if i == 3 else None) for i in range(6)]
     pool = ClusterPool(echo_factory, num_actors=1, ship="uri")  # the replica fails to open k3's image
@@ -214,7 +214,7 @@ def test_model_error_is_raised_and_finished_batches_stay(ray_local, tmp_path):
 
 
 def test_bad_pool_arguments(ray_local):
-    from eval.cluster import ClusterPool
+    from lvlm_hallu.eval.cluster import ClusterPool
 
     with pytest.raises(ValueError, match="ship mode"):
         ClusterPool(echo_factory, ship="carrier-pigeon")
@@ -223,8 +223,8 @@ def test_bad_pool_arguments(ray_local):
 
 
 def test_resume_checks_the_run_fingerprint(ray_local, tmp_path):
-    from eval.cluster import ClusterPool
-    from eval.fingerprint import Fingerprint, FingerprintMismatch
+    from lvlm_hallu.eval.cluster import ClusterPool
+    from lvlm_hallu.eval.fingerprint import Fingerprint, FingerprintMismatch
 
     items = [Item(f"k{i}", f"q{i}") for i in range(4)]
     out = tmp_path / "r.jsonl"
@@ -259,10 +259,10 @@ class TunedModel(EchoModel):
 
 def test_replica_context_gives_the_tuned_values_the_replica_runs(ray_local):
     """`lvlm eval ... --ray-actors N` fingerprints the values the replicas run (eval.runner.intervention_values)."""
-    from eval.cluster import ClusterPool
-    from eval.errors import EvalError
-    from eval.runner import intervention_values, model_context
-    from interventions import resolve
+    from lvlm_hallu.eval.cluster import ClusterPool
+    from lvlm_hallu.eval.errors import EvalError
+    from lvlm_hallu.eval.runner import intervention_values, model_context
+    from lvlm_hallu.interventions import resolve
 
     pool = ClusterPool(TunedModel, num_actors=1)
     try:

@@ -10,7 +10,7 @@ from functools import partial
 
 import pytest
 
-from eval.runner import Item, local_answer, run
+from lvlm_hallu.eval.runner import Item, local_answer, run
 
 ray = pytest.importorskip("ray")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -20,7 +20,7 @@ MAX_NEW_TOKENS = 10
 
 
 def load_shapes():
-    import lvlm
+    from lvlm_hallu import lvlm
 
     return lvlm.load("shapes")
 
@@ -54,8 +54,8 @@ def two_nodes():
 
 @pytest.mark.slow
 def test_two_nodes_equal_local_run_and_share_the_work(two_nodes, tmp_path):
-    from eval.cluster import ClusterPool
-    from lvlm.shapes import build_split
+    from lvlm_hallu.eval.cluster import ClusterPool
+    from lvlm_hallu.lvlm.shapes import build_split
 
     cluster, worker = two_nodes
     images = tmp_path / "driver-only"
@@ -88,10 +88,10 @@ def test_service_job_on_two_nodes_equals_a_local_run_and_both_nodes_answer(two_n
     """The job's images are generated in its folder on the head node; replicas on both nodes answer."""
     import time
 
-    import interventions
-    from eval.compare import CHAIR_PROMPT
-    from lvlm.shapes import build_split
-    from serve.jobs import RayJobs
+    from lvlm_hallu import interventions
+    from lvlm_hallu.eval.compare import CHAIR_PROMPT
+    from lvlm_hallu.lvlm.shapes import build_split
+    from lvlm_hallu.serve.jobs import RayJobs
 
     jobs = RayJobs(replica_options={"num_cpus": 1}, replicas=2, jobs_dir=str(tmp_path / "jobs"))
     request = {"kind": "chair", "limit": N_IMAGES, "max_tokens": MAX_NEW_TOKENS, "seed": 0, "batch_size": 2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.coco import (
+from lvlm_hallu.eval.coco import (
     captions_by_image,
     image_file_names,
     image_ids,
@@ -17,7 +17,7 @@ from eval.coco import (
     validate_image_ids,
     write_image_list,
 )
-from eval.errors import AnnotationError, ImageIdError
+from lvlm_hallu.eval.errors import AnnotationError, ImageIdError
 
 
 def test_load_instances_and_captions(tiny_coco):

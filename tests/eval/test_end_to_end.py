@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lvlm_hallu.cli import app
-from lvlm.shapes import SYNONYMS_PATH, build_split
+from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH, build_split
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_zero_setup_compare_on_the_embedded_model(tmp_path, monkeypatch):
 
     from transformers import AutoConfig
 
-    from eval.world import DEFAULT_N, WORLD_IMAGES
-    from lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.eval.world import DEFAULT_N, WORLD_IMAGES
+    from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["eval", "compare", "--model", "shapes", "--interventions", "none,vhr"])

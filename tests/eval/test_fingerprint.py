@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from eval.fingerprint import Fingerprint, FingerprintMismatch, checkpoint_digests, items_digest, model_identity
-from eval.runner import Item, ResultsFile, run
-from lvlm.types import Result
+from lvlm_hallu.eval.fingerprint import Fingerprint, FingerprintMismatch, checkpoint_digests, items_digest, model_identity
+from lvlm_hallu.eval.runner import Item, ResultsFile, run
+from lvlm_hallu.lvlm.types import Result
 
 # ---------------------------------------------------------------------------------------------
 # The fingerprint object and the results-file header
@@ -49,7 +49,7 @@ def test_model_identity_digests_config_and_weights(tmp_path):
     second = model_identity(str(ckpt))
     assert second["config_sha256"] == first["config_sha256"] and second["weights_sha256"] != first["weights_sha256"]
     shapes = model_identity("shapes")
-    from lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
     assert shapes == {"id": "shapes", "revision": None, **checkpoint_digests(MODEL_DIR)}
     assert model_identity("m", server="http://h:8000") == {"id": "m", "server": "http://h:8000"}
@@ -93,7 +93,7 @@ class EchoModel:
 
 @pytest.fixture
 def cli(monkeypatch, tmp_path):
-    import eval.cli as cli
+    from lvlm_hallu.eval import cli
 
     models: dict[str, EchoModel] = {}
     monkeypatch.setattr(cli, "_load_model", lambda name: models.setdefault(name, EchoModel(name)))
@@ -161,7 +161,7 @@ def test_another_intervention_parameter_refuses(cli, tiny_coco, tmp_path, monkey
 
 
 def _pope(cli, world: Path, *extra):
-    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
     args = ["pope", "--model", "fake/a", "--images", str(world / "images"), "--annotations", str(world),
             "--synonyms", str(SYNONYMS_PATH), "-n", "6", "--no-progress", *extra]
@@ -205,7 +205,7 @@ class TunedEchoModel(EchoModel):
 def test_tuned_values_are_fingerprinted_and_a_retuned_model_refuses_to_resume(cli, tiny_coco, tmp_path, monkeypatch):
     """The confirmed bug: `vhr:tuned` was fingerprinted as {"preset": "tuned"} with null values, so
     answers made with the old tuned values were resumed after a new `lvlm tune`."""
-    from interventions import resolve
+    from lvlm_hallu.interventions import resolve
 
     monkeypatch.setattr(cli, "_resolver", lambda: lambda spec: tuple(resolve(spec)))
     monkeypatch.setattr(cli, "_load_model", lambda name: cli.models.setdefault(name, TunedEchoModel(name)))

@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from eval.coco import image_file_names, instance_categories, load_coco
-from eval.errors import AnnotationError, ParserError, PopeBuildError
-from eval.pope import (
+from lvlm_hallu.eval.coco import image_file_names, instance_categories, load_coco
+from lvlm_hallu.eval.errors import AnnotationError, ParserError, PopeBuildError
+from lvlm_hallu.eval.pope import (
     PARSERS,
     PopeQuestion,
     build_split,
@@ -297,7 +297,7 @@ def test_sampler_reads_only_the_lists_it_visits(synthetic):
 
 
 def test_mined_objects_match_the_full_ground_truth(parser, tiny_coco):
-    from eval.chair import MinedObjects, ground_truth_from_coco
+    from lvlm_hallu.eval.chair import MinedObjects, ground_truth_from_coco
 
     mined = []
     lazy = MinedObjects(load_coco(tiny_coco.instances, "instances"), load_coco(tiny_coco.captions, "captions"),

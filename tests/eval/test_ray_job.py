@@ -36,7 +36,7 @@ def results(out: Path) -> dict[str, str]:
 def test_ray_job_submit_runs_lvlm_eval_on_the_cluster(tmp_path):
     from ray.cluster_utils import Cluster
 
-    from lvlm.shapes import build_split
+    from lvlm_hallu.lvlm.shapes import build_split
 
     ray_cli = Path(sys.executable).with_name("ray")
     lvlm_cli = Path(sys.executable).with_name("lvlm")

@@ -9,11 +9,11 @@ from typing import ClassVar
 import pytest
 from typer.testing import CliRunner
 
-from eval.compare import ChairTask, PopeTask, answer_executor, compare, config_name
-from eval.pope import PopeQuestion
-from eval.report import ConfigResult, Provenance, Report, atomic_write_text, write_report
-from eval.runner import local_answer, split_spec
-from lvlm.types import Result
+from lvlm_hallu.eval.compare import ChairTask, PopeTask, answer_executor, compare, config_name
+from lvlm_hallu.eval.pope import PopeQuestion
+from lvlm_hallu.eval.report import ConfigResult, Provenance, Report, atomic_write_text, write_report
+from lvlm_hallu.eval.runner import local_answer, split_spec
+from lvlm_hallu.lvlm.types import Result
 
 PROVENANCE_FIELDS = {
     "benchmark",
@@ -81,7 +81,7 @@ def _color(img):
 
 @pytest.fixture
 def chair_task(parser, tiny_coco):
-    from eval.chair import ground_truth_from_coco
+    from lvlm_hallu.eval.chair import ground_truth_from_coco
 
     gt = ground_truth_from_coco(tiny_coco.instances, tiny_coco.captions, parser=parser)
     files = {i: str(tiny_coco.images / f"COCO_val2014_{i:012d}.jpg") for i in (1, 2, 3)}
@@ -186,7 +186,7 @@ def test_write_report_without_results(tmp_path):
 
 
 def test_cli_score_chair(tiny_coco, tmp_path):
-    from eval.cli import app
+    from lvlm_hallu.eval.cli import app
 
     caps = tmp_path / "caps.jsonl"
     caps.write_text("".join(json.dumps({"image_id": i, "caption": CAPTIONS[i][1]}) + "\n" for i in (1, 2, 3)))
@@ -218,7 +218,7 @@ def test_cli_score_chair(tiny_coco, tmp_path):
 
 
 def test_cli_chair_runs_a_model(tiny_coco, tmp_path, monkeypatch):
-    import eval.cli as cli
+    from lvlm_hallu.eval import cli
 
     model = CaptionModel()
     monkeypatch.setattr(cli, "_load_model", lambda name: model)
@@ -262,8 +262,8 @@ def test_cli_chair_runs_a_model(tiny_coco, tmp_path, monkeypatch):
 def test_cli_compare_pope_with_question_files(tmp_path, monkeypatch):
     from PIL import Image
 
-    import eval.cli as cli
-    from eval.pope import write_questions
+    from lvlm_hallu.eval import cli
+    from lvlm_hallu.eval.pope import write_questions
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
     qs = [

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.errors import ResultsFileError
-from eval.runner import Item, ResultsFile, local_answer, remote_answer, run, split_spec
-from lvlm.types import Request, Result
+from lvlm_hallu.eval.errors import ResultsFileError
+from lvlm_hallu.eval.runner import Item, ResultsFile, local_answer, remote_answer, run, split_spec
+from lvlm_hallu.lvlm.types import Request, Result
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,7 +169,7 @@ def test_remote_adapter_calls_chat(tmp_path):
 RAY_SCRIPT = """
 import json, os, sys
 import ray
-from eval.runner import Item, RayPool
+from lvlm_hallu.eval.runner import Item, RayPool
 
 def factory():
     class Model:
@@ -177,7 +177,7 @@ def factory():
             return {"model_id": "fake", "pid": os.getpid()}
 
         def generate(self, requests):
-            from lvlm.types import Result
+            from lvlm_hallu.lvlm.types import Result
             return [Result(text=f"{r.prompt}@{os.getpid()}", token_ids=[], finish_reason="stop", prompt_tokens=0)
                     for r in requests]
 

@@ -8,12 +8,12 @@ import random
 import numpy as np
 import pytest
 
-from eval.compare import ChairTask, PopeTask, answer_executor, compare
-from eval.pope import PopeQuestion
-from eval.report import ConfigResult, Provenance, error_bars
-from eval.runner import local_answer
-from eval.significance import Interval, UnitStats, paired_bootstrap, ratio
-from lvlm.types import Result
+from lvlm_hallu.eval.compare import ChairTask, PopeTask, answer_executor, compare
+from lvlm_hallu.eval.pope import PopeQuestion
+from lvlm_hallu.eval.report import ConfigResult, Provenance, error_bars
+from lvlm_hallu.eval.runner import local_answer
+from lvlm_hallu.eval.significance import Interval, UnitStats, paired_bootstrap, ratio
+from lvlm_hallu.lvlm.types import Result
 
 
 def _pope_task(tmp_path, n=200):
@@ -84,7 +84,7 @@ def test_bootstrap_point_equals_the_scorers(tmp_path, parser, tiny_coco):
     assert point.keys() == metrics.keys()
     for k in metrics:
         assert point[k] == pytest.approx(metrics[k], abs=1e-9), k
-    from eval.chair import ground_truth_from_coco
+    from lvlm_hallu.eval.chair import ground_truth_from_coco
 
     gt = ground_truth_from_coco(tiny_coco.instances, tiny_coco.captions, parser=parser)
     files = {i: str(tiny_coco.images / f"COCO_val2014_{i:012d}.jpg") for i in (1, 2, 3)}

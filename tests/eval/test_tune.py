@@ -7,12 +7,12 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-import lvlm
-from eval import tune as tuning
-from eval.tune import Constraints, MetricsCache, Shape, TuneError, build_spaces, load_split, search
-from interventions import resolve
-from interventions.vhr import default_layers
-from lvlm import profile as profiles
+from lvlm_hallu import lvlm
+from lvlm_hallu.eval import tune as tuning
+from lvlm_hallu.eval.tune import Constraints, MetricsCache, Shape, TuneError, build_spaces, load_split, search
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.interventions.vhr import default_layers
+from lvlm_hallu.lvlm import profile as profiles
 from lvlm_hallu.cli import app
 
 SHAPE = Shape(num_layers=8, hidden_size=256, tau=5.0, sink_dims=(7,))
@@ -137,7 +137,7 @@ def test_unknown_method_and_grid():
 
 @pytest.fixture(scope="module")
 def val_split(tmp_path_factory):
-    from lvlm.shapes.world import build_split
+    from lvlm_hallu.lvlm.shapes.world import build_split
 
     root = tmp_path_factory.mktemp("shapes")
     instances, captions = build_split(root, "val", 12)
@@ -145,7 +145,7 @@ def val_split(tmp_path_factory):
 
 
 def test_validation_split_checks(val_split, tmp_path):
-    from lvlm.shapes import SYNONYMS_PATH
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
     root, instances, captions = val_split
     split = load_split(root / "images", instances, captions, synonyms=SYNONYMS_PATH, n=5, pope_n=2)
@@ -215,8 +215,8 @@ def test_tune_answers_carry_a_fingerprint_and_a_checkpoint_changed_in_place_is_a
                                                                                        monkeypatch):
     import torch
 
-    from eval.fingerprint import checkpoint_digests
-    from lvlm import tiny
+    from lvlm_hallu.eval.fingerprint import checkpoint_digests
+    from lvlm_hallu.lvlm import tiny
 
     monkeypatch.setenv("LVLM_CACHE", str(tmp_path / "cache"))
     root, instances, captions = val_split

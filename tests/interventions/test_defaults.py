@@ -8,13 +8,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import lvlm
-from interventions import InterventionError, catalog, resolve
-from interventions.carve import default_layers as carve_layers
-from interventions.defaults import Backbone, apply, preset_values, sink_threshold
-from interventions.vhr import default_layers as vhr_layers
-from interventions.vhr import default_layers as vhr_layers
-from lvlm import profile as profiles
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import InterventionError, catalog, resolve
+from lvlm_hallu.interventions.carve import default_layers as carve_layers
+from lvlm_hallu.interventions.defaults import Backbone, apply, preset_values, sink_threshold
+from lvlm_hallu.interventions.vhr import default_layers as vhr_layers
+from lvlm_hallu.interventions.vhr import default_layers as vhr_layers
+from lvlm_hallu.lvlm import profile as profiles
 
 LLAVA_7B = Backbone("llama", 4096, 32)
 NARROW = Backbone("llama", 256, 8)  # an unpublished backbone: everything model-aware is scaled
@@ -74,7 +74,7 @@ def test_vhr_prompt_positions_are_tunable():
     assert (resolved.alpha, resolved.layers, resolved.positions) == (1.5, (2, 3, 4), "last")
     assert info["sources"]["positions"] == "tuned"
     assert apply(resolve("vhr:paper")[0], NARROW, profile)[0].positions == "all"
-    from interventions import catalog
+    from lvlm_hallu.interventions import catalog
 
     (vhr,) = [i for i in catalog() if i["name"] == "vhr"]
     assert next(p["default"] for p in vhr["params"] if p["name"] == "positions") == "all"  # /v1/interventions
@@ -160,8 +160,8 @@ def _generate(pipe, spec):
 
 
 def test_tuned_preset_round_trip_through_profile_and_http(pipe):
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
 
     L = pipe.facts.num_layers
     client = TestClient(build_app(Service(pipe, ServeConfig(model="tiny-llava", api_key="k"))))
@@ -206,7 +206,7 @@ def test_tuned_preset_round_trip_through_profile_and_http(pipe):
 
 def test_describe_fills_values_for_fingerprints():
     facts = type("Facts", (), {"num_layers": 8, "hidden_size": 256})()
-    from interventions.defaults import describe
+    from lvlm_hallu.interventions.defaults import describe
 
     (vhr,) = describe(resolve("vhr:paper"), facts, {})
     assert vhr["alpha"] == 2.0 and vhr["layers"] == (1, 4, 5, 6, 7) and vhr["preset"] == "paper"

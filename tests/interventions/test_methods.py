@@ -10,14 +10,14 @@ from PIL import Image
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-import lvlm
-from interventions import InterventionError, resolve
-from interventions.plan import build_plan
-from interventions.carve import GENERAL_PROMPT as CARVE_G, refine_image
-from interventions.validate import validate
-from interventions.vhr import default_layers
-from interventions.vte import VTE
-from lvlm import tiny
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import InterventionError, resolve
+from lvlm_hallu.interventions.plan import build_plan
+from lvlm_hallu.interventions.carve import GENERAL_PROMPT as CARVE_G, refine_image
+from lvlm_hallu.interventions.validate import validate
+from lvlm_hallu.interventions.vhr import default_layers
+from lvlm_hallu.interventions.vte import VTE
+from lvlm_hallu.lvlm import tiny
 from tests.conftest import ACTIVE, NEUTRAL
 
 IMG = Image.new("RGB", (40, 30), "red")

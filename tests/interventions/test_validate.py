@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import lvlm
-from interventions import InterventionError, resolve
-from interventions.validate import MAX_VALUE, validate
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import InterventionError, resolve
+from lvlm_hallu.interventions.validate import MAX_VALUE, validate
 
 IMG = Image.new("RGB", (32, 32), "red")
 
@@ -104,7 +104,7 @@ def test_the_caps_are_far_above_the_papers_settings_and_run(pipe):
 
 
 def test_router_names_come_from_the_operator_directory(tmp_path, monkeypatch, pipe):
-    from interventions.vte import router_names
+    from lvlm_hallu.interventions.vte import router_names
 
     monkeypatch.delenv("LVLM_ROUTER_DIR", raising=False)
     with pytest.raises(InterventionError, match="no router named 'r1'.*none"):

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
+from lvlm_hallu.kernels.edits import KEY_DROP, KEY_SINK, KEY_VISUAL, AttentionEdits
 
 if not torch.cuda.is_available():
     # Triton reads this when a kernel is defined: set it before anything imports the kernels.

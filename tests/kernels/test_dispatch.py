@@ -17,8 +17,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
-from kernels import dispatch, reference  # noqa: E402
-from kernels.edits import AttentionEdits  # noqa: E402
+from lvlm_hallu.kernels import dispatch, reference  # noqa: E402
+from lvlm_hallu.kernels.edits import AttentionEdits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend's tensors
 
@@ -157,8 +157,8 @@ def test_edited_layers_write_the_layers_layout(case, sdpa_calls, monkeypatch, ba
 def test_engine_prefill_and_decode_without_padding_use_sdpa_without_mask(sdpa_calls):
     """Through the engine: one request (no padding) reaches SDPA with no mask in every layer, at
     prefill with is_causal; a left-padded batch passes its mask (CPU backend)."""
-    import lvlm
-    from lvlm.engine import NoPlan
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.lvlm.engine import NoPlan
     from PIL import Image
 
     pipe = lvlm.load("tiny-llava")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
-from kernels import triton_attention as ta  # noqa: E402
+from lvlm_hallu.kernels import triton_attention as ta  # noqa: E402
 
 
 def test_check_passes_the_kernels_and_fails_a_wrong_output(monkeypatch):

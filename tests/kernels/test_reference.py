@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from kernels.edits import KEY_SINK, KEY_VISUAL, AttentionEdits
-from kernels.reference import attention, attention_probs
+from lvlm_hallu.kernels.edits import KEY_SINK, KEY_VISUAL, AttentionEdits
+from lvlm_hallu.kernels.reference import attention, attention_probs
 
 
 def _additive_mask(kv_start, tq, tk, dtype):

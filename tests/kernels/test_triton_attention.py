@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels import triton_attention as ta  # noqa: E402
-from kernels.edits import AttentionEdits  # noqa: E402
+from lvlm_hallu.kernels import reference  # noqa: E402
+from lvlm_hallu.kernels import triton_attention as ta  # noqa: E402
+from lvlm_hallu.kernels.edits import AttentionEdits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {

@@ -9,10 +9,10 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
-import lvlm
-from lvlm.cache import KVCache
-from lvlm.detokenize import IncrementalDetokenizer
-from lvlm.engine import NoPlan
+from lvlm_hallu import lvlm
+from lvlm_hallu.lvlm.cache import KVCache
+from lvlm_hallu.lvlm.detokenize import IncrementalDetokenizer
+from lvlm_hallu.lvlm.engine import NoPlan
 
 
 def kv(rows, n, fill, heads=2, dim=4):
@@ -137,7 +137,7 @@ def test_small_chunks_and_static_shapes_decode_the_same_tokens(pipe):
 
 
 def test_static_shapes_refuse_interventions(pipe):
-    from interventions import resolve
+    from lvlm_hallu.interventions import resolve
 
     req = lvlm.Request("Hi", Image.new("RGB", (32, 32)), max_new_tokens=2, interventions=resolve("pai"))
     pipe.engine.static_shapes = True

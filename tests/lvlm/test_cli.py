@@ -53,14 +53,14 @@ def test_generate_refuses_image_methods_on_text_only_prompt(spec, names):
 
 
 def test_every_registered_method_needs_an_image():
-    from interventions import names, resolve
-    from interventions.inputs import needs_image
+    from lvlm_hallu.interventions import names, resolve
+    from lvlm_hallu.interventions.inputs import needs_image
 
     assert all(needs_image(resolve(name)[0]) for name in names())
 
 
 def test_generate_help_lists_the_embedded_models_paper_and_tuned_values():
-    from lvlm.shapes import ASSETS
+    from lvlm_hallu.lvlm.shapes import ASSETS
 
     shipped = json.loads((ASSETS / "tuned.json").read_text())["methods"]
     res = CliRunner().invoke(app, ["generate", "--help"], terminal_width=400)

@@ -9,11 +9,11 @@ import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module
 from PIL import Image
 
-import lvlm
-from interventions import resolve
-from lvlm import tiny
-from lvlm.cache import KVCache
-from lvlm.devices import execution_device, parse_device_map, parse_max_memory
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.lvlm import tiny
+from lvlm_hallu.lvlm.cache import KVCache
+from lvlm_hallu.lvlm.devices import execution_device, parse_device_map, parse_max_memory
 
 PROMPTS = ["Describe this image.", "Is there a red ball in the picture? Answer briefly."]
 IMAGES = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (32, 64), "blue")]
@@ -151,7 +151,7 @@ def test_serve_passes_the_placement_to_each_replica_and_refuses_bad_options():
     from typer.testing import CliRunner
 
     from lvlm_hallu.cli import app
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.config import ServeConfig
 
     config = ServeConfig(device="cuda", device_map="auto", max_memory={0: "20GiB", 1: "20GiB"}, num_gpus=2)
     assert config.load_kwargs() == {"device": "cuda", "dtype": None, "device_map": "auto",

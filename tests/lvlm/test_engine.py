@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-import lvlm
-from lvlm import tiny
-from lvlm.engine import NoPlan
+from lvlm_hallu import lvlm
+from lvlm_hallu.lvlm import tiny
+from lvlm_hallu.lvlm.engine import NoPlan
 from tests.conftest import hf_generate
 
 PROMPTS = ["Describe this image.", "What is in the picture?", "Hi", "Is there a red ball in the image? Answer briefly."]
@@ -144,7 +144,7 @@ JOIN_METHODS = {
 
 def join_requests(specs):
     """Requests with different prompts, images and lengths, so that rows leave at different steps."""
-    from interventions import resolve
+    from lvlm_hallu.interventions import resolve
 
     lengths = [9, 4, 7, 5, 6]
     return [
@@ -156,7 +156,7 @@ def join_requests(specs):
 
 def staggered(pipe, reqs, schedule):
     """Run through one RunningBatch; schedule[step] lists the requests admitted before that step."""
-    from lvlm.pipeline import RunningBatch
+    from lvlm_hallu.lvlm.pipeline import RunningBatch
 
     batch, rows, step = RunningBatch(pipe), {}, 0
     sizes = []
@@ -199,7 +199,7 @@ def test_mixed_methods_join_and_leave_as_alone():
 
 
 def test_cancelled_row_leaves_and_others_continue():
-    from lvlm.pipeline import RunningBatch
+    from lvlm_hallu.lvlm.pipeline import RunningBatch
 
     pipe = lvlm.load("tiny-llava")
     reqs = join_requests([None, None, None])
@@ -218,8 +218,8 @@ def test_decoder_layers_without_a_cache_parameter_are_refused():
     """transformers 5.17 (the lent GPU machines' release) names the decoder layers' cache
     `past_key_values`: `cache=` would vanish into `**kwargs` and every decode step would attend to
     its own token only. The engine refuses such layers instead of answering wrongly."""
-    from lvlm.engine import check_cache_argument
-    from lvlm.errors import UnsupportedModelError
+    from lvlm_hallu.lvlm.engine import check_cache_argument
+    from lvlm_hallu.lvlm.errors import UnsupportedModelError
 
     class OldLayer(torch.nn.Module):
         def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,

@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 from transformers import BertConfig
 
-import lvlm
-from lvlm.adapters import adapter_for
-from lvlm.errors import ImageError, PromptError, UnsupportedModelError
-from lvlm.pipeline import load_image
+from lvlm_hallu import lvlm
+from lvlm_hallu.lvlm.adapters import adapter_for
+from lvlm_hallu.lvlm.errors import ImageError, PromptError, UnsupportedModelError
+from lvlm_hallu.lvlm.pipeline import load_image
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import lvlm
-from interventions.var import sink_scores
-from lvlm import tiny
-from lvlm.errors import ImageError
-from lvlm.inspection import GridError, InspectError, inspect, patch_grid, pictures, write
-from lvlm.shapes import MODEL_DIR
-from lvlm.shapes.world import make_scene
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions.var import sink_scores
+from lvlm_hallu.lvlm import tiny
+from lvlm_hallu.lvlm.errors import ImageError
+from lvlm_hallu.lvlm.inspection import GridError, InspectError, inspect, patch_grid, pictures, write
+from lvlm_hallu.lvlm.shapes import MODEL_DIR
+from lvlm_hallu.lvlm.shapes.world import make_scene
 
 PROMPT = "Describe the image."
 
@@ -307,7 +307,7 @@ def test_token_changes_rebuild_both_answers(tiny_pipe):
 
 
 def test_token_pieces_keep_word_spaces(shapes_pipe):
-    from lvlm.inspection.trace import token_pieces
+    from lvlm_hallu.lvlm.inspection.trace import token_pieces
 
     tok = shapes_pipe.tokenizer
     ids = tok("There is a house and a tree.", add_special_tokens=False)["input_ids"]
@@ -342,7 +342,7 @@ def test_image_the_processor_rejects_is_a_clear_error(tiny_pipe, monkeypatch):
 
 
 def test_intervention_on_text_only_prompt_is_a_clear_error(tiny_pipe):
-    from interventions import InterventionError
+    from lvlm_hallu.interventions import InterventionError
 
     with pytest.raises(InterventionError, match="vhr\\+pai act on the image's tokens and this prompt is text-only"):
         inspect(tiny_pipe, None, PROMPT, "vhr+pai")
@@ -403,7 +403,7 @@ def test_cli_bad_output_directory_fails_before_loading(tmp_path):
 # -- eval compare --inspect -----------------------------------------------------------------------
 
 def test_first_images_takes_distinct_images():
-    from lvlm.inspection.attach import first_images
+    from lvlm_hallu.lvlm.inspection.attach import first_images
 
     cases = [("q1", "a.png", "x?"), ("q2", "a.png", "y?"), ("t", None, "z"), ("q3", "b.png", "x?"), ("q4", "c.png", "x?")]
     assert first_images(cases, 2) == [("q1", "a.png", "x?"), ("q3", "b.png", "x?")]
@@ -411,7 +411,7 @@ def test_first_images_takes_distinct_images():
 
 @pytest.mark.slow
 def test_eval_compare_attaches_inspections(tmp_path, shapes_pipe):
-    from lvlm.shapes import SYNONYMS_PATH, build_split
+    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH, build_split
     from lvlm_hallu.cli import app
 
     root = tmp_path / "world"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import lvlm
-from interventions import resolve
-from lvlm import tiny
-from lvlm.errors import UnsupportedModelError
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.lvlm import tiny
+from lvlm_hallu.lvlm.errors import UnsupportedModelError
 from tests.conftest import ACTIVE, NEUTRAL, hf_generate
 
 NAME = tiny.ONEVISION
@@ -58,7 +58,7 @@ def test_greedy_matches_transformers_generate(pipe, n):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_prefill_logits_match_transformers_attention(pipe, impl):
-    from lvlm.engine import NoPlan
+    from lvlm_hallu.lvlm.engine import NoPlan
 
     batch = pipe.prepare(requests(3))
     ref_model, _ = tiny.build(NAME)
@@ -112,7 +112,7 @@ def test_checkpoint_directory_loads_with_the_image_only_processor(pipe, tmp_path
 def test_unsupported_architecture_lists_onevision():
     from types import SimpleNamespace
 
-    from lvlm.adapters import adapter_for
+    from lvlm_hallu.lvlm.adapters import adapter_for
 
     with pytest.raises(UnsupportedModelError, match="llava_onevision \\(LlavaOnevisionForConditionalGeneration\\)"):
         adapter_for(SimpleNamespace(model_type="idefics3"))
@@ -125,7 +125,7 @@ def test_patch_grid_follows_transformers_packing(pipe, image):
     from transformers.models.llava_onevision.modeling_llava_onevision import (get_anyres_image_grid_shape,
                                                                               image_size_to_num_patches)
 
-    from lvlm.inspection.grids import patch_grid
+    from lvlm_hallu.lvlm.inspection.grids import patch_grid
 
     config = pipe.model.config
     batch = pipe.prepare([lvlm.Request(PROMPTS[0], image)])
@@ -166,7 +166,7 @@ def test_carve_reads_the_any_resolution_tiles(pipe):
     """CARVE's grid for a 40x30 image is its 4x6 unpadded tile grid (image tokens 16.. after the
     4x4 base tile, one newline after each row), not a square; a contrast peak on one cell of it
     lands on that cell's pixels of the original image."""
-    from interventions.carve import fuse
+    from lvlm_hallu.interventions.carve import fuse
 
     req = lvlm.Request(PROMPTS[0], IMAGES[0])
     grid = pipe.image_grid(req)
@@ -192,7 +192,7 @@ def test_carve_on_llava_next_reads_the_tiles_too():
 
 
 def test_vhr_twin_uses_the_family_chat_template(pipe):
-    from interventions.plan import build_plan
+    from lvlm_hallu.interventions.plan import build_plan
 
     req = lvlm.Request("Describe it.", IMAGES[0], interventions=resolve("vhr"))
     (twin,) = build_plan(pipe.facts, [req], profile={}).twin_requests()
@@ -203,7 +203,7 @@ def test_vhr_twin_uses_the_family_chat_template(pipe):
 
 
 def test_memory_estimate_counts_the_single_kv_head(pipe):
-    from lvlm import memory
+    from lvlm_hallu.lvlm import memory
 
     est = memory.estimate(memory.config_for(NAME), dtype=torch.float32)
     assert est.kv_bytes_per_token == 4 * 2 * 1 * 16 * 4  # layers x (K, V) x 1 KV head x head_dim x fp32
@@ -217,8 +217,8 @@ def test_service_answers_with_the_family_unchanged(pipe):
 
     from fastapi.testclient import TestClient
 
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
 
     buf = io.BytesIO()
     IMAGES[1].save(buf, format="PNG")
@@ -239,7 +239,7 @@ def test_inspect_heatmaps_hold_eager_attention_of_their_patches(pipe):
     """`lvlm inspect` on OneVision: per layer, each patch of the base and (pooled) tile panels
     holds transformers' eager attention weight of its own token (GQA 4:1), and panels plus
     the newline tokens sum to the visual attention mass."""
-    from lvlm.inspection import inspect, pictures
+    from lvlm_hallu.lvlm.inspection import inspect, pictures
 
     image = IMAGES[1]
     L = pipe.facts.num_layers

@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-import lvlm
-from interventions import resolve
-from lvlm import tiny
-from lvlm.logprobs import TokenPieces, step_logprobs
-from lvlm.types import TextDelta
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.lvlm import tiny
+from lvlm_hallu.lvlm.logprobs import TokenPieces, step_logprobs
+from lvlm_hallu.lvlm.types import TextDelta
 
 PROMPTS = ["Describe this image.", "What is in the picture?", "Hi"]
 COLORS = ["red", "blue", "green"]

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import lvlm
-from interventions import resolve
-from lvlm import memory
-from lvlm.memory import MemoryFitError
-from lvlm.shapes import MODEL_DIR
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.lvlm import memory
+from lvlm_hallu.lvlm.memory import MemoryFitError
+from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
 HAS_SHAPES = (Path(MODEL_DIR) / "config.json").exists()
 MODELS = ["tiny-llava", "tiny-llava-next",

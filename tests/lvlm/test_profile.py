@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import lvlm
-from lvlm import profile as profiles
-from lvlm.tiny import char_tokenizer, llava_15_7b_config
+from lvlm_hallu import lvlm
+from lvlm_hallu.lvlm import profile as profiles
+from lvlm_hallu.lvlm.tiny import char_tokenizer, llava_15_7b_config
 
 
 def test_calibration_finds_a_planted_sink_dimension(tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_tuned_values_survive_a_refresh_and_ship_only_for_embedded_models(tmp_pa
 
 
 def test_a_local_checkpoint_rewritten_in_place_gets_a_new_profile(tmp_path, monkeypatch):
-    from lvlm import tiny
+    from lvlm_hallu.lvlm import tiny
 
     monkeypatch.setenv("LVLM_CACHE", str(tmp_path / "cache"))
     model, processor = tiny.build("tiny-llava")
@@ -124,7 +124,7 @@ def test_a_hub_checkpoint_at_another_revision_gets_its_own_profile(tmp_path):
     import subprocess
     import sys
 
-    from lvlm import tiny
+    from lvlm_hallu.lvlm import tiny
 
     repo = tmp_path / "hub" / "models--lvlm-test--tiny"
     model, processor = tiny.build("tiny-llava")

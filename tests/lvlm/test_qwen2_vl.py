@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-import lvlm
-from interventions import resolve
-from interventions.defaults import Backbone
-from interventions.plan import build_plan
-from lvlm import tiny
-from lvlm.inspection.grids import patch_grid
-from lvlm.profile import known_sink_dims
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.interventions.defaults import Backbone
+from lvlm_hallu.interventions.plan import build_plan
+from lvlm_hallu.lvlm import tiny
+from lvlm_hallu.lvlm.inspection.grids import patch_grid
+from lvlm_hallu.lvlm.profile import known_sink_dims
 from tests.conftest import ACTIVE, NEUTRAL, hf_generate
 
 NEW = 8
@@ -190,7 +190,7 @@ def test_text_only_prompts_match_transformers_generate(pipe):
 
 def test_rows_joining_a_running_batch_decode_as_alone(pipe):
     """Continuous batching merges rows whose M-RoPE positions (and rope deltas) differ."""
-    from lvlm.pipeline import RunningBatch
+    from lvlm_hallu.lvlm.pipeline import RunningBatch
 
     specs = [None, "vte", None, [{"name": "pai", "alpha": 1.0, "contrast": True}]]
     reqs = [lvlm.Request(PROMPTS[i % 3], picture(SIZES[i % 3], i), max_new_tokens=[7, 4, 6, 5][i],
@@ -235,8 +235,8 @@ def test_checkpoint_directory_loads_by_path(pipe, tmp_path):
 
 
 def test_eval_runner_takes_the_family_unchanged(pipe, tmp_path):
-    from eval.runner import Item, local_answer
-    from eval.runner import run as eval_run
+    from lvlm_hallu.eval.runner import Item, local_answer
+    from lvlm_hallu.eval.runner import run as eval_run
 
     items = []
     for i, size in enumerate(SIZES):
@@ -256,8 +256,8 @@ def test_service_answers_with_the_family_unchanged(pipe):
 
     from fastapi.testclient import TestClient
 
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
 
     buf = io.BytesIO()
     IMG2.save(buf, format="PNG")
@@ -276,7 +276,7 @@ def test_service_answers_with_the_family_unchanged(pipe):
 
 
 def test_memory_estimate_counts_gqa_kv_heads(pipe):
-    from lvlm import memory
+    from lvlm_hallu.lvlm import memory
 
     est = memory.estimate(memory.config_for(pipe.model_id), dtype=torch.float32)
     assert est.kv_bytes_per_token == 4 * 2 * 1 * 16 * 4  # layers x (K, V) x 1 KV head x head_dim x fp32
@@ -284,8 +284,8 @@ def test_memory_estimate_counts_gqa_kv_heads(pipe):
 
 
 def test_unsupported_architecture_lists_the_families():
-    from lvlm.adapters import adapter_for
-    from lvlm.errors import UnsupportedModelError
+    from lvlm_hallu.lvlm.adapters import adapter_for
+    from lvlm_hallu.lvlm.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match=r"qwen2_vl \(Qwen2VLForConditionalGeneration\).*"
                                                     r"qwen2_5_vl \(Qwen2_5_VLForConditionalGeneration\)"):

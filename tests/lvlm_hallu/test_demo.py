@@ -15,15 +15,15 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from lvlm.shapes import SYNONYMS_PATH
-from lvlm.shapes.world import Instance, Scene
-from lvlm.types import Result, Timings
+from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
+from lvlm_hallu.lvlm.shapes.world import Instance, Scene
+from lvlm_hallu.lvlm.types import Result, Timings
 from lvlm_hallu import demo
 
 
 @pytest.fixture(scope="module")
 def parser():
-    from eval.chair import CaptionParser, load_synonyms
+    from lvlm_hallu.eval.chair import CaptionParser, load_synonyms
 
     return CaptionParser(load_synonyms(SYNONYMS_PATH))
 
@@ -57,7 +57,7 @@ def test_marks_wrap_exactly_the_absent_words_in_the_original_text(parser):
     'He said "a cat" twice: a cat, a cat!',  # Treebank rewrites the quotes
 ])
 def test_spans_cover_the_parser_mentions_with_coco_tables(caption):
-    from eval.chair import CaptionParser
+    from lvlm_hallu.eval.chair import CaptionParser
 
     coco = CaptionParser()
     spans = demo.mention_spans(coco, caption)
@@ -67,7 +67,7 @@ def test_spans_cover_the_parser_mentions_with_coco_tables(caption):
 
 
 def test_teddy_bear_is_marked_as_one_phrase():
-    from eval.chair import CaptionParser
+    from lvlm_hallu.eval.chair import CaptionParser
 
     pieces = demo.segments(CaptionParser(), "A teddy bear and a dog.", frozenset({"dog"}))
     assert demo.marked(pieces) == "A [teddy bear] and a dog."
@@ -230,9 +230,9 @@ def test_render_shows_both_answers_marks_reports_and_pointers(parser):
 
 
 def test_real_model_marks_agree_with_the_world_word_matcher(parser):
-    import lvlm
-    from interventions import resolve
-    from lvlm.shapes.quality import load_synonyms, mentions
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.interventions import resolve
+    from lvlm_hallu.lvlm.shapes.quality import load_synonyms, mentions
 
     pipe = lvlm.load("shapes")
     cases, results = demo.Searcher(pipe, parser, resolve(demo.DEFAULT_INTERVENTIONS), max_new_tokens=24).run([0, 1])

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from lvlm.errors import PromptError
-from lvlm.types import Result, Timings
+from lvlm_hallu.lvlm.errors import PromptError
+from lvlm_hallu.lvlm.types import Result, Timings
 
 
 def png(size=(20, 10), color="red", mode="RGB") -> bytes:

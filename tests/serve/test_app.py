@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve.app import Service, build_app
-from serve.client import AuthenticationError, BadRequestError, Client, NotFoundError, RateLimitError
-from serve.config import ServeConfig
-from serve.limits import Limits
+from lvlm_hallu.serve.app import Service, build_app
+from lvlm_hallu.serve.client import AuthenticationError, BadRequestError, Client, NotFoundError, RateLimitError
+from lvlm_hallu.serve.config import ServeConfig
+from lvlm_hallu.serve.limits import Limits
 from tests.serve.conftest import FakePipeline, png, png_declaring
 from tests.serve.conftest import data_url as url
 
@@ -37,7 +37,7 @@ class FakeJobs:
     """In-process stand-in for serve.jobs.RayJobs (the Ray one is covered by the integration test)."""
 
     def __init__(self):
-        from serve.jobs import JobBoard
+        from lvlm_hallu.serve.jobs import JobBoard
 
         self.board = JobBoard()
 
@@ -332,7 +332,7 @@ def test_async_client_in_process(service):
 
     import httpx
 
-    from serve.client import AsyncClient
+    from lvlm_hallu.serve.client import AsyncClient
 
     async def go():
         transport = httpx.ASGITransport(app=build_app(service))

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.app import Service, build_app
-from serve.config import ServeConfig
-from serve.limits import Limits
+from lvlm_hallu.serve.app import Service, build_app
+from lvlm_hallu.serve.config import ServeConfig
+from lvlm_hallu.serve.limits import Limits
 from tests.serve.conftest import FakePipeline, png, png_declaring
 from tests.serve.conftest import data_url as url
 
@@ -428,8 +428,8 @@ def test_router_path_to_an_existing_file_gets_the_same_answer_as_a_missing_one(h
 def test_tiny_temperature_and_top_p_decode_greedily(http, pipeline):
     import asyncio
 
-    from serve import chat
-    from serve.schema import ChatCompletionRequest
+    from lvlm_hallu.serve import chat
+    from lvlm_hallu.serve.schema import ChatCompletionRequest
 
     service_model = chat.ModelInfo(model_id="fake-lvlm", aliases=frozenset({"fake-lvlm"}), max_context=256,
                                    facts=pipeline.facts)
@@ -460,8 +460,8 @@ def test_null_sampling_fields_mean_the_default(http, pipeline):
     """OpenAI's schema marks these nullable; null must act exactly as omitting the field."""
     import asyncio
 
-    from serve import chat
-    from serve.schema import ChatCompletionRequest
+    from lvlm_hallu.serve import chat
+    from lvlm_hallu.serve.schema import ChatCompletionRequest
 
     model = chat.ModelInfo(model_id="fake-lvlm", aliases=frozenset({"fake-lvlm"}), max_context=256,
                            facts=pipeline.facts)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import pytest
 from PIL import Image
 
-from lvlm.errors import PromptError
-from lvlm.types import Request
-from serve.batching import EngineRunner, Outcome, StreamCancelled, TokenStream
+from lvlm_hallu.lvlm.errors import PromptError
+from lvlm_hallu.lvlm.types import Request
+from lvlm_hallu.serve.batching import EngineRunner, Outcome, StreamCancelled, TokenStream
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def test_outcome_unwrap():
 
 @pytest.fixture(scope="module")
 def tiny():
-    import lvlm
+    from lvlm_hallu import lvlm
 
     return lvlm.load("tiny-llava")
 
@@ -191,7 +191,7 @@ def tiny_requests(n):
 
 
 def test_continuous_scheduler_matches_requests_alone_and_batches_them(tiny):
-    from serve.scheduler import ContinuousScheduler
+    from lvlm_hallu.serve.scheduler import ContinuousScheduler
 
     sizes = []
     scheduler = ContinuousScheduler(tiny, max_rows=4, max_prefill_tokens=120, on_batch=lambda n, _: sizes.append(n))
@@ -210,7 +210,7 @@ def test_continuous_scheduler_matches_requests_alone_and_batches_them(tiny):
 
 
 def test_continuous_scheduler_fails_only_the_bad_request(tiny):
-    from serve.scheduler import ContinuousScheduler
+    from lvlm_hallu.serve.scheduler import ContinuousScheduler
 
     scheduler = ContinuousScheduler(tiny, max_rows=4)
     try:
@@ -224,7 +224,7 @@ def test_continuous_scheduler_fails_only_the_bad_request(tiny):
 
 
 def test_continuous_streams_per_row_and_cancellation(tiny):
-    from serve.scheduler import ContinuousScheduler
+    from lvlm_hallu.serve.scheduler import ContinuousScheduler
 
     scheduler = ContinuousScheduler(tiny, max_rows=4)
 
@@ -251,8 +251,8 @@ def test_continuous_streams_per_row_and_cancellation(tiny):
 
 
 def test_continuous_scheduler_queue_limit_is_429(tiny):
-    from serve.errors import Overloaded
-    from serve.scheduler import ContinuousScheduler
+    from lvlm_hallu.serve.errors import Overloaded
+    from lvlm_hallu.serve.scheduler import ContinuousScheduler
 
     scheduler = ContinuousScheduler(tiny, max_rows=1, max_queue=1)
     try:

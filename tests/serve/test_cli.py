@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from typer.testing import CliRunner
 
-from serve.cli import serve_command
+from lvlm_hallu.serve.cli import serve_command
 
 
 def test_serve_command_mounts_on_a_typer_app():

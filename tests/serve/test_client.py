@@ -12,13 +12,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve.client import (APIConnectionError, APITimeoutError, AsyncClient, Client, InvalidImageError,
+from lvlm_hallu.serve.client import (APIConnectionError, APITimeoutError, AsyncClient, Client, InvalidImageError,
                           OverloadedError, PayloadTooLargeError, RateLimitError, Retry, image_data_url, service_root)
 
 
 def test_sdk_imports_without_torch_ray_or_fastapi():
-    code = ("import sys, serve, serve.client, serve.schema; "
-            "print(sorted(m for m in ('torch', 'ray', 'fastapi', 'PIL', 'lvlm', 'interventions') if m in sys.modules))")
+    code = ("import sys, lvlm_hallu.serve.client, lvlm_hallu.serve.schema; "
+            "print(sorted(m for m in ('torch', 'ray', 'fastapi', 'PIL', 'lvlm_hallu.lvlm', 'lvlm_hallu.interventions') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -157,7 +157,7 @@ def test_lost_connection_is_not_retried_for_a_job_submission():
 
 def unavailable(code: str) -> tuple:
     """The gateway's 503 answer for `code` (serve/gateway.py unavailable_for), as the Script plays it."""
-    from serve.errors import Unavailable
+    from lvlm_hallu.serve.errors import Unavailable
 
     error = Unavailable("replica trouble", code=code, retry_after_s=1.0)
     return 503, error.body(), {"retry-after": "0"}

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
-from serve.app import Service, build_app
-from serve.config import ServeConfig
-from serve.gateway import Forwarder, asgi_answer, asgi_stream, idempotent, may_stream, route_label
+from lvlm_hallu.serve.app import Service, build_app
+from lvlm_hallu.serve.config import ServeConfig
+from lvlm_hallu.serve.gateway import Forwarder, asgi_answer, asgi_stream, idempotent, may_stream, route_label
 from tests.serve.conftest import FakePipeline
 from tests.serve.test_app import AUTH, KEY, LIMITS, body
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
-from serve.images import decode_data_url, fetch_remote, is_public_address, load_image, open_image
-from serve.limits import Admission, Limits, check_api_key, read_body
+from lvlm_hallu.serve.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
+from lvlm_hallu.serve.images import decode_data_url, fetch_remote, is_public_address, load_image, open_image
+from lvlm_hallu.serve.limits import Admission, Limits, check_api_key, read_body
 from tests.serve.conftest import data_url, png_declaring
 
 
@@ -183,8 +183,8 @@ def test_malformed_remote_urls_are_400s_before_any_lookup(url):
 def test_malformed_remote_urls_are_400s_over_http(url, fake_pipeline):
     from fastapi.testclient import TestClient
 
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
 
     service = Service(fake_pipeline, ServeConfig(model="fake", limits=REMOTE),
                       fetch_kwargs={"resolve": no_resolving, "transport": httpx.MockTransport(no_connecting)})
@@ -305,7 +305,7 @@ def test_limits_at_the_boundary_are_accepted():
 
 
 def test_decoded_memory_limit_counts_the_mode_and_the_rgb_copy():
-    from serve.images import decoded_bytes
+    from lvlm_hallu.serve.images import decoded_bytes
 
     assert decoded_bytes(10, 10, "RGB") == 10 * 10 * 4
     assert decoded_bytes(10, 10, "L") == 10 * 10 * (1 + 4)

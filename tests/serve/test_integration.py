@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from serve.client import BadRequestError, Client
+from lvlm_hallu.serve.client import BadRequestError, Client
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,9 @@ def base_url():
     import ray
     from ray import serve
 
-    from serve.app import run
-    from serve.config import ServeConfig
-    from serve.limits import Limits
+    from lvlm_hallu.serve.app import run
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits
 
     port = free_port()
     if ray.is_initialized():  # left over by an earlier test module: start from a known cluster

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.jobs import JOB_KINDS, JobBoard
+from lvlm_hallu.serve.jobs import JOB_KINDS, JobBoard
 
 
 def test_job_lifecycle_with_progress_and_partial_metrics():
@@ -72,7 +72,7 @@ class YesModel:
         self.images = []
 
     def generate(self, requests):
-        from lvlm.types import Result
+        from lvlm_hallu.lvlm.types import Result
 
         self.images += [r.image for r in requests]
         return [Result(text="Yes", token_ids=[1], finish_reason="stop", prompt_tokens=1) for _ in requests]
@@ -89,8 +89,8 @@ class InProcessPool:
         return fn(self.model)
 
     def run(self, items, path, adapter, *, batch_size, progress, fingerprint, on_batch):
-        from eval.cluster import RunStats
-        from eval.runner import ResultsFile, run
+        from lvlm_hallu.eval.cluster import RunStats
+        from lvlm_hallu.eval.runner import ResultsFile, run
 
         stats = RunStats()
         inner = adapter(self.model)
@@ -109,7 +109,7 @@ class InProcessPool:
 
 
 def context(tmp_path, request, pool, reports):
-    from serve.jobs import JobContext
+    from lvlm_hallu.serve.jobs import JobContext
 
     class Ctx(JobContext):
         def pool(self):
@@ -127,7 +127,7 @@ POPE = {"kind": "pope", "limit": 6, "max_tokens": 3, "seed": 0, "batch_size": 2,
 def test_pope_job_answers_through_its_pool_and_resume_checks_the_fingerprint(tmp_path):
     from PIL import Image
 
-    from eval.fingerprint import FingerprintMismatch
+    from lvlm_hallu.eval.fingerprint import FingerprintMismatch
 
     model, reports = YesModel(), []
     pool = InProcessPool(model)
@@ -167,7 +167,7 @@ class TunedYesModel(YesModel):
 def test_a_job_with_tuned_values_does_not_resume_under_other_tuned_values(tmp_path):
     import json
 
-    from eval.fingerprint import FingerprintMismatch
+    from lvlm_hallu.eval.fingerprint import FingerprintMismatch
 
     request = dict(POPE, interventions="vhr:tuned")
     pool = InProcessPool(TunedYesModel(2.0))

@@ -25,10 +25,10 @@ def start(tmp_path, replicas: int):
     """Ray with 2 CPUs, the real RayJobs, and the service's HTTP app in front of it (no Ray Serve)."""
     from fastapi.testclient import TestClient
 
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
-    from serve.jobs import RayJobs
-    from serve.limits import Limits
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.jobs import RayJobs
+    from lvlm_hallu.serve.limits import Limits
     from tests.serve.conftest import FakePipeline
 
     if ray.is_initialized():

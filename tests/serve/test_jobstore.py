@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.jobstore import DB_NAME, JobStore
+from lvlm_hallu.serve.jobstore import DB_NAME, JobStore
 
 
 def test_jobs_survive_reopening_with_every_field(tmp_path):
@@ -194,9 +194,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def api(tmp_path):
     from fastapi.testclient import TestClient
 
-    from serve.app import Service, build_app
-    from serve.config import ServeConfig
-    from serve.limits import Limits
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits
     from tests.serve.conftest import FakePipeline
 
     jobs = StoreJobs(tmp_path / "jobs")

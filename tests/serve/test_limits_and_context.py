@@ -9,9 +9,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.app import Service, build_app
-from serve.config import ServeConfig
-from serve.limits import Limits
+from lvlm_hallu.serve.app import Service, build_app
+from lvlm_hallu.serve.config import ServeConfig
+from lvlm_hallu.serve.limits import Limits
 from tests.serve.conftest import data_url, png
 
 KEY = "limits-key"
@@ -40,7 +40,7 @@ def test_omitted_max_tokens_gets_the_servers_limit_when_it_is_below_the_default(
 
 
 def test_image_tokens_that_overflow_the_context_are_context_length_exceeded():
-    import lvlm
+    from lvlm_hallu import lvlm
 
     pipe = lvlm.load("tiny-llava")
     config = ServeConfig(model="tiny-llava", api_key=KEY, limits=Limits(max_tokens=pipe.max_context))

@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import lvlm
-from interventions import resolve
-from serve.app import Service, build_app
-from serve.chat import answer_text
-from serve.config import ServeConfig
+from lvlm_hallu import lvlm
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.serve.app import Service, build_app
+from lvlm_hallu.serve.chat import answer_text
+from lvlm_hallu.serve.config import ServeConfig
 from tests.serve.conftest import data_url, png
 
 KEY = "logprobs-key"
@@ -134,7 +134,7 @@ def test_openai_client_parses_logprobs(http):
 
 
 def test_sdk_chat_logprobs(http):
-    from serve.client import Client
+    from lvlm_hallu.serve.client import Client
 
     reply = Client(api_key=KEY, http_client=http).chat(png((40, 30)), PROMPT, max_tokens=6, logprobs=2)
     content = reply.choices[0].logprobs.content

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from serve.metrics import SERIES, Metrics
+from lvlm_hallu.serve.metrics import SERIES, Metrics
 
 
 def traffic(metrics: Metrics, completion_tokens: int) -> None:

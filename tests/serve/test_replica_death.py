@@ -127,9 +127,9 @@ def test_killing_a_replica_under_load():
     import ray
     from ray import serve
 
-    from serve.app import run
-    from serve.config import ServeConfig
-    from serve.limits import Limits
+    from lvlm_hallu.serve.app import run
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits
 
     if ray.is_initialized():
         ray.shutdown()

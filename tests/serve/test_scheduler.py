@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from interventions import resolve
-from lvlm.types import Request
-from serve.scheduler import Admission, ContinuousScheduler, PrefillShape, prefill_shape
+from lvlm_hallu.interventions import resolve
+from lvlm_hallu.lvlm.types import Request
+from lvlm_hallu.serve.scheduler import Admission, ContinuousScheduler, PrefillShape, prefill_shape
 
 
 def shapes(*pairs, new=8):
@@ -75,7 +75,7 @@ def test_admission_rejects_nonsense_limits():
 
 @pytest.fixture(scope="module")
 def tiny():
-    import lvlm
+    from lvlm_hallu import lvlm
 
     return lvlm.load("tiny-llava")
 

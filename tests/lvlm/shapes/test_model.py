@@ -13,9 +13,9 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 from typer.testing import CliRunner
 
-from lvlm.shapes import MODEL_DIR, PARTNER, CATEGORIES, make_scene
-from lvlm.shapes.quality import DESCRIBE, caption_metrics, generate, load_synonyms
-from lvlm.shapes.text import POPE_SUFFIX, question
+from lvlm_hallu.lvlm.shapes import MODEL_DIR, PARTNER, CATEGORIES, make_scene
+from lvlm_hallu.lvlm.shapes.quality import DESCRIBE, caption_metrics, generate, load_synonyms
+from lvlm_hallu.lvlm.shapes.text import POPE_SUFFIX, question
 from lvlm_hallu.cli import app
 
 MIN_RECALL = 0.55  # model card: 68.5 on 2,000 test images (77 on these 16); margin for other CPUs

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from lvlm.shapes import train, world
+from lvlm_hallu.lvlm.shapes import train, world
 
 TINY = ["--preset", "tiny", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2", "--threads", "1",
         "--tokenizer-scenes", "200", "--log-every", "1"]
@@ -69,7 +69,7 @@ def test_loss_decreases_and_resume_continues(tmp_path):
 
 
 def _shipped():
-    from lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
     return MODEL_DIR
 
@@ -98,7 +98,7 @@ def test_text_scenes_sets_the_length_of_plain_text_rows():
 def test_backcopy_rows_copy_the_word_before_each_trigger_and_leave_other_rows_alone():
     import random
 
-    from lvlm.shapes import text
+    from lvlm_hallu.lvlm.shapes import text
 
     words = text.backcopy_text(random.Random(3), n_words=400).split()
     assert len(words) == 400

@@ -8,8 +8,8 @@ import random
 import pytest
 from pycocotools.coco import COCO
 
-from lvlm.shapes import CATEGORIES, PAIRS, SPLITS, SYNONYMS_PATH, build_split, make_scene, world
-from lvlm.shapes.quality import load_synonyms, mentions
+from lvlm_hallu.lvlm.shapes import CATEGORIES, PAIRS, SPLITS, SYNONYMS_PATH, build_split, make_scene, world
+from lvlm_hallu.lvlm.shapes.quality import load_synonyms, mentions
 
 N = 12
 
@@ -173,13 +173,13 @@ def test_a_range_of_the_split_is_the_same_scenes_a_larger_split_holds(test_split
 
 
 def test_the_documented_module_command_runs_without_a_runpy_warning(tmp_path):
-    """`python -m lvlm.shapes.world` as the model card writes it: the package must not import the
+    """`python -m lvlm_hallu.lvlm.shapes.world` as the model card writes it: the package must not import the
     module first (runpy then warns that running it "may result in unpredictable behaviour")."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-W", "error::RuntimeWarning", "-m", "lvlm.shapes.world", "--out", str(tmp_path),
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "lvlm_hallu.lvlm.shapes.world", "--out", str(tmp_path),
          "--split", "val", "--n", "2"],
         capture_output=True, text=True, timeout=120,
     )

@@ -31,19 +31,10 @@ from pycocotools.coco import COCO
 from lvlm_hallu.eval.coco import (captions_by_image, check_image_id, instance_categories, load_coco, read_utf8_text,
                        validate_image_ids)
 from lvlm_hallu.eval.errors import AnnotationError, ImageIdError, NLTKDataError
+from lvlm_hallu.eval.nltk_data import RESOURCES as NLTK_RESOURCES  # noqa: F401 (where importers found it)
+from lvlm_hallu.eval.nltk_data import download_command, ensure
 
 DEFAULT_SYNONYMS_PATH = Path(__file__).resolve().parent / "data" / "chair_synonyms.txt"
-
-# (resource path for nltk.data.find, downloader package name)
-NLTK_RESOURCES = (
-    ("tokenizers/punkt_tab/english/", "punkt_tab"),
-    ("taggers/averaged_perceptron_tagger_eng/", "averaged_perceptron_tagger_eng"),
-    ("corpora/wordnet", "wordnet"),
-)
-NLTK_HELP = (
-    "install it with `python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet` "
-    "or point NLTK_DATA at a folder that holds it (this project keeps one in shared/nltk_data)"
-)
 
 FLAVOUR = "nltk-pos-wordnet"  # the reference flavour name recorded in reports
 
@@ -152,19 +143,9 @@ DEFAULT_DOUBLE_WORDS: Mapping[str, str] = MappingProxyType(coco_double_words())
 
 
 def require_nltk_data() -> None:
-    """Raise NLTKDataError naming every missing resource and how to get it."""
-    import nltk
-
-    missing = []
-    for resource, package in NLTK_RESOURCES:
-        try:
-            nltk.data.find(resource)
-        except LookupError:
-            missing.append(package)
-    if missing:
-        raise NLTKDataError(
-            f"NLTK data missing for CHAIR: {', '.join(missing)}; {NLTK_HELP}. Searched: {nltk.data.path}"
-        )
+    """Find or download the NLTK data CHAIR needs (eval/nltk_data.py); NLTKDataError in one line if
+    it cannot be had."""
+    ensure()
 
 
 @dataclass(frozen=True)
@@ -209,7 +190,7 @@ class CaptionParser:
             # Tags outside J/V/N/R lemmatize as nouns, like the reference's `... or wordnet.NOUN`.
             return [self._lemmatizer.lemmatize(w, pos=self._pos.get(t[:1], self._noun)) for w, t in tagged]
         except LookupError as err:
-            raise NLTKDataError(f"NLTK data missing for CHAIR; {NLTK_HELP}") from err
+            raise NLTKDataError(f"NLTK data missing for CHAIR; run: {download_command()}") from err
 
     def merge_double_words(self, words: Sequence[str]) -> list[str]:
         """Step 3: greedy left-to-right merge of adjacent pairs found in the double-word table."""

@@ -85,8 +85,13 @@ def test_injected_tables_for_another_world():
 def test_missing_nltk_data_is_a_typed_error(monkeypatch, tmp_path):
     import nltk
 
+    from lvlm_hallu.eval import nltk_data
+
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
-    with pytest.raises(NLTKDataError, match="nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet"):
+    monkeypatch.setattr(nltk_data, "shared_dir", lambda: tmp_path / "no-shared")
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LVLM_NLTK_DOWNLOAD", "0")  # no network in this test: eval/nltk_data.py's tests cover it
+    with pytest.raises(NLTKDataError, match="nltk.downloader -d .* punkt_tab averaged_perceptron_tagger_eng wordnet"):
         CaptionParser()
 
 

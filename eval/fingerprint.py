@@ -13,8 +13,17 @@ different run. A `Fingerprint` is a canonical JSON object of everything a run de
                   scaled, tuned) filled from the model's facts and profile, so re-tuned or
                   re-shipped values are a different run (absent with --server: the service
                   resolves them),
-     "items":     {"count", "sha256"} over (key, prompt, image file name) of every item,
-     "scorer":    metric flavour, options, ground-truth / synonym-table / question-file digests}
+     "items":     {"count", "sha256"} over (key, prompt, image file name, image SHA-256) of every
+                  item: re-rendered images under the same names are another run,
+     "scorer":    metric flavour, options, and the annotations by content: the ground truth of
+                  the sampled images, synonym table, question files (digests of what is read,
+                  never of a path or file name)}
+
+Image bytes are hashed once: `ImageHashes` keeps each file's SHA-256 in a SQLite cache
+(`$LVLM_CACHE/image-sha256.sqlite3`, default ~/.cache/lvlm) keyed by absolute path, size and
+modification time (ns), so a resumed run over an unchanged 40k-image folder only stats the files.
+A file rewritten in place gets a new mtime and is hashed again. Remote images (s3://, gs://, ...)
+are identified by their URI.
 
 Its digest is the SHA-256 of the canonical JSON (sorted keys, no whitespace); `short` is the first
 12 hex digits, used to name the default output folder, so two different runs never share one.
@@ -30,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,15 +151,93 @@ def check_header(header: Mapping[str, Any] | None, expected: Fingerprint, path: 
 # Pieces of a fingerprint
 
 
-def items_digest(items: Iterable[Any]) -> dict[str, Any]:
-    """{"count", "sha256"} over (key, prompt, image file name) of every item, in order."""
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", "http://", "https://")
+
+
+def image_cache_path() -> Path:
+    """`$LVLM_CACHE/image-sha256.sqlite3` (default ~/.cache/lvlm)."""
+    return Path(os.environ.get("LVLM_CACHE", Path.home() / ".cache" / "lvlm")) / "image-sha256.sqlite3"
+
+
+class ImageHashes:
+    """SHA-256 of image files, cached by (absolute path, size, mtime in ns) in a SQLite file.
+
+    `digests(paths)` stats every file, reads the cached digests of unchanged files in one query per
+    chunk and hashes only new or changed files (threads: hashlib releases the GIL). A cache that
+    cannot be opened or written (read-only home) only costs speed: the files are hashed anyway.
+    """
+
+    CHUNK = 900  # below SQLite's default limit of host parameters per statement
+
+    def __init__(self, path: str | Path | None = None, *, threads: int | None = None):
+        self.path = Path(path) if path is not None else image_cache_path()
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.hashed = 0  # files hashed by the last `digests` call (the rest came from the cache)
+
+    def _connect(self) -> sqlite3.Connection | None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30)
+            db.execute("CREATE TABLE IF NOT EXISTS images (path TEXT PRIMARY KEY, size INTEGER, "
+                       "mtime_ns INTEGER, sha256 TEXT)")
+            return db
+        except (OSError, sqlite3.Error):
+            return None
+
+    def digests(self, paths: Sequence[str | Path]) -> list[str]:
+        """The SHA-256 of each file, in order (FileNotFoundError names a missing file)."""
+        keys = []
+        for p in paths:
+            absolute = os.path.abspath(p)
+            try:
+                st = os.stat(absolute)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"image not found: {p}") from err
+            keys.append((absolute, st.st_size, st.st_mtime_ns))
+        db = self._connect()
+        known: dict[str, tuple[int, int, str]] = {}
+        if db is not None:
+            unique = sorted({k[0] for k in keys})
+            for i in range(0, len(unique), self.CHUNK):
+                chunk = unique[i : i + self.CHUNK]
+                rows = db.execute(f"SELECT path, size, mtime_ns, sha256 FROM images WHERE path IN "
+                                  f"({','.join('?' * len(chunk))})", chunk)
+                known.update((path, (size, mtime, digest)) for path, size, mtime, digest in rows)
+        fresh = sorted({k for k in keys if known.get(k[0], (None, None))[:2] != k[1:]})
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            hashed = list(pool.map(lambda k: sha256_file(k[0]), fresh))
+        self.hashed = len(fresh)
+        for (path, size, mtime), digest in zip(fresh, hashed, strict=True):
+            known[path] = (size, mtime, digest)
+        if db is not None:
+            try:
+                with db:
+                    db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?)",
+                                   [(path, size, mtime, digest) for (path, size, mtime), digest in zip(fresh, hashed)])
+            except sqlite3.Error:
+                pass  # a read-only cache: correct, only slower next time
+            finally:
+                db.close()
+        return [known[k[0]][2] for k in keys]
+
+
+def items_digest(items: Iterable[Any], hashes: ImageHashes | None = None) -> dict[str, Any]:
+    """{"count", "sha256"} over (key, prompt, image file name, image SHA-256) of every item, in order.
+
+    Local images are digested by content (`ImageHashes`, cached); a remote URI stands for itself.
+    """
+    items = list(items)
+    local = [it.image for it in items if it.image and not str(it.image).startswith(REMOTE_SCHEMES)]
+    try:
+        by_path = dict(zip(local, (hashes or ImageHashes()).digests(local), strict=True)) if local else {}
+    except FileNotFoundError as err:
+        raise EvalError(f"{err} (every image of a run is read for its fingerprint)") from err
     h = hashlib.sha256()
-    count = 0
     for it in items:
         image = Path(it.image).name if it.image else ""
-        h.update(canonical([it.key, it.prompt, image]).encode("utf-8") + b"\n")
-        count += 1
-    return {"count": count, "sha256": h.hexdigest()}
+        content = by_path.get(it.image, str(it.image or ""))
+        h.update(canonical([it.key, it.prompt, image, content]).encode("utf-8") + b"\n")
+    return {"count": len(items), "sha256": h.hexdigest()}
 
 
 def _file_digest(path: Path) -> str:

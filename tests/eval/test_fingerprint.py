@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +12,15 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from lvlm_hallu.eval.fingerprint import Fingerprint, FingerprintMismatch, checkpoint_digests, items_digest, model_identity
+from lvlm_hallu.eval.errors import EvalError
+from lvlm_hallu.eval.fingerprint import (
+    Fingerprint,
+    FingerprintMismatch,
+    ImageHashes,
+    checkpoint_digests,
+    items_digest,
+    model_identity,
+)
 from lvlm_hallu.eval.runner import Item, ResultsFile, run
 from lvlm_hallu.lvlm.types import Result
 
@@ -28,14 +38,47 @@ def test_digest_is_canonical_and_differences_name_the_fields():
     assert a.without("prompt").fields.keys() == {"model", "decoding"}
 
 
-def test_items_digest_covers_keys_prompts_and_image_names():
-    items = [Item("1", "describe", "/a/x.png"), Item("2", "describe", "/a/y.png")]
+def test_items_digest_covers_keys_prompts_image_names_and_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "x.png").write_bytes(b"x-pixels")
+        (folder / "y.png").write_bytes(b"y-pixels")
+    (a / "z.png").write_bytes(b"x-pixels")
+    items = [Item("1", "describe", str(a / "x.png")), Item("2", "describe", str(a / "y.png"))]
     d = items_digest(items)
     assert d["count"] == 2
-    assert d == items_digest([Item("1", "describe", "/elsewhere/x.png"), Item("2", "describe", "/b/y.png")])
-    assert d != items_digest([Item("1", "describe!", "/a/x.png"), Item("2", "describe", "/a/y.png")])
-    assert d != items_digest([Item("1", "describe", "/a/z.png"), Item("2", "describe", "/a/y.png")])
+    assert d == items_digest([Item("1", "describe", str(b / "x.png")), Item("2", "describe", str(b / "y.png"))])
+    assert d != items_digest([Item("1", "describe!", str(a / "x.png")), Item("2", "describe", str(a / "y.png"))])
+    assert d != items_digest([Item("1", "describe", str(a / "z.png")), Item("2", "describe", str(a / "y.png"))])
     assert d != items_digest(items[:1])
+    (b / "y.png").write_bytes(b"y-re-rendered")  # same name, same folder layout, other pixels
+    assert d != items_digest([Item("1", "describe", str(b / "x.png")), Item("2", "describe", str(b / "y.png"))])
+    remote = items_digest([Item("1", "describe", "s3://bucket/x.png")])  # a URI stands for itself
+    assert remote != items_digest([Item("1", "describe", "s3://other/x.png")])
+    with pytest.raises(EvalError, match=r"image not found: .*missing\.png"):
+        items_digest([Item("1", "describe", str(a / "missing.png"))])
+
+
+def test_image_hashes_are_cached_by_path_size_and_mtime(tmp_path):
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(bytes([i]) * 100)
+    hashes = ImageHashes(tmp_path / "cache.sqlite3")
+    first = hashes.digests(files)
+    assert hashes.hashed == 5 and first == [hashlib.sha256(bytes([i]) * 100).hexdigest() for i in range(5)]
+    again = ImageHashes(tmp_path / "cache.sqlite3")  # another process: the cache is on disk
+    assert again.digests(files) == first and again.hashed == 0
+    files[2].write_bytes(b"\x07" * 100)  # same size, rewritten: a new mtime
+    os.utime(files[2], ns=(1, 1))
+    third = again.digests(files)
+    assert again.hashed == 1 and third[2] == hashlib.sha256(b"\x07" * 100).hexdigest() and third[:2] == first[:2]
+    # a cache that cannot be opened only costs speed
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    fallback = ImageHashes(blocked / "cache.sqlite3")
+    assert fallback.digests(files) == third and fallback.hashed == 5
 
 
 def test_model_identity_digests_config_and_weights(tmp_path):
@@ -240,3 +283,36 @@ def test_tuned_values_are_fingerprinted_and_a_retuned_model_refuses_to_resume(cl
         assert folder.name.endswith(fp["digest"][:12])
         alphas.add(fp["fields"]["interventions_resolved"][0][0]["alpha"])
     assert alphas == {2.0, 3.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Content, not names: re-rendered images and edited annotations under the old file names
+
+
+def test_re_rendered_images_under_old_names_start_a_new_run(cli, tiny_coco, tmp_path):
+    """The confirmed bug: new pixels under the same names kept the fingerprint, so the old answers
+    were scored again."""
+    from PIL import Image
+
+    out = str(tmp_path / "shared")
+    assert _chair(cli, tiny_coco, "--model", "fake/a", "--out", out).exit_code == 0
+    calls = cli.models["fake/a"].calls
+    assert _chair(cli, tiny_coco, "--model", "fake/a", "--out", out).exit_code == 0  # unchanged: resumes
+    assert cli.models["fake/a"].calls == calls
+    for imid in (1, 2):
+        Image.new("RGB", (8, 8), "white").save(tiny_coco.images / f"COCO_val2014_{imid:012d}.jpg")
+    res = _chair(cli, tiny_coco, "--model", "fake/a", "--out", out)
+    assert res.exit_code == 2 and "items.sha256" in res.output and cli.models["fake/a"].calls == calls
+    assert _chair(cli, tiny_coco, "--model", "fake/a").exit_code == 0  # its own folder, answered again
+    assert cli.models["fake/a"].calls == calls + 3
+
+
+def test_edited_annotations_under_the_old_name_are_another_run(cli, tiny_coco, tmp_path):
+    out = str(tmp_path / "shared")
+    assert _chair(cli, tiny_coco, "--model", "fake/a", "--out", out).exit_code == 0
+    coco = json.loads(tiny_coco.instances.read_text())
+    coco["annotations"][3]["category_id"] = 18  # image 2 now holds a dog, not a cat
+    tiny_coco.instances.write_text(json.dumps(coco))
+    res = _chair(cli, tiny_coco, "--model", "fake/a", "--out", out)
+    assert res.exit_code == 2 and "scorer.ground_truth_sha256" in res.output
+    assert "items.sha256" not in res.output  # the images and prompts are the same

@@ -1,7 +1,8 @@
 """From an OpenAI chat request to an engine `Request`, and from a `Result` back to OpenAI shapes.
 
 `prepare` does all per-request validation BEFORE the request joins a batch: message structure,
-images (decoded and size-checked), interventions (resolved against the registry, so unknown
+images (decoded and size-checked), interventions (the `interventions` field or a spec in the model
+name, serve/model_names.py; resolved against the registry, so unknown
 names and out-of-range parameters are 400s, then checked against the loaded model's facts by
 `interventions.validate`, so a layer index beyond the model or a non-finite value is a 400 too),
 unsupported OpenAI fields (a 400 naming the field), token and prompt limits. A temperature
@@ -22,11 +23,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from lvlm_hallu.interventions import resolve
 from lvlm_hallu.interventions.inputs import require_image
 from lvlm_hallu.interventions.validate import validate
 from lvlm_hallu.lvlm.types import Request, Result
-from lvlm_hallu.serve.errors import BadRequest, NotFound
+from lvlm_hallu.serve import model_names
+from lvlm_hallu.serve.errors import BadRequest
 from lvlm_hallu.serve.images import load_image
 from lvlm_hallu.serve.limits import Limits
 from lvlm_hallu.serve.schema import (
@@ -114,9 +115,7 @@ def split_messages(body: ChatCompletionRequest) -> tuple[str, list[tuple[str, st
 
 async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits, **fetch_kwargs: Any) -> PreparedChat:
     """Validate one chat request and build its engine Request (raises ServiceError subclasses)."""
-    if body.model is not None and body.model not in model.aliases:
-        raise NotFound(f"model {body.model!r} is not served here; available: {model.model_id}",
-                       param="model", code="model_not_found")
+    named = model_names.parse(body.model, model.aliases)  # "shapes:vhr": interventions in the name (404/400)
     unsupported = body.unsupported()
     if unsupported:
         raise BadRequest(f"{unsupported[0]} is not supported by this server", param=unsupported[0],
@@ -146,7 +145,7 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
         if n + max_tokens > model.max_context:
             raise BadRequest(f"prompt of {n} tokens plus max_tokens={max_tokens} exceeds the model's context of "
                              f"{model.max_context} tokens", param="messages", code="context_length_exceeded")
-    configs = resolve(body.intervention_spec())  # InterventionError -> 400 via error_for
+    configs = model_names.interventions(named, body.intervention_spec())  # InterventionError -> 400 via error_for
     validate(configs, model.facts)
     require_image(configs, has_image=bool(image_urls))  # every method acts on image tokens
     image = None
@@ -159,7 +158,9 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
                       logprobs=body.logprobs_top())
     applied = [config_dict(c) for c in configs]
     return PreparedChat(
-        request=request, model=model.model_id, label="+".join(a["name"] for a in applied) or "none",
+        # a name with interventions is echoed as sent ("shapes:vhr"); a plain one as the served id
+        request=request, model=named.requested if named.spec is not None else model.model_id,
+        label="+".join(a["name"] for a in applied) or "none",
         applied=applied, stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage))
 

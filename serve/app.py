@@ -12,7 +12,14 @@ calls `LVLMServer.forward` and answers in OpenAI's shape when a replica dies.
 
 Every route answers errors with OpenAI's error object, including FastAPI's own (unknown route,
 wrong method, validation): no exception leaves a route, so a bad request can never take the
-replica down.
+replica down. Every answer and stream event is strict JSON (`allow_nan=False`: no NaN or
+Infinity, which strict parsers refuse).
+
+Clients that leave: each generation holds one admission `Slot`, released exactly once on every
+exit path (answer, error, stream closed, client gone: a release in a `finally` never awaits,
+because an `await` inside a cancelled task raises again). A non-stream request whose caller is
+cancelled (the client disconnected) sets its ticket's event, and the engine retires its row at
+the next decode step (serve/scheduler.py, serve/batching.py).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 import time
+import weakref
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -31,10 +40,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lvlm_hallu.serve import chat
-from lvlm_hallu.serve.batching import EngineRunner, Outcome, TokenStream
+from lvlm_hallu.serve.batching import EngineRunner, Outcome, Ticket, TokenStream
 from lvlm_hallu.serve.config import ServeConfig
 from lvlm_hallu.serve.errors import BadRequest, MethodNotAllowed, NotFound, ServiceError, Unavailable, error_for
-from lvlm_hallu.serve.limits import Admission, check_api_key, read_body
+from lvlm_hallu.serve.limits import Admission, Slot, check_api_key, check_costs, read_body
 from lvlm_hallu.serve.metrics import Metrics
 from lvlm_hallu.serve.schema import (
     ChatCompletionRequest,
@@ -63,7 +72,35 @@ def make_runner(pipeline: Any, config: ServeConfig, on_batch: Callable[[int, boo
         return ContinuousScheduler(pipeline, max_rows=config.max_batch_size, max_tokens=config.max_tokens_in_flight,
                                    max_prefill_tokens=config.max_prefill_tokens,
                                    admit_after_steps=config.admit_after_steps, on_batch=on_batch)
-    return EngineRunner(pipeline.generate, on_batch=on_batch)
+    return EngineRunner(pipeline.generate, on_batch=on_batch, pipeline=pipeline if hasattr(pipeline, "engine") else None)
+
+
+class StrictJSONResponse(JSONResponse):
+    """JSONResponse that refuses NaN and Infinity instead of writing invalid JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+class SlotStream(StreamingResponse):
+    """A stream that gives its admission slot back when it ends, however it ends (even when the
+    client left before the first byte and the body generator never started)."""
+
+    def __init__(self, content: Any, slot: Slot, on_end: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._slot, self._on_end = slot, on_end
+        weakref.finalize(self, _end_stream, slot, on_end)  # last resort: never called at all
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _end_stream(self._slot, self._on_end)
+
+
+def _end_stream(slot: Slot, on_end: Callable[[], None]) -> None:
+    if slot.release():
+        on_end()
 
 
 class Service:
@@ -75,7 +112,7 @@ class Service:
         self.metrics = metrics or Metrics()  # replicas pass Metrics(ray=True): serve/metrics.py
         self.runner = make_runner(pipeline, config, self.metrics.observe_batch)
         self.admission = Admission(config.max_concurrent)
-        self.submit: Submit = submit or self._submit_alone
+        self.submit: Submit = submit or self._submit_alone  # takes a batching.Ticket
         self.jobs = jobs
         self.fetch_kwargs = fetch_kwargs or {}  # tests inject a resolver/transport for remote images
         tokenizer = getattr(pipeline, "tokenizer", None)
@@ -86,8 +123,21 @@ class Service:
             if tokenizer is not None else None,
             facts=getattr(pipeline, "facts", None))
 
-    async def _submit_alone(self, request: Any) -> Outcome:
-        return await self.runner.generate(request)
+    async def _submit_alone(self, ticket: Ticket) -> Outcome:
+        return await self.runner.generate(ticket.request, ticket.cancelled)
+
+    async def _generate(self, request: Any) -> Outcome:
+        """One non-stream generation; a cancelled caller (client gone) cancels its row."""
+        ticket = Ticket(request, threading.Event())
+        try:
+            return await self.submit(ticket)
+        except asyncio.CancelledError:
+            ticket.cancelled.set()  # retired at the next decode step, or never admitted
+            raise
+
+    def owner(self, http: HTTPRequest) -> str | None:
+        """The caller's owner id (serve/limits.py key_owner), None without keys; raises 401."""
+        return check_api_key(http.headers.get("authorization"), self.config.keys())
 
     def warm_up(self) -> None:
         """One short generation so the first user request does not pay for lazy initialisation."""
@@ -106,7 +156,8 @@ class Service:
     async def chat(self, http: HTTPRequest) -> Response:
         started = time.perf_counter()
         body = parse(ChatCompletionRequest, await read_body(http, self.limits.max_body_bytes))
-        self.admission.acquire()
+        check_costs(body, self.limits, self.model.facts)  # before anything else is spent on it
+        slot = self.admission.acquire()
         self.metrics.set_inflight(self.admission.active)
         handed_off = False
         label = "invalid"
@@ -114,29 +165,28 @@ class Service:
             prepared = await chat.prepare(body, self.model, self.limits, **self.fetch_kwargs)
             label = prepared.label
             if prepared.stream:
-                response = await self._stream(prepared, started)
+                response = await self._stream(prepared, started, slot)
                 handed_off = True  # the stream releases the admission slot when it ends
                 return response
-            result = (await self.submit(prepared.request)).unwrap()
+            result = (await self._generate(prepared.request)).unwrap()
             self._observe_success(label, started, result)
-            return JSONResponse(chat.completion(prepared, result).model_dump())
+            return StrictJSONResponse(chat.completion(prepared, result).model_dump())
         except Exception as err:
             error = error_for(err, http.headers.get("x-request-id"))  # converted once: logged once
             self.metrics.observe_chat(label, error.status, time.perf_counter() - started)
             raise error from err
         finally:
-            if not handed_off:
-                self.admission.release()
+            if not handed_off and slot.release():  # synchronous: safe in a cancelled task
                 self.metrics.set_inflight(self.admission.active)
 
-    async def _stream(self, prepared: chat.PreparedChat, started: float) -> StreamingResponse:
+    async def _stream(self, prepared: chat.PreparedChat, started: float, slot: Slot) -> StreamingResponse:
         stream = TokenStream(self.runner, prepared.request).start()
         try:
             # Wait for the first token before answering, so that errors the engine finds while
             # preparing the batch (prompt too long for the context ...) are still proper 4xx.
             first = await stream.next_delta()
         except BaseException:
-            await stream.close()
+            stream.cancel()  # no await here: this task may be the one being cancelled
             raise
 
         async def events():
@@ -161,15 +211,20 @@ class Service:
             except Exception as err:  # noqa: BLE001 - headers are sent: report in-band, OpenAI style
                 error = error_for(err)
                 self.metrics.observe_chat(prepared.label, error.status, time.perf_counter() - started)
-                yield f"data: {json.dumps(error.body())}\n\n"
+                yield sse(error.body())
                 yield "data: [DONE]\n\n"
             finally:
-                await stream.close()
-                self.admission.release()
-                self.metrics.set_inflight(self.admission.active)
+                # Synchronous only: when the client left, this generator is closed inside a
+                # cancelled task and any await here would raise before the slot is released.
+                stream.cancel()
+                _end_stream(slot, lambda: self.metrics.set_inflight(self.admission.active))
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def on_end() -> None:
+            stream.cancel()
+            self.metrics.set_inflight(self.admission.active)
+
+        return SlotStream(events(), slot, on_end, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _observe_success(self, label: str, started: float, result: Any) -> None:
         self.metrics.observe_chat(label, 200, time.perf_counter() - started, result.prompt_tokens,
@@ -191,13 +246,25 @@ class Service:
         return {"status": "ok", "model": self.model.model_id, "inflight": self.admission.active,
                 "max_concurrent": self.admission.limit}
 
-    async def ready(self) -> JSONResponse:
+    async def ready(self, http: HTTPRequest) -> JSONResponse:
         """Readiness: 200 when the model is loaded and the job store (if jobs are on) answers,
-        else 503 with the same body, so a load balancer stops sending traffic here."""
+        else 503 with the same body, so a load balancer stops sending traffic here. Without a
+        valid key the job store shows only whether it is ok (`jobs_view`)."""
         jobs = await self.jobs_health()
         ok = self.pipeline is not None and (jobs is None or bool(jobs.get("ok")))
-        body = {"ready": ok, "model": self.model.model_id, "jobs": jobs}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        body = {"ready": ok, "model": self.model.model_id, "jobs": self.jobs_view(jobs, http)}
+        return StrictJSONResponse(body, status_code=200 if ok else 503)
+
+    def jobs_view(self, jobs: dict | None, http: HTTPRequest) -> dict | None:
+        """The job store's health as a caller may see it: details (path, counts, errors, which
+        can name hosts, processes and actors) only with a valid key or on a server without keys."""
+        if jobs is None:
+            return None
+        try:
+            self.owner(http)
+        except ServiceError:
+            return {"ok": bool(jobs.get("ok"))}
+        return jobs
 
     def render_metrics(self) -> Response:
         self.metrics.set_inflight(self.admission.active)
@@ -212,6 +279,7 @@ class Service:
     async def submit_job(self, http: HTTPRequest) -> EvalJob:
         jobs = self._jobs()
         body = parse(EvalJobRequest, await read_body(http, EVAL_BODY_LIMIT))
+        check_costs(body, self.limits, self.model.facts)
         kinds = jobs.kinds()
         if body.kind not in kinds:
             raise BadRequest(f"unknown job kind {body.kind!r}; valid kinds: {', '.join(sorted(kinds))}",
@@ -236,26 +304,29 @@ class Service:
         request = body.model_dump()
         request["interventions"] = body.intervention_spec()
         request["options"] = options
-        return job_model(await jobs.submit(body.kind, self.config.model, request, self.config.load_kwargs()))
+        return job_model(await jobs.submit(body.kind, self.config.model, request, self.config.load_kwargs(),
+                                           owner=self.owner(http)))
 
-    async def job(self, job_id: str) -> EvalJob:
-        record = await self._jobs().get(job_id)
+    # Each job belongs to the key that created it (None: a server without keys); another key
+    # gets the same 404 as for a job that does not exist.
+    async def job(self, http: HTTPRequest, job_id: str) -> EvalJob:
+        record = await self._jobs().get(job_id, owner=self.owner(http))
         if record is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         return job_model(record)
 
-    async def list_jobs(self) -> EvalJobList:
-        return EvalJobList(data=[job_model(r) for r in await self._jobs().list()])
+    async def list_jobs(self, http: HTTPRequest) -> EvalJobList:
+        return EvalJobList(data=[job_model(r) for r in await self._jobs().list(owner=self.owner(http))])
 
-    async def cancel_job(self, job_id: str) -> EvalJob:
-        record = await self._jobs().cancel(job_id)
+    async def cancel_job(self, http: HTTPRequest, job_id: str) -> EvalJob:
+        record = await self._jobs().cancel(job_id, owner=self.owner(http))
         if record is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         return job_model(record)
 
-    async def resume_job(self, job_id: str) -> EvalJob:
+    async def resume_job(self, http: HTTPRequest, job_id: str) -> EvalJob:
         """A failed or cancelled job continues from its results file (docs/cluster.md)."""
-        outcome = await self._jobs().resume(job_id)
+        outcome = await self._jobs().resume(job_id, owner=self.owner(http))
         if outcome is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         if not outcome["resumed"]:
@@ -276,7 +347,8 @@ class Service:
 
 
 def job_model(record: dict) -> EvalJob:
-    return EvalJob.model_validate({**record, "progress": {"done": record["done"], "total": record["total"]}})
+    public = {k: v for k, v in record.items() if k != "owner"}
+    return EvalJob.model_validate({**public, "progress": {"done": record["done"], "total": record["total"]}})
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -305,11 +377,11 @@ def _is_type_tag(part: Any) -> bool:
 
 def sse(payload: Any) -> str:
     data = payload.model_dump(exclude_none=True) if isinstance(payload, BaseModel) else payload
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(data, separators=(',', ':'), allow_nan=False)}\n\n"
 
 
 def error_response(err: ServiceError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+    return StrictJSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
 def build_app(service: Service) -> FastAPI:
@@ -328,9 +400,9 @@ def build_app(service: Service) -> FastAPI:
                 started = time.perf_counter()
                 try:
                     if auth:
-                        check_api_key(http.headers.get("authorization"), service.config.api_key)
+                        service.owner(http)
                     out = await handler(http, **kwargs)
-                    response = out if isinstance(out, Response) else JSONResponse(
+                    response = out if isinstance(out, Response) else StrictJSONResponse(
                         out.model_dump() if isinstance(out, BaseModel) else out)
                 except Exception as err:  # noqa: BLE001 - every failure becomes an error object
                     response = error_response(error_for(err, http.headers.get("x-request-id")))
@@ -359,12 +431,12 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/health")
     @route("/health", auth=False)
     async def health(http: HTTPRequest):
-        return {**service.health(), "jobs": await service.jobs_health()}
+        return {**service.health(), "jobs": service.jobs_view(await service.jobs_health(), http)}
 
     @app.get("/ready")
     @route("/ready", auth=False)
     async def ready(http: HTTPRequest):
-        return await service.ready()
+        return await service.ready(http)
 
     @app.get("/metrics")
     @route("/metrics")
@@ -379,22 +451,22 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/v1/eval/jobs")
     @route("/v1/eval/jobs")
     async def list_jobs(http: HTTPRequest):
-        return await service.list_jobs()
+        return await service.list_jobs(http)
 
     @app.get("/v1/eval/jobs/{job_id}")
     @route("/v1/eval/jobs/{id}")
     async def get_job(http: HTTPRequest, job_id: str):
-        return await service.job(job_id)
+        return await service.job(http, job_id)
 
     @app.delete("/v1/eval/jobs/{job_id}")
     @route("/v1/eval/jobs/{id}")
     async def cancel_job(http: HTTPRequest, job_id: str):
-        return await service.cancel_job(job_id)
+        return await service.cancel_job(http, job_id)
 
     @app.post("/v1/eval/jobs/{job_id}/resume")
     @route("/v1/eval/jobs/{id}/resume")
     async def resume_job(http: HTTPRequest, job_id: str):
-        return await service.resume_job(job_id)
+        return await service.resume_job(http, job_id)
 
     @app.get("/openapi.json", include_in_schema=False)
     @route("/openapi.json")
@@ -477,9 +549,10 @@ def _deployment_class():
             return await asgi_answer(self._app, method, path, query, headers, body)
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def _generate_batch(self, requests: list) -> list[Outcome]:
+        async def _generate_batch(self, tickets: list) -> list[Outcome]:
             # Outcomes, not exceptions: an exception here would fail every caller in the batch.
-            return await asyncio.to_thread(self.service.runner.run_batch, requests)
+            # Tickets: a caller whose client left sets its event; its row leaves at the next step.
+            return await asyncio.to_thread(self.service.runner.run_batch, tickets)
 
     return LVLMServer
 

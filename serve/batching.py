@@ -19,13 +19,17 @@ these classes decide HOW a batch runs, and they are what the unit tests exercise
 - `TokenStream` bridges the engine's `on_token(row, delta)` callback, called on the worker
   thread, to an async iterator on the event loop. When the client goes away the next callback
   raises `StreamCancelled`, which stops the decode loop instead of finishing it for nobody.
+- A `Ticket` carries a non-stream request with the event its caller sets when its client goes
+  away; with a real pipeline `EngineRunner` drives the batch step by step itself (as
+  `Pipeline.generate` does) and retires such a row at the next decode step, freeing its KV
+  rows, while its neighbours decode on unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 Generate = Callable[..., list]  # Pipeline.generate(requests, on_token=None) -> list[Result]
@@ -48,33 +52,70 @@ class StreamCancelled(Exception):
     """Raised inside the engine's token callback when the stream's consumer has gone away."""
 
 
+@dataclass
+class Ticket:
+    """A request and the event its caller sets when its client has gone away."""
+
+    request: Any
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def unpack(item: Any) -> tuple[Any, Optional[threading.Event]]:
+    """(request, cancelled event or None) of a Request or a Ticket."""
+    return (item.request, item.cancelled) if isinstance(item, Ticket) else (item, None)
+
+
 class EngineRunner:
     """Runs engine calls one at a time and isolates rows that fail."""
 
-    def __init__(self, generate: Generate, *, on_batch: Callable[[int, bool], None] | None = None):
-        self._generate = generate
+    def __init__(self, generate: Generate, *, on_batch: Callable[[int, bool], None] | None = None,
+                 pipeline: Any = None):
+        # pipeline: a real one (with an engine) lets the runner drop rows whose client left
+        self._generate, self._pipeline = generate, pipeline
         self._lock = threading.Lock()
         self._on_batch = on_batch
 
-    def run_batch(self, requests: Sequence[Any]) -> list[Outcome]:
-        """Generate for every request; a failing batch is retried row by row."""
+    def run_batch(self, items: Sequence[Any]) -> list[Outcome]:
+        """Generate for every request (or `Ticket`); a failing batch is retried row by row."""
+        requests, events = zip(*map(unpack, items)) if items else ((), ())
         with self._lock:
             try:
-                results = self._generate(list(requests))
-                if len(results) != len(requests):
-                    raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
+                outcomes = self._run(list(requests), list(events))
+                if len(outcomes) != len(requests):
+                    raise RuntimeError(f"engine returned {len(outcomes)} results for {len(requests)} requests")
                 self._report(len(requests), False)
-                return [Outcome(result=r) for r in results]
+                return outcomes
             except Exception as err:  # noqa: BLE001 - every failure becomes a per-row outcome
                 if len(requests) == 1:
                     self._report(1, False)
                     return [Outcome(error=err)]
             self._report(len(requests), True)
-            return [self._run_one(r) for r in requests]
+            return [self._run_one(r, e) for r, e in zip(requests, events)]
 
-    async def generate(self, request: Any) -> Outcome:
-        """One request alone, on a worker thread."""
-        return (await asyncio.to_thread(self.run_batch, [request]))[0]
+    def _run(self, requests: list, events: list) -> list[Outcome]:
+        if self._pipeline is None or not any(e is not None for e in events):
+            return [Outcome(result=r) for r in self._generate(requests)]
+        from lvlm_hallu.lvlm.pipeline import RunningBatch
+
+        batch = RunningBatch(self._pipeline)  # Pipeline.generate's loop, with a look at the callers
+        rows = batch.admit(requests)
+        while batch:
+            for row, event in zip(rows, events):
+                if event is not None and event.is_set():
+                    batch.cancel(row)  # retired (its KV rows freed) by the next step
+            batch.step()
+        return [Outcome(error=StreamCancelled("client disconnected")) if row.finish_reason == "cancelled"
+                else Outcome(result=row.result) for row in rows]
+
+    async def generate(self, request: Any, cancelled: threading.Event | None = None) -> Outcome:
+        """One request alone, on a worker thread; setting `cancelled` stops it at the next step."""
+        ticket = Ticket(request, cancelled or threading.Event())
+        work = asyncio.ensure_future(asyncio.to_thread(self.run_batch, [ticket]))
+        try:
+            return (await asyncio.shield(work))[0]
+        except asyncio.CancelledError:
+            ticket.cancelled.set()
+            raise
 
     def run_stream(self, request: Any, on_token: Callable[[int, str], None], cancelled: Any = None) -> Any:
         """Generate one request, calling `on_token(0, delta)` as text is decoded; raises on failure.
@@ -84,9 +125,9 @@ class EngineRunner:
             results = self._generate([request], on_token=on_token)
         return results[0]
 
-    def _run_one(self, request: Any) -> Outcome:
+    def _run_one(self, request: Any, event: threading.Event | None = None) -> Outcome:
         try:
-            return Outcome(result=self._generate([request])[0])
+            return self._run([request], [event])[0]
         except Exception as err:  # noqa: BLE001
             return Outcome(error=err)
 
@@ -124,8 +165,13 @@ class TokenStream:
             self._task = asyncio.ensure_future(_unwrap(asyncio.wrap_future(future)))
         else:
             self._task = asyncio.ensure_future(asyncio.to_thread(self._runner.run_stream, self._request, self._on_token))
-        self._task.add_done_callback(lambda _task: self._queue.put_nowait(_DONE))
+        self._task.add_done_callback(self._finished)
         return self
+
+    def _finished(self, task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here: nobody may be left to await a cancelled stream
+        self._queue.put_nowait(_DONE)
 
     def _on_token(self, row: int, delta: str) -> None:  # called on the worker thread
         if self._cancelled.is_set():
@@ -153,11 +199,16 @@ class TokenStream:
             raise StopAsyncIteration
         return delta
 
-    async def close(self) -> None:
-        """Stop the generation if it is still running and wait for the thread to let go."""
+    def cancel(self) -> None:
+        """Stop the generation at its next token or decode step. Synchronous on purpose: it runs
+        in `finally` blocks of cancelled tasks, where any further `await` raises again."""
         self._cancelled.set()
+
+    async def close(self) -> None:
+        """`cancel`, then wait for the worker to let go (never raises)."""
+        self.cancel()
         if self._task is not None:
             try:
-                await self._task
-            except Exception:  # noqa: BLE001 - StreamCancelled or an error nobody is waiting for
+                await asyncio.shield(self._task)
+            except BaseException:  # noqa: BLE001 - StreamCancelled, an error nobody waits for, or our own cancel
                 pass

@@ -34,6 +34,7 @@ class ServeConfig:
     max_queued_requests: int = 256  # in Ray's proxy queue before it answers 503
     warmup: bool = True
     api_key: Optional[str] = None
+    api_keys: tuple[str, ...] = ()  # more keys (--api-key repeated, --api-keys-file); each owns its eval jobs
     router_dir: Optional[str] = None  # VTE router weights, by name (<name>.pt); requests never name paths
     limits: Limits = field(default_factory=Limits)
     eval_jobs: bool = True
@@ -44,6 +45,10 @@ class ServeConfig:
     eval_jobs_dir: Optional[str] = None  # SQLite job store + job folders (serve/jobstore.py default_jobs_dir)
     eval_keep_days: float = 7.0  # retention: finished jobs older than this are removed with their folders
     eval_keep_jobs: int = 200  # retention: at most this many finished jobs are kept
+
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key (empty: the service runs without authentication)."""
+        return tuple(dict.fromkeys(k for k in (self.api_key, *self.api_keys) if k))
 
     @property
     def max_concurrent(self) -> int:

@@ -205,6 +205,7 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
+    owner: Optional[str] = None  # owner id of the API key that created it (serve/limits.py key_owner)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,17 +218,19 @@ class JobBoard:
         self.jobs: dict[str, JobRecord] = {}
         self.keep = keep
 
-    def create(self, kind: str, model: str, request: dict[str, Any]) -> JobRecord:
-        job = JobRecord(id=f"evaljob-{uuid.uuid4().hex[:16]}", kind=kind, model=model, request=request)
+    def create(self, kind: str, model: str, request: dict[str, Any], owner: str | None = None) -> JobRecord:
+        job = JobRecord(id=f"evaljob-{uuid.uuid4().hex[:16]}", kind=kind, model=model, request=request, owner=owner)
         self.jobs[job.id] = job
         self._trim()
         return job
 
-    def get(self, job_id: str) -> Optional[JobRecord]:
-        return self.jobs.get(job_id)
+    def get(self, job_id: str, owner: str | None = None) -> Optional[JobRecord]:
+        """The job, or None when it does not exist or (given an owner) belongs to another."""
+        job = self.jobs.get(job_id)
+        return job if job is not None and (owner is None or job.owner == owner) else None
 
-    def list(self) -> list[JobRecord]:
-        return sorted(self.jobs.values(), key=lambda j: j.created_at)
+    def list(self, owner: str | None = None) -> list[JobRecord]:
+        return sorted((j for j in self.jobs.values() if owner is None or j.owner == owner), key=lambda j: j.created_at)
 
     def queued(self) -> list[JobRecord]:
         return [j for j in self.list() if j.state == "queued"]
@@ -331,24 +334,26 @@ class JobRegistry:
         self.board.reload()
         self._schedule()
 
-    def submit(self, kind: str, model: str, request: dict, load_kwargs: dict) -> dict:
-        job = self.board.create(kind, model, request, load_kwargs)
+    # `owner`: the owner id of the caller's API key (serve/limits.py); None sees every job (a
+    # server without keys). Another owner's job is reported as missing.
+    def submit(self, kind: str, model: str, request: dict, load_kwargs: dict, owner: str | None = None) -> dict:
+        job = self.board.create(kind, model, request, load_kwargs, owner=owner)
         self._schedule()
         return self.board.get(job.id).to_dict()
 
-    def get(self, job_id: str) -> Optional[dict]:
+    def get(self, job_id: str, owner: str | None = None) -> Optional[dict]:
         self._reap()
-        job = self.board.get(job_id)
+        job = self.board.get(job_id, owner)
         return None if job is None else job.to_dict()
 
-    def list(self) -> list[dict]:
+    def list(self, owner: str | None = None) -> list[dict]:
         self._reap()
-        return [j.to_dict() for j in self.board.list()]
+        return [j.to_dict() for j in self.board.list(owner)]
 
-    def cancel(self, job_id: str) -> Optional[dict]:
+    def cancel(self, job_id: str, owner: str | None = None) -> Optional[dict]:
         import ray
 
-        job = self.board.get(job_id)
+        job = self.board.get(job_id, owner)
         if job is None:
             return None
         if self.board.cancel(job_id) and job_id in self.workers:
@@ -357,20 +362,20 @@ class JobRegistry:
         self._schedule()
         return self.board.get(job_id).to_dict()
 
-    def resume(self, job_id: str) -> Optional[dict]:
+    def resume(self, job_id: str, owner: str | None = None) -> Optional[dict]:
         """Queue a failed or cancelled job again; it continues from its results file.
 
         Returns {"resumed": bool, "job": record} (resumed False: the job was not failed or
-        cancelled), or None for an unknown id.
+        cancelled), or None for an unknown id (or another owner's job).
         """
-        if self.board.get(job_id) is None:
+        if self.board.get(job_id, owner) is None:
             return None
         resumed = self.board.resume(job_id)
         self._schedule()
         return {"resumed": resumed, "job": self.board.get(job_id).to_dict()}
 
     def health(self) -> dict:
-        return {**self.board.health(), "running": len(self.workers)}
+        return {**self.board.health(), "running": len(self.workers), "orphans": len(self.board.orphans())}
 
     # called by drivers
     def started(self, job_id: str) -> None:
@@ -458,20 +463,20 @@ class RayJobs:
     def kinds() -> dict[str, str]:
         return {k.name: k.summary for k in JOB_KINDS.values()}
 
-    async def submit(self, kind: str, model: str, request: dict, load_kwargs: dict) -> dict:
-        return await self._actor.submit.remote(kind, model, request, load_kwargs)
+    async def submit(self, kind: str, model: str, request: dict, load_kwargs: dict, owner: str | None = None) -> dict:
+        return await self._actor.submit.remote(kind, model, request, load_kwargs, owner)
 
-    async def get(self, job_id: str) -> Optional[dict]:
-        return await self._actor.get.remote(job_id)
+    async def get(self, job_id: str, owner: str | None = None) -> Optional[dict]:
+        return await self._actor.get.remote(job_id, owner)
 
-    async def list(self) -> list[dict]:
-        return await self._actor.list.remote()
+    async def list(self, owner: str | None = None) -> list[dict]:
+        return await self._actor.list.remote(owner)
 
-    async def cancel(self, job_id: str) -> Optional[dict]:
-        return await self._actor.cancel.remote(job_id)
+    async def cancel(self, job_id: str, owner: str | None = None) -> Optional[dict]:
+        return await self._actor.cancel.remote(job_id, owner)
 
-    async def resume(self, job_id: str) -> Optional[dict]:
-        return await self._actor.resume.remote(job_id)
+    async def resume(self, job_id: str, owner: str | None = None) -> Optional[dict]:
+        return await self._actor.resume.remote(job_id, owner)
 
     async def health(self) -> dict:
         return await self._actor.health.remote()

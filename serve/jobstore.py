@@ -17,6 +17,12 @@ revive a cancelled job), written through to the database at every change. Beyond
 - `prune()`: the retention policy. Finished jobs older than `keep_days`, and finished jobs beyond
   the newest `keep_jobs`, lose their row and their folder. Queued and running jobs are never pruned.
 - `health()`: whether the database answers, for the service's readiness.
+- `check_store(root)`: what `lvlm serve` runs before it starts. A store that is not a SQLite
+  database, fails SQLite's integrity check, or is empty while job folders exist (truncated)
+  raises `JobStoreError`, one line naming the file and the way out (move it aside); job folders
+  without a row are returned, to be reported, and never deleted.
+- Owners: each row records the owner id of the API key that created it (serve/limits.py
+  `key_owner`); `get`, `list`, `cancel` and `resume` given an owner see only that owner's jobs.
 
 One connection per call (WAL mode, a busy timeout): the registry actor is the only writer, and a
 second process (an operator's `sqlite3`, a test) can read while it runs.
@@ -55,13 +61,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     workdir TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    cluster TEXT                    -- JSON or NULL: the replica pool's work in the latest attempt
+    cluster TEXT,                   -- JSON or NULL: the replica pool's work in the latest attempt
+    owner TEXT                      -- owner id of the API key that created the job, or NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 """
 JSON_COLUMNS = ("request", "load_kwargs", "metrics", "error", "cluster")
 # Columns added after the first release, for stores created before them: name -> declaration.
-ADDED_COLUMNS = {"cluster": "TEXT"}
+ADDED_COLUMNS = {"cluster": "TEXT", "owner": "TEXT"}
+JOB_FOLDER = "evaljob-"  # prefix of job ids and so of their folders
+
+
+class JobStoreError(RuntimeError):
+    """The job store cannot be used as it is (corrupt, truncated); the message is one line."""
 
 
 @dataclass
@@ -84,6 +96,7 @@ class StoredJob:
     workdir: str = ""
     attempts: int = 0
     cluster: Optional[dict[str, Any]] = None  # {"replicas", "items_per_node", "requeued_batches", "replaced_replicas"}
+    owner: Optional[str] = None  # owner id of the creating API key (None: created without keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,25 +153,29 @@ class JobStore:
         return StoredJob(**data)
 
     # -- the board's interface ------------------------------------------------------------------
-    def create(self, kind: str, model: str, request: dict[str, Any], load_kwargs: dict | None = None) -> StoredJob:
-        job_id = f"evaljob-{uuid.uuid4().hex[:16]}"
+    def create(self, kind: str, model: str, request: dict[str, Any], load_kwargs: dict | None = None,
+               owner: str | None = None) -> StoredJob:
+        job_id = f"{JOB_FOLDER}{uuid.uuid4().hex[:16]}"
         job = StoredJob(id=job_id, kind=kind, model=model, request=dict(request), load_kwargs=dict(load_kwargs or {}),
-                        created_at=time.time(), workdir=str(self.root / job_id))
+                        created_at=time.time(), workdir=str(self.root / job_id), owner=owner)
         self._write(
-            "INSERT INTO jobs (id, kind, model, request, load_kwargs, state, created_at, workdir)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, kind, model, request, load_kwargs, state, created_at, workdir, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job.id, kind, model, json.dumps(job.request), json.dumps(job.load_kwargs), job.state, job.created_at,
-             job.workdir),
+             job.workdir, owner),
         )
         self.prune()
         return job
 
-    def get(self, job_id: str) -> Optional[StoredJob]:
+    def get(self, job_id: str, owner: str | None = None) -> Optional[StoredJob]:
+        """The job, or None when it does not exist or (given an owner) belongs to another."""
         rows = self._rows("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return rows[0] if rows else None
+        return rows[0] if rows and (owner is None or rows[0].owner == owner) else None
 
-    def list(self) -> list[StoredJob]:
-        return self._rows("SELECT * FROM jobs ORDER BY created_at, rowid")
+    def list(self, owner: str | None = None) -> list[StoredJob]:
+        if owner is None:
+            return self._rows("SELECT * FROM jobs ORDER BY created_at, rowid")
+        return self._rows("SELECT * FROM jobs WHERE owner = ? ORDER BY created_at, rowid", (owner,))
 
     def queued(self) -> list[StoredJob]:
         return self._rows("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
@@ -214,6 +231,13 @@ class JobStore:
                 shutil.rmtree(folder, ignore_errors=True)
         return [j.id for j in gone]
 
+    def orphans(self) -> list[str]:
+        """Job folders in the jobs directory with no row in the store."""
+        folders = {p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(JOB_FOLDER)}
+        with closing(self._connect()) as db:
+            known = {row[0] for row in db.execute("SELECT id FROM jobs")}
+        return sorted(folders - known)
+
     def health(self) -> dict[str, Any]:
         """{"ok", "path", "jobs", "error"}: whether the database can be read right now."""
         try:
@@ -222,3 +246,35 @@ class JobStore:
             return {"ok": True, "path": str(self.path), "jobs": counts, "error": None}
         except sqlite3.Error as err:
             return {"ok": False, "path": str(self.path), "jobs": {}, "error": f"{type(err).__name__}: {err}"}
+
+
+def check_store(root: str | Path) -> list[str]:
+    """Check the job store under `root` before the service starts; returns the job folders that
+    have no row (to report). Raises `JobStoreError` (one line: the file and the way out) when the
+    database is not SQLite, fails `PRAGMA integrity_check`, or is empty while job folders exist."""
+    root = Path(root).expanduser().resolve()
+    path = root / DB_NAME
+    way_out = f"move it aside (mv {path} {path}.broken) to start with an empty store"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(JOB_FOLDER)) \
+        if root.is_dir() else []
+    if path.exists():
+        with open(path, "rb") as f:
+            header = f.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise JobStoreError(f"job store {path} is not a SQLite database; {way_out}")
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)) as db:
+                verdict = db.execute("PRAGMA integrity_check").fetchone()[0]
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                rows = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] if "jobs" in tables else 0
+        except sqlite3.Error as err:
+            raise JobStoreError(f"job store {path} cannot be read ({err}); {way_out}") from None
+        if verdict != "ok":
+            raise JobStoreError(f"job store {path} is corrupt (integrity check: {verdict[:80]}); {way_out}")
+        if folders and not rows:
+            raise JobStoreError(f"job store {path} holds no jobs but {len(folders)} job folders exist (truncated?); "
+                                f"{way_out}")
+    elif folders:
+        raise JobStoreError(f"job store {path} is missing but {len(folders)} job folders exist; restore it, or move "
+                            f"the folders aside to start with an empty store")
+    return JobStore(root).orphans() if path.exists() else []

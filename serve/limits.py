@@ -1,5 +1,15 @@
-"""Request limits of the service: its configuration, the API-key check, the bounded body reader
-and the per-replica admission limit that answers 429 instead of queueing without bound.
+"""Request limits of the service: its configuration, the API-key check, the bounded body reader,
+the bounded cost of every request field, and the per-replica admission limit that answers 429
+instead of queueing without bound.
+
+Every field a client controls has a cost bounded before the request is queued (`check_costs`):
+strings (the prompt, and the prompts an intervention carries, such as CARVE's, count against
+one `max_prompt_chars` budget; every other string against `max_field_chars`), lists (at most the
+served model's largest dimension: layers, heads or hidden size), the number of interventions,
+and the body itself (`read_body`). A refusal is a 400 (413 for the body) in milliseconds.
+
+API keys: several may be configured; `check_api_key` returns the caller's owner id (a hash of
+the key, never the key), so each evaluation job belongs to the key that created it.
 
 Why an admission limit inside the replica when Ray Serve already caps `max_ongoing_requests`:
 requests over Ray's cap wait in the proxy's queue, and past `max_queued_requests` Ray answers a
@@ -9,10 +19,13 @@ OpenAI-style 429 (and `Retry-After`) while cheap routes (/health, /metrics) stil
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import threading
 from dataclasses import dataclass
+from typing import Any, Iterable
 
-from lvlm_hallu.serve.errors import Overloaded, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from lvlm_hallu.serve.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 MiB = 1024 * 1024
 
@@ -34,16 +47,118 @@ class Limits:
     remote_timeout_s: float = 5.0
     remote_max_redirects: int = 3
     max_eval_limit: int = 5000
+    max_field_chars: int = 256  # model, user, stop strings, intervention strings and names
+    max_interventions: int = 8  # entries of the interventions list
+    max_list_items: int = 4096  # a list parameter, when the model's dimensions are unknown
+    max_nesting: int = 3  # lists inside lists inside an intervention parameter
 
 
-def check_api_key(authorization: str | None, api_key: str | None) -> None:
-    """Bearer-token check; a no-op when the service runs without a key."""
-    if not api_key:
-        return
+def key_owner(key: str) -> str:
+    """The owner id of an API key: a short hash, safe to store and log."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def check_api_key(authorization: str | None, keys: str | Iterable[str] | None) -> str | None:
+    """Bearer-token check against every configured key; returns the caller's owner id, or None
+    when the service runs without keys."""
+    keys = [keys] if isinstance(keys, str) else [k for k in (keys or ()) if k]
+    if not keys:
+        return None
     scheme, _, token = (authorization or "").partition(" ")
-    # compare_digest: the time taken must not reveal how much of the key matched.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    given = token.strip().encode()
+    # compare_digest against every key: the time taken reveals neither which key nor how much matched
+    matched = [k for k in keys if hmac.compare_digest(given, k.encode())]
+    if scheme.lower() != "bearer" or not matched:
         raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+    return key_owner(matched[0])
+
+
+def list_bound(facts: Any, limits: Limits) -> int:
+    """Longest list an intervention parameter may hold: the model's largest dimension (a layer,
+    head or hidden-dimension index list never needs more entries)."""
+    dims = [getattr(facts, name, None) for name in ("num_layers", "num_heads", "hidden_size")]
+    dims = [d for d in dims if isinstance(d, int) and d > 0]
+    return max(dims) if dims else limits.max_list_items
+
+
+def check_costs(body: Any, limits: Limits, facts: Any = None, prompt_chars: int = 0) -> None:
+    """400 unless every field of a chat request (or an eval job's interventions) has a bounded
+    cost; `prompt_chars` of the prompt budget are already used by the messages."""
+    for name in ("model", "user"):
+        value = getattr(body, name, None)
+        if isinstance(value, str) and len(value) > limits.max_field_chars:
+            raise BadRequest(f"{name} of {len(value)} characters exceeds the limit of {limits.max_field_chars}",
+                             param=name, code="invalid_value")
+    stop = getattr(body, "stop", None)
+    for i, text in enumerate([stop] if isinstance(stop, str) else stop or ()):
+        if len(text) > limits.max_field_chars:
+            raise BadRequest(f"stop sequence of {len(text)} characters exceeds the limit of {limits.max_field_chars}",
+                             param="stop" if isinstance(stop, str) else f"stop.{i}", code="invalid_value")
+    spec = body.intervention_spec() if hasattr(body, "intervention_spec") else None
+    _InterventionCost(limits, list_bound(facts, limits), limits.max_prompt_chars - prompt_chars).check(spec)
+
+
+class _InterventionCost:
+    """Walks an `interventions` value (plain JSON data) and refuses what would cost unbounded work."""
+
+    def __init__(self, limits: Limits, max_items: int, prompt_budget: int):
+        self.limits, self.max_items, self.prompt_budget = limits, max_items, prompt_budget
+
+    def refuse(self, message: str, param: str, code: str = "invalid_value") -> None:
+        raise BadRequest(message, param=param, code=code)
+
+    def check(self, spec: Any) -> None:
+        if spec is None:
+            return
+        if isinstance(spec, str):
+            return self.string(spec, "interventions", prompt=False)
+        items = [spec] if isinstance(spec, dict) else list(spec)
+        if len(items) > self.limits.max_interventions:
+            self.refuse(f"{len(items)} interventions given; at most {self.limits.max_interventions}", "interventions")
+        for i, item in enumerate(items):
+            where = f"interventions.{i}"
+            if isinstance(item, dict):
+                self.mapping(item, where, depth=0)
+            else:
+                self.value(item, where, depth=0, prompt=False)
+
+    def mapping(self, item: dict, where: str, depth: int) -> None:
+        if len(item) > 64:
+            self.refuse(f"{where} has {len(item)} fields; at most 64", where)
+        for key, value in item.items():
+            self.string(str(key), where, prompt=False)
+            self.value(value, f"{where}.{key}", depth, prompt="prompt" in str(key))
+
+    def value(self, value: Any, where: str, depth: int, prompt: bool) -> None:
+        if isinstance(value, str):
+            self.string(value, where, prompt)
+        elif isinstance(value, bool) or value is None or isinstance(value, float):
+            return
+        elif isinstance(value, int):
+            if abs(value) >= 2**63:
+                self.refuse(f"{where}: integer out of range", where)
+        elif isinstance(value, (list, tuple)):
+            if depth >= self.limits.max_nesting:
+                self.refuse(f"{where}: lists nested deeper than {self.limits.max_nesting}", where)
+            if len(value) > self.max_items:
+                self.refuse(f"{where} has {len(value)} entries; at most {self.max_items} (the model's largest "
+                            "dimension)", where)
+            for j, inner in enumerate(value):
+                self.value(inner, f"{where}.{j}", depth + 1, prompt)
+        elif isinstance(value, dict):
+            if depth >= self.limits.max_nesting:
+                self.refuse(f"{where}: objects nested deeper than {self.limits.max_nesting}", where)
+            self.mapping(value, where, depth + 1)
+
+    def string(self, text: str, where: str, prompt: bool) -> None:
+        if prompt:  # an intervention's prompt (CARVE's) is read by the model like the chat prompt
+            self.prompt_budget -= len(text)
+            if self.prompt_budget < 0:
+                self.refuse(f"{where}: the prompt and the interventions' prompts exceed the limit of "
+                            f"{self.limits.max_prompt_chars} characters", where, code="context_length_exceeded")
+        elif len(text) > self.limits.max_field_chars:
+            self.refuse(f"{where}: string of {len(text)} characters exceeds the limit of {self.limits.max_field_chars}",
+                        where)
 
 
 def check_json(content_type: str | None) -> None:
@@ -76,18 +191,43 @@ async def read_body(request, limit: int) -> bytes:
 class Admission:
     """Counts generation requests in flight on this replica and refuses those over `limit`.
 
-    Only touched from the replica's event loop, so a plain counter is safe without a lock.
+    `acquire` hands out a `Slot` whose `release` gives it back exactly once, whichever exit path
+    (answer, error, stream closed, client gone, garbage collection) gets there first.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.active = 0
+        self._lock = threading.Lock()  # a slot may be released by a finalizer on another thread
 
-    def acquire(self) -> None:
-        if self.active >= self.limit:
-            raise Overloaded(f"server is at its limit of {self.limit} concurrent requests; retry shortly",
-                             retry_after_s=1.0)
-        self.active += 1
+    def acquire(self) -> "Slot":
+        with self._lock:
+            if self.active >= self.limit:
+                raise Overloaded(f"server is at its limit of {self.limit} concurrent requests; retry shortly",
+                                 retry_after_s=1.0)
+            self.active += 1
+        return Slot(self)
 
     def release(self) -> None:
-        self.active = max(0, self.active - 1)
+        with self._lock:
+            self.active = max(0, self.active - 1)
+
+
+class Slot:
+    """One admitted request; `release()` is idempotent."""
+
+    def __init__(self, admission: Admission):
+        self._admission, self._held, self._lock = admission, True, threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> bool:
+        """Give the slot back; False when it was already given back."""
+        with self._lock:
+            if not self._held:
+                return False
+            self._held = False
+        self._admission.release()
+        return True

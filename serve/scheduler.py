@@ -31,6 +31,12 @@ The queue itself is bounded by the replica's admission limit (429 beyond `max_co
 If an admitted group fails to prefill (a prompt only the engine finds too long ...), its requests
 are retried one at a time so only the bad one fails. A failing decode step fails the running rows.
 Results and errors come back as `serve.batching.Outcome`s through futures.
+
+Clients that leave: a request's `cancelled` event (set by the stream when its consumer goes, or
+by `generate` when its awaiting task is cancelled) or a cancelled future retires its row before
+the next decode step (its KV rows are dropped from the batch) or takes it out of the queue. Every
+future is settled at most once and a settled or cancelled one is skipped, so one client's
+departure never reaches the engine loop or its neighbours.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from lvlm_hallu.serve.batching import Outcome, StreamCancelled
+from lvlm_hallu.serve.batching import Outcome, StreamCancelled, unpack
 from lvlm_hallu.serve.errors import Overloaded
 
 log = logging.getLogger("serve.scheduler")
@@ -144,13 +150,22 @@ class ContinuousScheduler:
             self._wake.notify()
         return job.future
 
-    async def generate(self, request: Any) -> Outcome:
-        """Await one request's Outcome without holding a thread."""
-        return await asyncio.wrap_future(self.submit(request))
+    async def generate(self, request: Any, cancelled: threading.Event | None = None) -> Outcome:
+        """Await one request's Outcome without holding a thread. If the awaiting task is
+        cancelled (its client left), the row is retired at the next step."""
+        cancelled = cancelled or threading.Event()
+        future = self.submit(request, cancelled=cancelled)
+        try:
+            # shield: a cancelled wrapper must not cancel the engine's future under its feet
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
-    def run_batch(self, requests: list) -> list[Outcome]:
-        """Blocking: submit every request and wait for all (warm-up, tests, the static interface)."""
-        futures = [self.submit(r) for r in requests]
+    def run_batch(self, items: list) -> list[Outcome]:
+        """Blocking: submit every request (or `Ticket`) and wait for all (warm-up, tests, the
+        static interface)."""
+        futures = [self.submit(r, cancelled=e) for r, e in map(unpack, items)]
         return [f.result() for f in futures]
 
     def run_stream(self, request: Any, on_token: Callable[[int, str], None],
@@ -199,18 +214,18 @@ class ContinuousScheduler:
                 self._fail_running(err)
         self._fail_running(RuntimeError("the scheduler was closed"))
         for job in list(self._waiting):
-            job.future.set_result(Outcome(error=RuntimeError("the scheduler was closed")))
+            settle(job, Outcome(error=RuntimeError("the scheduler was closed")))
 
     def _cancel_gone(self) -> None:
         for job in self._jobs.values():
-            if job.cancelled.is_set():
-                self._batch.cancel(job.row)
+            if gone(job):
+                self._batch.cancel(job.row)  # retired, KV rows dropped, by the next step
         with self._wake:
-            gone = [j for j in self._waiting if j.cancelled.is_set()]
-            for job in gone:
+            left = [j for j in self._waiting if gone(j)]
+            for job in left:
                 self._waiting.remove(job)
-        for job in gone:
-            job.future.set_result(Outcome(error=StreamCancelled("client disconnected")))
+        for job in left:
+            settle(job, Outcome(error=StreamCancelled("client disconnected")))
 
     def _in_flight_tokens(self) -> int:
         return sum(row.prompt_tokens + row.request.max_new_tokens for row in self._batch.rows)
@@ -250,7 +265,7 @@ class ContinuousScheduler:
                 try:
                     self._admit_group([job])
                 except Exception as err:  # noqa: BLE001
-                    job.future.set_result(Outcome(error=err))
+                    settle(job, Outcome(error=err))
 
     def _admit_group(self, jobs: list[Job]) -> None:
         streams = [self._stream_for(job) for job in jobs]
@@ -260,7 +275,7 @@ class ContinuousScheduler:
         for job, row in zip(jobs, rows):
             job.row = row
             if row.result is not None:  # finished on its first token
-                job.future.set_result(Outcome(result=row.result))
+                settle(job, Outcome(result=row.result))
             else:
                 self._jobs[id(row)] = job
 
@@ -284,18 +299,32 @@ class ContinuousScheduler:
             if job is None:
                 continue
             if row.finish_reason == "cancelled":
-                job.future.set_result(Outcome(error=StreamCancelled("client disconnected")))
+                settle(job, Outcome(error=StreamCancelled("client disconnected")))
             else:
-                job.future.set_result(Outcome(result=row.result))
+                settle(job, Outcome(result=row.result))
 
     def _fail_running(self, err: BaseException) -> None:
         from lvlm_hallu.lvlm.pipeline import RunningBatch
 
         for job in self._jobs.values():
-            if not job.future.done():
-                job.future.set_result(Outcome(error=err))
+            settle(job, Outcome(error=err))
         self._jobs.clear()
         self._batch = RunningBatch(self.pipeline)
+
+
+def gone(job: Job) -> bool:
+    """The job's client has left: its stream or caller said so, or its future was cancelled."""
+    return job.cancelled.is_set() or job.future.cancelled()
+
+
+def settle(job: Job, outcome: Outcome) -> None:
+    """Resolve the job's future once; a future already settled or cancelled is left alone."""
+    if job.future.done():
+        return
+    try:
+        job.future.set_result(outcome)
+    except concurrent.futures.InvalidStateError:  # cancelled by its caller meanwhile
+        pass
 
 
 def prefill_shape(pipeline: Any, request: Any, image_tokens: int) -> PrefillShape:

@@ -45,17 +45,19 @@ class FakeJobs:
     def kinds():
         return {"chair": "", "pope": ""}
 
-    async def submit(self, kind, model, request, load_kwargs):
-        return self.board.create(kind, model, request).to_dict()
+    async def submit(self, kind, model, request, load_kwargs, owner=None):
+        return self.board.create(kind, model, request, owner=owner).to_dict()
 
-    async def get(self, job_id):
-        job = self.board.get(job_id)
+    async def get(self, job_id, owner=None):
+        job = self.board.get(job_id, owner)
         return job and job.to_dict()
 
-    async def list(self):
-        return [j.to_dict() for j in self.board.list()]
+    async def list(self, owner=None):
+        return [j.to_dict() for j in self.board.list(owner)]
 
-    async def cancel(self, job_id):
+    async def cancel(self, job_id, owner=None):
+        if self.board.get(job_id, owner) is None:
+            return None
         self.board.cancel(job_id)
         return await self.get(job_id)
 

@@ -162,22 +162,24 @@ class StoreJobs:
     def kinds():
         return {"chair": "", "pope": ""}
 
-    async def submit(self, kind, model, request, load_kwargs):
-        return self.store.create(kind, model, request, load_kwargs).to_dict()
+    async def submit(self, kind, model, request, load_kwargs, owner=None):
+        return self.store.create(kind, model, request, load_kwargs, owner=owner).to_dict()
 
-    async def get(self, job_id):
-        job = self.store.get(job_id)
+    async def get(self, job_id, owner=None):
+        job = self.store.get(job_id, owner)
         return job and job.to_dict()
 
-    async def list(self):
-        return [j.to_dict() for j in self.store.list()]
+    async def list(self, owner=None):
+        return [j.to_dict() for j in self.store.list(owner)]
 
-    async def cancel(self, job_id):
+    async def cancel(self, job_id, owner=None):
+        if self.store.get(job_id, owner) is None:
+            return None
         self.store.cancel(job_id)
         return await self.get(job_id)
 
-    async def resume(self, job_id):
-        if self.store.get(job_id) is None:
+    async def resume(self, job_id, owner=None):
+        if self.store.get(job_id, owner) is None:
             return None
         resumed = self.store.resume(job_id)
         return {"resumed": resumed, "job": await self.get(job_id)}
@@ -273,9 +275,12 @@ def test_good_submission_is_stored_with_normalised_options_and_resumes_through_t
 def test_health_reports_the_job_store(api, tmp_path):
     http, store = api
     http.post("/v1/eval/jobs", headers=AUTH, json={"kind": "chair", "limit": 2})
-    jobs = http.get("/health").json()["jobs"]
+    jobs = http.get("/health", headers=AUTH).json()["jobs"]
     assert jobs["ok"] is True and jobs["jobs"] == {"queued": 1} and jobs["path"] == str(store.path)
+    assert http.get("/health").json()["jobs"] == {"ok": True}, "no key: no path, counts or errors"
     store.path.unlink()
     store.path.mkdir()
-    jobs = http.get("/health").json()["jobs"]
+    jobs = http.get("/health", headers=AUTH).json()["jobs"]
     assert jobs["ok"] is False and jobs["error"]
+    for route in ("/health", "/ready"):  # without a key the failure shows no internals
+        assert http.get(route).json()["jobs"] == {"ok": False}

@@ -43,7 +43,16 @@ from lvlm_hallu.eval.pope import (
 )
 from lvlm_hallu.eval.report import ConfigResult, Provenance, Report, ReportPaths, atomic_write_text, sha256_file, write_report
 from lvlm_hallu.eval.runner import RESOLVED_FIELD, AnswerFn, Item, RayPool, ResultsFile, check_results_file, run
-from lvlm_hallu.eval.significance import LEVEL, RESAMPLES, UnitStats, check_level, paired_bootstrap, ratio
+from lvlm_hallu.eval.significance import (
+    BORDERLINE_Z,
+    LEVEL,
+    MIN_TAIL,
+    UnitStats,
+    check_level,
+    check_resamples,
+    paired_bootstrap,
+    ratio,
+)
 
 CHAIR_PROMPT = "Please describe this image in detail."
 
@@ -442,7 +451,7 @@ def compare(
     describe: Callable[[Any], Any] | None = None,
     names: Sequence[str] | None = None,
     fingerprint: Fingerprint | None = None,
-    resamples: int = RESAMPLES,
+    resamples: int | None = None,
     bootstrap_seed: int = 0,
     level: float = LEVEL,
     values: Callable[[Any], Any] | None = None,
@@ -456,9 +465,11 @@ def compare(
     `names` label the configurations (default: derived from the specs); they name the files too.
     `fingerprint` (`run_fingerprint`) stamps every results file and refuses a mismatched resume.
     Every configuration after the first gets paired bootstrap intervals against the first
-    (`resamples` resamples, `bootstrap_seed`, two-sided at `level`).
+    (`resamples` resamples, default and minimum by `level`: eval/significance.py; `bootstrap_seed`,
+    two-sided at `level`).
     """
     check_level(level)  # before anything runs
+    resamples = check_resamples(resamples, level)  # enough beyond each bound, also before anything runs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     planned = plan_configs(task, configs, out_dir, fingerprint=fingerprint, describe=describe, names=names,
@@ -492,6 +503,7 @@ def compare(
     if len(results) > 1:
         unit = "image" if task.name == "chair" else "image (its questions in every split)"
         significance = {"baseline": results[0].name, "method": "paired bootstrap, percentile interval",
-                        "level": level, "resamples": resamples, "seed": bootstrap_seed, "unit": unit}
+                        "level": level, "resamples": resamples, "seed": bootstrap_seed, "unit": unit,
+                        "min_per_tail": MIN_TAIL, "borderline_z": BORDERLINE_Z}
     report = Report(provenance, tuple(results), significance)
     return report, write_report(report, out_dir, stem or f"{task.name}_report", charts=charts)

@@ -1,8 +1,9 @@
 """CARVE: contrastive attention refinement of the input image (Ge et al., arXiv 2509.06461).
 
 CARVE edits the image, not the attention:
-1. Two short greedy generations (≤ 32 tokens), with the task question Q and with the general
-   instruction G, read out A^{(l,t)}: the newest query row's head-mean attention over the visual
+1. Two short greedy generations (≤ 32 tokens, stopping at EOS whatever the request's
+   `ignore_eos`, top-p, seed, stop strings or log-probabilities), with the task question Q and
+   with the general instruction G, read out A^{(l,t)}: the newest query row's head-mean attention over the visual
    keys at step t in layer l (the kernel's READOUT, with the KV cache; no attention matrix).
 2. Contrast Â = A^Q / (A^G + λ), λ = 1e-8, over the steps both generations reached; fusion
    S = Σ_t w_t Σ_{l∈Lsel} grid(Â^{(l,t)}), w_t = t − t_start + 1, grid() = the image's real patch
@@ -14,7 +15,8 @@ CARVE edits the image, not the attention:
    regions with the largest attention sum, zero the rest, crop to their bounding box, upscale
    (aspect kept, Lanczos) by the larger of the two ratios to the model's input size (the tower's
    square input; a dynamic-resolution tower's input is the image's own size), as the official
-   code does.
+   code does; upscale only: a crop larger than that target keeps its size (on any-resolution
+   families the target is the base tile, and shrinking to it would throw away the tiles' detail).
 4. Final answer to Q with the refined image (paper) or with the original and refined images
    together (released code): `mode` = "paper" | "code". The released code appends "Answer the
    question using a single word or phrase." to Q and G (`answer_suffix`, on in code mode).
@@ -64,7 +66,8 @@ def layers_default(backbone: Backbone) -> Default:
           summary="contrast task vs general attention to crop the image to the relevant regions, then re-ask")
 @dataclass(frozen=True)
 class CARVEConfig:
-    max_steps: int = field(default=32, metadata={"doc": "tokens of each read-out generation"})
+    max_steps: int = field(default=32, metadata={
+        "doc": "most tokens of each read-out generation (greedy, stops at EOS)"})
     general_prompt: str = field(default=GENERAL_PROMPT, metadata={"doc": "the general instruction G"})
     lam: float = field(default=1e-8, metadata={"doc": "lambda in A^Q / (A^G + lambda)"})
     layers: tuple[int, ...] | None = field(default=None, metadata={"doc": "read-out layers; default 20..25 of 32, scaled"})
@@ -172,8 +175,10 @@ def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: 
                  target: tuple[int, int] | None = None) -> tuple[Image.Image, dict]:
     """Keep the top-p pixels' strongest regions, zero the rest, crop, and upscale (Lanczos, aspect
     kept) by the larger of the two ratios to `target` (width, height; default the image's size):
-    the crop then covers the target in both directions, as the official code's max does. A mask
-    that keeps every pixel returns the image unchanged, so top_p = 1 is neutral."""
+    the crop then covers the target in both directions, as the official code's max does. Never a
+    factor below 1: a crop already as large as the target keeps its own size (LLaVA-NeXT's base
+    tile must not shrink a 64x48 crop to 43x32). A mask that keeps every pixel returns the image
+    unchanged, so top_p = 1 is neutral."""
     regions, count, kept = select_regions(score, top_p=top_p, k_min=k_min)
     if count == 0:
         return image, {"regions": 0, "kept": 0, "box": [0, 0, image.width, image.height]}
@@ -187,7 +192,7 @@ def refine_image(image: Image.Image, score: np.ndarray, *, top_p: float, k_min: 
     pixels[~keep] = 0
     crop = Image.fromarray(pixels).crop(box)
     width, height = target or image.size
-    factor = max(width / crop.width, height / crop.height)
+    factor = max(1.0, width / crop.width, height / crop.height)  # upscale only
     refined = crop.resize((max(1, round(crop.width * factor)), max(1, round(crop.height * factor))), Image.LANCZOS)
     return refined, {"regions": int(count), "kept": int(len(kept)), "box": list(box),
                      "mask_fraction": round(float(keep.mean()), 4)}
@@ -216,8 +221,11 @@ def refine_requests(pipe: Any, requests: Sequence[Any], *, collect: dict[int, di
     layers = sorted({l for _, c in jobs for l in c.readout_layers(facts.num_layers)})
     probes = []
     for i, config in jobs:
+        # The read-out probes are CARVE's own short greedy generations: nothing of the request's
+        # decoding carries over (an `ignore_eos` benchmark request would make them run on past EOS).
         base = replace(requests[i], prompt=requests[i].prompt + config.suffix(), interventions=(),
-                       max_new_tokens=config.max_steps, temperature=0.0, stop=())
+                       max_new_tokens=config.max_steps, temperature=0.0, top_p=1.0, seed=None, stop=(),
+                       ignore_eos=False, logprobs=None)
         probes += [base, replace(base, prompt=config.general_prompt + config.suffix())]
     readout = Readout(layers)
 

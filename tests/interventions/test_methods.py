@@ -362,12 +362,12 @@ def test_carve_reports_and_refines(pipe):
     assert res.report["added_ms"] > 0
     code = run(pipe, [{"name": "carve", "mode": "code", "max_steps": 4, "answer_suffix": False}], image=IMG2)
     assert code.prompt_tokens > res.prompt_tokens  # two images in the final prompt
-    # The crop is upscaled by the larger ratio to the tower's square input (methods.md 5.5).
+    # The crop is upscaled by the larger ratio to the tower's square input (methods.md 5.5), never shrunk.
     x0, y0, x1, y1 = info["box"]
     side = pipe.model.config.vision_config.image_size
-    factor = max(side / (x1 - x0), side / (y1 - y0))
+    factor = max(1.0, side / (x1 - x0), side / (y1 - y0))
     assert info["refined_size"] == [round((x1 - x0) * factor), round((y1 - y0) * factor)]
-    assert min(info["refined_size"]) >= side - 1 and info["answer_suffix"] is False
+    assert min(info["refined_size"]) >= min(side - 1, x1 - x0, y1 - y0) and info["answer_suffix"] is False
 
 
 def test_carve_upscales_a_thin_crop_by_the_larger_ratio():
@@ -378,6 +378,43 @@ def test_carve_upscales_a_thin_crop_by_the_larger_ratio():
     assert refine_image(Image.new("RGB", (100, 100)), score, top_p=0.08, k_min=1)[0].size == (800, 100)
     image = Image.new("RGB", (100, 100))
     assert refine_image(image, score, top_p=1.0, k_min=1, target=(336, 336))[0] is image  # keeps all: neutral
+
+
+def test_carve_never_shrinks_a_crop_below_its_own_size():
+    """An any-resolution family's target is its base tile (LLaVA-NeXT: 32 x 32 in the tiny models):
+    a 64 x 48 crop must keep its size (the larger ratio, 0.67, would shrink it to 43 x 32), a
+    crop smaller than the tile on one side is upscaled until it covers it."""
+    score = np.zeros((100, 100))
+    score[20:68, 10:74] = 1.0  # one 64 x 48 region
+    big, info = refine_image(Image.new("RGB", (100, 100), "white"), score, top_p=0.3072, k_min=1, target=(32, 32))
+    assert info["box"] == [10, 20, 74, 68] and big.size == (64, 48)
+    thin = np.zeros((100, 100))
+    thin[40:56, 10:74] = 1.0  # 64 x 16: the height needs x2 to cover the 32-pixel tile
+    assert refine_image(Image.new("RGB", (100, 100)), thin, top_p=0.1024, k_min=1, target=(32, 32))[0].size == (128, 32)
+
+
+def test_carve_probes_stop_at_eos_greedy_whatever_the_request(pipe, monkeypatch):
+    """The read-out probes are greedy, at most max_steps (32) tokens, and stop at EOS even when the
+    request asks `ignore_eos` (a benchmark's fixed-length decoding), samples, seeds or logprobs."""
+    request = dict(max_new_tokens=48, temperature=0.9, top_p=0.5, seed=7, ignore_eos=True, logprobs=2)
+    probes, answers = [], []
+    generate = pipe.generate
+
+    def spy(reqs, **kw):
+        results = generate(reqs, **kw)
+        if "plan_factory" in kw:
+            probes.extend(reqs)
+            answers.extend(results)
+        return results
+
+    (first,) = generate([lvlm.Request("Describe it.", IMG2, max_new_tokens=1)])  # the Q probe's first token
+    monkeypatch.setattr(pipe, "generate", spy)
+    monkeypatch.setattr(pipe, "eos_ids", pipe.eos_ids | {first.token_ids[0]})  # ... is now an EOS
+    pipe.generate([lvlm.Request("Describe it.", IMG2, interventions=resolve("carve"), **request)])
+    assert [(p.max_new_tokens, p.temperature, p.top_p, p.seed, p.ignore_eos, p.logprobs) for p in probes] == [
+        (32, 0.0, 1.0, None, False, None)] * 2
+    assert answers[0].token_ids == [first.token_ids[0]] and answers[0].finish_reason == "stop"
+    assert len(answers[1].token_ids) <= 32
 
 
 def test_carve_answer_suffix_goes_on_q_and_g_in_code_mode(pipe, monkeypatch):

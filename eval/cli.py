@@ -62,20 +62,28 @@ ServerOpt = typer.Option(None, "--server", help="service base URL: use the remot
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="LVLM_API_KEY")
 RayOpt = typer.Option(0, "--ray-actors", help="spread batches over N Ray model actors (0: in process)")
 ProgressOpt = typer.Option(True, "--progress/--no-progress")
-ResamplesOpt = typer.Option(1000, "--resamples", min=1, help="paired bootstrap resamples for the intervals")
+ResamplesOpt = typer.Option(
+    None, "--resamples", min=1,
+    help="paired bootstrap resamples [default: 1000, more above 95%: 25 beyond each bound]; at least 10 must lie "
+    "beyond each bound of the --level interval",
+)
 LevelOpt = typer.Option(
     0.95, "--level",
     help="two-sided confidence level of the intervals, e.g. 0.9875 for a Bonferroni level over four comparisons",
 )
 
 
-def _check_level(level: float) -> None:
-    from lvlm_hallu.eval.significance import check_level
+def _check_level(level: float, resamples: int | None = None) -> None:
+    from lvlm_hallu.eval.significance import check_level, check_resamples
 
     try:
         check_level(level)
     except ValueError as err:
         raise EvalError(f"--level: {err}") from err
+    try:
+        check_resamples(resamples, level)
+    except ValueError as err:
+        raise EvalError(f"--resamples: {err}") from err
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -292,7 +300,7 @@ def _default_folder(task: Any, model: str, fingerprint: Any, configs: Sequence[A
 
 def _run(
     task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None,
-    *, sources=None, questions_built=False, resamples=1000, level=0.95, inspect_k=0,
+    *, sources=None, questions_built=False, resamples=None, level=0.95, inspect_k=0,
 ):
     from lvlm_hallu.eval.compare import compare, plan_configs, run_fingerprint
     from lvlm_hallu.eval.fingerprint import model_identity
@@ -489,7 +497,7 @@ def compare(
     synonyms: Path | None = typer.Option(None, "--synonyms"),
     short_caption: bool = typer.Option(False, "--short-caption"),
     prompt: str = typer.Option("Please describe this image in detail.", "--prompt"),
-    resamples: int = ResamplesOpt,
+    resamples: int | None = ResamplesOpt,
     level: float = LevelOpt,
     progress: bool = ProgressOpt,
     inspect_k: int = typer.Option(0, "--inspect", help="attach inspections of the first K images (docs/inspect.md; "
@@ -499,7 +507,7 @@ def compare(
     with paired bootstrap intervals (95% by default, --level) of each configuration's difference to the
     first."""
     try:
-        _check_level(level)
+        _check_level(level, resamples)
         if config:
             names, configs = (list(x) for x in zip(*[_named_config(c) for c in config], strict=True))
         else:

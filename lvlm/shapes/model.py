@@ -63,6 +63,7 @@ class Preset:
     text_kv_heads: int = 4
     text_ffn: int = 512
     vocab_size: int = 512
+    max_positions: int = 256  # context: 64 image tokens + prompt + answer
 
     @classmethod
     def from_name(cls, name: str) -> "Preset":
@@ -70,6 +71,11 @@ class Preset:
             # 8 layers of 8 heads: deep and wide enough for attention sinks and vision-aware
             # heads to have room to form (docs/shapes-model.md, "Why this size").
             "default": cls(text_hidden=256, text_layers=8, text_heads=8, text_kv_heads=8, text_ffn=704),
+            # The detailed world's model (docs/shapes-world.md): the default sizes, a context for
+            # 64 image tokens, a prompt and a 120-word answer (~150 tokens), and room for the
+            # detailed world's words.
+            "detail": cls(text_hidden=256, text_layers=8, text_heads=8, text_kv_heads=8, text_ffn=704,
+                          vocab_size=640, max_positions=384),
             # The first shipped model (4 layers, 192 wide): no sinks, VHR band covered every layer.
             "v1": cls(),
             # For tests: trains a few steps in seconds.
@@ -86,21 +92,34 @@ def prompt_text(prompt: str) -> str:
     return f"USER: <image>\n{prompt} ASSISTANT:"
 
 
-def corpus(n_scenes: int = 3000, seed: int = 0) -> list[str]:
-    """Text the tokenizer is trained on. <image> is cut out (it is a special token)."""
+WORLDS = ("basic", "detail")  # world.py, detail.py
+
+
+def corpus(n_scenes: int = 3000, seed: int = 0, world_name: str = "basic") -> list[str]:
+    """Text the tokenizer is trained on. <image> is cut out (it is a special token).
+
+    world_name "detail": the detailed world's scenes, with their detailed descriptions and prompts
+    besides the short ones."""
+    if world_name not in WORLDS:
+        raise KeyError(f"unknown world {world_name!r}; valid: {', '.join(WORLDS)}")
+    from lvlm_hallu.lvlm.shapes import detail, detail_text
+
     rng = random.Random(seed)
     lines = ["USER: ", "ASSISTANT:", " Yes", " No", text.POPE_SUFFIX]
-    lines += [f"\n{p} ASSISTANT:" for p in text.DESCRIBE_PROMPTS]
+    prompts = text.DESCRIBE_PROMPTS if world_name == "basic" else detail_text.DETAIL_PROMPTS + detail_text.SHORT_PROMPTS
+    lines += [f"\n{p} ASSISTANT:" for p in prompts]
     for kind in world.CATEGORIES:
         lines += [f"\n{text.question(kind)}{text.POPE_SUFFIX} ASSISTANT: Yes"]
     for i in range(n_scenes):
-        scene, _ = world.make_scene("train", i)
+        scene, _ = world.make_scene("train", i) if world_name == "basic" else detail.make_scene("train", i)
         lines.append("ASSISTANT: " + text.model_caption(scene))
         lines += text.human_captions(scene, rng)
+        if world_name == "detail":
+            lines.append("ASSISTANT: " + detail_text.describe(scene))
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512, n_scenes: int = 3000) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 512, n_scenes: int = 3000, world_name: str = "basic") -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -108,7 +127,7 @@ def build_tokenizer(vocab_size: int = 512, n_scenes: int = 3000) -> PreTrainedTo
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(corpus(n_scenes), trainer=trainer)
+    tok.train_from_iterator(corpus(n_scenes, world_name=world_name), trainer=trainer)
     # A BOS in front of every sequence, as Llama tokenizers do; the chat template adds none.
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
@@ -142,7 +161,7 @@ def build_config(preset: Preset, vocab_size: int) -> LlavaConfig:
     textcfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_ffn,
         num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
-        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=256,
+        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=preset.max_positions,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
     )
     n_tokens = (world.IMAGE_SIZE // PATCH) ** 2

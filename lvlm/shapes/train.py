@@ -29,13 +29,27 @@ The loss is next-token cross entropy on the answer tokens (and the closing </s>)
 per example so that a two-token answer weighs as much as a caption, plus two auxiliary probes
 that are discarded after training (ObjectProbe, QuestionProbe: why in their docstrings).
 
+`--world detail` trains on the detailed world instead (detail.py, `make_detail_example`): half
+the image rows ask for the detailed 40-120 word description, a tenth for the short one, the rest
+are the same questions; the rows without an image are Bigram-Backcopy text or detailed
+descriptions of other scenes (docs/shapes-world.md). `--length-groups N` runs each batch as N
+parts of similar length (the same gradient with less padding), `--bf16` under bfloat16 autocast.
+
 Batch b of the run is built from train-split scenes b*B .. b*B+B-1, so a resumed run sees exactly
-the data it would have seen; checkpoints hold model, optimizer, schedule, step and RNG states.
+the data it would have seen; checkpoints hold model, optimizer, schedule, step, RNG states and the
+training wall time so far. `--budget-hours H` stops a run, over all its sessions, once it has
+trained H hours (the ledger spent.json counts time lost after the last checkpoint too), and
+exports what it has; `--ckpt-minutes M` checkpoints by wall time as well as every `--ckpt-every`
+steps.
 
     python -m lvlm_hallu.lvlm.shapes.train --out runs/shapes --steps 2200 --threads 2 [--resume]
     python -m lvlm_hallu.lvlm.shapes.train --out runs/shapes --steps 2900 --resume   # the shipped model's schedule
 
 (docs/shapes-model.md: the second command extends the cosine schedule of the first.)
+
+    python -m lvlm_hallu.lvlm.shapes.train --out ~/.cache/lvlm-hallu/train/shapes-detail --world detail \
+        --preset detail --steps 1500 --threads 1 --length-groups 3 --bf16 --budget-hours 3 --ckpt-minutes 10 \
+        --log-every 10 [--resume]          # the detailed world's model (docs/shapes-world.md)
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ import torch
 from tqdm import tqdm
 
 from lvlm_hallu.lvlm.shapes import model as M
-from lvlm_hallu.lvlm.shapes import text, world
+from lvlm_hallu.lvlm.shapes import detail, detail_text, text, world
 
 IGNORE = -100
 QUESTION_PROBE_LAYER = 2  # hidden_states index: output of the 2nd of 4 decoder layers
@@ -62,6 +76,8 @@ CAPTION_SHARE = 0.4
 TEXT_SCENES = 6  # captions of this many scenes make one plain-text row (~70 tokens)
 # Plain-text rows describe scenes from their own index range, disjoint from the image rows'.
 TEXT_SCENE_OFFSET = 50_000_000
+# Image rows of the detailed world: detailed descriptions, short descriptions, the rest questions.
+DETAIL_SHARE, SHORT_SHARE = 0.5, 0.1
 
 
 def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SCENES,
@@ -92,6 +108,12 @@ def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SC
     present = sorted(scene.counts())
     if rng.random() < CAPTION_SHARE:
         return img, rng.choice(text.DESCRIBE_PROMPTS), text.model_caption(scene), tuple(present)
+    return (img, *question_example(rng, present), tuple(present))
+
+
+def question_example(rng: random.Random, present: list[str]) -> tuple[str, str]:
+    """(prompt, answer) of a POPE-style question about a scene with kinds `present`: "Yes" half
+    the time, else "No" about an absent kind, half of those the absent partner of a present one."""
     absent = [k for k in world.CATEGORIES if k not in present]
     if rng.random() < 0.5 and present:
         kind, answer = rng.choice(present), "Yes"
@@ -100,7 +122,44 @@ def make_example(index: int, text_share: float = 0.0, text_scenes: int = TEXT_SC
         kind = rng.choice(hard) if hard and rng.random() < 0.5 else rng.choice(absent)
         answer = "No"
     prompt = text.question(kind) + (text.POPE_SUFFIX if rng.random() < 0.5 else "")
-    return img, prompt, answer, tuple(present)
+    return prompt, answer
+
+
+def make_detail_example(index: int, text_share: float = 0.0, backcopy: float = 0.0) -> tuple[object, str | None, str, tuple[str, ...]]:
+    """(image, prompt, answer, present kinds) for training example `index` of the detailed world
+    (detail.py), as `make_example` for world.py. Image rows: a share DETAIL_SHARE asks for the
+    detailed description (detail_text.describe, one of DETAIL_PROMPTS), SHORT_SHARE for the
+    one-sentence one (text.model_caption), the rest are POPE-style questions. A row without an
+    image (probability `text_share`) is Bigram-Backcopy text (a share `backcopy` of them), or the
+    detailed description of another scene, as plain text (half) or as a chat turn without an image.
+    """
+    rng = random.Random(f"detail-task/{index}")
+    if text_share > 0 and random.Random(f"detail-text/{index}").random() < text_share:
+        kind = random.Random(f"detail-backcopy/{index}")
+        if backcopy > 0 and kind.random() < backcopy:
+            return None, None, text.backcopy_text(kind), ()
+        scene = detail.make_scene("train", TEXT_SCENE_OFFSET + index)[0]
+        prompt = rng.choice(detail_text.DETAIL_PROMPTS) if rng.random() < 0.5 else None
+        return None, prompt, detail_text.describe(scene), ()
+    scene, img = detail.make_scene("train", index)
+    present = sorted(scene.counts())
+    r = rng.random()
+    if r < DETAIL_SHARE:
+        return img, rng.choice(detail_text.DETAIL_PROMPTS), detail_text.describe(scene), tuple(present)
+    if r < DETAIL_SHARE + SHORT_SHARE:
+        return img, rng.choice(detail_text.SHORT_PROMPTS), text.model_caption(scene), tuple(present)
+    return (img, *question_example(rng, present), tuple(present))
+
+
+def length_groups(examples: list, n_groups: int) -> list[list]:
+    """The batch cut into `n_groups` parts of similar length (by an estimate of tokens), so that
+    short questions are not padded to a 120-word description's length. Order inside kept."""
+    if n_groups <= 1:
+        return [examples]
+    est = [(64 if e[0] is not None else 0) + len(e[1] or "") / 4 + len(e[2]) / 4 for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: est[i])
+    size = math.ceil(len(examples) / n_groups)
+    return [[examples[i] for i in sorted(order[k:k + size])] for k in range(0, len(order), size)]
 
 
 def collate(processor, examples) -> dict[str, torch.Tensor]:
@@ -250,10 +309,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def save_checkpoint(path: Path, model, probe, qprobe, opt, step: int) -> None:
+def save_checkpoint(path: Path, model, probe, qprobe, opt, step: int, train_s: float = 0.0) -> None:
+    """`train_s`: training wall time spent up to this step, over all the run's sessions."""
     state = {"model": model.state_dict(), "probe": probe.state_dict(), "qprobe": qprobe.state_dict(),
              "optimizer": opt.state_dict(),
-             "step": step,
+             "step": step, "train_s": train_s,
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -272,14 +332,62 @@ def restore(path: Path, model, probe, qprobe, opt, device) -> int:
     return state["step"]
 
 
-def train_step(model, probe, qprobe, opt, params, batch, aux_weight: float):
-    """One optimizer step; returns the (answer loss, probe loss) tensors."""
-    objects, word_pos, answer_yes = (batch.pop(k) for k in ("objects", "word_pos", "answer_yes"))
-    labels = batch.pop("labels")
-    out = model(**batch, output_hidden_states=True)
-    loss = answer_loss(out.logits, labels)
-    aux = probe.loss(objects) + qprobe.loss(out.hidden_states, word_pos, answer_yes)
-    (loss + aux_weight * aux).backward()
+def checkpoint_train_s(path: Path) -> float:
+    """Training wall time recorded in a checkpoint (0 for one written before it was recorded)."""
+    return float(torch.load(path, map_location="cpu", weights_only=False).get("train_s", 0.0))
+
+
+def read_spent(out: Path) -> float:
+    """Wall time the run has spent training over all its sessions, from its ledger (spent.json),
+    which is rewritten at every log line: unlike a checkpoint's train_s it counts the work after
+    the last checkpoint that an interrupted session lost."""
+    path = out / "spent.json"
+    return float(json.loads(path.read_text())["train_s"]) if path.exists() else 0.0
+
+
+def write_spent(out: Path, train_s: float, step: int) -> None:
+    tmp = out / "spent.json.tmp"
+    tmp.write_text(json.dumps({"train_s": round(train_s, 1), "step": step}))
+    tmp.replace(out / "spent.json")
+
+
+def batch_parts(processor, examples: list, n_groups: int, device) -> list:
+    """`train_step`'s parts: each length group collated, with its share of the batch's rows, of
+    its image rows (object probe) and of its question rows (question probe)."""
+    def is_question(e):
+        return e[1] is not None and re.match(r"Is there an? (\w+) in", e[1]) is not None
+    n_img = sum(e[0] is not None for e in examples)
+    n_q = sum(is_question(e) for e in examples)
+    parts = []
+    for group in length_groups(examples, n_groups):
+        batch = {k: v.to(device) for k, v in collate(processor, group).items()}
+        weights = (len(group) / len(examples),
+                   sum(e[0] is not None for e in group) / n_img if n_img else 0.0,
+                   sum(is_question(e) for e in group) / n_q if n_q else 0.0)
+        parts.append((batch, weights))
+    return parts
+
+
+def train_step(model, probe, qprobe, opt, params, batch, aux_weight: float, bf16: bool = False):
+    """One optimizer step; returns the (answer loss, probe loss) tensors.
+
+    `batch` is one collated batch, or a list of (batch, (answer, object probe, question probe)
+    weights) parts of one batch (`length_groups`), whose gradients are summed before the step:
+    with each part's weights its share of the rows each loss averages over, the losses and the
+    gradient are those of the whole batch. `bf16`: the forward pass under CPU/CUDA autocast to
+    bfloat16 (mixed precision, as LLaVA is trained; weights, optimizer and losses stay fp32)."""
+    parts = [(batch, (1.0, 1.0, 1.0))] if isinstance(batch, dict) else batch
+    loss = aux = 0.0
+    for part, (w_ans, w_obj, w_q) in parts:
+        objects, word_pos, answer_yes = (part.pop(k) for k in ("objects", "word_pos", "answer_yes"))
+        labels = part.pop("labels")
+        with torch.autocast(part["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(**part, output_hidden_states=True)
+        part_loss = answer_loss(out.logits, labels) * w_ans
+        with torch.autocast(part["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+            part_aux = probe.loss(objects) * w_obj + qprobe.loss(out.hidden_states, word_pos, answer_yes) * w_q
+        (part_loss + aux_weight * part_aux).backward()
+        loss, aux = loss + part_loss.detach(), aux + part_aux.detach()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -305,8 +413,9 @@ def setup(args):
     if args.resume and proc_dir.exists():
         processor = LlavaProcessor.from_pretrained(proc_dir)
     else:
+        vocab = M.Preset.from_name(args.preset).vocab_size
         processor = (LlavaProcessor.from_pretrained(args.init_from) if args.init_from is not None
-                     else M.build_processor(M.build_tokenizer(n_scenes=args.tokenizer_scenes)))
+                     else M.build_processor(M.build_tokenizer(vocab, args.tokenizer_scenes, args.world)))
         processor.save_pretrained(proc_dir)
     torch.manual_seed(args.seed)
     if args.init_from is not None:  # a resume then loads its own checkpoint over these weights
@@ -346,36 +455,59 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(param_groups(params, args.weight_decay, args.decay_1d), lr=args.lr,
                             betas=(0.9, 0.98))
     ckpt = args.out / "checkpoint.pt"
-    start = restore(ckpt, model, probe, qprobe, opt, args.device) if args.resume and ckpt.exists() else 0
+    resumed = args.resume and ckpt.exists()
+    start = restore(ckpt, model, probe, qprobe, opt, args.device) if resumed else 0
+    spent0 = max(read_spent(args.out), checkpoint_train_s(ckpt)) if resumed else 0.0
+    budget = args.budget_hours * 3600 if args.budget_hours else math.inf
     log = (args.out / "train_log.jsonl").open("a")
     t0, losses, auxes = time.time(), [], []
+    last_ckpt, stopped = t0, None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        batch = collate(processor, [make_example(args.data_offset + step * args.batch_size + j, args.text_share,
-                                                 args.text_scenes, args.backcopy, args.letterbox)
-                                    for j in range(args.batch_size)])
-        batch = {k: v.to(args.device) for k, v in batch.items()}
+        if spent0 + time.time() - t0 >= budget:
+            stopped = step  # the budget is spent: keep what was trained, export it below
+            break
+        first = args.data_offset + step * args.batch_size
+        if args.world == "detail":
+            examples = [make_detail_example(first + j, args.text_share, args.backcopy) for j in range(args.batch_size)]
+        else:
+            examples = [make_example(first + j, args.text_share, args.text_scenes, args.backcopy, args.letterbox)
+                        for j in range(args.batch_size)]
+        if args.length_groups > 1:
+            batch = batch_parts(processor, examples, args.length_groups, args.device)
+        else:
+            batch = {k: v.to(args.device) for k, v in collate(processor, examples).items()}
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss, aux = train_step(model, probe, qprobe, opt, params, batch, args.aux_weight)
+        loss, aux = train_step(model, probe, qprobe, opt, params, batch, args.aux_weight, args.bf16)
         losses.append(loss.item())
         auxes.append(aux.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        spent = spent0 + time.time() - t0
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             k = min(args.log_every, len(losses))
             rec = {"step": step + 1, "loss": sum(losses[-k:]) / k, "aux": sum(auxes[-k:]) / k,
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
+                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1),
+                   "train_s": round(spent, 1)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            save_checkpoint(ckpt, model, probe, qprobe, opt, step + 1)
+            write_spent(args.out, spent, step + 1)
+        timed = args.ckpt_minutes and time.time() - last_ckpt >= 60 * args.ckpt_minutes
+        if timed or (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt, model, probe, qprobe, opt, step + 1, spent)
+            last_ckpt = time.time()
+    if stopped is not None and stopped > start:
+        save_checkpoint(ckpt, model, probe, qprobe, opt, stopped, spent0 + time.time() - t0)
+        log.write(json.dumps({"step": stopped, "stopped": "budget", "budget_hours": args.budget_hours}) + "\n")
+    write_spent(args.out, spent0 + time.time() - t0, stopped if stopped is not None else args.steps)
     log.close()
     final = args.out / "model"
     model.eval()
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    return {"start_step": start, "steps": args.steps, "losses": losses,
-            "wall_s": time.time() - t0, "model_dir": str(final)}
+    return {"start_step": start, "steps": args.steps if stopped is None else stopped, "losses": losses,
+            "wall_s": time.time() - t0, "train_s": spent0 + time.time() - t0, "model_dir": str(final),
+            "stopped": "budget" if stopped is not None else None}
 
 
 def parse_args(argv=None):
@@ -413,6 +545,16 @@ def parse_args(argv=None):
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the two probe losses")
     ap.add_argument("--tokenizer-scenes", type=int, default=3000, help="scenes in the BPE corpus")
+    ap.add_argument("--world", default="basic", choices=M.WORLDS,
+                    help="basic: world.py, the shipped model's; detail: detail.py, long detailed descriptions")
+    ap.add_argument("--length-groups", type=int, default=1,
+                    help="run each batch as this many parts of similar length (same gradient, less padding)")
+    ap.add_argument("--budget-hours", type=float, default=None,
+                    help="stop (checkpoint and export) once the run has trained this long over all its sessions")
+    ap.add_argument("--ckpt-minutes", type=float, default=0.0,
+                    help="also checkpoint every this many minutes of wall time (0: by steps only)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="mixed precision: forward under bfloat16 autocast (fp32 weights and optimizer)")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=20)
     return ap.parse_args(argv)

@@ -279,7 +279,7 @@ def _print_report(report: Any, paths: Any) -> None:
     sig = report.significance
     if sig and len(report.results) > 1:
         diff = Table(title=f"difference to {sig['baseline']}: paired bootstrap {level_label(sig['level'])} interval "
-                           "(* excludes 0)")
+                           "(* significant, ~ borderline: within the bounds' Monte-Carlo error)")
         diff.add_column("metric")
         for r in report.results[1:]:
             diff.add_column(r.name, justify="right")

@@ -6,8 +6,9 @@ processor settings, prompt, decoding parameters, interventions with their parame
 ids hash, question-file hash, metric flavour, package version, attention backend and the run
 fingerprint (eval/fingerprint.py). Comparisons carry, per configuration after the first, the paired
 bootstrap interval (95% by default) of each metric's difference to the first
-(eval/significance.py): the Markdown marks significant differences with "*" and lists the
-intervals, the PNG draws them as error bars (baseline value + interval) on each configuration's
+(eval/significance.py): the Markdown marks significant differences with "*" and borderline ones
+(0 within two Monte-Carlo errors of a bound) with "~", and lists the intervals with each bound's
+Monte-Carlo error, the PNG draws them as error bars (baseline value + interval) on each configuration's
 bar. Every file is written to a temporary file in the same folder, fsynced, made world-readable
 (0644) and renamed over the target, so a reader never sees a half-written report.
 """
@@ -82,11 +83,13 @@ class ConfigResult:
     metrics: Mapping[str, float]
     details: Mapping[str, Any] | None = None  # e.g. resolved configs, per-split metrics, file paths
     counts: Mapping[str, int] | None = None  # shown, never charted: e.g. unparseable POPE answers
-    # metric -> {"diff", "low", "high", "significant"}: this configuration minus the first one
+    # metric -> {"diff", "low", "high", "significant", "low_mc_error", "high_mc_error", "verdict"}:
+    # this configuration minus the first one
     intervals: Mapping[str, Mapping[str, Any]] | None = None
 
     def significant(self, metric: str) -> bool:
-        return bool((self.intervals or {}).get(metric, {}).get("significant", False))
+        """The verdict is significant (beyond the bounds' Monte-Carlo error; older reports: excludes 0)."""
+        return verdict((self.intervals or {}).get(metric, {})) == "significant"
 
 
 @dataclass(frozen=True)
@@ -153,10 +156,23 @@ def _count_names(results: Sequence[ConfigResult]) -> list[str]:
     return names
 
 
+def verdict(iv: Mapping[str, Any]) -> str:
+    """An interval's verdict; reports written before verdicts existed: whether it excludes 0."""
+    if not iv:
+        return ""
+    return iv.get("verdict") or ("significant" if iv.get("significant") else "not significant")
+
+
+MARKS = {"significant": " *", "borderline": " ~"}
+
+
 def format_interval(iv: Mapping[str, Any]) -> str:
-    """"+1.23 [0.40, 2.05] *" (the star marks an interval that excludes 0)."""
-    star = " *" if iv.get("significant") else ""
-    return f"{iv['diff']:+.2f} [{iv['low']:+.2f}, {iv['high']:+.2f}]{star}"
+    """"+1.23 [+0.40, +2.05] * (MC ±0.03, ±0.05)": "*" significant, "~" borderline, then the
+    bounds' Monte-Carlo standard errors where the interval has them."""
+    text = f"{iv['diff']:+.2f} [{iv['low']:+.2f}, {iv['high']:+.2f}]{MARKS.get(verdict(iv), '')}"
+    if "low_mc_error" in iv:
+        text += f" (MC ±{iv['low_mc_error']:.2f}, ±{iv['high_mc_error']:.2f})"
+    return text
 
 
 def markdown(report: Report) -> str:
@@ -176,6 +192,9 @@ def markdown(report: Report) -> str:
             "",
             f"\\* the {level_label(sig['level'])} interval of the difference to **{sig['baseline']}** excludes 0 "
             f"({sig['method']}, per {sig['unit']}, {sig['resamples']} resamples, seed {sig['seed']}).",
+            *([f"~ borderline: 0 lies within {sig['borderline_z']:g} Monte-Carlo standard errors (MC, after each "
+               "interval) of a bound; another seed may decide otherwise, more resamples (--resamples) decide."]
+              if "borderline_z" in sig else []),
             "",
             f"## Differences to {sig['baseline']} ({level_label(sig['level'])} interval)",
             "",

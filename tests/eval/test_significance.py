@@ -12,7 +12,16 @@ from lvlm_hallu.eval.compare import ChairTask, PopeTask, answer_executor, compar
 from lvlm_hallu.eval.pope import PopeQuestion
 from lvlm_hallu.eval.report import ConfigResult, Provenance, error_bars
 from lvlm_hallu.eval.runner import local_answer
-from lvlm_hallu.eval.significance import Interval, UnitStats, paired_bootstrap, ratio
+from lvlm_hallu.eval.significance import (
+    Interval,
+    UnitStats,
+    check_resamples,
+    default_resamples,
+    min_resamples,
+    paired_bootstrap,
+    ratio,
+    resample_counts,
+)
 from lvlm_hallu.lvlm.types import Result
 
 
@@ -127,7 +136,8 @@ def test_compare_reports_intervals_markdown_marks_and_error_bars(tmp_path):
                             names=["none", "var", "again"], resamples=400)
     base, var, again = report.results
     assert base.intervals is None
-    assert all(iv == {"diff": 0.0, "low": 0.0, "high": 0.0, "significant": False} for iv in again.intervals.values())
+    assert all(iv == {"diff": 0.0, "low": 0.0, "high": 0.0, "significant": False, "low_mc_error": 0.0,
+                      "high_mc_error": 0.0, "verdict": "not significant"} for iv in again.intervals.values())
     # var answers "no" to the cat questions (a quarter, all labelled "no" or "yes" alternately)
     acc = var.intervals["random Acc"]
     assert acc["diff"] == pytest.approx(var.metrics["random Acc"] - base.metrics["random Acc"])
@@ -170,7 +180,7 @@ def test_pope_resamples_whole_images_the_same_in_every_split(tmp_path):
 
     base, worse = (twin.unit_stats(r, twin.score(r)[1]) for r in (answers(False), answers(True)))
     assert base.keys == {"images": tuple(sorted({f"{i}.jpg" for i in range(30)}))}
-    found = paired_bootstrap(base, worse, resamples=300, seed=0)
+    found = paired_bootstrap(base, worse, resamples=400, seed=0)
     assert found["random F1"] == found["popular F1"] == found["POPE (mean F1)"]
     assert found["random F1"].high < 0
     qs = [PopeQuestion(i + 1, "one.jpg", f"Is there a {o} in the image?", lab)
@@ -178,7 +188,7 @@ def test_pope_resamples_whole_images_the_same_in_every_split(tmp_path):
     single = PopeTask({"random": qs}, tmp_path)
     right = _records(single, lambda it: it.meta["label"].capitalize())
     wrong = dict(right, **{"random/1": {**right["random/1"], "answer": "No"}})
-    iv = paired_bootstrap(single.unit_stats(right, {}), single.unit_stats(wrong, {}), resamples=50)["random Acc"]
+    iv = paired_bootstrap(single.unit_stats(right, {}), single.unit_stats(wrong, {}), resamples=400)["random Acc"]
     assert iv.low == iv.high == iv.diff == pytest.approx(-25.0)
 
 
@@ -196,7 +206,7 @@ def test_a_higher_level_widens_the_interval_around_the_same_resamples(tmp_path):
     execute = answer_executor(lambda spec: local_answer(SomeFlips(), interventions=spec), progress=False)
     reports = {}
     for level in (0.95, 0.9875):
-        report, paths = compare(task, ["none", "var"], execute, tmp_path / "out", Provenance(), resamples=400,
+        report, paths = compare(task, ["none", "var"], execute, tmp_path / "out", Provenance(), resamples=1600,
                                 level=level)
         reports[level] = (report.results[1].intervals, json.loads(paths.json.read_text()), paths.markdown.read_text())
     narrow, wide = reports[0.95][0], reports[0.9875][0]
@@ -227,3 +237,119 @@ def test_a_level_outside_zero_one_is_refused_before_anything_runs(tmp_path, leve
     stats = UnitStats(("n",), {"all": np.ones((3, 1))}, {"all": ("1", "2", "3")}, lambda s: {"n": s["all"][:, 0]})
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         paired_bootstrap(stats, stats, level=level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest intervals (issue 36): enough resamples per tail, Monte-Carlo error, borderline verdicts
+
+
+def _mean_stats(values) -> UnitStats:
+    """One group, one column; the metric is the mean over the resampled units."""
+    table = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+    return UnitStats(("x",), {"all": table}, {"all": tuple(str(i) for i in range(len(table)))},
+                     lambda s: {"mean": s["all"][:, 0] / len(table)})
+
+
+def test_a_level_needs_ten_resamples_beyond_each_bound():
+    assert (min_resamples(0.95), min_resamples(0.9875), min_resamples(0.999)) == (400, 1600, 20000)
+    assert (default_resamples(0.9), default_resamples(0.95), default_resamples(0.9875),
+            default_resamples(0.999)) == (1000, 1000, 4000, 50000)
+    assert check_resamples(None, 0.999) == 50000 and check_resamples(400, 0.95) == 400
+    with pytest.raises(ValueError, match=r"20 resamples leave 0\.01 beyond each bound of a 99\.9% interval; "
+                                         r"at least 10 per tail .* 20000 or more .* 50000 at this level"):
+        check_resamples(20, 0.999)
+    with pytest.raises(ValueError, match="399 resamples leave"):
+        check_resamples(399, 0.95)
+    zero, some = _mean_stats(np.zeros(10)), _mean_stats(np.arange(10.0))
+    with pytest.raises(ValueError, match="at least 10 per tail"):
+        paired_bootstrap(zero, some, resamples=20, level=0.999)
+    # without resamples, a high level takes its default: the same draws as asking for 50,000
+    assert paired_bootstrap(zero, some, level=0.999) == paired_bootstrap(zero, some, level=0.999, resamples=50000)
+
+
+def test_a_level_with_too_few_resamples_is_refused_before_anything_runs(tmp_path):
+    task = _pope_task(tmp_path)
+    calls = []
+
+    def execute(items, path, spec, description=None):
+        calls.append(spec)
+        return {}
+
+    with pytest.raises(ValueError, match="at least 10 per tail"):
+        compare(task, ["none", "var"], execute, tmp_path / "out", Provenance(), level=0.999, resamples=20)
+    assert calls == []
+
+
+def test_monte_carlo_error_matches_the_spread_over_seeds():
+    """The reported error of a bound is its standard deviation over bootstrap seeds (within 35%)."""
+    data = np.random.default_rng(7).normal(0.3, 1.0, 60)
+    base, other = _mean_stats(np.zeros(60)), _mean_stats(data)
+    found = [paired_bootstrap(base, other, resamples=1600, level=0.9875, seed=s)["mean"] for s in range(40)]
+    for bound, error in (("low", "low_error"), ("high", "high_error")):
+        spread = np.std([getattr(iv, bound) for iv in found], ddof=1)
+        reported = np.mean([getattr(iv, error) for iv in found])
+        assert 0.65 < reported / spread < 1.35, (bound, reported, spread)
+
+
+def test_a_bound_at_zero_is_borderline_instead_of_flipping_with_the_seed():
+    """The confirmed case: at 98.75% with 1,000 resamples, `significant` followed the seed when
+    the true bound sat at 0. The verdict calls it borderline; a clear difference stays significant."""
+    data = np.random.default_rng(3).normal(0.0, 1.0, 50)
+    base = _mean_stats(np.zeros(50))
+    # shift the data so that the 98.75% lower bound of a very long bootstrap sits at 0
+    true_low = paired_bootstrap(base, _mean_stats(data), resamples=100_000, level=0.9875, seed=99)["mean"].low
+    at_zero = _mean_stats(data - true_low)
+
+    def old_significant(seed):  # what paired_bootstrap computed before: 1,000 resamples, no tail check
+        d = resample_counts(50, 1000, np.random.default_rng(seed)) @ at_zero.groups["all"][:, 0] / 50
+        return bool(np.percentile(d, 100 * 0.0125 / 2) > 0)
+
+    old = [old_significant(s) for s in range(40)]
+    assert 8 <= sum(old) <= 32  # the old verdict is a coin toss
+    new = [paired_bootstrap(base, at_zero, level=0.9875, seed=s)["mean"].verdict for s in range(40)]
+    assert new.count("borderline") >= 34 and not ({"significant", "not significant"} <= set(new))
+    clear = [paired_bootstrap(base, _mean_stats(data - true_low + 0.4), level=0.9875, seed=s)["mean"]
+             for s in range(10)]
+    assert all(iv.verdict == "significant" and iv.low > 0 for iv in clear)
+
+
+def test_interval_verdicts_and_their_fields():
+    assert Interval(1.0, 0.2, 2.0, 0.05, 0.1).verdict == "significant"
+    assert Interval(1.0, 0.05, 2.0, 0.05, 0.1).verdict == "borderline"  # 0 within 2 errors of the low bound
+    assert Interval(-1.0, -2.0, -0.3, 0.2, 0.2).verdict == "borderline"
+    assert Interval(0.5, -1.0, 1.0, 0.1, 0.1).verdict == "not significant"
+    assert Interval(0.5, -0.1, 1.0, 0.1, 0.1).verdict == "borderline"  # excludes 0 by less than its error
+    assert Interval(0.0, 0.0, 0.0).verdict == "not significant"  # a configuration against itself
+    assert Interval(1.0, 0.2, 2.0, 0.05, 0.1).to_dict() == {
+        "diff": 1.0, "low": 0.2, "high": 2.0, "significant": True, "low_mc_error": 0.05, "high_mc_error": 0.1,
+        "verdict": "significant"}
+
+
+def test_cli_refuses_99_9_percent_with_20_resamples_before_loading(tiny_coco, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lvlm_hallu.eval import cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load_model", lambda name: loaded.append(name))
+    res = CliRunner().invoke(cli.app, ["compare", "--model", "fake/a", "--images", str(tiny_coco.images),
+                                       "--annotations", str(tiny_coco.root), "-n", "2", "--level", "0.999",
+                                       "--resamples", "20"])
+    assert res.exit_code == 2 and loaded == []
+    assert "--resamples: 20 resamples leave 0.01 beyond each bound of a 99.9% interval" in res.output
+
+
+def test_markdown_marks_borderline_and_gives_seed_and_monte_carlo_errors():
+    from lvlm_hallu.eval.report import Report, markdown
+
+    sure = Interval(-2.0, -3.0, -1.0, 0.05, 0.04).to_dict()
+    close = Interval(-1.0, -2.0, -0.05, 0.05, 0.04).to_dict()  # excludes 0, by less than 2 errors
+    results = (ConfigResult("none", "none", {"a": 10.0, "b": 5.0}),
+               ConfigResult("pai", "pai", {"a": 8.0, "b": 4.0}, intervals={"a": sure, "b": close}))
+    sig = {"baseline": "none", "method": "paired bootstrap, percentile interval", "level": 0.9875,
+           "resamples": 4000, "seed": 7, "unit": "image", "min_per_tail": 10, "borderline_z": 2.0}
+    md = markdown(Report(Provenance(benchmark="chair"), results, sig))
+    assert "| pai | 8.00 * | 4.00 |" in md  # the borderline difference gets no star
+    assert "| pai | -2.00 [-3.00, -1.00] * (MC ±0.05, ±0.04) | -1.00 [-2.00, -0.05] ~ (MC ±0.05, ±0.04) |" in md
+    assert "4000 resamples, seed 7" in md and "~ borderline: 0 lies within 2 Monte-Carlo standard errors" in md
+    assert results[1].significant("a") and not results[1].significant("b") and close["significant"]

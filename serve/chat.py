@@ -7,8 +7,15 @@ names and out-of-range parameters are 400s, then checked against the loaded mode
 `interventions.validate`, so a layer index beyond the model or a non-finite value is a 400 too),
 unsupported OpenAI fields (a 400 naming the field), token and prompt limits. A temperature
 below `GREEDY_BELOW` decodes greedily: sampling at temperature T → 0 tends to the argmax, and
-dividing logits by 1e-300 would overflow to inf and NaN probabilities. A request that passes
-reaches the engine as a plain dataclass; a request that fails never touches its neighbours.
+dividing logits by 1e-300 would overflow to inf and NaN probabilities. So does a `top_p` below
+`TOP_P_GREEDY_BELOW`: nucleus sampling keeps at least the most likely token, whose probability is
+at least 1 / vocabulary size, so any top_p under it keeps that token alone (and a top_p that
+rounds to 0 in float32 would otherwise keep none). A request that passes reaches the engine as a
+plain dataclass; a request that fails never touches its neighbours.
+
+Strict JSON: a log-probability that is not finite (a token PAI's contrast gives zero probability)
+never reaches an answer: such a token is not a top alternative, and a chosen token's -inf is
+reported as OpenAI's floor, `LOGPROB_FLOOR`; engine reports lose non-finite numbers (null).
 
 Conversation shape: the engine answers one user turn with at most one image. System (and
 developer) messages are prepended to the user's text; assistant turns and several user turns are
@@ -18,6 +25,8 @@ refused rather than silently flattened into a different prompt.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 import uuid
 from dataclasses import dataclass
@@ -49,6 +58,8 @@ from lvlm_hallu.serve.schema import (
 
 ENGINE_MAX_IMAGES = 1  # lvlm.types.Request carries one image; a second would be dropped silently
 GREEDY_BELOW = 1e-4  # temperatures under this decode greedily (fp32 logits / T stays finite above it)
+TOP_P_GREEDY_BELOW = 1e-6  # under 1 / vocabulary size for every served model: only the argmax is kept
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (numerically) zero probability
 
 
 @dataclass
@@ -152,7 +163,8 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
     if image_urls:
         url, param = image_urls[0]
         image = await load_image(url, limits, param, **fetch_kwargs)
-    temperature = body.temperature if body.temperature >= GREEDY_BELOW else 0.0
+    greedy = body.temperature < GREEDY_BELOW or body.top_p < TOP_P_GREEDY_BELOW
+    temperature = 0.0 if greedy else body.temperature
     request = Request(prompt=prompt, image=image, max_new_tokens=max_tokens, temperature=temperature,
                       top_p=body.top_p, seed=body.seed, stop=body.stop_sequences(), interventions=configs,
                       logprobs=body.logprobs_top())
@@ -168,8 +180,12 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
 def report(prepared: PreparedChat, result: Result) -> InterventionReport:
     t = result.timings
     return InterventionReport(applied=prepared.applied, details=jsonable(result.report),
-                              prefill_ms=round(t.prefill_ms, 3), decode_ms=round(t.decode_ms, 3),
-                              decode_tokens_per_s=round(t.decode_tokens_per_s, 3))
+                              prefill_ms=_ms(t.prefill_ms), decode_ms=_ms(t.decode_ms),
+                              decode_tokens_per_s=_ms(t.decode_tokens_per_s))
+
+
+def _ms(value: float) -> float:
+    return round(float(value), 3) if math.isfinite(value) else 0.0  # a zero-time decode has no rate
 
 
 def usage(result: Result) -> Usage:
@@ -209,9 +225,15 @@ def logprobs(entries: Any) -> ChoiceLogprobs | None:
     if entries is None:
         return None
     return ChoiceLogprobs(content=[
-        TokenLogprob(token=e.token, bytes=list(e.bytes), logprob=e.logprob,
-                     top_logprobs=[TopLogprob(token=t.token, bytes=list(t.bytes), logprob=t.logprob) for t in e.top])
+        TokenLogprob(token=e.token, bytes=list(e.bytes), logprob=finite_logprob(e.logprob),
+                     top_logprobs=[TopLogprob(token=t.token, bytes=list(t.bytes), logprob=t.logprob)
+                                   for t in e.top if math.isfinite(t.logprob)])
         for e in entries])
+
+
+def finite_logprob(value: float) -> float:
+    """A log-probability JSON can carry: -inf (and NaN) become `LOGPROB_FLOOR`."""
+    return float(value) if math.isfinite(value) else LOGPROB_FLOOR
 
 
 def chunk(prepared: PreparedChat, delta: ChunkDelta | None = None, *, finish: str | None = None,
@@ -236,7 +258,11 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN or Infinity
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     tolist = getattr(value, "tolist", None)
-    return jsonable(tolist()) if callable(tolist) else repr(value)
+    if callable(tolist):
+        return jsonable(tolist())
+    return jsonable(float(value)) if isinstance(value, numbers.Real) else repr(value)

@@ -80,3 +80,107 @@ def test_streams_dropped_after_their_first_chunk_give_their_slots_back(tiny, sch
         close = getattr(service.runner, "close", None)
         if close:
             close()
+
+
+def answer_text(answer: dict) -> str:
+    assert answer["status"] == 200, answer["body"][:300]
+    return json.loads(answer["body"])["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_neighbours_of_leaving_clients_get_the_tokens_they_get_alone(tiny, scheduler):
+    """6 requests run beside 6 clients that leave (3 non-stream cancelled mid-generation, 3 streams
+    closed after their first chunk): all 6 answer 200 with the text they get alone."""
+    service = make_service(tiny, scheduler)
+    app = build_app(service)
+    logprobs = {"logprobs": True, "top_logprobs": 2}
+
+    async def call(i: int) -> dict:
+        return await asgi_answer(app, "POST", "/v1/chat/completions", "", HEADERS, chat_body(i, max_tokens=12, **logprobs))
+
+    async def leave_non_stream(i: int) -> None:
+        task = asyncio.ensure_future(asgi_answer(app, "POST", "/v1/chat/completions", "", HEADERS,
+                                                 chat_body(100 + i, max_tokens=40)))
+        await asyncio.sleep(0.2 + 0.1 * i)
+        task.cancel()  # what Ray does to the replica call when the HTTP client disconnects
+
+    async def scenario():
+        alone = [json.loads((await call(i))["body"])["choices"][0] for i in range(6)]
+        together = await asyncio.gather(*[call(i) for i in range(6)],
+                                        *[leave_non_stream(i) for i in range(3)],
+                                        *[drop_after_first_chunk(app, chat_body(200 + i, stream=True, max_tokens=40))
+                                          for i in range(3)])
+        for _ in range(200):
+            if service.admission.active == 0:
+                break
+            await asyncio.sleep(0.05)
+        return alone, together[:6]
+
+    try:
+        alone, together = asyncio.run(scenario())
+        assert [a["status"] for a in together] == [200] * 6
+        beside = [json.loads(a["body"])["choices"][0] for a in together]
+        assert [c["message"]["content"] for c in beside] == [c["message"]["content"] for c in alone]
+        token_ids = [[t["token"] for t in c["logprobs"]["content"]] for c in beside]
+        assert token_ids == [[t["token"] for t in c["logprobs"]["content"]] for c in alone], "token by token"
+        assert service.admission.active == 0
+    finally:
+        close = getattr(service.runner, "close", None)
+        if close:
+            close()
+
+
+def long_request(color: str = "red"):
+    from lvlm_hallu.lvlm.types import Request
+
+    return Request("Describe this image.", Image.new("RGB", (40, 40), color), max_new_tokens=60, ignore_eos=True)
+
+
+def test_continuous_scheduler_retires_a_cancelled_caller_at_the_next_step(tiny):
+    from lvlm_hallu.serve.scheduler import ContinuousScheduler
+
+    scheduler = ContinuousScheduler(tiny, max_rows=4, admit_after_steps=0)
+
+    async def scenario():
+        leaving = asyncio.ensure_future(scheduler.generate(long_request()))
+        staying = asyncio.ensure_future(scheduler.generate(long_request("blue")))
+        while scheduler.steps < 3:
+            await asyncio.sleep(0.01)
+        leaving.cancel()
+        at_cancel = scheduler.steps
+        while scheduler.running > 1 and scheduler.steps < at_cancel + 20:
+            await asyncio.sleep(0.001)
+        retired_after = scheduler.steps - at_cancel
+        return retired_after, await staying
+
+    try:
+        retired_after, outcome = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert retired_after <= 2, f"the leaving row decoded {retired_after} more steps"
+    assert outcome.error is None and outcome.result.token_ids == tiny.generate([long_request("blue")])[0].token_ids
+
+
+def test_static_runner_drops_a_ticket_whose_client_left_and_keeps_its_neighbour(tiny):
+    from lvlm_hallu.serve.batching import EngineRunner, StreamCancelled, Ticket
+
+    runner = EngineRunner(tiny.generate, pipeline=tiny)
+    leaving, staying = Ticket(long_request()), Ticket(long_request("blue"))
+    steps = []
+    step = type(tiny.engine).decode_one_token
+
+    def counted(self, tokens, *args, **kwargs):
+        steps.append(tokens.shape[0])  # rows decoding in this step
+        if len(steps) == 3:
+            leaving.cancelled.set()
+        return step(self, tokens, *args, **kwargs)
+
+    type(tiny.engine).decode_one_token = counted
+    try:
+        outcomes = runner.run_batch([leaving, staying])
+    finally:
+        type(tiny.engine).decode_one_token = step
+    assert isinstance(outcomes[0].error, StreamCancelled)
+    assert outcomes[1].result.token_ids == tiny.generate([long_request("blue")])[0].token_ids
+    assert steps[:3] == [2, 2, 2] and set(steps[4:]) == {1}, "the leaving row is gone from the next step on"
+    assert len(steps) == 59, "the staying row decodes to its end"

@@ -306,7 +306,7 @@ def remote_answer(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray: eval/cluster.py (replicas under ray.util.ActorPool, images as bytes or URIs, retried batches)
+# Ray: eval/cluster.py (replicas scheduled by the driver, images as bytes or URIs, re-queued batches)
 
 
 def __getattr__(name: str) -> Any:

@@ -116,3 +116,106 @@ def test_service_job_on_two_nodes_equals_a_local_run_and_both_nodes_answer(two_n
     per_node = job["cluster"]["items_per_node"]
     assert len(nodes) == 2 and set(per_node) == nodes and all(v > 0 for v in per_node.values())
     assert sum(per_node.values()) == N_IMAGES and job["metrics"]["CHAIR_s"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Losing the worker node (issue 36): no spare capacity anywhere, so Ray cannot restart its replica
+
+
+class SlowEcho:
+    """Answers "<prompt>|<node>" after `delay` seconds per batch."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def generate(self, requests):
+        import time
+
+        from lvlm_hallu.lvlm.types import Result
+
+        time.sleep(self.delay)
+        return [Result(text=f"{r.prompt}|ok", token_ids=[], finish_reason="stop", prompt_tokens=0) for r in requests]
+
+
+def slow_echo(delay: float = 0.3):
+    return SlowEcho(delay)
+
+
+def _keys(path):
+    return [json.loads(x)["key"] for x in path.read_text().splitlines()[1:]]
+
+
+@pytest.mark.slow
+def test_losing_the_worker_node_requeues_its_batches_or_fails_clearly(tmp_path):
+    """The confirmed bug: removing the worker stalled a run for minutes (no re-queue, no timeout).
+    Part 1: a replica on each node, the worker removed mid-run: its batches go to the head's
+    replica, the replacement waits for room, and the run completes with each key once. Part 2:
+    both replicas on a second worker, removed mid-run: nothing can progress, `ClusterStalled`
+    within `start_timeout`; a new worker lets the same pool resume the file to exactly N keys."""
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    from lvlm_hallu.eval.cluster import ClusterPool, ClusterStalled
+    from lvlm_hallu.eval.fingerprint import Fingerprint
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        n = 24
+        items = [Item(f"k{i}", f"q{i}") for i in range(n)]
+        fp = Fingerprint.of(model={"id": "slow-echo"})
+        removed: list[float] = []
+
+        def remove_worker_after(count, node):
+            def hook(records, stats):
+                if len(records) >= count and not removed:
+                    cluster.remove_node(node)
+                    removed.append(time.monotonic())
+            return hook
+
+        pool = ClusterPool(slow_echo, num_actors=2, actor_options={"num_cpus": 1}, poll=0.5, start_timeout=20)
+        try:
+            out = tmp_path / "part1.jsonl"
+            records = pool.run(items, out, batch_size=2, progress=False, fingerprint=fp,
+                               on_batch=remove_worker_after(6, worker))
+            finished = time.monotonic()
+            stats = pool.last_run
+        finally:
+            pool.shutdown()
+        print(f"part 1: worker removed -> run complete in {finished - removed[0]:.1f} s, "
+              f"{stats.requeued_batches} batches re-queued")
+        assert removed and finished - removed[0] < 120
+        assert sorted(_keys(out)) == sorted(it.key for it in items) and len(_keys(out)) == n  # 0 lost, 0 twice
+        assert {k: r["answer"] for k, r in records.items()} == {f"k{i}": f"q{i}|ok" for i in range(n)}
+        assert stats.lost_nodes == [worker.node_id] and stats.requeued_batches >= 1 and stats.replaced_actors == 1
+        assert set(stats.items_per_node) == {cluster.head_node.node_id, worker.node_id}
+
+        # Part 2: every replica on the second worker; losing it leaves no room anywhere
+        second = cluster.add_node(num_cpus=1, resources={"spare": 1})
+        cluster.wait_for_nodes()
+        removed.clear()
+        pool = ClusterPool(slow_echo, num_actors=2, actor_options={"num_cpus": 0.5, "resources": {"spare": 0.5}},
+                           poll=0.5, start_timeout=5)
+        try:
+            out = tmp_path / "part2.jsonl"
+            with pytest.raises(ClusterStalled, match=r"no model replica has been live for 5 s with \d+ batches left"):
+                pool.run(items, out, batch_size=2, progress=False, fingerprint=fp,
+                         on_batch=remove_worker_after(4, second))
+            print(f"part 2: worker removed -> ClusterStalled in {time.monotonic() - removed[0]:.1f} s")
+            assert time.monotonic() - removed[0] < 60
+            kept = _keys(out)
+            assert 4 <= len(kept) < n and len(set(kept)) == len(kept)
+            assert pool.last_run.lost_nodes == [second.node_id]
+            cluster.add_node(num_cpus=1, resources={"spare": 1})  # room again: the waiting replacements start
+            again = pool.run(items, out, batch_size=2, progress=False, fingerprint=fp)
+        finally:
+            pool.shutdown()
+        assert sorted(_keys(out)) == sorted(it.key for it in items) and len(_keys(out)) == n
+        assert {k: r["answer"] for k, r in again.items()} == {f"k{i}": f"q{i}|ok" for i in range(n)}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -587,7 +587,8 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, name:
     """Start Serve's HTTP proxy on host:port and deploy the app (Ray must be initialised)."""
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    # uvicorn (in Serve's proxy) closes idle keep-alive connections after keep_alive_timeout_s
+    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": config.keep_alive_timeout_s})
     return serve.run(build_application(config), name=name, route_prefix=route_prefix)
 
 

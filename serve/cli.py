@@ -8,9 +8,17 @@ must be free (Ray's proxy binds with SO_REUSEPORT, so a second server on the sam
 silently split the traffic with the first), and the model name must resolve to a known model or
 a readable checkpoint config.
 
-Ray 2.60 turns token authentication on by default. A local run sets `RAY_AUTH_MODE=disabled`
-unless the user chose a mode; joining a cluster keeps the cluster's mode and Ray reads the token
-from `RAY_AUTH_TOKEN`, which must then be set in this shell.
+A third: with eval jobs on, the job store is checked (serve/jobstore.py `check_store`): a corrupt
+or truncated store refuses to start with one line naming the file and the way out, and job
+folders without a row are reported.
+
+Ray is private by default. Ray 2.60 turns token authentication on by default; a local run sets
+`RAY_AUTH_MODE=disabled` unless the user chose a mode, and so it also binds every Ray process
+(GCS, raylet, workers, dashboard agent) to 127.0.0.1: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is
+Ray's switch for a single-node, loopback-only instance (its default on macOS and Windows), under
+which the node's address is the loopback one. Joining a cluster (`--address`) is the user's
+explicit choice: the cluster keeps its own mode and Ray reads the token from `RAY_AUTH_TOKEN`,
+which must then be set in this shell (docs/serving.md, "Ray's own ports").
 """
 
 from __future__ import annotations
@@ -50,8 +58,16 @@ def serve_command(
         4, "--admit-after-steps", min=0,
         help="continuous: decode steps newcomers may wait to be prefilled as one group (until it fills the prefill "
         "budget or half of --max-batch-size); 0 admits at once"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LVLM_API_KEY",
-                                          help="require 'Authorization: Bearer <key>' (env LVLM_API_KEY)"),
+    api_key: Optional[list[str]] = typer.Option(
+        None, "--api-key", envvar="LVLM_API_KEY",
+        help="require 'Authorization: Bearer <key>'; repeat for several keys, each owning its eval jobs "
+        "(env LVLM_API_KEY, keys separated by spaces)"),
+    api_keys_file: Optional[Path] = typer.Option(
+        None, "--api-keys-file", help="a file of API keys, one per line ('#' starts a comment); adds to --api-key"),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1,
+                                       help="seconds a request body may take to arrive (408 after)"),
+    max_uploads: int = typer.Option(16, "--max-uploads", min=1,
+                                    help="request bodies arriving at once before 429 (slow or stalled uploads)"),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
                                              help="accept http(s) image URLs (public addresses only)"),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
@@ -85,7 +101,10 @@ def serve_command(
     from lvlm_hallu.serve.limits import Limits
 
     name = model or _default_model()
-    problem = _port_problem(host, port) or _model_problem(name) or _router_dir_problem(router_dir)
+    keys, key_problem = _api_keys(api_key or [], api_keys_file)
+    problem = key_problem or _port_problem(host, port) or _model_problem(name) or _router_dir_problem(router_dir)
+    if not problem and eval_jobs:
+        problem = _jobs_problem(jobs_dir)
     if not problem and scheduler not in ("continuous", "static"):
         problem = f"--scheduler must be 'continuous' or 'static', got {scheduler!r}"
     if problem:
@@ -103,13 +122,14 @@ def serve_command(
     config = ServeConfig(
         model=name, device=device, dtype=dtype, replicas=replicas, max_replicas=max_replicas, **placed,
         num_gpus=gpus, eval_num_gpus=gpus if eval_num_gpus is None else eval_num_gpus, eval_replicas=eval_replicas,
-        max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000, api_key=api_key, eval_jobs=eval_jobs,
+        max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000, api_keys=keys, eval_jobs=eval_jobs,
+        body_timeout_s=body_timeout, max_uploads=max_uploads,
         scheduler=scheduler, max_prefill_tokens=max_prefill_tokens, admit_after_steps=admit_after_steps,
         router_dir=str(router_dir.resolve()) if router_dir else None,
         eval_jobs_dir=str(jobs_dir.expanduser().resolve()) if jobs_dir else None, eval_keep_days=jobs_keep_days,
         limits=Limits(allow_remote_images=allow_remote_images, max_tokens=max_tokens, max_concurrent=max_concurrent),
     )
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
         console.print("[yellow]warning:[/yellow] listening beyond loopback without --api-key")
     _start_ray(address)
     from ray import serve
@@ -198,6 +218,40 @@ def _hub_config(name: str):
     return AutoConfig.from_pretrained(name)
 
 
+def _api_keys(given: list[str], keys_file: Optional[Path]) -> tuple[tuple[str, ...], str | None]:
+    """Every key from --api-key (or LVLM_API_KEY) and --api-keys-file, and a problem, if any."""
+    keys = [k.strip() for k in given if k.strip()]
+    if keys_file is not None:
+        try:
+            lines = keys_file.read_text().splitlines()
+        except OSError as err:
+            return (), f"cannot read --api-keys-file {keys_file}: {err.strerror or err}"
+        keys += [line.split("#", 1)[0].strip() for line in lines]
+        keys = [k for k in keys if k]
+        if not keys:
+            return (), f"--api-keys-file {keys_file} holds no keys"
+    return tuple(dict.fromkeys(keys)), None
+
+
+def _jobs_problem(jobs_dir: Optional[Path]) -> str | None:
+    """Why the eval job store cannot be used as it is, or None; job folders without a row are
+    reported here (never deleted)."""
+    from lvlm_hallu.serve.jobstore import JobStoreError, check_store, default_jobs_dir
+
+    root = jobs_dir.expanduser() if jobs_dir else default_jobs_dir()
+    try:
+        orphans = check_store(root)
+    except JobStoreError as err:
+        return str(err)
+    except OSError as err:
+        return f"cannot use the eval job directory {root}: {err.strerror or err}"
+    if orphans:
+        shown = ", ".join(orphans[:3]) + (" ..." if len(orphans) > 3 else "")
+        console.print(f"[yellow]warning:[/yellow] {len(orphans)} job folder(s) in {root} have no row in the job store "
+                      f"(kept, not listed by the API): {shown}", soft_wrap=True)
+    return None
+
+
 def _router_dir_problem(router_dir: Optional[Path]) -> str | None:
     if router_dir is not None and not router_dir.is_dir():
         return f"--router-dir {router_dir} is not a directory"
@@ -230,6 +284,9 @@ def _start_ray(address: Optional[str]) -> None:
 
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray's single-node switch: the node address is 127.0.0.1, so GCS, raylet and worker
+        # ports listen on loopback only (module docstring)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(include_dashboard=False)
         return
     if not os.environ.get("RAY_AUTH_TOKEN") and os.environ.get("RAY_AUTH_MODE", "token") != "disabled":

@@ -35,6 +35,12 @@ class ServeConfig:
     warmup: bool = True
     api_key: Optional[str] = None
     api_keys: tuple[str, ...] = ()  # more keys (--api-key repeated, --api-keys-file); each owns its eval jobs
+    # the gateway (serve/gateway.py GatewayLimits): a request body must arrive within body_timeout_s,
+    # at most max_uploads bodies arrive at once; the proxy closes idle keep-alive connections after
+    # keep_alive_timeout_s (Ray Serve's HTTPOptions, uvicorn's timeout_keep_alive)
+    body_timeout_s: float = 30.0
+    max_uploads: int = 16
+    keep_alive_timeout_s: int = 15
     router_dir: Optional[str] = None  # VTE router weights, by name (<name>.pt); requests never name paths
     limits: Limits = field(default_factory=Limits)
     eval_jobs: bool = True

@@ -13,6 +13,19 @@ relays the answer. When the replica fails or vanishes it answers in OpenAI's sha
 The gateway also counts requests and these failures with `ray.util.metrics`, which Ray exports on
 its Prometheus endpoint summed over replicas and kept across replica restarts.
 
+It is also where a hostile or broken client is stopped before it costs anything (`GatewayLimits`):
+- the API key is checked from the headers, before the body is read or forwarded (401), so an
+  unauthenticated upload never travels to a replica and never holds memory;
+- a body over the limit is refused from its Content-Length, or as soon as it passes the limit (413);
+- a body must arrive within `body_timeout_s` (408), and at most `max_uploads` bodies may be
+  arriving at once (429 `too_many_uploads` beyond): half-sent uploads cannot take every slot, so
+  /health, /ready and authenticated traffic still answer;
+- /ready answers 503 within `ready_timeout_s` when no replica answers (restarting, dead, stuck)
+  and /health within `health_timeout_s`, in place of waiting for a replica to come back.
+The HTTP stack's own limits sit in front (Ray Serve's proxy runs uvicorn with h11): headers are
+capped by h11 (16 KiB) and idle keep-alive connections are closed after Serve's
+`keep_alive_timeout_s` (serve/app.py `run`).
+
 On the replica side, `asgi_stream` runs one request through the replica's own FastAPI app and
 yields the response head, then its body chunks as the app produces them; `asgi_answer` collects
 them into one answer. A request that cannot produce a stream (its body never mentions
@@ -28,13 +41,33 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request  # module level: the route's string annotations resolve here
 
-from lvlm_hallu.serve.errors import PayloadTooLarge, ServiceError, Unavailable
+from lvlm_hallu.serve.errors import Overloaded, PayloadTooLarge, ServiceError, Unavailable
+from lvlm_hallu.serve.limits import check_api_key
 
 log = logging.getLogger("serve")
+PUBLIC_PATHS = ("/health", "/ready")  # answered without a key (they show no internals without one)
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """What the gateway enforces before a request reaches a replica (module docstring)."""
+
+    max_body_bytes: int = 20 * 1024 * 1024
+    keys: tuple[str, ...] = ()  # accepted API keys; empty: no authentication
+    body_timeout_s: float = 30.0  # the whole body must arrive within this
+    max_uploads: int = 16  # request bodies arriving at once, over all clients
+    ready_timeout_s: float = 1.0
+    health_timeout_s: float = 5.0
+
+
+class RequestTimeout(ServiceError):
+    status, type, default_code = 408, "invalid_request_error", "request_timeout"
+
 FORWARDED_HEADERS = ("authorization", "content-type", "content-length", "accept", "x-request-id")
 REQUEST_ID = "x-request-id"
 
@@ -93,9 +126,10 @@ async def asgi_answer(app: Any, method: str, path: str, query: str, headers: lis
 
 
 def may_stream(body: bytes) -> bool:
-    """Whether a request could be answered with a stream: only a JSON body that names "stream"
-    (false positives only cost the streaming path, which relays any answer)."""
-    return b'"stream"' in body
+    """Whether a request could be answered with a stream: only a JSON body that names "stream",
+    or one with a string escape (`"\\u0073tream"` is the same key to a JSON parser). False
+    positives only cost the streaming path, which relays any answer."""
+    return b'"stream"' in body or b"\\" in body
 
 
 # -- gateway side -----------------------------------------------------------------------------
@@ -167,11 +201,31 @@ class Forwarder:
     to a replica through `server.forward.remote(...)` (a streaming handle call) and turn replica
     failures into OpenAI-shaped answers."""
 
-    def __init__(self, server: Any, max_body_bytes: int, metrics: Any = None, unary: Any = None):
+    def __init__(self, server: Any, max_body_bytes: int | GatewayLimits, metrics: Any = None, unary: Any = None):
         # server: the streaming handle (`forward`); unary: the plain one (`respond`), if any
-        self.server, self.max_body_bytes, self.metrics, self.unary = server, max_body_bytes, metrics, unary
+        limits = max_body_bytes if isinstance(max_body_bytes, GatewayLimits) else GatewayLimits(max_body_bytes)
+        self.server, self.limits, self.metrics, self.unary = server, limits, metrics, unary
+        self.max_body_bytes = limits.max_body_bytes
+        self.uploads = 0  # bodies arriving now (this gateway's event loop only: no lock)
 
     async def _body(self, http: Any) -> bytes:
+        declared = http.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes} bytes")
+        if declared == "0" or (declared is None and "transfer-encoding" not in http.headers):
+            return b""  # no body to wait for
+        if self.uploads >= self.limits.max_uploads:
+            raise Overloaded(f"{self.uploads} request bodies are arriving already; retry shortly",
+                             code="too_many_uploads", retry_after_s=1.0)
+        self.uploads += 1
+        try:
+            return await asyncio.wait_for(self._read(http), timeout=self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:g} s") from None
+        finally:
+            self.uploads -= 1
+
+    async def _read(self, http: Any) -> bytes:
         chunks, size = [], 0
         async for chunk in http.stream():
             size += len(chunk)
@@ -199,11 +253,15 @@ class Forwarder:
         from fastapi.responses import JSONResponse, Response, StreamingResponse
 
         try:
+            if path not in PUBLIC_PATHS:  # the key first: an unauthenticated body is never read
+                check_api_key(http.headers.get("authorization"), self.limits.keys)
             body = await self._body(http)
         except ServiceError as err:
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
         headers = [(k, v) for k, v in http.headers.items() if k in FORWARDED_HEADERS and k != REQUEST_ID]
         headers.append((REQUEST_ID, request_id))
+        if method == "GET" and path in PUBLIC_PATHS:
+            return await self._probe(method, path, http.url.query, headers, body)
         attempts = 2 if idempotent(method, path) else 1
         unary = self.unary is not None and not may_stream(body)
         for attempt in range(attempts):
@@ -229,6 +287,27 @@ class Forwarder:
                 log.error("request %s failed in the replica: %r", request_id, err)
                 return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
+    async def _probe(self, method: str, path: str, query: str, headers: list, body: bytes) -> Any:
+        """/ready and /health with a deadline: 503 at once when no replica answers in time."""
+        from fastapi.responses import JSONResponse, Response
+
+        timeout = self.limits.ready_timeout_s if path == "/ready" else self.limits.health_timeout_s
+        try:
+            if self.unary is not None:
+                call = self.unary.respond.remote(method, path, query, headers, body)
+            else:
+                call = asgi_answer_of(self.server.forward.remote(method, path, query, headers, body))
+            answer = await asyncio.wait_for(_awaitable(call), timeout=timeout)
+            return Response(answer["body"], status_code=answer["status"], headers=_plain(answer["headers"]))
+        except Exception as err:  # noqa: BLE001 - a timeout or a dead replica: not ready
+            if not isinstance(err, asyncio.TimeoutError):
+                self._count("failure", kind=unavailable_for(err).code or "internal_error")
+            error = Unavailable(f"no model replica answered within {timeout:g} s", code="replica_unavailable",
+                                retry_after_s=1.0)
+            key = "ready" if path == "/ready" else "status"
+            return JSONResponse({key: False if path == "/ready" else "unavailable", **error.body()},
+                                status_code=503, headers=error.headers())
+
     async def _relay(self, stream: Any, request_id: str) -> AsyncIterator[bytes]:
         try:
             async for chunk in stream:
@@ -240,14 +319,25 @@ class Forwarder:
             yield error_event(error)
 
 
+async def asgi_answer_of(stream: Any) -> dict:
+    """A streaming handle call's items collected into one answer, as `asgi_answer` does."""
+    items = [item async for item in stream]
+    head = items[0] if items else {"status": 500, "headers": []}
+    return {**head, "body": b"".join(items[1:])}
+
+
+async def _awaitable(call: Any) -> Any:
+    return await call
+
+
 def _gateway_class():
     from ray import serve
 
     @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
     @serve.ingress()
     class Gateway:
-        def __init__(self, server: Any, max_body_bytes: int):
-            self.forwarder = Forwarder(server.options(stream=True), max_body_bytes, GatewayMetrics(), unary=server)
+        def __init__(self, server: Any, limits: GatewayLimits):
+            self.forwarder = Forwarder(server.options(stream=True), limits, GatewayMetrics(), unary=server)
 
         def __serve_build_asgi_app__(self):
             app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -267,11 +357,14 @@ def _gateway_class():
 def bind_gateway(server: Any, config: Any) -> Any:
     """The gateway bound in front of the LVLMServer deployment `server`."""
     replicas = max(config.replicas, config.max_replicas or 0)
-    capacity = config.max_ongoing_requests * replicas
+    limits = GatewayLimits(max_body_bytes=config.limits.max_body_bytes, keys=config.keys(),
+                           body_timeout_s=config.body_timeout_s, max_uploads=config.max_uploads)
+    # uploads in progress get slots of their own: they cannot starve the replicas' traffic
+    capacity = config.max_ongoing_requests * replicas + limits.max_uploads
     return _gateway_class().options(
         max_ongoing_requests=capacity,  # the default of 5 would throttle every replica behind it
         max_queued_requests=config.max_queued_requests,
-    ).bind(server, config.limits.max_body_bytes)
+    ).bind(server, limits)
 
 
 def _plain(headers: list[tuple[str, str]]) -> dict[str, str]:
@@ -288,4 +381,5 @@ def _serve_request_id() -> str | None:
         return None
 
 
-__all__ = ["asgi_answer", "asgi_stream", "bind_gateway", "idempotent", "may_stream", "replica_gone", "route_label"]
+__all__ = ["GatewayLimits", "asgi_answer", "asgi_stream", "bind_gateway", "idempotent", "may_stream", "replica_gone",
+           "route_label"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from typer.testing import CliRunner
 
@@ -61,3 +63,65 @@ def test_unknown_model_fails_in_one_line_before_ray_starts(tmp_path):
 def test_router_dir_must_exist(tmp_path):
     result = run_serve("--model", "tiny-llava", "--port", "0", "--router-dir", str(tmp_path / "missing"))
     assert result.exit_code == 2 and "not a directory" in result.output
+
+
+# -- the job store is checked before Ray starts (serve/jobstore.py check_store) --------------------
+
+def make_store(root, jobs: int = 2):
+    from lvlm_hallu.serve.jobstore import JobStore
+
+    store = JobStore(root)
+    made = [store.create("chair", "shapes", {"limit": 2}) for _ in range(jobs)]
+    for job in made:
+        Path(job.workdir).mkdir()
+    return store, made
+
+
+def test_a_corrupt_job_store_refuses_to_start_in_one_line(tmp_path):
+    import ray
+
+    store, _ = make_store(tmp_path)
+    data = bytearray(store.path.read_bytes())
+    data[100:4096] = b"\x5a" * (4096 - 100)  # garbage over the schema page, header intact
+    store.path.write_bytes(bytes(data))
+    result = run_serve("--model", "tiny-llava", "--port", "0", "--jobs-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and str(store.path) in line and "move it aside" in line, line
+    store.path.write_bytes(b"not a database at all, just text" * 10)
+    result = run_serve("--model", "tiny-llava", "--port", "0", "--jobs-dir", str(tmp_path))
+    assert result.exit_code == 2 and "is not a SQLite database" in result.output
+    assert not ray.is_initialized()
+
+
+def test_a_truncated_job_store_with_job_folders_refuses_to_start(tmp_path):
+    store, _ = make_store(tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(str(store.path) + suffix)
+        if path.exists():
+            path.write_bytes(b"")
+    result = run_serve("--model", "tiny-llava", "--port", "0", "--jobs-dir", str(tmp_path))
+    assert result.exit_code == 2 and "2 job folders exist" in result.output and str(store.path) in result.output
+
+
+def test_job_folders_without_a_row_are_reported_not_dropped(tmp_path):
+    from lvlm_hallu.serve.jobstore import check_store
+
+    store, made = make_store(tmp_path, jobs=1)
+    (tmp_path / "evaljob-0123456789abcdef").mkdir()
+    assert check_store(tmp_path) == ["evaljob-0123456789abcdef"]
+    assert (tmp_path / "evaljob-0123456789abcdef").is_dir() and Path(made[0].workdir).is_dir()
+    assert check_store(tmp_path / "fresh") == []  # a new directory is a new, empty store
+
+
+def test_api_keys_from_options_and_a_file(tmp_path):
+    from lvlm_hallu.serve.cli import _api_keys
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# team keys\nalpha-key-1\n\nbeta-key-2  # ci\nalpha-key-1\n")
+    assert _api_keys(["gamma-key-3"], keys_file) == (("gamma-key-3", "alpha-key-1", "beta-key-2"), None)
+    assert _api_keys([], None) == ((), None)
+    keys, problem = _api_keys([], tmp_path / "missing")
+    assert keys == () and "cannot read --api-keys-file" in problem
+    result = run_serve("--model", "tiny-llava", "--port", "0", "--api-keys-file", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "cannot read" in result.output

@@ -207,3 +207,80 @@ def test_requests_that_cannot_stream_take_the_unary_call(replica_app):
         assert r.status_code == 200
     assert r.json()["object"] == "chat.completion" and (unary.calls, streaming.calls) == (4, 2)
     assert may_stream(b'{"stream": true}') and not may_stream(json.dumps(body()).encode())
+
+
+# -- limits the gateway enforces before a replica is involved (GatewayLimits) ---------------------
+
+class SlowUpload:
+    """A request as the gateway sees it, whose body arrives in `parts` chunks `delay_s` apart
+    (`delay_s` None: the client never finishes sending); `read` counts the chunks taken."""
+
+    def __init__(self, path="/v1/chat/completions", headers=None, parts=2, delay_s=None, method="POST"):
+        from types import SimpleNamespace
+
+        self.method, self.url = method, SimpleNamespace(path=path, query="")
+        self.headers = {"content-type": "application/json", "content-length": "100", **(headers or {})}
+        self.parts, self.delay_s, self.read = parts, delay_s, 0
+
+    async def stream(self):
+        for _ in range(self.parts):
+            self.read += 1
+            yield b"{" if self.read == 1 else b"}"
+            await asyncio.sleep(3600 if self.delay_s is None else self.delay_s)
+
+
+def limited(replica_app, **limits):
+    from lvlm_hallu.serve.gateway import GatewayLimits
+
+    replica = DyingReplica(replica_app, {})
+    return Forwarder(replica, GatewayLimits(**{"max_body_bytes": 500_000, **limits}), metrics=Counts()), replica
+
+
+def test_the_key_is_checked_before_the_body_is_read(replica_app):
+    forwarder, replica = limited(replica_app, keys=(KEY, "second-key"))
+    upload = SlowUpload(delay_s=None)  # a body that would never finish
+    r = asyncio.run(asyncio.wait_for(forwarder.forward(upload), 2.0))
+    assert r.status_code == 401 and json.loads(r.body)["error"]["code"] == "invalid_api_key"
+    assert upload.read == 0 and replica.calls == 0
+    r = asyncio.run(forwarder.forward(SlowUpload("/health", method="GET", headers={"content-length": "0"})))
+    assert r.status_code == 200, "health needs no key"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_uploads_are_capped(replica_app):
+    forwarder, replica = limited(replica_app, body_timeout_s=0.3, max_uploads=2)
+
+    async def scenario():
+        stalled = [asyncio.ensure_future(forwarder.forward(SlowUpload(headers=AUTH))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await forwarder.forward(SlowUpload(headers=AUTH))  # a third upload while two stall
+        health = await forwarder.forward(SlowUpload("/health", method="GET", headers={"content-length": "0"}))
+        return refused, health, await asyncio.gather(*stalled)
+
+    refused, health, stalled = asyncio.run(scenario())
+    assert refused.status_code == 429 and json.loads(refused.body)["error"]["code"] == "too_many_uploads"
+    assert refused.headers["retry-after"] == "1" and health.status_code == 200
+    assert [r.status_code for r in stalled] == [408, 408] and replica.calls == 1  # only /health reached it
+    assert json.loads(stalled[0].body)["error"]["code"] == "request_timeout" and forwarder.uploads == 0
+
+
+def test_ready_answers_503_within_its_deadline_when_no_replica_answers(replica_app):
+    class Hanging:
+        def __init__(self):
+            self.respond = self
+
+        def remote(self, *args):
+            return asyncio.sleep(3600)
+
+    from lvlm_hallu.serve.gateway import GatewayLimits
+
+    forwarder = Forwarder(DyingReplica(replica_app, {}), GatewayLimits(ready_timeout_s=0.2), metrics=Counts(),
+                          unary=Hanging())
+    r = asyncio.run(asyncio.wait_for(forwarder.forward(SlowUpload("/ready", method="GET",
+                                                                   headers={"content-length": "0"})), 2.0))
+    payload = json.loads(r.body)
+    assert r.status_code == 503 and payload["ready"] is False and payload["error"]["type"] == "service_unavailable"
+
+
+def test_an_escaped_stream_key_takes_the_streaming_path():
+    assert may_stream(rb'{"\u0073tream": true}') and may_stream(b'{"stream":true}')
+    assert not may_stream(b'{"messages": [], "max_tokens": 3}')

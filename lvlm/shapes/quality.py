@@ -11,7 +11,7 @@ the project's reference evaluators (`eval/` imports `lvlm/`, never the reverse),
   - POPE splits follow docs/eval.md (images with >= 3 objects, 3 yes + 3 no per image,
     interleaved; random / popular / adversarial negatives) and the official answer rule.
 
-    python -m lvlm_hallu.lvlm.shapes.quality [--model DIR] [--n-caption 200] [--n-pope 200] [--json OUT]
+    python -m lvlm_hallu.lvlm.shapes.quality [--model DIR] [--n-caption 200] [--n-pope 200] [--world detail] [--json OUT]
 """
 
 from __future__ import annotations
@@ -112,21 +112,27 @@ def pope_metrics(answers: list[str], labels: list[str]) -> dict:
             "yes_ratio": preds.count("yes") / len(preds), "n": len(labels)}
 
 
-def evaluate(model_dir: Path, n_caption: int, n_pope: int, seed: int = 0) -> dict:
+def evaluate(model_dir: Path, n_caption: int, n_pope: int, seed: int = 0, world_name: str = "basic") -> dict:
+    """world_name "detail": scenes of the detailed world (detail.py), described in detail
+    (detail_text.DETAIL_PROMPTS[0], up to 200 new tokens)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lvlm_hallu.lvlm.shapes import detail, detail_text
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     pool = max(n_caption, 3 * n_pope)
+    make = detail.make_scene if world_name == "detail" else world.make_scene
+    prompt, max_new = (detail_text.DETAIL_PROMPTS[0], 200) if world_name == "detail" else (DESCRIBE, 40)
     scenes = {}
     for i in range(pool):
-        scene, img = world.make_scene("test", i)
+        scene, img = make("test", i)
         scenes[scene.image_id] = (scene, img)
     gt = {k: set(s.counts()) for k, (s, _) in scenes.items()}
     table = load_synonyms()
     cap_ids = sorted(scenes)[:n_caption]
-    caps = generate(model, processor, [scenes[i][1] for i in cap_ids], [DESCRIBE] * len(cap_ids))
-    result = {"model": str(model_dir), "prompt": DESCRIBE,
+    caps = generate(model, processor, [scenes[i][1] for i in cap_ids], [prompt] * len(cap_ids), max_new_tokens=max_new)
+    result = {"model": str(model_dir), "world": world_name, "prompt": prompt,
               "captions": caption_metrics(dict(zip(cap_ids, caps)), gt, table),
               "examples": [{"image_id": i, "caption": c, "gt": sorted(gt[i])}
                            for i, c in list(zip(cap_ids, caps))[:8]], "pope": {}}
@@ -147,10 +153,12 @@ def main(argv=None) -> None:
     ap.add_argument("--n-caption", type=int, default=200)
     ap.add_argument("--n-pope", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--world", default="basic", choices=["basic", "detail"],
+                    help="held-out scenes of world.py (basic) or of the detailed world (detail.py)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = evaluate(args.model, args.n_caption, args.n_pope)
+    res = evaluate(args.model, args.n_caption, args.n_pope, world_name=args.world)
     print(json.dumps(res, indent=1))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -162,3 +163,86 @@ def test_stages_init_from_a_run_freeze_the_lm_and_move_the_data(tmp_path, monkey
             == LlavaProcessor.from_pretrained(first / "model").tokenizer.get_vocab())
     with pytest.raises(SystemExit):
         train.parse_args(["--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "nothing")])
+
+
+def test_detail_rows_ask_for_the_detailed_description_short_ones_and_questions():
+    from lvlm_hallu.lvlm.shapes import detail, detail_text
+
+    rows = [train.make_detail_example(i, 0.25, 0.4) for i in range(400)]
+    kinds = Counter()
+    for i, (image, prompt, answer, present) in enumerate(rows):
+        if image is None:
+            kind = "backcopy" if prompt is None and "." not in answer else "text"
+            assert kind == "backcopy" or len(answer.split()) >= detail_text.MIN_WORDS
+        elif prompt in detail_text.DETAIL_PROMPTS:
+            kind = "detail"
+            assert answer == detail_text.describe(detail.make_scene("train", i)[0])
+        elif prompt in detail_text.SHORT_PROMPTS:
+            kind = "short"
+            assert answer.startswith("There ") and answer.count(".") == 1
+        else:
+            kind = "question"
+            assert answer in ("Yes", "No") and prompt.startswith("Is there")
+        kinds[kind] += 1
+    # 25% without an image (0.4 of them backcopy); of the image rows 50% / 10% / 40%.
+    assert 70 <= kinds["text"] + kinds["backcopy"] <= 130 and 20 <= kinds["backcopy"] <= 60
+    assert 120 <= kinds["detail"] <= 180 and 15 <= kinds["short"] <= 50 and 90 <= kinds["question"] <= 150
+
+
+def test_length_groups_give_the_whole_batch_gradient(tmp_path):
+    import torch
+
+    from lvlm_hallu.lvlm.shapes import model as M
+
+    processor = M.build_processor(M.build_tokenizer(n_scenes=100, world_name="detail"))
+    torch.manual_seed(0)
+    model = M.build_model(M.Preset.from_name("tiny"), processor.tokenizer)
+    ids = [processor.tokenizer(" " + k, add_special_tokens=False)["input_ids"][0] for k in world.CATEGORIES]
+    probe = train.ObjectProbe(model, len(world.CATEGORIES), "words", ids)
+    qprobe = train.QuestionProbe(model.config.text_config.hidden_size, train.QUESTION_PROBE_LAYER)
+    params = list(model.parameters()) + [probe.bias, probe.scale] + list(qprobe.parameters())
+    examples = [train.make_detail_example(i, 0.25, 0.4) for i in range(12)]
+    lengths = [len(p) for p in train.length_groups(examples, 3)]
+    assert lengths == [4, 4, 4]
+
+    class Keep:  # an optimizer that keeps the gradients instead of stepping
+        def step(self):
+            self.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        def zero_grad(self, set_to_none=True):
+            for p in params:
+                p.grad = None
+
+    whole, parts = Keep(), Keep()
+    loss1, aux1 = train.train_step(model, probe, qprobe, whole, params, train.collate(processor, examples), 1.0)
+    loss3, aux3 = train.train_step(model, probe, qprobe, parts, params,
+                                   train.batch_parts(processor, examples, 3, "cpu"), 1.0)
+    assert loss3.item() == pytest.approx(loss1.item(), rel=1e-5) and aux3.item() == pytest.approx(aux1.item(), rel=1e-5)
+    # clip_grad_norm_ has run on both; same clipped gradients
+    for a, b in zip(whole.grads, parts.grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_detail_run_resumes_and_stops_at_its_time_budget(tmp_path):
+    import torch
+
+    args = ["--out", str(tmp_path), "--world", "detail", "--length-groups", "2", "--bf16", *TINY]
+    out = train.train(train.parse_args([*args, "--steps", "4", "--ckpt-every", "2"]))
+    assert out["start_step"] == 0 and out["stopped"] is None
+    spent = json.loads((tmp_path / "spent.json").read_text())
+    assert spent["step"] == 4 and spent["train_s"] > 0
+    assert train.checkpoint_train_s(tmp_path / "checkpoint.pt") <= spent["train_s"] + 0.05
+    # The budget is already spent: a resume exports the checkpoint's model and trains nothing.
+    again = train.train(train.parse_args([*args, "--steps", "8", "--resume", "--budget-hours", "1e-6"]))
+    assert again["start_step"] == 4 and again["steps"] == 4 and again["losses"] == [] and again["stopped"] == "budget"
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").state_dict()
+    # A run without its model/ (still training) is measured from its checkpoint.
+    import shutil
+
+    from lvlm_hallu.lvlm.shapes import positions
+
+    shutil.rmtree(tmp_path / "model")
+    model, processor = positions.load(tmp_path, preset="tiny")
+    assert processor.tokenizer.decode(processor.tokenizer(" purple houses")["input_ids"][1:]) == " purple houses"
+    assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
+    assert model.config._attn_implementation == "eager"

@@ -254,6 +254,7 @@ class PopeTask:
                 metrics[f"{split} {short}"] = named[full]
         metrics["POPE (mean F1)"] = mean_f1(per_split)
         counts = {f"{split} unparseable": m.unparseable for split, m in per_split.items()}
+        counts.update({f"{split} read against surface": m.against_surface for split, m in per_split.items()})
         return metrics, {"splits": {s: m.to_dict() for s, m in per_split.items()}, "counts": counts}
 
     def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:

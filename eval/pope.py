@@ -167,6 +167,8 @@ def read_questions(path: str | Path) -> list[PopeQuestion]:
         if q.label not in ("yes", "no"):
             raise AnnotationError(f"{path}:{n}: label must be yes or no, got {row['label']!r}")
         out.append(q)
+    if not out:
+        raise AnnotationError(f"{path}: no questions (an empty file would score 0 without asking anything)")
     ids = [q.question_id for q in out]
     if len(set(ids)) != len(ids):
         raise AnnotationError(f"{path}: repeated question_id")
@@ -203,6 +205,32 @@ _ANSWER_WORD = re.compile(r"\b(yes|no|not)\b|n't\b", re.IGNORECASE)
 def has_answer_word(answer: str) -> bool:
     """True when the answer says yes or no explicitly somewhere (case-insensitive)."""
     return _ANSWER_WORD.search(answer or "") is not None
+
+
+# Answers read against their surface meaning. The official rule looks for the exact words "No",
+# "no" and "not" in the first sentence, so "NO", "It isn't." and "Nope" are read as yes. Scores keep
+# the rule (they must equal the reference script's); the report counts such answers beside the
+# unparseable ones. The surface reading is deliberately plain: an answer means "no" when it holds a
+# negation (no, not, none, nope, ...n't, any case) and no "yes", "yes" when it holds "yes" and no
+# negation; anything else (both, neither) has no surface reading and is never counted here.
+_SURFACE_YES = re.compile(r"\byes\b", re.IGNORECASE)
+_SURFACE_NO = re.compile(r"\b(no|not|none|nope)\b|n't\b", re.IGNORECASE)
+
+
+def surface_reading(answer: str) -> str | None:
+    """"yes", "no", or None when the answer says both or neither (module comment above)."""
+    yes, no = _SURFACE_YES.search(answer or ""), _SURFACE_NO.search(answer or "")
+    if yes and not no:
+        return "yes"
+    if no and not yes:
+        return "no"
+    return None
+
+
+def read_against_surface(answer: str, prediction: str | None) -> bool:
+    """The parser read a plain yes or no answer as the other one ("NO" -> yes under the official rule)."""
+    surface = surface_reading(answer)
+    return surface is not None and prediction is not None and prediction != surface
 
 Parser = Callable[[str, str], "str | None"]
 
@@ -271,6 +299,7 @@ class PopeMetrics:
     yes_ratio: float
     parser: str = DEFAULT_PARSER
     unparseable: int = 0  # unparsed + answers without a yes/no word (counted by the parser's rule)
+    against_surface: int = 0  # plain yes/no answers the parser read as the opposite (scored by its rule)
 
     def metrics(self) -> dict[str, float]:
         """x100, as papers print them."""
@@ -291,7 +320,8 @@ def _ratio(num: float, den: float) -> float:
 
 
 def metrics_from_predictions(
-    predictions: Sequence[str | None], labels: Sequence[str], parser: str = DEFAULT_PARSER, unparseable: int = 0
+    predictions: Sequence[str | None], labels: Sequence[str], parser: str = DEFAULT_PARSER, unparseable: int = 0,
+    against_surface: int = 0,
 ) -> PopeMetrics:
     """Confusion counts and metrics; "yes" is the positive class; zero denominators give 0."""
     if len(predictions) != len(labels):
@@ -323,6 +353,7 @@ def metrics_from_predictions(
         yes_ratio=_ratio(tp + fp, n),
         parser=parser,
         unparseable=max(unparseable, unparsed),
+        against_surface=against_surface,
     )
 
 
@@ -332,7 +363,8 @@ def score_answers(
     parse = get_parser(parser)
     preds = [parse(a, q.label) for q, a in zip(questions, answers, strict=True)]
     unclear = sum(p is None or not has_answer_word(a) for p, a in zip(preds, answers, strict=True))
-    return metrics_from_predictions(preds, [q.label for q in questions], parser, unclear)
+    misread = sum(read_against_surface(a, p) for p, a in zip(preds, answers, strict=True))
+    return metrics_from_predictions(preds, [q.label for q in questions], parser, unclear, misread)
 
 
 def mean_f1(per_split: Mapping[str, PopeMetrics]) -> float:

@@ -20,8 +20,10 @@ from lvlm_hallu.eval.pope import (
     mean_f1,
     metrics_from_predictions,
     question_text,
+    read_against_surface,
     read_questions,
     score_answers,
+    surface_reading,
     write_questions,
 )
 
@@ -320,3 +322,47 @@ def test_unparseable_answers_are_counted_and_follow_the_parser(tmp_path):
     assert score_answers(q, answers, parser="opera").tn == 2  # OPERA's rule reads "n't"
     lmms = score_answers(q, answers, parser="lmms-eval")
     assert lmms.unparsed == 4 and lmms.unparseable == 4  # only the exact "Yes" is read
+
+
+@pytest.mark.parametrize("answer, surface", [
+    ("NO", "no"), ("It isn't.", "no"), ("Nope.", "no"), ("No, there is not.", "no"), ("yes", "yes"),
+    ("YES, a dog.", "yes"), ("Yes. There is no cat.", None), ("I cannot tell.", None), ("", None),
+])
+def test_surface_reading(answer, surface):
+    assert surface_reading(answer) == surface
+
+
+def test_answers_read_against_their_surface_are_counted_but_scored_by_the_rule():
+    """The confirmed case: "NO" and "It isn't" are yes to the official rule. The scores keep the rule
+    (parity with the reference script); the report counts them beside the unparseable ones."""
+    labels = ["no", "no", "no", "yes", "no", "yes"]
+    answers = ["NO", "It isn't.", "No", "Yes", "I cannot tell.", "Yes. No cat."]
+    q = [PopeQuestion(i + 1, "a.jpg", "?", label) for i, label in enumerate(labels)]
+    official = score_answers(q, answers)
+    # the reference rule: first sentence, exact "No"/"no"/"not" -> no; everything else -> yes
+    assert [get_parser("pope")(a) for a in answers] == ["yes", "yes", "no", "yes", "yes", "yes"]
+    assert (official.tp, official.fp, official.tn, official.fn) == (2, 3, 1, 0)
+    assert official.against_surface == 2 and official.unparseable == 1
+    assert official.to_dict()["against_surface"] == 2
+    opera = score_answers(q, answers, parser="opera")  # reads "NO" and "n't": nothing against the surface
+    assert opera.against_surface == 0 and (opera.tn, opera.fp) == (3, 1)
+    assert not read_against_surface("NO", None)  # unparsed answers are counted as unparseable instead
+
+
+def test_pope_report_counts_answers_read_against_their_surface(tmp_path):
+    from lvlm_hallu.eval.compare import PopeTask
+
+    qs = [PopeQuestion(1, "a.jpg", "Is there a dog in the image?", "yes"),
+          PopeQuestion(2, "a.jpg", "Is there a cat in the image?", "no")]
+    task = PopeTask({"random": qs}, tmp_path)
+    records = {"random/1": {"key": "random/1", "answer": "Yes"}, "random/2": {"key": "random/2", "answer": "NO"}}
+    metrics, details = task.score(records)
+    assert details["counts"] == {"random unparseable": 0, "random read against surface": 1}
+    assert metrics["random Acc"] == 50.0  # "NO" scored as the rule reads it: yes, a false positive
+
+
+def test_an_empty_question_file_is_an_error(tmp_path):
+    empty = tmp_path / "q.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(AnnotationError, match="no questions"):
+        read_questions(empty)

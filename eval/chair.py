@@ -344,6 +344,8 @@ def ground_truth_from_json(path: str | Path) -> GroundTruth:
         raise AnnotationError(f"cannot read ground-truth mapping {path}: {err}") from err
     if not isinstance(raw, dict):
         raise AnnotationError(f"{path}: expected a JSON object {{image_id: [category, ...]}}")
+    if not raw:
+        raise AnnotationError(f"{path}: the ground-truth mapping is empty")
     objects: dict[int, frozenset[str]] = {}
     for key, cats in raw.items():
         try:
@@ -411,6 +413,8 @@ def read_captions(
     if nulls:
         shown = ", ".join(map(str, nulls[:10])) + (" ..." if len(nulls) > 10 else "")
         raise AnnotationError(f"{path}: {len(nulls)} record(s) have a null {caption_key!r} (records {shown})")
+    if not out:
+        raise AnnotationError(f"{path}: no captions to score (an empty file would score CHAIR 0.0)")
     return out
 
 

@@ -18,6 +18,14 @@ Retry-After): failed connections, 429s and 503 `overloaded` are retried for ever
 the server never started on them; any other 503 (`replica_unavailable`: the replica died, maybe
 after creating the job) and a connection lost after the request was sent are retried only for
 idempotent calls (reads, chat) — never a job submission, never a stream after its first byte.
+A read or write timeout is not retried unless `Retry(retry_timeouts=True)`: the server may still
+be generating the answer, and sending it again would run it twice. A 503 that names a state no
+retry changes (`eval_jobs_disabled`) is final, and is a `ServiceUnavailableError`, not a rate limit.
+
+Every answer the SDK cannot read (a body that is not JSON, an event that is not an object, a
+shape that does not validate) raises an `APIError` (`ResponseFormatError`), and a stream that
+ends without `data: [DONE]` raises `IncompleteStreamError`: a cut stream is never returned as
+a complete answer.
 Imports only httpx, pydantic and serve.schema (PIL lazily, only when handed a PIL image) so it
 works in a process without torch.
 """
@@ -76,12 +84,20 @@ class PayloadTooLargeError(APIError):
     """413: body or image over the server's limits (decompression bombs included)."""
 
 
+class ConflictError(APIError):
+    """409: the request conflicts with the resource's state (resuming a job that is not failed)."""
+
+
 class RateLimitError(APIError):
-    """429: the replica is saturated; retry later."""
+    """429: the replica is saturated (or too many uploads are arriving); retry later."""
 
 
-class OverloadedError(RateLimitError):
-    """503: the service (or Ray Serve's queue in front of it) is overloaded or unavailable."""
+class ServiceUnavailableError(APIError):
+    """503: the service cannot answer this now (`code` says why: eval_jobs_disabled is final)."""
+
+
+class OverloadedError(RateLimitError, ServiceUnavailableError):
+    """503 that a retry may cure: overloaded, a replica restarting, or a proxy's plain-text 503."""
 
 
 class APIConnectionError(APIError):
@@ -92,14 +108,29 @@ class APITimeoutError(APIConnectionError):
     """The request ran out of time (connect, read or write timeout)."""
 
 
+class IncompleteStreamError(APIConnectionError):
+    """A stream ended without `data: [DONE]`: the answer is cut, not complete."""
+
+
+class ResponseFormatError(APIError):
+    """The server's answer could not be read (not JSON, or not the documented shape)."""
+
+
+class RequestTimeoutError(APIError):
+    """408: the request body did not reach the server in time."""
+
+
 class InvalidImageError(APIError, ValueError):
     """The image argument is not a PIL image, an existing file, bytes or a data:/http(s) URL."""
 
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
-    413: PayloadTooLargeError, 422: BadRequestError, 429: RateLimitError, 503: OverloadedError,
+    408: RequestTimeoutError, 409: ConflictError, 413: PayloadTooLargeError, 422: BadRequestError,
+    429: RateLimitError, 503: OverloadedError,
 }
+# 503 codes that say the service is configured so: no retry changes them (serve/app.py)
+FINAL_503_CODES = frozenset({"eval_jobs_disabled"})
 
 
 # error.type -> HTTP status, for errors that arrive inside a stream (its headers said 200)
@@ -109,11 +140,15 @@ _STATUS_OF_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "n
 
 def _error_from(status: int, payload: Any, fallback_text: str) -> APIError:
     body = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(body, dict) and "message" in body:
-        err = ErrorBody.model_validate(body)
-    else:  # not our error object (a proxy in between, Ray's own 503 ...): keep its text
-        err = ErrorBody(message=fallback_text.strip() or f"HTTP {status}", type="api_error")
+    try:
+        err = ErrorBody.model_validate(body) if isinstance(body, dict) and "message" in body else None
+    except ValueError:  # pydantic's ValidationError: an error object of the wrong shape
+        err = None
+    if err is None:  # not our error object (a proxy in between, Ray's own 500/503 ...): keep its text
+        err = ErrorBody(message=fallback_text.strip()[:500] or f"HTTP {status}", type="api_error")
     cls = _BY_STATUS.get(status, APIError)
+    if status == 503 and err.code in FINAL_503_CODES:
+        cls = ServiceUnavailableError
     return cls(err.message, status_code=status, type=err.type, param=err.param, code=err.code)
 
 
@@ -130,6 +165,26 @@ def _raise_for_status(response: httpx.Response) -> None:
     except ValueError:
         payload = None
     raise _error_from(response.status_code, payload, response.text)
+
+
+def _json(response: httpx.Response) -> Any:
+    """The JSON body of a successful answer; an unreadable one is a `ResponseFormatError`."""
+    try:
+        return response.json()
+    except ValueError as err:
+        raise ResponseFormatError(f"the server's answer is not JSON ({err}): {response.text[:200]!r}",
+                                  status_code=response.status_code) from None
+
+
+def _validate(model: Any, payload: Any) -> Any:
+    """`model.model_validate(payload)`, with a failure as a `ResponseFormatError`."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        raise ResponseFormatError(f"the server's answer is not a valid {model.__name__}: "
+                                  f"{err.errors()[0]['msg'] if err.errors() else err}") from None
 
 
 # -- request building (shared by both clients) ------------------------------------------------
@@ -204,17 +259,31 @@ _DONE = object()
 
 
 def _sse_event(line: str) -> Any:
-    """One line of OpenAI-style server-sent events: a payload dict, `_DONE`, or None (no data)."""
+    """One line of OpenAI-style server-sent events: a payload dict, `_DONE`, or None (no data).
+    An event that is not a JSON object is a `ResponseFormatError`."""
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
     if data == "[DONE]":
         return _DONE
-    payload = json.loads(data)
+    try:
+        payload = json.loads(data)
+    except ValueError as err:
+        raise ResponseFormatError(f"stream event is not JSON ({err}): {data[:200]!r}") from None
+    if not isinstance(payload, dict):
+        raise ResponseFormatError(f"stream event is not a JSON object: {data[:200]!r}")
     if "error" in payload:  # an error after the stream started (headers were already 200)
         kind = payload["error"].get("type") if isinstance(payload["error"], dict) else None
         raise _error_from(_STATUS_OF_TYPE.get(kind, 500), payload, data)
     return payload
+
+
+def _chunk(event: dict) -> ChatCompletionChunk:
+    return _validate(ChatCompletionChunk, event)
+
+
+def _cut_stream() -> IncompleteStreamError:
+    return IncompleteStreamError("the stream ended without [DONE]: the answer is incomplete")
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -231,6 +300,14 @@ def service_root(base_url: str) -> str:
 # full. `replica_unavailable` proves nothing (the replica may have died after acting), nor does a
 # 503 without our error object.
 NOT_STARTED_503_CODES = frozenset({"overloaded"})
+
+
+def _final_503(response: httpx.Response) -> bool:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and error.get("code") in FINAL_503_CODES
 
 
 def _never_started(response: httpx.Response) -> bool:
@@ -255,6 +332,7 @@ class Retry:
     backoff_s: float = 0.5  # first wait; doubles each retry
     max_backoff_s: float = 8.0
     statuses: tuple[int, ...] = (429, 503)
+    retry_timeouts: bool = False  # re-send after a read/write timeout (the first may still be running)
 
     def wait_s(self, attempt: int, response: httpx.Response | None = None) -> float:
         """Seconds before retry number `attempt` (0-based): Retry-After when the server sent one."""
@@ -271,10 +349,16 @@ class Retry:
             return None
         if response is not None:
             retryable = response.status_code in self.statuses and (idempotent or _never_started(response))
+            if retryable and response.status_code == 503 and _final_503(response):
+                return None
             return self.wait_s(attempt, response) if retryable else None
         # A connection that never opened means the server never saw the request: always safe.
-        never_sent = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
-        if never_sent or (idempotent and isinstance(error, (httpx.TransportError,))):
+        never_sent = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+        if never_sent:
+            return self.wait_s(attempt)
+        if isinstance(error, (httpx.ReadTimeout, httpx.WriteTimeout)) and not self.retry_timeouts:
+            return None  # the server may still be answering the first one
+        if idempotent and isinstance(error, httpx.TransportError):
             return self.wait_s(attempt)
         return None
 
@@ -336,7 +420,7 @@ class Client:
     def _request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> Any:
         response = _retrying(self.retry, lambda: self._http.request(method, path, **kwargs), idempotent=idempotent)
         _raise_for_status(response)
-        return response.json()
+        return _json(response)
 
     def chat(self, image: Any, prompt: str, *, interventions: Any = None, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -344,7 +428,7 @@ class Client:
              system: str | None = None, logprobs: int | None = None) -> ChatCompletion:
         body = chat_body(image, prompt, interventions=interventions, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed, stop=stop, model=model, system=system, logprobs=logprobs)
-        return ChatCompletion.model_validate(self._request("POST", "/v1/chat/completions", json=body))
+        return _validate(ChatCompletion, self._request("POST", "/v1/chat/completions", json=body))
 
     def stream_chunks(self, image: Any, prompt: str, **kwargs: Any) -> Iterator[ChatCompletionChunk]:
         """Every chunk of a streamed completion (the last ones carry usage and the report)."""
@@ -365,8 +449,8 @@ class Client:
                             if event is _DONE:
                                 return
                             if event is not None:
-                                yield ChatCompletionChunk.model_validate(event)
-                        return
+                                yield _chunk(event)
+                        raise _cut_stream()
             except httpx.HTTPError as err:
                 wait = None if started else self.retry.decide(attempt, error=err)
                 if wait is None:
@@ -382,27 +466,31 @@ class Client:
                     yield choice.delta.content
 
     def list_models(self) -> list[ModelCard]:
-        return ModelList.model_validate(self._request("GET", "/v1/models")).data
+        return _validate(ModelList, self._request("GET", "/v1/models")).data
 
     def list_interventions(self) -> list[InterventionInfo]:
-        return InterventionList.model_validate(self._request("GET", "/v1/interventions")).data
+        return _validate(InterventionList, self._request("GET", "/v1/interventions")).data
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
 
     def submit_eval(self, kind: str, **kwargs: Any) -> EvalJob:
         """Start a CHAIR or POPE job; kwargs as `eval_body` (limit, interventions, options ...)."""
-        return EvalJob.model_validate(self._request("POST", "/v1/eval/jobs", idempotent=False,
+        return _validate(EvalJob, self._request("POST", "/v1/eval/jobs", idempotent=False,
                                                     json=eval_body(kind, **kwargs)))
 
     def job(self, job_id: str) -> EvalJob:
-        return EvalJob.model_validate(self._request("GET", f"/v1/eval/jobs/{job_id}"))
+        return _validate(EvalJob, self._request("GET", f"/v1/eval/jobs/{job_id}"))
 
     def jobs(self) -> list[EvalJob]:
-        return EvalJobList.model_validate(self._request("GET", "/v1/eval/jobs")).data
+        return _validate(EvalJobList, self._request("GET", "/v1/eval/jobs")).data
 
     def cancel(self, job_id: str) -> EvalJob:
-        return EvalJob.model_validate(self._request("DELETE", f"/v1/eval/jobs/{job_id}"))
+        return _validate(EvalJob, self._request("DELETE", f"/v1/eval/jobs/{job_id}"))
+
+    def resume(self, job_id: str) -> EvalJob:
+        """Continue a failed or cancelled job from its results file (409 `ConflictError` otherwise)."""
+        return _validate(EvalJob, self._request("POST", f"/v1/eval/jobs/{job_id}/resume", idempotent=False))
 
     def wait(self, job_id: str, *, timeout: float = 3600.0, poll_s: float = 1.0) -> EvalJob:
         """Poll until the job finishes; raises TimeoutError (the job keeps running) after `timeout`."""
@@ -441,7 +529,7 @@ class AsyncClient:
         response = await _async_retrying(self.retry, lambda: self._http.request(method, path, **kwargs),
                                          idempotent=idempotent)
         _raise_for_status(response)
-        return response.json()
+        return _json(response)
 
     async def chat(self, image: Any, prompt: str, *, interventions: Any = None, max_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -449,7 +537,7 @@ class AsyncClient:
                    system: str | None = None, logprobs: int | None = None) -> ChatCompletion:
         body = chat_body(image, prompt, interventions=interventions, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed, stop=stop, model=model, system=system, logprobs=logprobs)
-        return ChatCompletion.model_validate(await self._request("POST", "/v1/chat/completions", json=body))
+        return _validate(ChatCompletion, await self._request("POST", "/v1/chat/completions", json=body))
 
     async def stream_chunks(self, image: Any, prompt: str, **kwargs: Any) -> AsyncIterator[ChatCompletionChunk]:
         body = chat_body(image, prompt, stream=True, **kwargs)
@@ -469,8 +557,8 @@ class AsyncClient:
                             if event is _DONE:
                                 return
                             if event is not None:
-                                yield ChatCompletionChunk.model_validate(event)
-                        return
+                                yield _chunk(event)
+                        raise _cut_stream()
             except httpx.HTTPError as err:
                 wait = None if started else self.retry.decide(attempt, error=err)
                 if wait is None:
@@ -485,26 +573,29 @@ class AsyncClient:
                     yield choice.delta.content
 
     async def list_models(self) -> list[ModelCard]:
-        return ModelList.model_validate(await self._request("GET", "/v1/models")).data
+        return _validate(ModelList, await self._request("GET", "/v1/models")).data
 
     async def list_interventions(self) -> list[InterventionInfo]:
-        return InterventionList.model_validate(await self._request("GET", "/v1/interventions")).data
+        return _validate(InterventionList, await self._request("GET", "/v1/interventions")).data
 
     async def health(self) -> dict[str, Any]:
         return await self._request("GET", "/health")
 
     async def submit_eval(self, kind: str, **kwargs: Any) -> EvalJob:
-        return EvalJob.model_validate(await self._request("POST", "/v1/eval/jobs", idempotent=False,
+        return _validate(EvalJob, await self._request("POST", "/v1/eval/jobs", idempotent=False,
                                                           json=eval_body(kind, **kwargs)))
 
     async def job(self, job_id: str) -> EvalJob:
-        return EvalJob.model_validate(await self._request("GET", f"/v1/eval/jobs/{job_id}"))
+        return _validate(EvalJob, await self._request("GET", f"/v1/eval/jobs/{job_id}"))
 
     async def jobs(self) -> list[EvalJob]:
-        return EvalJobList.model_validate(await self._request("GET", "/v1/eval/jobs")).data
+        return _validate(EvalJobList, await self._request("GET", "/v1/eval/jobs")).data
 
     async def cancel(self, job_id: str) -> EvalJob:
-        return EvalJob.model_validate(await self._request("DELETE", f"/v1/eval/jobs/{job_id}"))
+        return _validate(EvalJob, await self._request("DELETE", f"/v1/eval/jobs/{job_id}"))
+
+    async def resume(self, job_id: str) -> EvalJob:
+        return _validate(EvalJob, await self._request("POST", f"/v1/eval/jobs/{job_id}/resume", idempotent=False))
 
     async def wait(self, job_id: str, *, timeout: float = 3600.0, poll_s: float = 1.0) -> EvalJob:
         deadline = time.monotonic() + timeout
@@ -520,6 +611,7 @@ class AsyncClient:
 
 __all__ = [
     "APIConnectionError", "APIError", "APITimeoutError", "AsyncClient", "AuthenticationError", "BadRequestError",
-    "Client", "InvalidImageError", "NotFoundError", "OverloadedError", "PayloadTooLargeError", "RateLimitError",
-    "Retry", "image_data_url", "service_root",
+    "Client", "ConflictError", "IncompleteStreamError", "InvalidImageError", "NotFoundError", "OverloadedError",
+    "PayloadTooLargeError", "RateLimitError", "RequestTimeoutError", "ResponseFormatError", "Retry",
+    "ServiceUnavailableError", "image_data_url", "service_root",
 ]

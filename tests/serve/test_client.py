@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from lvlm_hallu.serve.client import (APIConnectionError, APITimeoutError, AsyncClient, Client, InvalidImageError,
+from lvlm_hallu.serve.client import (APIConnectionError, APIError, APITimeoutError, AsyncClient, Client, InvalidImageError,
                           OverloadedError, PayloadTooLargeError, RateLimitError, Retry, image_data_url, service_root)
 
 
@@ -247,3 +247,82 @@ def test_async_client_retries_and_strips_v1():
     assert models[0].id == "m" and len(seen) == 2
     with pytest.raises(InvalidImageError):
         asyncio.run(AsyncClient("http://svc/v1").chat(object(), "x"))
+
+
+# -- issue #34: no silent re-sends, no cut stream taken for whole, every parse failure typed --------
+
+def test_a_chat_is_not_sent_again_after_a_read_timeout_unless_asked():
+    from lvlm_hallu.serve.client import APITimeoutError
+
+    answer = (200, {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}, {})
+    client, script = scripted(httpx.ReadTimeout("slow"), answer)
+    with pytest.raises(APITimeoutError):
+        client.chat(b"\x89PNG", "x")  # the server may still be generating the first one
+    assert len(script.seen) == 1
+    client, script = scripted(httpx.ReadTimeout("slow"), answer, retry=Retry(backoff_s=0.001, retry_timeouts=True))
+    assert client.chat(b"\x89PNG", "x").text == "Hi" and len(script.seen) == 2
+    client, script = scripted(httpx.ConnectTimeout("no route"), answer)  # never sent: always safe
+    assert client.chat(b"\x89PNG", "x").text == "Hi" and len(script.seen) == 2
+
+
+def test_a_stream_without_done_raises():
+    from lvlm_hallu.serve.client import IncompleteStreamError
+
+    client, _ = scripted((200, CHUNK, {"content-type": "text/event-stream"}))
+    stream = client.stream(b"\x89PNG", "x")
+    assert next(stream) == "Hi"
+    with pytest.raises(IncompleteStreamError):
+        next(stream)
+
+
+@pytest.mark.parametrize("event", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b"data: 7\n\n",
+                                   b'data: {"object": "chat.completion.chunk"}\n\n',
+                                   b'data: {"error": "plain words"}\n\n'])
+def test_every_malformed_event_is_an_api_error(event):
+    from lvlm_hallu.serve.client import APIError
+
+    client, _ = scripted((200, CHUNK + event + b"data: [DONE]\n\n", {"content-type": "text/event-stream"}))
+    stream = client.stream(b"\x89PNG", "x")
+    assert next(stream) == "Hi"
+    with pytest.raises(APIError):
+        next(stream)
+
+
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"object": "list"}', b"[]"])
+def test_an_unreadable_answer_is_an_api_error(body):
+    from lvlm_hallu.serve.client import ResponseFormatError
+
+    with pytest.raises(ResponseFormatError):
+        client_answering(200, body).list_models()
+    # a proxy's plain-text 500 (a gateway killed mid-request) keeps its text in an APIError
+    with pytest.raises(APIError) as info:
+        client_answering(500, b"Internal Server Error").list_models()
+    assert info.value.status_code == 500 and "Internal Server Error" in info.value.message
+
+
+def test_503_kinds_are_mapped_and_only_transient_ones_retried():
+    from lvlm_hallu.serve.client import ServiceUnavailableError
+
+    disabled = unavailable("eval_jobs_disabled")
+    client, script = scripted(disabled, (200, JOB, {}))
+    with pytest.raises(ServiceUnavailableError) as info:
+        client.job("evaljob-1")
+    assert not isinstance(info.value, RateLimitError) and info.value.code == "eval_jobs_disabled"
+    assert len(script.seen) == 1, "a disabled feature is not retried"
+    client, script = scripted(unavailable("overloaded"), (200, JOB, {}))
+    assert client.job("evaljob-1").id == "evaljob-1" and len(script.seen) == 2
+
+
+def test_resume_posts_once_and_maps_409():
+    from lvlm_hallu.serve.client import ConflictError
+
+    conflict = (409, {"error": {"message": "job is running", "type": "invalid_request_error",
+                                "code": "job_not_resumable"}}, {})
+    client, script = scripted(conflict)
+    with pytest.raises(ConflictError):
+        client.resume("evaljob-1")
+    client, script = scripted((200, {**JOB, "state": "queued"}, {}))
+    assert client.resume("evaljob-1").state == "queued"
+    assert script.seen == [("POST", "/v1/eval/jobs/evaljob-1/resume")]

@@ -167,6 +167,8 @@ def read_image_list(path: str | Path) -> list[int]:
                 ids.append(int(line))
             except ValueError as err:
                 raise ImageIdError(f"{path}:{n}: {line!r} is not an integer image id") from err
+    if not ids:
+        raise ImageIdError(f"{path}: no image ids")
     return [check_image_id(i) for i in ids]
 
 

@@ -83,6 +83,8 @@ def synonyms_for(synonyms: Path | None, coco) -> Path | None:
 
 
 def default_n(n: int | None, sources: Sources) -> int:
+    if n is not None and n < 1:
+        raise EvalError(f"-n must be at least 1, got {n} (an empty sample would score 0)")
     return n if n is not None else (DEFAULT_N if sources.world is not None else COCO_N)
 
 

@@ -158,6 +158,7 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
                              f"{model.max_context} tokens", param="messages", code="context_length_exceeded")
     configs = model_names.interventions(named, body.intervention_spec())  # InterventionError -> 400 via error_for
     validate(configs, model.facts)
+    check_routers(configs)
     require_image(configs, has_image=bool(image_urls))  # every method acts on image tokens
     image = None
     if image_urls:
@@ -175,6 +176,27 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
         label="+".join(a["name"] for a in applied) or "none",
         applied=applied, stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+def check_routers(configs: Any) -> None:
+    """A VTE router named by a request must be a file inside the router directory (a symlink
+    pointing elsewhere is not offered) whose weights load: 400 now, never a 500 mid-batch."""
+    names = [c.router for c in configs if getattr(c, "policy", None) == "router" and getattr(c, "router", None)]
+    if not names:
+        return
+    from lvlm_hallu.interventions import vte
+
+    root = vte.router_dir()
+    for name in names:
+        path = None if root is None else root / f"{name}.pt"
+        inside = path is not None and path.resolve().is_relative_to(root.resolve())
+        try:
+            if not inside:
+                raise ValueError(f"vte: no router named {name!r} in the router directory")
+            vte.load_router_weights(name)
+        except Exception as err:  # noqa: BLE001 - unreadable or malformed weights are the request's problem
+            raise BadRequest(f"router {name!r} cannot be used: {err}"[:300], param="interventions",
+                             code="invalid_intervention") from None
 
 
 def report(prepared: PreparedChat, result: Result) -> InterventionReport:

@@ -81,9 +81,22 @@ def list_bound(facts: Any, limits: Limits) -> int:
     return max(dims) if dims else limits.max_list_items
 
 
-def check_costs(body: Any, limits: Limits, facts: Any = None, prompt_chars: int = 0) -> None:
+def message_chars(body: Any) -> int:
+    """Characters of text in a chat request's messages (what its prompt is made of)."""
+    total = 0
+    for message in getattr(body, "messages", None) or ():
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content:
+            total += sum(len(getattr(part, "text", "") or "") for part in content)
+    return total
+
+
+def check_costs(body: Any, limits: Limits, facts: Any = None) -> None:
     """400 unless every field of a chat request (or an eval job's interventions) has a bounded
-    cost; `prompt_chars` of the prompt budget are already used by the messages."""
+    cost; the messages' text and the interventions' prompts share `max_prompt_chars`."""
+    prompt_chars = message_chars(body)
     for name in ("model", "user"):
         value = getattr(body, name, None)
         if isinstance(value, str) and len(value) > limits.max_field_chars:

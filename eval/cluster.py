@@ -136,6 +136,20 @@ def replica_device(device: str | None, device_map: Any, gpu_ids: Sequence[Any]) 
     return "cuda:0"
 
 
+def replica_resources(device: str, device_map: Any, num_actors: int, cluster_gpus: float) -> tuple[str, dict[str, Any]]:
+    """(device, Ray options) of each of `num_actors` replicas: one CPU each; on CUDA (or with a device
+    map) a GPU each when the cluster has that many, else an equal share of them. "auto" is CUDA
+    when the cluster has GPUs. CUDA on a cluster without GPUs is refused (ValueError)."""
+    if device == "auto":
+        device = "cuda" if cluster_gpus > 0 else "cpu"
+    if device_map is None and not str(device).startswith("cuda"):
+        return device, {"num_cpus": 1}
+    if cluster_gpus <= 0:
+        raise ValueError(f"--device {device}{' --device-map' if device_map is not None else ''} with --ray-actors: "
+                         "the Ray cluster has no GPU (`ray status` lists its resources); use --device cpu")
+    return device, {"num_cpus": 1, "num_gpus": min(1.0, cluster_gpus / num_actors)}
+
+
 def load_replica(name: str, *, device: str | None = "cpu", dtype: str | None = None, device_map: Any = None,
                  **kwargs: Any) -> Any:
     """Factory of a replica's model: `lvlm.load` on the GPUs this actor reserved (see `replica_device`)."""

@@ -10,6 +10,18 @@ template + image tokens + the longest distinct prompt text, measured on the firs
 A prompt that leaves no room (C - P < 1) is refused. Models without a readable config (a remote
 service, a hub id that is not cached, the random-weight test models) are not checked here; the
 model itself then refuses an over-long request with a clear error.
+
+Placement and batch size, also before the model loads. `Placement` is where a local model runs:
+`lvlm.load`'s device, dtype and device map, with the dtype resolved as the loader resolves it
+(float16 on CUDA, float32 elsewhere, unless given), so reports and run fingerprints record what
+the answers were computed with. `auto_batch_size` is `--batch-size auto`: from the memory
+estimate `lvlm info` prints (lvlm/memory.py; config only, no weights), the most rows of
+`prompt + max_new_tokens` tokens that fit next to the weights in the budget
+
+    B = floor((M (1 - headroom) - weights) / (cache(T) + activations(T))),  capped at AUTO_CAP,
+
+M the device's free memory (or the replica's, measured there, for Ray actors). A model whose
+weights and one row do not fit is refused with the numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lvlm_hallu.eval.errors import EvalError
 
@@ -89,3 +102,91 @@ def fit_max_new_tokens(requested: int, model: str, prompts: Sequence[str], image
         f"{budget.prompt_tokens}): clamped to {budget.max_new_tokens}"
     )
     return budget.max_new_tokens, warning
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement and batch size
+
+AUTO_CAP = 64  # --batch-size auto never exceeds this: past it a step's overhead no longer dominates
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a local model runs: `lvlm.load(name, device=..., dtype=..., device_map=...)`."""
+
+    device: str = "cpu"
+    dtype: str | None = None
+    device_map: Any = None  # "auto" | "balanced" | "sequential" | {module: device}
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The `lvlm.load` keywords that differ from its defaults (none for the CPU default)."""
+        out: dict[str, Any] = {}
+        if self.device != "cpu" and self.device_map is None:
+            out["device"] = self.device
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        if self.device_map is not None:
+            out["device_map"] = self.device_map
+        return out
+
+    @property
+    def first_device(self) -> str:
+        """The device the dtype default follows: `device`, or the first GPU a device map names."""
+        if self.device_map is None:
+            return self.device
+        from lvlm_hallu.lvlm.loader import _first_device
+
+        return _first_device(self.device_map, None)
+
+    @property
+    def torch_dtype(self) -> Any:
+        from lvlm_hallu.lvlm.loader import _dtype
+
+        try:
+            return _dtype(self.dtype, self.first_device)
+        except ValueError as err:
+            raise EvalError(f"--dtype: {err}") from err
+
+    def fields(self) -> dict[str, Any]:
+        """{"device", "dtype", "device_map"} for reports and run fingerprints (dtype resolved)."""
+        return {"device": self.device if self.device_map is None else self.first_device,
+                "dtype": str(self.torch_dtype).removeprefix("torch."), "device_map": self.device_map}
+
+
+def auto_batch_size(model: str, placement: Placement, tokens: int, *, budget_bytes: int | None = None,
+                    cap: int = AUTO_CAP) -> tuple[int, str]:
+    """(rows per batch, one line saying how) for `--batch-size auto` (module docstring).
+
+    `tokens`: the longest prompt plus max_new_tokens. `budget_bytes`: the memory to fill (default:
+    the free memory of the placement's device, or of all of them under a device map).
+    """
+    from lvlm_hallu.lvlm import memory
+
+    try:
+        est = memory.estimate(memory.config_for(model), dtype=placement.torch_dtype)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--batch-size auto needs the model's config: {err}") from err
+    if budget_bytes is None:
+        places = memory.budget(placement.first_device, None, spread=placement.device_map is not None)
+        budget_bytes = sum(places.values())
+    rows = est.largest_batch(budget_bytes, tokens)
+    if rows < 1:
+        raise EvalError(
+            f"--batch-size auto: {model} at {est.dtype} ({memory.human(est.weight_bytes)} of weights) leaves no room "
+            f"for one row of {tokens} tokens in {memory.human(budget_bytes)}; use another --device, --dtype or "
+            "--device-map"
+        )
+    chosen = min(rows, cap)
+    return chosen, (f"--batch-size auto: {chosen} (memory estimate: {rows} rows of {tokens} tokens fit "
+                    f"{memory.human(budget_bytes)} next to {memory.human(est.weight_bytes)} of weights at "
+                    f"{est.dtype}; cap {cap})")
+
+
+def replica_budget(model: Any) -> int:
+    """In a Ray replica (`pool.call`): the memory its batches may use, measured where it runs:
+    the free memory of the model's device plus what its weights already take."""
+    from lvlm_hallu.lvlm import memory
+
+    device = str(getattr(model, "device", "cpu"))
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters()) if hasattr(model, "model") else 0
+    return memory.device_free_bytes(device) + (weights if device.startswith("cuda") else 0)

@@ -8,6 +8,9 @@ different run. A `Fingerprint` is a canonical JSON object of everything a run de
      "model":     {"id", "revision", "config_sha256", "weights_sha256"}   (or {"id", "server"}),
      "prompt":    the prompt (template) sent with every item,
      "decoding":  {"max_new_tokens", "temperature", ...},
+     "placement": {"device", "dtype", "device_map"} a local model runs with, the dtype resolved as
+                  lvlm.load resolves it (eval.context.Placement; absent with --server: the service
+                  places its model): bfloat16 and float32 answers are different runs,
      "interventions": the configs as requested, every parameter (per results file),
      "interventions_resolved": the configs as the model runs them: model-aware values (published,
                   scaled, tuned) filled from the model's facts and profile, so re-tuned or

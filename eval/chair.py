@@ -161,6 +161,7 @@ class Mention:
 class ParsedCaption:
     words: tuple[str, ...]  # tokens after lemmatization and the double-word merge
     mentions: tuple[Mention, ...]
+    tags: tuple[str, ...] = ()  # each word's Penn Treebank tag (a double word: its second's); eval/mentions.py
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -183,31 +184,39 @@ class CaptionParser:
 
     def lemmas(self, caption: str) -> list[str]:
         """Steps 1-2: lower-case, word_tokenize, pos_tag, lemmatize with the tag's WordNet POS."""
+        return [w for w, _ in self.tagged_lemmas(caption)]
+
+    def tagged_lemmas(self, caption: str) -> list[tuple[str, str]]:
+        """`lemmas` with each lemma's Penn Treebank tag."""
         import nltk
 
         try:
             tagged = nltk.pos_tag(nltk.word_tokenize(caption.lower()))
             # Tags outside J/V/N/R lemmatize as nouns, like the reference's `... or wordnet.NOUN`.
-            return [self._lemmatizer.lemmatize(w, pos=self._pos.get(t[:1], self._noun)) for w, t in tagged]
+            return [(self._lemmatizer.lemmatize(w, pos=self._pos.get(t[:1], self._noun)), t) for w, t in tagged]
         except LookupError as err:
             raise NLTKDataError(f"NLTK data missing for CHAIR; run: {download_command()}") from err
 
     def merge_double_words(self, words: Sequence[str]) -> list[str]:
         """Step 3: greedy left-to-right merge of adjacent pairs found in the double-word table."""
-        merged: list[str] = []
+        return [w for w, _ in self._merge_tagged([(w, "") for w in words])]
+
+    def _merge_tagged(self, tagged: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        merged: list[tuple[str, str]] = []
         i = 0
-        while i < len(words):
-            pair = " ".join(words[i : i + 2])
-            if i + 1 < len(words) and pair in self.double_words:
-                merged.append(self.double_words[pair])
+        while i < len(tagged):
+            pair = " ".join(w for w, _ in tagged[i : i + 2])
+            if i + 1 < len(tagged) and pair in self.double_words:
+                merged.append((self.double_words[pair], tagged[i + 1][1]))
                 i += 2
             else:
-                merged.append(words[i])
+                merged.append(tagged[i])
                 i += 1
         return merged
 
     def parse(self, caption: str) -> ParsedCaption:
-        words = self.merge_double_words(self.lemmas(caption))
+        tagged = self._merge_tagged(self.tagged_lemmas(caption))
+        words = [w for w, _ in tagged]
         # Step 4, toilet rule: "the seat of the toilet" must not fire "chair".
         drop_seat = "toilet" in words and "seat" in words
         mentions = tuple(
@@ -215,7 +224,7 @@ class CaptionParser:
             for i, w in enumerate(words)
             if w in self.synonyms.to_category and not (drop_seat and w == "seat")
         )
-        return ParsedCaption(tuple(words), mentions)
+        return ParsedCaption(tuple(words), mentions, tuple(t for _, t in tagged))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +237,9 @@ class GroundTruth:
 
     objects: Mapping[int, frozenset[str]]
     source: str = "<memory>"
+    # image id -> {category: instances (None: a crowd)} from an instances file; not part of CHAIR
+    # (eval/mentions.py's repeats and count claims), None without one
+    counts: Mapping[int, Mapping[str, int | None]] | None = None
 
     def __getitem__(self, image_id: int) -> frozenset[str]:
         check_image_id(image_id)
@@ -268,10 +280,14 @@ def ground_truth_from_coco(
         raise AnnotationError("ground truth needs an instances file, a captions file, or a JSON mapping")
     objects: dict[int, set[str]] = {}
     sources = []
+    counts = None
     wanted = None if image_ids is None else set(check_image_id(i) for i in image_ids)
     if instances is not None:
+        from lvlm_hallu.eval.mentions import instance_counts
+
         coco = instances if isinstance(instances, COCO) else load_coco(instances)
         sources.append(str(instances) if not isinstance(instances, COCO) else "instances")
+        counts = instance_counts(coco, parser.synonyms.to_category, wanted)
         for imid, names in instance_categories(coco).items():
             if wanted is not None and imid not in wanted:
                 continue
@@ -291,7 +307,7 @@ def ground_truth_from_coco(
                 cats.update(parser.parse(cap).categories)
     if wanted is not None:
         validate_image_ids(sorted(wanted), objects)
-    return GroundTruth(MappingProxyType({k: frozenset(v) for k, v in objects.items()}), " + ".join(sources))
+    return GroundTruth(MappingProxyType({k: frozenset(v) for k, v in objects.items()}), " + ".join(sources), counts)
 
 
 class MinedObjects(Mapping[int, frozenset[str]]):

@@ -9,7 +9,9 @@ and never reuses another run's answers. Every configuration after the first gets
 bootstrap interval (95% unless asked otherwise) of each metric's difference to the first
 (eval/significance.py), resampling images: for POPE an image carries its questions in every split.
 Metrics follow docs/eval.md: CHAIR (Rohrbach et al. 2018, arXiv:1809.02156) and POPE (Li et al.
-2023, arXiv:2305.10355).
+2023, arXiv:2305.10355); a CHAIR run also reports the caption metrics of eval/mentions.py
+(hallucinated mentions per caption, CHAIR_i over distinct objects, repeats, overstated counts,
+length: docs/caption-metrics.md), each with its interval on the same resampled images.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from lvlm_hallu.eval.chair import FLAVOUR as CHAIR_FLAVOUR
 from lvlm_hallu.eval.chair import CaptionParser, GroundTruth, score_captions
 from lvlm_hallu.eval.coco import image_ids_hash
 from lvlm_hallu.eval.fingerprint import Fingerprint, canonical, items_digest, sha256_text
+from lvlm_hallu.eval.mentions import STATS as MENTION_STATS
+from lvlm_hallu.eval.mentions import CaptionMentions, score_mentions
+from lvlm_hallu.eval.mentions import metrics_from_sums as mention_metrics
 from lvlm_hallu.eval.pope import (
     DEFAULT_PARSER,
     PROMPT_SUFFIX,
@@ -119,17 +124,21 @@ class ChairTask:
         return [Item(str(i), self.prompt, path, {"image_id": i}) for i, path in self.image_files.items()]
 
     def score(self, records: Mapping[str, dict]) -> tuple[dict[str, float], dict]:
+        """CHAIR's four numbers, then the caption metrics of eval/mentions.py (docs/caption-metrics.md)."""
         result = score_captions(
             [(r["image_id"], r["answer"]) for r in records.values()],
             self.gt,
             self.parser,
             short_caption=self.short_caption,
         )
-        return result.metrics(), {**result.to_dict(details=True), "counts": {"empty captions": result.n_empty,
-                                                                   "repeated-object captions": result.n_repeated}}
+        mentions = score_mentions(result, self.gt, self.parser)
+        counts = {"empty captions": result.n_empty, "repeated-object captions": result.n_repeated}
+        return {**result.metrics(), **mentions.metrics()}, {**result.to_dict(details=True), "counts": counts,
+                                                          "mentions": mentions.to_dict()}
 
     def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:
-        """Per image: mentions, hallucinated mentions, hallucinated caption, GT size, recalled, words."""
+        """Per image: mentions, hallucinated mentions, hallucinated caption, GT size, recalled, words,
+        then the caption metrics' statistics (eval/mentions.py STATS)."""
         rows = [
             (1, len(c["mentioned"]), len(c["hallucinated"]), bool(c["hallucinated"]), len(c["gt"]),
              len(c["recalled"]), len(c["words"]))
@@ -137,7 +146,10 @@ class ChairTask:
         ]
         keys = tuple(str(c["image_id"]) for c in details["captions"])
         table = np.array(rows, dtype=np.float64).reshape(-1, len(CHAIR_STATS))  # (images, 7)
-        return UnitStats(CHAIR_STATS, {"all": table}, {"all": keys}, chair_metrics)
+        extra = [CaptionMentions(**c).row() for c in details["mentions"]["captions"]]
+        table = np.hstack([table, np.array(extra, dtype=np.float64).reshape(-1, len(MENTION_STATS))])  # (images, 7 + 11)
+        columns = CHAIR_STATS + tuple(f"mentions {c}" for c in MENTION_STATS)
+        return UnitStats(columns, {"all": table}, {"all": keys}, chair_and_mention_metrics)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         gt = {str(i): sorted(self.gt[i]) for i in self.image_files}
@@ -170,13 +182,18 @@ CHAIR_STATS = ("captions", "mentions", "hallucinated", "hallucinated_caption", "
 
 def chair_metrics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """CHAIR from summed per-image statistics (R, 7), exactly as eval.chair.score_captions computes it."""
-    captions, mentions, halluc, halluc_caps, gt, recalled, words = sums["all"].T  # each (R,)
+    captions, mentions, halluc, halluc_caps, gt, recalled, words = sums["all"][:, :len(CHAIR_STATS)].T  # each (R,)
     return {
         "CHAIR_s": ratio(halluc_caps, captions, 100.0),
         "CHAIR_i": ratio(halluc, mentions, 100.0),
         "Recall": ratio(recalled, gt, 100.0),
         "Len": ratio(words, captions),
     }
+
+
+def chair_and_mention_metrics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CHAIR from the first 7 columns, the caption metrics (eval/mentions.py) from the rest."""
+    return {**chair_metrics(sums), **mention_metrics(sums["all"][:, len(CHAIR_STATS):])}
 
 
 POPE_METRICS = {"Acc": "Accuracy", "Prec": "Precision", "Rec": "Recall", "F1": "F1", "Yes": "Yes-ratio"}

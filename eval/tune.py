@@ -9,8 +9,13 @@ searched on a grid inside the paper's own range:
 - VAR (arXiv 2503.03321): p ∈ (0, 1], ρ ∈ [0, 1], τ ∈ (0, √E) (φ ≤ √E: a larger τ never fires);
 - VTE (arXiv 2411.19628): the fixed exit layer k ∈ [0, L−1).
 Every configuration is compared with no intervention on the same images and questions. The
-objective is CHAIR_s + w·CHAIR_i (w = 1), under constraints on the drops from no intervention:
-Recall at most `max_recall_drop` points and POPE (adversarial) F1 at most `max_f1_drop` points.
+objective is CHAIR_s + w·CHAIR_i (w = 1), under constraints relative to no intervention:
+Recall drops at most `max_recall_drop` points, POPE (adversarial) F1 at most `max_f1_drop` points,
+and the caption metrics of eval/mentions.py (docs/caption-metrics.md) may not buy the objective
+with worse captions: captions that repeat an object rise at most `max_repeat_rise` points,
+captions that overstate a count at most `max_overcount_rise` points, and captions shorten by at
+most `max_length_drop` % of their words (a method that swaps "a ball and a car" for "a ball and a
+ball" lowers CHAIR_s while naming as many absent objects; the repeat constraint refuses it).
 VHR, PAI and VAR take the feasible configuration with the lowest objective; VTE takes the
 earliest exit (the largest saving) whose recall drop stays within `vte_max_recall_drop`.
 
@@ -43,7 +48,10 @@ from lvlm_hallu.eval.errors import EvalError
 METHODS = ("vhr", "pai", "var", "vte")
 GRIDS = ("small", "full")
 POPE_TOKENS = 16  # new tokens for a yes/no answer
-Metrics = Mapping[str, float]  # CHAIR_s, CHAIR_i, Recall, Len (x100 like papers) and F1 (POPE)
+Metrics = Mapping[str, float]  # CHAIR_s, CHAIR_i, Recall, Len (x100 like papers), caption metrics, F1 (POPE)
+# Bumped when the metrics a configuration is judged on change: older cache entries are re-scored
+# (the answers are kept in their results files, so that costs no generation).
+METRICS_VERSION = 2
 Evaluate = Callable[[str | None, Mapping[str, Any]], Metrics]  # (method or None = no intervention, params)
 
 
@@ -57,6 +65,9 @@ class Constraints:
     max_f1_drop: float = 1.0  # points of POPE F1 lost at most
     vte_max_recall_drop: float = 2.0  # VTE: the recall an exit may cost
     weight_i: float = 1.0  # objective = CHAIR_s + weight_i * CHAIR_i
+    max_repeat_rise: float = 2.0  # points of "Repeat %" (captions repeating an object) gained at most
+    max_overcount_rise: float = 2.0  # points of "Overcount %" (captions overstating a count) gained at most
+    max_length_drop: float = 20.0  # % of the captions' words lost at most ("Words")
 
 
 @dataclass(frozen=True)
@@ -253,15 +264,18 @@ class MetricsCache:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())["metrics"]
-        except (json.JSONDecodeError, KeyError):
+            entry = json.loads(path.read_text())
+        except json.JSONDecodeError:
             return None  # a torn write: evaluate again
+        if entry.get("metrics_version") != METRICS_VERSION or "metrics" not in entry:
+            return None  # scored before the caption metrics: score again (the answers are kept)
+        return entry["metrics"]
 
     def put(self, method: str | None, params: Mapping[str, Any], metrics: Metrics) -> None:
         path = self.path(method, params)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"method": method, "params": params, "eval": self.eval_key,
-                                   "metrics": dict(metrics)}, indent=1))
+                                   "metrics_version": METRICS_VERSION, "metrics": dict(metrics)}, indent=1))
         tmp.replace(path)
 
 
@@ -270,7 +284,10 @@ def objective(metrics: Metrics, constraints: Constraints) -> float:
 
 
 def judge(method: str, metrics: Metrics, base: Metrics, constraints: Constraints) -> tuple[bool, str]:
-    """(feasible, why not) from the drops relative to no intervention."""
+    """(feasible, why not) from the changes relative to no intervention.
+
+    A caption metric the baseline has is required of the configuration too (a configuration
+    that lacks it cannot show it is no worse)."""
     budget = constraints.vte_max_recall_drop if method == "vte" else constraints.max_recall_drop
     recall_drop = float(base["Recall"]) - float(metrics["Recall"])
     if recall_drop > budget + 1e-9:
@@ -279,6 +296,21 @@ def judge(method: str, metrics: Metrics, base: Metrics, constraints: Constraints
         f1_drop = float(base["F1"]) - float(metrics["F1"])
         if f1_drop > constraints.max_f1_drop + 1e-9:
             return False, f"POPE F1 -{f1_drop:.1f} > {constraints.max_f1_drop:g}"
+    for name, label, rise in (("Repeat %", "repeats", constraints.max_repeat_rise),
+                              ("Overcount %", "overcounts", constraints.max_overcount_rise)):
+        if name not in base:
+            continue
+        if name not in metrics:
+            return False, f"{label} not measured"
+        gained = float(metrics[name]) - float(base[name])
+        if gained > rise + 1e-9:
+            return False, f"{label} +{gained:.1f} > {rise:g}"
+    if "Words" in base:
+        if "Words" not in metrics:
+            return False, "length not measured"
+        lost = 100.0 * (1.0 - float(metrics["Words"]) / float(base["Words"])) if float(base["Words"]) else 0.0
+        if lost > constraints.max_length_drop + 1e-9:
+            return False, f"words -{lost:.1f}% > {constraints.max_length_drop:g}%"
     return True, ""
 
 
@@ -347,6 +379,10 @@ def search(spaces: Mapping[str, Mapping[str, Sequence[Any]]], evaluate: Evaluate
     return entries
 
 
+# The caption metrics shown in the tables (eval/mentions.py): the constrained ones and hallucinated mentions.
+CAPTION_COLUMNS = ("Halluc/cap", "Repeat %", "Overcount %", "Words")
+
+
 def _describe(params: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
@@ -356,15 +392,19 @@ def markdown(entries: Mapping[str, Mapping[str, Any]]) -> str:
     lines = []
     for method, entry in entries.items():
         base = entry["baseline"]
+        extra = [k for k in CAPTION_COLUMNS if k in base]
         lines += [f"## {method}", "", f"no intervention: CHAIR_s {base['CHAIR_s']:.1f}, CHAIR_i {base['CHAIR_i']:.1f}, "
-                  f"Recall {base['Recall']:.1f}" + (f", POPE F1 {base['F1']:.1f}" if "F1" in base else ""), "",
-                  "| params | CHAIR_s | CHAIR_i | Recall | F1 | Len | objective | feasible |", "|---|---|---|---|---|---|---|---|"]
+                  f"Recall {base['Recall']:.1f}" + (f", POPE F1 {base['F1']:.1f}" if "F1" in base else "")
+                  + "".join(f", {k} {base[k]:.2f}" for k in extra), "",
+                  "| params | CHAIR_s | CHAIR_i | Recall | F1 | Len | " + "".join(f"{k} | " for k in extra)
+                  + "objective | feasible |", "|---|---|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
         for row in entry["table"]:
             m = row["metrics"]
             mark = " **chosen**" if row["params"] == entry["params"] else ""
             lines.append(f"| {_describe(row['params'])}{mark} | {m['CHAIR_s']:.1f} | {m['CHAIR_i']:.1f} | "
                          f"{m['Recall']:.1f} | {m.get('F1', float('nan')):.1f} | {m.get('Len', float('nan')):.1f} | "
-                         f"{row['objective']:.1f} | {'yes' if row['feasible'] else row['violation']} |")
+                         + "".join(f"{m.get(k, float('nan')):.2f} | " for k in extra)
+                         + f"{row['objective']:.1f} | {'yes' if row['feasible'] else row['violation']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -549,6 +589,12 @@ def tune_command(
     max_f1_drop: float = typer.Option(1.0, "--max-f1-drop", help="POPE adversarial F1 points a method may lose"),
     vte_max_recall_drop: float = typer.Option(2.0, "--vte-max-recall-drop", help="recall points VTE's exit may lose"),
     weight_i: float = typer.Option(1.0, "--chair-i-weight", help="objective = CHAIR_s + w * CHAIR_i"),
+    max_repeat_rise: float = typer.Option(2.0, "--max-repeat-rise",
+                                          help="points of captions repeating an object a method may add"),
+    max_overcount_rise: float = typer.Option(2.0, "--max-overcount-rise",
+                                             help="points of captions overstating a count a method may add"),
+    max_length_drop: float = typer.Option(20.0, "--max-length-drop",
+                                          help="percent of the captions' words a method may lose"),
     val_n: int = typer.Option(200, "--val-n", help="shapes without --images: size of the generated val split"),
     batch_size: int = typer.Option(32, "--batch-size", help="rows per generate call (per-step overhead dominates small models)"),
     out: Path = typer.Option(Path("runs/tune"), "--out", help="results, cache and report folder (resumable)"),
@@ -597,7 +643,8 @@ def tune_command(
                 "max_new_tokens": max_new_tokens, "seed": seed, **split.key}
         evaluate = SplitEvaluator(pipe, split, out / "runs", max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   eval_key=eval_key_of(info), model=identity)
-        constraints = Constraints(max_recall_drop, max_f1_drop, vte_max_recall_drop, weight_i)
+        constraints = Constraints(max_recall_drop, max_f1_drop, vte_max_recall_drop, weight_i, max_repeat_rise,
+                                  max_overcount_rise, max_length_drop)
         entries = tune(pipe, spaces, evaluate, out, constraints=constraints, eval_info=info, ship=ship,
                        progress=progress)
     except (TuneError, EvalError, ValueError, FileNotFoundError) as err:

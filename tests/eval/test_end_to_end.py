@@ -72,7 +72,8 @@ def test_zero_setup_compare_on_the_embedded_model(tmp_path, monkeypatch):
     assert folder.name.endswith(p["fingerprint"]["digest"][:12])
     none, vhr = data["results"]
     assert (none["name"], vhr["name"]) == ("none", "vhr") and none["intervals"] is None
-    assert set(vhr["intervals"]) == {"CHAIR_s", "CHAIR_i", "Recall", "Len"}
+    assert set(vhr["intervals"]) == {"CHAIR_s", "CHAIR_i", "Recall", "Len", "Halluc/cap", "CHAIR_i distinct",
+                                     "Repeat %", "Overcount %", "Halluc or repeat %", "Words"}  # caption metrics
     for m, iv in vhr["intervals"].items():
         assert iv["low"] <= iv["diff"] <= iv["high"]
         assert iv["diff"] == pytest.approx(vhr["metrics"][m] - none["metrics"][m])

@@ -265,3 +265,85 @@ def test_tune_answers_carry_a_fingerprint_and_a_checkpoint_changed_in_place_is_a
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "belongs to another run" in result.output
     assert "decoding.max_new_tokens: 99 !=" in result.output
+
+
+# -- the caption metrics as constraints (issue 33): the swap that games CHAIR_s is refused ---------------
+
+
+def planted_answers(parser, n=20):
+    """Recorded captions scored by the real CHAIR task: every image holds one ball and one tree.
+    No intervention names an absent car in half the captions; VHR alpha 3 swaps each car for a
+    second ball (CHAIR_s 50 -> 0, as many objects named, a repeat in half the captions); alpha 2
+    replaces half the cars by the tree that is there; alpha 1.5 changes nothing."""
+    from lvlm_hallu.eval.chair import GroundTruth
+    from lvlm_hallu.eval.compare import ChairTask
+
+    ids = range(1, n + 1)
+    gt = GroundTruth({i: frozenset({"ball", "tree"}) for i in ids}, counts={i: {"ball": 1, "tree": 1} for i in ids})
+    task = ChairTask({i: f"{i}.png" for i in ids}, gt, parser)
+    car, tree, ball = "There is a ball and a car.", "There is a ball and a tree.", "There is a ball and a ball."
+
+    def caption(alpha, i):
+        if i % 2:
+            return tree
+        return {3.0: ball, 2.0: tree if i % 4 == 0 else car}.get(alpha, car)
+
+    def evaluate(method, params):
+        alpha = params.get("alpha") if method == "vhr" else None
+        records = {str(i): {"key": str(i), "image_id": i, "answer": caption(alpha, i)} for i in ids}
+        return task.score(records)[0]
+
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def shapes_parser():
+    from lvlm_hallu.eval.chair import CaptionParser, SynonymTable
+
+    return CaptionParser(SynonymTable.from_lines(["ball, balls", "car, cars", "tree, trees"]))
+
+
+def test_a_configuration_that_lowers_chair_s_by_repeating_objects_is_refused(shapes_parser):
+    spaces = build_spaces(["vhr"], SHAPE, "small", ["vhr.alpha=1.5,2,3", "vhr.layers=[1]"])
+    evaluate = planted_answers(shapes_parser)
+    base, gaming = evaluate(None, {}), evaluate("vhr", {"alpha": 3.0, "layers": [1]})
+    assert (base["CHAIR_s"], gaming["CHAIR_s"]) == (50.0, 0.0) and gaming["Recall"] == base["Recall"] == 75.0
+    assert (base["Repeat %"], gaming["Repeat %"]) == (0.0, 50.0) and gaming["Words"] == base["Words"]
+    blind = search(spaces, evaluate, SHAPE, constraints=Constraints(max_repeat_rise=100.0), progress=False)
+    assert blind["vhr"]["params"]["alpha"] == 3  # the objective alone rewards the swap
+    entries = search(spaces, evaluate, SHAPE, progress=False)
+    assert entries["vhr"]["params"] == {"alpha": 2, "layers": [1]} and entries["vhr"]["metrics"]["CHAIR_s"] == 25.0
+    (refused,) = [r for r in entries["vhr"]["table"] if r["params"]["alpha"] == 3]
+    assert not refused["feasible"] and refused["violation"] == "repeats +50.0 > 2"
+    assert "Repeat %" in tuning.markdown(entries) and "repeats +50.0 > 2" in tuning.markdown(entries)
+
+
+@pytest.mark.parametrize("change, violation", [
+    ({"Overcount %": 13.0}, "overcounts +3.0 > 2"),
+    ({"Words": 70.0}, "words -30.0% > 20%"),
+    ({"Repeat %": 7.5}, ""),  # +2.5 within a margin of 3 below
+    ({"Words": None}, "length not measured"),
+])
+def test_overcounts_and_length_are_constraints(change, violation):
+    base = {"CHAIR_s": 40.0, "CHAIR_i": 20.0, "Recall": 60.0, "Repeat %": 5.0, "Overcount %": 10.0, "Words": 100.0}
+    metrics = {**base, **change}
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    feasible, why = tuning.judge("pai", metrics, base, Constraints(max_repeat_rise=3.0))
+    assert (feasible, why) == (not violation, violation)
+
+
+def test_metrics_cached_before_the_caption_metrics_are_scored_again(tmp_path):
+    cache = MetricsCache(tmp_path, "k")
+    cache.put("vhr", {"alpha": 2}, {"CHAIR_s": 1.0})
+    assert cache.get("vhr", {"alpha": 2}) == {"CHAIR_s": 1.0}
+    old = cache.path("vhr", {"alpha": 2})
+    entry = json.loads(old.read_text())
+    del entry["metrics_version"]  # written by an older lvlm tune: no repeat, count or length numbers
+    old.write_text(json.dumps(entry))
+    assert cache.get("vhr", {"alpha": 2}) is None
+
+
+def test_cli_names_the_caption_constraints():
+    result = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "200"})
+    for option in ("--max-repeat-rise", "--max-overcount-rise", "--max-length-drop"):
+        assert option in result.output

@@ -1,13 +1,15 @@
 # Two commands matter on a fresh machine: `make serve` and `make test`. Both install what they need.
+# Nothing here forces the Hugging Face hub offline: `make serve MODEL=<hub id>` downloads the
+# checkpoint. The test suite sets what it needs itself (tests/conftest.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Machines without an NVIDIA driver take the pinned CPU torch; GPU machines take their CUDA build.
+# Without nvidia-smi, torch is pinned by constraints/cpu.txt (the version the suite is checked
+# with); with it, pip resolves torch from your package index unpinned (PyPI's Linux x86-64 wheel is
+# a CUDA build). To keep a torch you built or installed yourself, install into that environment
+# with `pip install -e .` instead of using this Makefile.
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,constraints/cpu.txt)
-SHARED_NLTK := $(abspath ../shared/nltk_data)
 export RAY_AUTH_MODE ?= disabled
-export NLTK_DATA ?= $(if $(wildcard $(SHARED_NLTK)),$(SHARED_NLTK),)
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -21,6 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[test]"
+	@# CHAIR's NLTK data (found in NLTK_DATA, ../shared/nltk_data or ~/.cache/lvlm/nltk_data, else
+	@# fetched there); offline this prints the command to run later and the install goes on.
+	-$(PY) -m lvlm_hallu.eval.nltk_data
 	touch $@
 
 test: install

@@ -4,7 +4,9 @@ Follows docs/eval.md: CHAIR (Rohrbach et al. 2018, arXiv:1809.02156) on seeded s
 images with the reference NLTK flavour; POPE (Li et al. 2023, arXiv:2305.10355) with the official
 answer parser by default. Inputs are checked before any model loads (eval/datasets.py);
 `--model shapes` with no dataset argument evaluates on the generated shapes world (eval/world.py);
-`--max-new-tokens` is fitted into the model's context (eval/context.py). Models are loaded lazily
+`--max-new-tokens` is fitted into the model's context (eval/context.py); `--device`, `--dtype` and
+`--device-map` place the model as for `lvlm generate` (with `--ray-actors`, each replica on the GPU
+it reserves), and `--batch-size auto` takes the most rows the memory estimate fits. Models are loaded lazily
 (`lvlm.load`) inside the command that needs one; `--server` sends the requests to a running
 service through its SDK client instead, and `--ray-actors N` spreads them over N model replicas.
 Every run has a fingerprint (eval/fingerprint.py); its default output folder is
@@ -30,8 +32,27 @@ from rich.table import Table
 from lvlm_hallu.eval.errors import EvalError
 
 # rich_markup_mode=None: help texts such as "{image_id: [category]}" are printed as written.
-app = typer.Typer(help="CHAIR and POPE evaluation (docs/eval.md).", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(help="CHAIR and POPE evaluation (docs/evaluation.md).", no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
+
+
+class _JsonOutput:
+    """With --json, stdout holds only the JSON: the console's status lines go to stderr meanwhile."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        global console
+        self.saved = console
+        if self.on:
+            console = Console(stderr=True)
+        return self
+
+    def __exit__(self, *exc):
+        global console
+        console = self.saved
 
 CHAIR_MAX_NEW_TOKENS = 512  # the papers' long-caption protocol (64 with --short-caption)
 CHAIR_SHORT_MAX_NEW_TOKENS = 64
@@ -51,17 +72,31 @@ AnnotationsOpt = typer.Option(
 )
 InstancesOpt = typer.Option(None, "--instances", help="COCO instances file")
 CaptionsOpt = typer.Option(None, "--captions", help="COCO captions file (human captions)")
-NOpt = typer.Option(None, "-n", help="number of images to sample [default: 500; 20 on the generated shapes world]")
+NOpt = typer.Option(None, "-n", min=1, help="number of images to sample [default: 500; 20 on the generated shapes world]")
 SeedOpt = typer.Option(0, "--seed", help="seed of the image sample (recorded in the report)")
-BatchOpt = typer.Option(8, "--batch-size")
+BatchOpt = typer.Option(
+    "8", "--batch-size", help="images per generate call (per wave of requests with --server), or auto: the most "
+    "rows the memory estimate of `lvlm info` fits on the device"
+)
 MaxNewOpt = typer.Option(
-    None, "--max-new-tokens", help="[default: 512 (CHAIR), 64 (CHAIR short), 16 (POPE)]; lowered to fit the context"
+    None, "--max-new-tokens", min=1,
+    help="[default: 512 (CHAIR), 64 (CHAIR short), 16 (POPE)]; lowered to fit the model's context (also with --server)"
 )
 OutOpt = typer.Option(None, "--out", help="output folder [default: runs/eval/<benchmark>-<model>-<fingerprint>]")
 ServerOpt = typer.Option(None, "--server", help="service base URL: use the remote runner")
 ApiKeyOpt = typer.Option(None, "--api-key", envvar="LVLM_API_KEY")
-RayOpt = typer.Option(0, "--ray-actors", help="spread batches over N Ray model actors (0: in process)")
+RayOpt = typer.Option(0, "--ray-actors", min=0, help="spread batches over N Ray model actors (0: in process)")
+JsonOpt = typer.Option(False, "--json", help="print the report as JSON on stdout (status lines go to stderr)")
 ProgressOpt = typer.Option(True, "--progress/--no-progress")
+DeviceOpt = typer.Option(
+    "cpu", "--device", help="cpu, cuda, cuda:N or auto (cuda when there is a GPU); with --ray-actors each replica "
+    "loads on the GPU it reserves"
+)
+DtypeOpt = typer.Option(None, "--dtype", help="float32, float16, bfloat16 [default: float16 on CUDA, float32 on CPU]")
+DeviceMapOpt = typer.Option(
+    None, "--device-map", help="split the model across devices (accelerate): auto | balanced | sequential | JSON "
+    "{module: device} or a JSON file"
+)
 ResamplesOpt = typer.Option(
     None, "--resamples", min=1,
     help="paired bootstrap resamples [default: 1000, more above 95%: 25 beyond each bound]; at least 10 must lie "
@@ -87,18 +122,67 @@ def _check_level(level: float, resamples: int | None = None) -> None:
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)  # paths stay whole for copying
+    """One line on stderr (paths stay whole for copying); the caller raises the Exit (status 2)."""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(' '.join(str(err).split()))}", soft_wrap=True)
     return typer.Exit(2)
 
 
 def _warn(text: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+    Console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
 
-def _load_model(name: str) -> Any:
+def _load_model(name: str, **load: Any) -> Any:
     from lvlm_hallu import lvlm  # lazy: torch and the model stack load only when a command runs a model
 
-    return lvlm.load(name)
+    return lvlm.load(name, **load)
+
+
+def _placement(device: str, dtype: str | None, device_map: str | None, server: str | None,
+               ray_actors: int) -> Any:
+    """The model's placement (eval.context.Placement), checked before anything loads; None with
+    --server (the service places its model). Ray replicas resolve "auto" against the cluster."""
+    from lvlm_hallu.eval.context import Placement
+
+    if server:
+        if (device, dtype, device_map) != ("cpu", None, None):
+            raise EvalError("--device, --dtype and --device-map place a local model; the service at --server "
+                            "places its own (lvlm serve --device ...)")
+        return None
+    if device_map is not None:
+        from lvlm_hallu.lvlm.devices import parse_device_map
+
+        try:
+            device_map = parse_device_map(device_map)
+        except ValueError as err:
+            raise EvalError(f"--device-map: {err}") from err
+    if ray_actors == 0 and device_map is None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            cuda = torch.device(device).type == "cuda"
+        except RuntimeError as err:
+            raise EvalError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or auto") from err
+        if cuda and not torch.cuda.is_available():
+            raise EvalError(f"--device {device}: torch sees no GPU on this machine; use --device cpu")
+    placement = Placement(device, dtype, device_map)
+    placement.fields()  # an unknown --dtype fails now
+    return placement
+
+
+def _batch_size(text: str, server: str | None) -> int | str:
+    if text == "auto":
+        if server:
+            raise EvalError("--batch-size auto sizes batches for a local model; with --server give a number")
+        return text
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise EvalError(f"--batch-size must be a positive integer or auto, got {text!r}")
+    return size
 
 
 def _resolver() -> Any:
@@ -147,11 +231,15 @@ def _executor(
     api_key: str | None,
     ray_actors: int,
     decoding: dict,
-    batch_size: int,
+    batch_size: int | str,
     progress: bool,
+    placement: Any = None,
+    tokens: int | None = None,
 ) -> tuple[Any, dict[str, Any], Any, Any]:
     """(executor, provenance facts, cleanup, values) for the chosen runner: remote, Ray, or in
-    process. `values(spec)`: the configs as the loaded model runs them, None with --server."""
+    process. `values(spec)`: the configs as the loaded model runs them, None with --server.
+    `placement` (eval.context.Placement) places the local model or each replica; `batch_size`
+    "auto" is sized from the memory estimate for `tokens` per row, once the model is placed."""
     from lvlm_hallu.eval.compare import answer_executor, local_adapter, ray_executor
     from lvlm_hallu.eval.runner import intervention_values, local_answer, model_context, remote_answer
 
@@ -177,30 +265,52 @@ def _executor(
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
-        # One replica per GPU when there are enough; otherwise the replicas share the GPUs.
-        gpus = ray.cluster_resources().get("GPU", 0)
-        options = {"num_cpus": 1, **({"num_gpus": min(1.0, gpus / ray_actors)} if gpus else {})}
+        from lvlm_hallu.eval.cluster import load_replica, replica_resources
+        from lvlm_hallu.eval.context import Placement, auto_batch_size, replica_budget
+
+        # A GPU placement reserves one GPU per replica when there are enough (else a share of them);
+        # each replica then loads on the GPU it reserved (eval.cluster.replica_device).
+        placement = placement or Placement()
+        try:
+            device, options = replica_resources(placement.device, placement.device_map, ray_actors,
+                                                ray.cluster_resources().get("GPU", 0))
+        except ValueError as err:
+            raise EvalError(str(err)) from err
         # Replicas under ray.util.ActorPool; images travel as bytes (docs/cluster.md).
         from lvlm_hallu.eval.cluster import ClusterPool
 
-        pool = ClusterPool(partial(_load_model, model), ray_actors, actor_options=options)
+        pool = ClusterPool(partial(load_replica, model, device=device, dtype=placement.dtype,
+                                   device_map=placement.device_map), ray_actors, actor_options=options)
+        if batch_size == "auto":  # sized for the memory of a replica's device, measured there
+            batch_size, how = auto_batch_size(model, Placement(device, placement.dtype, placement.device_map),
+                                              tokens, budget_bytes=pool.call(replica_budget))
+            console.print(how)
 
         def make_adapter(spec: Any) -> Any:
             return local_adapter(spec, resolve=resolve, **decoding)
 
         facts = model_facts(pool.info(), model)
-        facts["extra"] = {**(facts["extra"] or {}), "ray_actors": ray_actors}
+        facts["extra"] = {**(facts["extra"] or {}), "ray_actors": ray_actors, "batch_size": batch_size,
+                          "replicas": pool.where()}
         values = intervention_values(resolve, pool.call(model_context))
         return ray_executor(pool, make_adapter, batch_size=batch_size, progress=progress), facts, pool.shutdown, values
 
-    pipeline = _load_model(model)
+    from lvlm_hallu.eval.context import Placement, auto_batch_size
+
+    placement = placement or Placement()
+    pipeline = _load_model(model, **placement.load_kwargs())
+    if batch_size == "auto":
+        batch_size, how = auto_batch_size(model, placement, tokens)
+        console.print(how)
 
     def make_local(spec: Any) -> Any:
         return local_answer(pipeline, interventions=spec, resolve=resolve, **decoding)
 
+    facts = model_facts(_info(pipeline), model)
+    facts["extra"] = {**(facts["extra"] or {}), "batch_size": batch_size}
     return (
         answer_executor(make_local, batch_size=batch_size, progress=progress),
-        model_facts(_info(pipeline), model),
+        facts,
         lambda: None,
         intervention_values(resolve, model_context(pipeline)),
     )
@@ -224,15 +334,38 @@ def _named_config(text: str) -> tuple[str, Any]:
     return name.strip(), spec
 
 
-def _fit_decoding(task: Any, model: str, server: str | None, decoding: dict) -> dict:
-    """Lower max_new_tokens to the model's context before loading it (local runs)."""
-    if server:
-        return decoding
+def server_context(server: str, api_key: str | None, model: str) -> int | None:
+    """The context the service reports for `model` (GET /v1/models), or None when it reports none
+    or cannot be asked now (the run then reports the service's own error on its first request)."""
+    from lvlm_hallu.serve.client import APIError, Client
+
+    try:
+        with Client(server, api_key=api_key) as client:
+            cards = client.list_models()
+    except (APIError, OSError, ValueError):
+        return None
+    card = next((c for c in cards if c.id == model), cards[0] if len(cards) == 1 else None)
+    return card.max_context if card is not None else None
+
+
+def _fit_decoding(task: Any, model: str, server: str | None, decoding: dict, api_key: str | None = None) -> dict:
+    """Lower max_new_tokens to the model's context before loading it or sending anything.
+
+    Local and --server runs alike measure the longest prompt with the model's processor when its
+    checkpoint is readable here (shapes, a folder, a cached hub id: eval/context.py). With
+    --server the context the service reports bounds it too: the service refuses a max_tokens that
+    reaches its context."""
     from lvlm_hallu.eval.context import fit_max_new_tokens
 
     items = task.items()
     first_image = next((it.image for it in items if it.image), None)
     tokens, warning = fit_max_new_tokens(decoding["max_new_tokens"], model, [it.prompt for it in items], first_image)
+    if server:
+        context = server_context(server, api_key, model)
+        if context is not None and tokens >= context:
+            warning = (f"--max-new-tokens {decoding['max_new_tokens']} does not fit the context of {model!r} at "
+                       f"{server} ({context} tokens): lowered to {context - 1}")
+            tokens = context - 1
     if warning:
         _warn(warning)
     return {**decoding, "max_new_tokens": tokens}
@@ -300,7 +433,8 @@ def _default_folder(task: Any, model: str, fingerprint: Any, configs: Sequence[A
 
 def _run(
     task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names=None,
-    *, sources=None, questions_built=False, resamples=None, level=0.95, inspect_k=0,
+    *, sources=None, questions_built=False, resamples=None, level=0.95, inspect_k=0, as_json=False,
+    placement=None,
 ):
     from lvlm_hallu.eval.compare import compare, plan_configs, run_fingerprint
     from lvlm_hallu.eval.fingerprint import model_identity
@@ -316,8 +450,18 @@ def _run(
     if describe is not None:
         for spec in configs:
             describe(spec)
-    decoding = _fit_decoding(task, model, server, decoding)
+    decoding = _fit_decoding(task, model, server, decoding, api_key)
     fingerprint = run_fingerprint(task, model_identity(model, server=server), decoding)
+    if placement is not None:  # bfloat16 and float32 answers are different runs (eval/fingerprint.py)
+        fingerprint = fingerprint.extend(placement=placement.fields())
+    batch_size = _batch_size(batch_size, server) if isinstance(batch_size, str) else batch_size
+    tokens = None
+    if batch_size == "auto":
+        from lvlm_hallu.eval.context import auto_tokens
+
+        items = task.items()
+        tokens = auto_tokens(model, [it.prompt for it in items], next((it.image for it in items if it.image), None),
+                             decoding["max_new_tokens"])
     # Refuses a mixed resume before the model loads (creates files only with --server, whose
     # fingerprint is complete now); a default folder cannot mix runs but is named after loading.
     plan_configs(task, configs, out or _default_folder(task, model, fingerprint, configs, server),
@@ -332,7 +476,7 @@ def _run(
 
     try:
         execute, facts, cleanup, values = _executor(model, server, api_key, ray_actors, decoding, batch_size,
-                                                    progress)
+                                                    progress, placement, tokens)
     except (LVLMError, FileNotFoundError) as err:  # e.g. the embedded model's weights are missing
         raise EvalError(f"cannot load model {model!r}: {err}") from err
     try:
@@ -346,7 +490,8 @@ def _run(
             for split, qs in task.splits.items():
                 write_questions(Path(out) / f"pope_{split}_questions.jsonl", qs)
         console.print(f"output: {out} (fingerprint {fingerprint.short})")
-        extra = {**(facts.pop("extra", None) or {}), **({"dataset": sources.describe()} if sources else {})}
+        extra = {**(facts.pop("extra", None) or {}), **({"dataset": sources.describe()} if sources else {}),
+                 **({"placement": placement.fields()} if placement is not None else {})}
         provenance = Provenance(decoding=decoding, seed=seed, extra=extra or None, **facts)
         report, paths = compare(task, configs, execute, out, provenance, describe=describe, names=names,
                                 fingerprint=fingerprint, resamples=resamples, level=level, values=values)
@@ -356,7 +501,10 @@ def _run(
                         "kept; the same command resumes)") from err
     finally:
         cleanup()
-    _print_report(report, paths)
+    if as_json:
+        print(Path(paths.json).read_text(encoding="utf-8"))
+    else:
+        _print_report(report, paths)
     if inspect_k > 0:
         _attach_inspections(task, configs, names, model, out, paths, inspect_k, decoding)
 
@@ -410,13 +558,16 @@ def chair(
     captions: Path | None = CaptionsOpt,
     n: int | None = NOpt,
     seed: int = SeedOpt,
-    batch_size: int = BatchOpt,
+    batch_size: str = BatchOpt,
     max_new_tokens: int | None = MaxNewOpt,
     interventions: str = typer.Option("none", "--interventions", help='spec, e.g. "none", "vhr", "vhr+var"'),
     out: Path | None = OutOpt,
     server: str | None = ServerOpt,
     api_key: str | None = ApiKeyOpt,
     ray_actors: int = RayOpt,
+    device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    device_map: str | None = DeviceMapOpt,
     image_list: Path | None = typer.Option(None, "--image-list", help="image ids to use instead of sampling"),
     gt_json: Path | None = typer.Option(None, "--gt-json", help="precomputed {image_id: [category]} ground truth"),
     synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table [default: COCO; shapes for shapes]"),
@@ -425,6 +576,7 @@ def chair(
     ),
     prompt: str = typer.Option("Please describe this image in detail.", "--prompt"),
     progress: bool = ProgressOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Caption sampled images and score them with CHAIR."""
     try:
@@ -432,8 +584,9 @@ def chair(
                                synonyms, short_caption, prompt)
         tokens = max_new_tokens or (CHAIR_SHORT_MAX_NEW_TOKENS if short_caption else CHAIR_MAX_NEW_TOKENS)
         decoding = {"max_new_tokens": tokens, "temperature": 0.0}
-        _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
-             sources=sources)
+        with _JsonOutput(as_json):
+            _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
+                 sources=sources, as_json=as_json)
     except EvalError as err:
         raise _fail(err) from err
 
@@ -447,25 +600,30 @@ def pope(
     captions: Path | None = CaptionsOpt,
     n: int | None = NOpt,
     seed: int = SeedOpt,
-    batch_size: int = BatchOpt,
+    batch_size: str = BatchOpt,
     max_new_tokens: int | None = MaxNewOpt,
     interventions: str = typer.Option("none", "--interventions"),
     out: Path | None = OutOpt,
     server: str | None = ServerOpt,
     api_key: str | None = ApiKeyOpt,
     ray_actors: int = RayOpt,
+    device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    device_map: str | None = DeviceMapOpt,
     questions: list[Path] | None = typer.Option(None, "--questions", help="official POPE question files (repeat)"),
     parser: str = typer.Option("pope", "--parser", help="answer parser: pope (official), opera, pai, vcd, lmms-eval"),
     synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table [default: COCO; shapes for shapes]"),
     progress: bool = ProgressOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Ask POPE questions (built from the annotations or read from files) and score them."""
     try:
         task, built, sources = _pope(model, images, annotations, instances, captions, n, seed, questions, parser,
                                      synonyms, progress)
         decoding = {"max_new_tokens": max_new_tokens or POPE_MAX_NEW_TOKENS, "temperature": 0.0}
-        _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
-             sources=sources, questions_built=built)
+        with _JsonOutput(as_json):
+            _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
+                 sources=sources, questions_built=built, as_json=as_json)
     except EvalError as err:
         raise _fail(err) from err
 
@@ -484,24 +642,30 @@ def compare(
     captions: Path | None = CaptionsOpt,
     n: int | None = NOpt,
     seed: int = SeedOpt,
-    batch_size: int = BatchOpt,
+    batch_size: str = BatchOpt,
     max_new_tokens: int | None = MaxNewOpt,
     out: Path | None = OutOpt,
     server: str | None = ServerOpt,
     api_key: str | None = ApiKeyOpt,
     ray_actors: int = RayOpt,
-    questions: list[Path] | None = typer.Option(None, "--questions"),
-    parser: str = typer.Option("pope", "--parser"),
-    image_list: Path | None = typer.Option(None, "--image-list"),
-    gt_json: Path | None = typer.Option(None, "--gt-json"),
-    synonyms: Path | None = typer.Option(None, "--synonyms"),
-    short_caption: bool = typer.Option(False, "--short-caption"),
-    prompt: str = typer.Option("Please describe this image in detail.", "--prompt"),
+    device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    device_map: str | None = DeviceMapOpt,
+    questions: list[Path] | None = typer.Option(None, "--questions", help="POPE: official question files (repeat)"),
+    parser: str = typer.Option("pope", "--parser", help="POPE answer parser: pope (official), opera, pai, vcd, lmms-eval"),
+    image_list: Path | None = typer.Option(None, "--image-list", help="CHAIR: image ids to use instead of sampling"),
+    gt_json: Path | None = typer.Option(None, "--gt-json", help="CHAIR: precomputed {image_id: [category]} ground truth"),
+    synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table [default: COCO; shapes for shapes]"),
+    short_caption: bool = typer.Option(
+        False, "--short-caption", help="CHAIR: 64-token protocol, score the text up to its last period"
+    ),
+    prompt: str = typer.Option("Please describe this image in detail.", "--prompt", help="CHAIR: the caption prompt"),
     resamples: int | None = ResamplesOpt,
     level: float = LevelOpt,
     progress: bool = ProgressOpt,
-    inspect_k: int = typer.Option(0, "--inspect", help="attach inspections of the first K images (docs/inspect.md; "
-                                                       "runs the model in this process)"),
+    inspect_k: int = typer.Option(0, "--inspect", min=0, help="attach inspections of the first K images "
+                                                              "(docs/inspect.md; runs the model in this process)"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Run one benchmark for several intervention configurations and write a comparison report
     with paired bootstrap intervals (95% by default, --level) of each configuration's difference to the
@@ -525,15 +689,49 @@ def compare(
         else:
             raise EvalError(f"unknown benchmark {benchmark!r}; valid: chair, pope")
         decoding = {"max_new_tokens": tokens, "temperature": 0.0}
-        _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names,
-             sources=sources, questions_built=built, resamples=resamples, level=level, inspect_k=inspect_k)
+        with _JsonOutput(as_json):
+            _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names,
+                 sources=sources, questions_built=built, resamples=resamples, level=level, inspect_k=inspect_k,
+                 as_json=as_json)
     except EvalError as err:
         raise _fail(err) from err
 
 
+def read_caption_file(path: Path, image_id_key: str = "image_id", caption_key: str = "caption") -> list[Any]:
+    """Captions to score: JSON lines or a JSON list of {image_id, caption} (eval.chair.read_captions),
+    or one of this project's results files (runs/eval/.../chair_<config>.jsonl: a fingerprint
+    header line, then {key, image_id, answer} records), whose answers are the captions."""
+    from lvlm_hallu.eval.chair import CaptionRecord, read_captions
+    from lvlm_hallu.eval.coco import check_image_id, read_utf8_text
+    from lvlm_hallu.eval.errors import AnnotationError
+    from lvlm_hallu.eval.fingerprint import HEADER_KEY
+
+    if path.is_file():
+        lines = [(n, line) for n, line in enumerate(read_utf8_text(path).split("\n"), 1) if line.strip()]
+        try:
+            first = json.loads(lines[0][1]) if lines else None
+        except json.JSONDecodeError:
+            first = None
+        if isinstance(first, dict) and HEADER_KEY in first and "key" not in first:
+            key = caption_key if caption_key != "caption" else "answer"
+            records = []
+            for n, line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise AnnotationError(f"{path}:{n}: not JSON: {err}") from err
+                if not isinstance(row, dict) or image_id_key not in row or not isinstance(row.get(key), str):
+                    raise AnnotationError(f"{path}:{n}: a results record needs {image_id_key!r} and a text {key!r} "
+                                          "(a CHAIR results file; POPE answers are not captions)")
+                records.append(CaptionRecord(check_image_id(row[image_id_key]), row[key]))
+            return records
+    return read_captions(path, image_id_key=image_id_key, caption_key=caption_key)
+
+
 @app.command("score-chair")
 def score_chair(
-    captions_file: Path = typer.Argument(..., help="JSON lines {image_id, caption} (or a JSON list)"),
+    captions_file: Path = typer.Argument(
+        ..., help="JSON lines {image_id, caption} (or a JSON list), or a CHAIR results file of `lvlm eval`"),
     gt: Path | None = typer.Option(None, "--gt", help="COCO instances file"),
     captions_gt: Path | None = typer.Option(
         None, "--captions-gt", help="COCO captions file (objects mined from human captions)"
@@ -542,11 +740,12 @@ def score_chair(
     synonyms: Path | None = typer.Option(None, "--synonyms", help="synonym table (default: COCO)"),
     short_caption: bool = typer.Option(False, "--short-caption", help="score the text up to its last period"),
     out: Path | None = typer.Option(None, "--out", help="JSON output (default: <captions>_chair.json)"),
-    top: int = typer.Option(10, "--top", help="most hallucinated categories to show"),
+    top: int = typer.Option(10, "--top", min=0, help="most hallucinated categories to show"),
     image_id_key: str = typer.Option(
         "image_id", "--image-id-key", help="field of the image id (LLaVA logs: question_id)"
     ),
     caption_key: str = typer.Option("caption", "--caption-key", help="field of the caption (LLaVA logs: text)"),
+    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON on stdout (no table)"),
 ) -> None:
     """Score existing captions with CHAIR, without a model."""
     from lvlm_hallu.eval.chair import (
@@ -554,7 +753,6 @@ def score_chair(
         ground_truth_from_coco,
         ground_truth_from_json,
         load_synonyms,
-        read_captions,
         score_captions,
     )
     from lvlm_hallu.eval.coco import load_coco
@@ -564,7 +762,9 @@ def score_chair(
     try:
         if gt_json is None and gt is None and captions_gt is None:
             raise EvalError("give --gt instances.json (optionally with --captions-gt) or --gt-json map.json")
-        records = read_captions(captions_file, image_id_key=image_id_key, caption_key=caption_key)
+        records = read_caption_file(captions_file, image_id_key=image_id_key, caption_key=caption_key)
+        if not records:
+            raise EvalError(f"{captions_file}: no captions to score")
         if gt_json is not None:
             parser = CaptionParser(load_synonyms(synonyms))
             truth = ground_truth_from_json(gt_json)
@@ -577,6 +777,19 @@ def score_chair(
         result = score_captions(records, truth, parser, short_caption=short_caption, top_k=top)
     except EvalError as err:
         raise _fail(err) from err
+    out = out or captions_file.with_name(captions_file.stem + "_chair.json")
+    payload = {
+        "ground_truth": truth.source,
+        "synonyms": parser.synonyms.source,
+        "flavour": result.flavour,
+        "short_caption": short_caption,
+        **result.to_dict(details=True),
+    }
+    atomic_write_text(out, json.dumps(payload, indent=1))
+    if as_json:
+        print(json.dumps({k: v for k, v in payload.items() if k != "captions"}, indent=1))
+        Console(stderr=True).print(f"saved {out}")
+        return
     table = Table(title=f"CHAIR — {captions_file.name} ({result.n_captions} captions)")
     for name in result.metrics():
         table.add_column(name, justify="right")
@@ -588,15 +801,6 @@ def score_chair(
         console.print(f"captions naming one category twice or more: {result.n_repeated} (not part of CHAIR)")
     if result.most_hallucinated:
         console.print("most hallucinated: " + ", ".join(f"{c} ({k})" for c, k in result.most_hallucinated))
-    out = out or captions_file.with_name(captions_file.stem + "_chair.json")
-    payload = {
-        "ground_truth": truth.source,
-        "synonyms": parser.synonyms.source,
-        "flavour": result.flavour,
-        "short_caption": short_caption,
-        **result.to_dict(details=True),
-    }
-    atomic_write_text(out, json.dumps(payload, indent=1))
     console.print(f"saved {out}")
 
 

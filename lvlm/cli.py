@@ -15,12 +15,43 @@ import typer
 import typer.core
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line at any terminal width
 
 DEVICE_MAP_HELP = ("split the model across devices (accelerate): auto | balanced | sequential, a JSON object "
                    "{module: device} or a JSON file; see README 'Large models'")
 MAX_MEMORY_HELP = "memory per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"
 OFFLOAD_HELP = "folder for weights the device map offloads to disk"
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda when a GPU is available, else cpu (as `lvlm serve`)"
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; a CUDA device on a machine without one,
+    or a name torch does not know, is refused here (before any model loads)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise typer.BadParameter(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto",
+                                 param_hint="'--device'") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(f"{device!r} but no CUDA GPU is available here (torch {torch.__version__}); "
+                                     "use --device cpu", param_hint="'--device'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{device!r} but this machine has {torch.cuda.device_count()} GPU(s)",
+                                     param_hint="'--device'")
+    return device
+
+
+def fail(err: BaseException) -> typer.Exit:
+    """Print a caught error as one line on stderr; the caller raises the returned Exit (status 2)."""
+    from rich.markup import escape
+
+    console.print("[red]error:[/red] " + escape(" ".join(str(err).split())))
+    return typer.Exit(2)
 
 
 def presets_epilog() -> str:
@@ -58,15 +89,15 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="user prompt"),
     image: Optional[str] = typer.Option(None, "--image", "-i", help="image file (omit for a text-only prompt)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), 'tiny-llava', hub id or path"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     interventions: Optional[str] = typer.Option(None, "--interventions", help="preset such as 'vhr+var' or JSON list; per method :paper (published/scaled values) or :tuned "
                                                  "(`lvlm tune`), e.g. 'vhr:tuned+pai:paper' or '[{\"name\": \"vhr\", \"preset\": \"tuned\"}]'"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they are decoded"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
@@ -80,16 +111,24 @@ def generate(
     from lvlm_hallu.lvlm.errors import LVLMError
     from lvlm_hallu.lvlm.pipeline import load_image
 
+    from lvlm_hallu.lvlm.loader import _dtype
+
+    if not 0.0 < top_p <= 1.0:
+        raise typer.BadParameter(f"{top_p} is not in (0, 1]", param_hint="'--top-p'")
     try:
         spec = json.loads(interventions) if interventions and interventions.lstrip().startswith("[") else interventions
         configs = resolve(spec)
         require_image(configs, has_image=image is not None)  # before the load: refusing is instant
+        kwargs = placement(device_map, max_memory, offload_folder)
+        device = resolve_device(device) if not kwargs.get("device_map") else device
+        _dtype(dtype, device)  # an unknown --dtype is refused before the load
+        picture = load_image(image) if image else None  # a missing or unreadable image too
+        pipe = lvlm.load(model, device=device, dtype=dtype, **kwargs)
         if image is None:
             console.print("[yellow]text-only prompt:[/yellow] no --image given, the model answers from the text alone")
-        pipe = lvlm.load(model, device=device, dtype=dtype, **placement(device_map, max_memory, offload_folder))
         request = lvlm.Request(
             prompt=prompt,
-            image=load_image(image) if image else None,
+            image=picture,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -97,20 +136,30 @@ def generate(
             stop=tuple(stop),
             interventions=configs,
         )
-        printer = (lambda _row, delta: print(delta, end="", flush=True)) if stream and not as_json else None
+        started = []  # the answer is printed without the tokenizer's leading space
+
+        def printer(_row, delta):
+            if not started:
+                delta = delta.lstrip()
+                started.append(bool(delta))
+                if not delta:
+                    started.clear()
+                    return
+            print(delta, end="", flush=True)
+
+        printer = printer if stream and not as_json else None
         (result,) = pipe.generate([request], on_token=printer)
-    except (LVLMError, InterventionError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    except (LVLMError, InterventionError, OSError, ValueError) as err:
+        raise fail(err) from None
     if as_json:
-        out = {"model": pipe.model_id, "text": result.text, "finish_reason": result.finish_reason,
+        out = {"model": pipe.model_id, "text": result.text.strip(), "finish_reason": result.finish_reason,
                "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                "timings": {"prefill_ms": result.timings.prefill_ms, "decode_tokens_per_s": result.timings.decode_tokens_per_s},
                "intervention_report": result.report}
         print(json.dumps(out, indent=2, default=str))
         return
     if printer is None:
-        print(result.text)
+        print(result.text.strip())
     else:
         print()
     t = result.timings
@@ -123,8 +172,8 @@ def generate(
 
 def profile(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), hub id or path"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
     refresh: bool = typer.Option(False, "--refresh", help="recompute even if a cached profile exists"),
     as_json: bool = typer.Option(False, "--json", help="only the profile as JSON on stdout (no status, no cache path)"),
 ) -> None:
@@ -134,9 +183,14 @@ def profile(
     from lvlm_hallu import lvlm
     from lvlm_hallu.lvlm.profile import cache_path, load_or_compute
 
-    pipe = lvlm.load(model, device=device, dtype=dtype)
-    with contextlib.nullcontext() if as_json else console.status(f"profiling {pipe.model_id}"):
-        data = load_or_compute(pipe, refresh=refresh)
+    from lvlm_hallu.lvlm.errors import LVLMError
+
+    try:
+        pipe = lvlm.load(model, device=resolve_device(device), dtype=dtype)
+        with contextlib.nullcontext() if as_json else console.status(f"profiling {pipe.model_id}"):
+            data = load_or_compute(pipe, refresh=refresh)
+    except (LVLMError, OSError, ValueError) as err:
+        raise fail(err) from None
     print(json.dumps(data, indent=2))
     if not as_json:
         console.print(f"[dim]cached at {cache_path(pipe)}[/dim]")
@@ -152,8 +206,9 @@ def bench(
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{what}.py"
     if not script.exists():
-        console.print(f"[red]error:[/red] no benchmark {what!r} (looked for {script}; benchmarks run from a source checkout)")
-        raise typer.Exit(2)
+        known = sorted(p.stem for p in script.parent.glob("*.py")) if script.parent.is_dir() else []
+        raise fail(f"no benchmark {what!r} (looked for {script}; benchmarks run from a source checkout"
+                   + (f"; known: {', '.join(known)})" if known else ")"))
     sys.argv = [str(script), *(args or [])]
     runpy.run_path(str(script), run_name="__main__")
 
@@ -161,9 +216,9 @@ def bench(
 def info(
     model: Optional[str] = typer.Argument(None, help="'shapes' (default), 'tiny-llava', hub id or path"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
-    device: str = typer.Option("cpu", "--device", help="device whose free memory is the budget"),
-    tokens: Optional[int] = typer.Option(None, "--tokens", "-t", help="tokens per row (default: the model context)"),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="refuse (exit 2) unless this many rows fit"),
+    device: str = typer.Option("auto", "--device", help="device whose free memory is the budget: " + DEVICE_HELP),
+    tokens: Optional[int] = typer.Option(None, "--tokens", "-t", min=1, help="tokens per row (default: the model context)"),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1, help="refuse (exit 2) unless this many rows fit"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP + " (the budget)"),
     offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
@@ -178,6 +233,8 @@ def info(
         kwargs = placement(device_map, max_memory, offload_folder)
         if kwargs.get("device_map") is not None:
             device = _first_device(kwargs["device_map"], kwargs.get("max_memory"))
+        else:
+            device = resolve_device(device)
         torch_dtype = _dtype(dtype, device)
         est = memory.estimate(memory.config_for(model), dtype=torch_dtype)
         memory.check_load(est, device=device, **kwargs)
@@ -188,8 +245,7 @@ def info(
         if batch is not None:
             memory.check_batch(est, rows=batch, tokens=n, budget_bytes=total)
     except (LVLMError, FileNotFoundError, ValueError, OSError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise fail(err) from None
     out = {**est.as_dict(), "budget_bytes": places, "tokens_per_row": n, "largest_batch": fits}
     if as_json:
         print(json.dumps(out, indent=2))

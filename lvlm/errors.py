@@ -19,3 +19,8 @@ class PromptError(LVLMError, ValueError):
 
 class ContextLengthError(PromptError):
     """The prompt (image tokens included) plus max_new_tokens does not fit the model's context."""
+
+
+class ModelUnavailableError(LVLMError, OSError):
+    """A model name that is neither built in, a local folder, nor a hub id that can be fetched; the
+    message says why in one line (offline variable set, no network, gated, not found)."""

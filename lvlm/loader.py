@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from lvlm_hallu.kernels.dispatch import register
 from lvlm_hallu.lvlm.adapters import adapter_for
+from lvlm_hallu.lvlm.errors import ModelUnavailableError
 from lvlm_hallu.lvlm.pipeline import Pipeline
 from lvlm_hallu.lvlm.processors import images_only
 from lvlm_hallu.lvlm import memory, tiny
@@ -114,24 +115,76 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
         path = str(MODEL_DIR)
     else:
         path = name
-    config = AutoConfig.from_pretrained(path, revision=revision)
+    config = load_config(path, revision)
     adapter = adapter_for(config)
     memory.check_load(memory.estimate(config, dtype=torch_dtype), device=device, device_map=device_map,
                       max_memory=max_memory, offload_folder=offload_folder)
     model_cls = getattr(transformers, adapter.model_class)
     placement = {} if device_map is None else {
         "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
-    model = model_cls.from_pretrained(
-        path, revision=revision, dtype=torch_dtype,
-        attn_implementation={"text_config": attn, "vision_config": "sdpa"}, **placement,
-    )
-    model = (model if device_map is not None else model.to(device)).eval()
     processor_cls = images_only(adapter.processor_class) if adapter.images_only_processor else AutoProcessor
-    processor = processor_cls.from_pretrained(path, revision=revision, backend="pil")
+    try:
+        model = model_cls.from_pretrained(
+            path, revision=revision, dtype=torch_dtype,
+            attn_implementation={"text_config": attn, "vision_config": "sdpa"}, **placement,
+        )
+        processor = processor_cls.from_pretrained(path, revision=revision, backend="pil")
+    except OSError as err:  # weights or processor files that cannot be fetched (the config could)
+        raise unavailable(name, err, revision) from err
+    model = (model if device_map is not None else model.to(device)).eval()
     pipe = Pipeline(model, processor, adapter, name)
     if name != "shapes" and not Path(path).is_dir():  # a hub id: the snapshot it resolved to
         pipe.snapshot = hub_snapshot(name, revision)
     return pipe
+
+
+def unavailable(name: str, err: BaseException, revision: str | None = None) -> ModelUnavailableError:
+    """Why a hub id or path could not be read, in one line: the cause found in the exception chain
+    (huggingface_hub's typed errors behind transformers' OSError)."""
+    import os
+
+    from huggingface_hub import errors as hub
+
+    chain, link = [], err
+    while link is not None and len(chain) < 10:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    kinds = {type(e) for e in chain}
+
+    def has(*types):
+        return any(issubclass(k, types) for k in kinds)
+
+    at = f" at revision {revision!r}" if revision else ""
+    offline = [f"{v}={os.environ[v]}" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+    if has(hub.HFValidationError):
+        why = "no such folder here, and not a hub id (owner/name)"
+    elif has(hub.GatedRepoError):
+        why = "the hub repository is gated: accept its terms on huggingface.co and log in (`hf auth login` or HF_TOKEN)"
+    elif has(hub.RepositoryNotFoundError):
+        why = "the hub has no such repository (or it is private: log in with `hf auth login` or HF_TOKEN)"
+    elif has(hub.RevisionNotFoundError):
+        why = f"the hub repository has no revision {revision!r}"
+    elif has(hub.EntryNotFoundError) and not has(hub.LocalEntryNotFoundError):
+        why = f"the hub repository{at} lacks a file a transformers checkpoint needs"
+    elif offline:
+        why = f"not in the local Hugging Face cache{at}, and {' and '.join(offline)} forbids downloading it (unset it)"
+    elif has(hub.LocalEntryNotFoundError, ConnectionError, TimeoutError) or any(
+            "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower() for e in chain):
+        why = f"not in the local Hugging Face cache{at}, and the hub cannot be reached (no network?)"
+    else:
+        why = " ".join(str(err).split())
+    return ModelUnavailableError(f"cannot load model {name!r}: {why}")
+
+
+def load_config(path: str, revision: str | None = None):
+    """AutoConfig of a folder or hub id; a name that cannot be fetched is one-line ModelUnavailableError."""
+    if not Path(path).is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ModelUnavailableError(f"cannot load model {path!r}: no such folder")
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as err:
+        raise unavailable(path, err, revision) from err
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:

@@ -137,9 +137,9 @@ def config_for(name: str | None, revision: str | None = None) -> Any:
         from lvlm_hallu.lvlm.shapes import MODEL_DIR
 
         name = str(MODEL_DIR)
-    from transformers import AutoConfig
+    from lvlm_hallu.lvlm.loader import load_config
 
-    return AutoConfig.from_pretrained(name, revision=revision)
+    return load_config(name, revision)  # a hub id that cannot be fetched: one line saying why
 
 
 # -- budgets ---------------------------------------------------------------------------------------

@@ -321,8 +321,6 @@ def render(console, outcome: Outcome, parser, spec: str, image_path: Path | None
     from rich.table import Table
     from rich.text import Text
 
-    from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
-
     case = outcome.case
     counts = (f"{outcome.searched} held-out test images searched: the plain model names an absent object "
               f"in {outcome.plain_hallucinated}, with {spec} in {outcome.treated_hallucinated}; "
@@ -354,13 +352,24 @@ def render(console, outcome: Outcome, parser, spec: str, image_path: Path | None
         console.print(Text(f"{label}: {report_line(result)}"), highlight=False)
     console.print(Text("[word] = an object the answer names that is not in the image (CHAIR's parser "
                        "against the scene's ground truth). " + counts))
-    image = str(image_path) if image_path else "IMAGE.png"
-    console.print(Text("More:\n"
-                       f"  lvlm inspect --model {model} --image {image} --prompt \"{PROMPT}\" --interventions {spec}\n"
-                       f"  python -m lvlm_hallu.lvlm.shapes.world --out shapes-test --split test --n 200 && lvlm eval compare "
-                       f"--benchmark chair --interventions none,{spec} --model {model} --prompt \"{PROMPT}\" --images shapes-test/images "
-                       f"--instances shapes-test/annotations/instances_test.json --captions "
-                       f"shapes-test/annotations/captions_test.json --synonyms {SYNONYMS_PATH}"), soft_wrap=True)
+    console.print(Text("More (commands as they run here):\n" + "\n".join(f"  {c}" for c in hints(model, spec, image_path))),
+                  soft_wrap=True)
+
+
+def hints(model: str, spec: str, image_path: Path | None) -> list[str]:
+    """The follow-up commands, spelled with this installation's `lvlm` so they run as printed
+    from any shell (the venv need not be active): an inspection of the shown image and a CHAIR
+    comparison on 200 held-out images of the generated shapes world."""
+    import shlex
+    import sys
+
+    beside = Path(sys.executable).with_name("lvlm")
+    lvlm = shlex.quote(str(beside)) if beside.is_file() else "lvlm"
+    image = shlex.quote(str(image_path)) if image_path else "IMAGE.png"
+    return [f"{lvlm} inspect --model {shlex.quote(model)} --image {image} --prompt {shlex.quote(PROMPT)} "
+            f"--interventions {shlex.quote(spec)}",
+            f"{lvlm} eval compare --benchmark chair --interventions {shlex.quote('none,' + spec)} "
+            f"--model {shlex.quote(model)} -n 200 --prompt {shlex.quote(PROMPT)}"]
 
 
 def command(
@@ -370,7 +379,7 @@ def command(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
     refresh: bool = typer.Option(False, "--refresh", help="search again even if a cached result exists"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto: cuda when a GPU is available"),
     ship: bool = typer.Option(False, "--ship", help="maintainers: store the result in the package (lvlm_hallu/demo_found.json)"),
 ) -> None:
     """Show one held-out image where the default interventions remove a hallucinated object."""
@@ -386,12 +395,15 @@ def command(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this command's screen is the demo; the load takes a second
-    err = Console(stderr=True)
+    from lvlm_hallu.lvlm.cli import resolve_device
+
+    err = Console(stderr=True, soft_wrap=True)  # an error stays one line at any terminal width
     try:
         configs = resolve(interventions)
         if not configs:
             raise InterventionError("the demo compares the plain model with interventions: name at least one")
-        parser = CaptionParser(load_synonyms(SYNONYMS_PATH))
+        parser = CaptionParser(load_synonyms(SYNONYMS_PATH))  # finds or fetches NLTK's data first
+        device = resolve_device(device)
         with err.status(f"loading {model}"):
             pipe = lvlm.load(model, device=device)
         searcher = Searcher(pipe, parser, configs, max_new_tokens=max_new_tokens)
@@ -399,8 +411,10 @@ def command(
                         limit=limit, batch_size=batch_size)
         with err.status(f"searching up to {limit} held-out test images ({batch_size} per batch, cached after)"):
             outcome = find(searcher, key, limit=limit, batch_size=batch_size, refresh=refresh, ship=ship)
-    except (LVLMError, InterventionError, EvalError, ValueError) as error:
-        err.print(f"[red]error:[/red] {error}")
+    except (LVLMError, InterventionError, EvalError, OSError, ValueError) as error:
+        from rich.markup import escape
+
+        err.print("[red]error:[/red] " + escape(" ".join(str(error).split())))
         raise typer.Exit(2) from None
     image_path = None
     if outcome.case is not None:  # saved for the `lvlm inspect` pointer; a fresh clone has no cache folder yet

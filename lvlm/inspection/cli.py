@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line at any width
 
 
 def _layers(text: Optional[str]) -> tuple[int, ...] | None:
@@ -29,12 +29,13 @@ def command(
     image: Optional[str] = typer.Option(None, "--image", "-i", help="image file (omit for a text-only prompt)"),
     interventions: str = typer.Option("none", "--interventions", help="preset such as 'vhr+var' or a JSON list"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), 'tiny-llava', hub id or path"),
-    out: Path = typer.Option(Path("inspect"), "--out", "-o", help="output directory (PNGs, data.json, index.html)"),
+    out: Path = typer.Option(Path("runs/inspect"), "--out", "-o",
+                             help="output directory (PNGs, data.json, index.html); runs/ is ignored by git"),
     layers: Optional[str] = typer.Option(None, "--layers", help="heat-map layers, e.g. '1,8,16' (default: 4 spread layers)"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
-    dpi: int = typer.Option(90, "--dpi", help="resolution of the PNGs"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
+    dpi: int = typer.Option(90, "--dpi", min=10, help="resolution of the PNGs"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto: cuda when a GPU is available"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
 ) -> None:
     """Write pictures of what each intervention sees and changes, with both answers, to one HTML page."""
     from lvlm_hallu import lvlm
@@ -42,16 +43,24 @@ def command(
     from lvlm_hallu.lvlm.errors import LVLMError
     from lvlm_hallu.lvlm.inspection import check_writable, inspect, write
 
+    from lvlm_hallu.interventions import resolve
+    from lvlm_hallu.lvlm.cli import fail, resolve_device
+    from lvlm_hallu.lvlm.pipeline import load_image
+
     try:
         spec = json.loads(interventions) if interventions.lstrip().startswith("[") else interventions
-        check_writable(out)  # fail before loading a model
+        chosen = _layers(layers)  # fail before loading a model: layers that are not numbers,
+        resolve(spec)  # an unknown method or parameter,
+        check_writable(out)  # an output folder that cannot be written,
+        if image is not None:
+            load_image(image)  # an image that cannot be read,
+        device = resolve_device(device)  # a device this machine lacks
         pipe = lvlm.load(model, device=device, dtype=dtype)
         with console.status(f"inspecting {pipe.model_id} with {interventions}"):
-            insp = inspect(pipe, image, prompt, spec, layers=_layers(layers), max_new_tokens=max_new_tokens)
+            insp = inspect(pipe, image, prompt, spec, layers=chosen, max_new_tokens=max_new_tokens)
             paths = write(insp, out, dpi=dpi)
-    except (LVLMError, InterventionError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    except (LVLMError, InterventionError, OSError, ValueError) as err:
+        raise fail(err) from None
     print(f"without: {insp.baseline.text.strip()}")
     print(f"with {insp.interventions}: {insp.intervened.text.strip()}")
     for name, path in paths.items():

@@ -339,7 +339,7 @@ def checkpoint_train_s(path: Path) -> float:
 
 def read_spent(out: Path) -> float:
     """Wall time the run has spent training over all its sessions, from its ledger (spent.json),
-    which is rewritten at every log line: unlike a checkpoint's train_s it counts the work after
+    which is rewritten after every step: unlike a checkpoint's train_s it counts the work after
     the last checkpoint that an interrupted session lost."""
     path = out / "spent.json"
     return float(json.loads(path.read_text())["train_s"]) if path.exists() else 0.0
@@ -491,7 +491,7 @@ def train(args) -> dict:
                    "train_s": round(spent, 1)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            write_spent(args.out, spent, step + 1)
+        write_spent(args.out, spent, step + 1)  # every step: an interrupted session loses little
         timed = args.ckpt_minutes and time.time() - last_ckpt >= 60 * args.ckpt_minutes
         if timed or (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt, model, probe, qprobe, opt, step + 1, spent)

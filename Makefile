@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= shapes
 
-.PHONY: install test serve demo bench gpu-check gpu-wheels clean test-newest-transformers
+.PHONY: install test serve demo bench gpu-check gpu-wheels clean test-newest-transformers lmms-eval-venv
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,24 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	-$(PY) -m lvlm_hallu.eval.nltk_data
 	touch $@
 
-test: install
-	$(if $(shell command -v nvidia-smi 2>/dev/null),,TRITON_INTERPRET=1) $(PY) -m pytest -q $(PYTEST_ARGS)
+test: install lmms-eval-venv
+	$(if $(shell command -v nvidia-smi 2>/dev/null),,TRITON_INTERPRET=1) LVLM_LMMS_PYTHON=$(LMMS_VENV)/bin/python \
+		$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# lmms-eval (tests/ecosystem, docs/ecosystem.md) in a venv of its own, with this project and its
+# `lmms-eval` extra: lmms-eval keeps our transformers, but its dependencies would downgrade protobuf
+# and python-dateutil in $(VENV). PyPI's torchvision is a CUDA build whose operators do not load
+# with the CPU torch, and transformers imports torchvision whenever it is installed, so the CPU
+# venv goes without it (lmms-eval's core and the POPE tasks never use it).
+LMMS_VENV ?= $(or $(TMPDIR),/tmp)/lvlm-hallu-lmms-eval
+lmms-eval-venv: $(LMMS_VENV)/.installed
+
+$(LMMS_VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMMS_VENV)/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[lmms-eval]"
+	$(if $(CONSTRAINTS),$(LMMS_VENV)/bin/python -m pip uninstall -q -y torchvision,)
+	touch $@
 
 serve: install
 	$(VENV)/bin/lvlm serve --model $(MODEL) --host $(HOST) --port $(PORT)

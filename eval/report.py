@@ -260,7 +260,8 @@ def chart_png(report: Report) -> bytes:
             capsize=3,
             error_kw={"elinewidth": 1},
         )
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        small = all(abs(v) < 10 for v in values if v == v)  # per-caption counts: 0.85 vs 0.80, not 0.8 twice
+        ax.bar_label(bars, fmt="%.2f" if small else "%.1f", fontsize=7)
         tops = [v + h for v, h in zip(values, high) if v == v]
         ax.set_ylim(0, max([1.0, *tops]) * 1.15)  # all-zero panels keep a sensible axis
         ax.set_title(metric)

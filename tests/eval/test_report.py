@@ -313,3 +313,47 @@ def test_cli_compare_pope_with_question_files(tmp_path, monkeypatch):
     assert (none["adversarial Yes"], var["adversarial Yes"]) == (100, 0)
     assert data["provenance"]["decoding"]["max_new_tokens"] == 16
     assert "adversarial" in data["provenance"]["question_file_hash"]
+
+
+class SwapModel(CaptionModel):
+    """The "vhr" configuration trades each absent object for one more of a present one (issue 33)."""
+
+    SWAP = {1: ("A man with a dog and a cat.", "A man with a dog and a dog and a dog."),  # two dogs in image 1
+            2: ("A cat and a dog.", "A cat and a cat."),  # one cat in image 2
+            3: ("Two toilets.", "A toilet.")}  # one toilet in image 3
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            imid = {"red": 1, "green": 2, "blue": 3}[_color(r.image)]
+            text = self.SWAP[imid][1 if any(getattr(c, "name", c) == "vhr" for c in r.interventions) else 0]
+            out.append(Result(text=text, token_ids=[], finish_reason="stop", prompt_tokens=0))
+        return out
+
+
+def test_compare_chair_reports_the_caption_metrics_with_intervals(chair_task, tmp_path):
+    """CHAIR_s falls to 0 while repeats rise: the report's JSON, Markdown and details say so."""
+    model = SwapModel()
+    execute = answer_executor(lambda spec: local_answer(model, interventions=spec, max_new_tokens=32), progress=False)
+    report, paths = compare(chair_task, ["none", "vhr"], execute, tmp_path, Provenance(), resamples=400)
+    none, vhr = report.results
+    assert none.metrics["CHAIR_s"] == pytest.approx(100 * 2 / 3) and vhr.metrics["CHAIR_s"] == 0
+    expected = {  # by hand: see SWAP; words exclude punctuation
+        "none": {"Halluc/cap": 2 / 3, "Repeat %": 0.0, "Overcount %": 100 / 3, "Halluc or repeat %": 200 / 3,
+                 "Words": 15 / 3, "CHAIR_i distinct": 100 * 2 / 6},
+        "vhr": {"Halluc/cap": 0.0, "Repeat %": 200 / 3, "Overcount %": 0.0, "Halluc or repeat %": 200 / 3,
+                "Words": 18 / 3, "CHAIR_i distinct": 0.0},
+    }
+    for result in report.results:
+        assert {k: result.metrics[k] for k in expected[result.name]} == pytest.approx(expected[result.name])
+    data = json.loads(paths.json.read_text())
+    intervals = data["results"][1]["intervals"]
+    assert intervals["Repeat %"]["diff"] == pytest.approx(200 / 3) and intervals["Words"]["diff"] == pytest.approx(1.0)
+    assert intervals["Halluc or repeat %"]["diff"] == 0.0
+    md = paths.markdown.read_text()
+    assert "| Halluc/cap | CHAIR_i distinct | Repeat % | Overcount % | Halluc or repeat % | Words |" in md
+    details = json.loads((tmp_path / "chair_vhr_details.json").read_text())
+    reps = [[r[:2] for r in c["repetitions"]] for c in details["mentions"]["captions"]]
+    assert reps == [[["dog", "dog"]], [["cat", "cat"]], []]
+    claims = json.loads((tmp_path / "chair_none_details.json").read_text())["mentions"]["captions"][2]["count_claims"]
+    assert claims == [["two", "toilet", 2, 1]]

@@ -80,7 +80,7 @@ def introducer(words: Sequence[str], tags: Sequence[str], position: int, mention
     """(introducer word, instances it introduces) of the object word at `position`.
 
     Walks back over at most MAX_MODIFIERS modifiers (tags in MODIFIER_TAGS that are not object
-    words themselves; "," / "and" / "or" only between adjectives); the word it stops at
+    words themselves; "," / "and" / "or" only between modifiers); the word it stops at
     introduces 1 ("a", "an", "another") or n (a number) instances, anything else none.
     """
     mentions = set(mention_positions)
@@ -206,7 +206,8 @@ def score_mentions(chair: ChairResult, gt: GroundTruth, parser: CaptionParser) -
     for score in chair.captions:
         parsed = parser.parse(score.caption)
         if tuple((m.word, m.category) for m in parsed.mentions) != score.mentioned:
-            raise AssertionError(f"image {score.image_id}: the parse disagrees with CHAIR's mentions")
+            raise RuntimeError(f"image {score.image_id}: the parse disagrees with CHAIR's mentions "
+                               "(a parser with state between calls?)")
         out.append(analyse(score.image_id, parsed, frozenset(score.gt), counts.get(score.image_id)))
     return MentionResult(tuple(out))
 

@@ -70,7 +70,7 @@ def test_version_and_short_help(capsys):
     (["eval", "chair", "-n", "0"], ["lvlm eval chair", "'-n'"]),
     (["eval", "chair", "--batch-size", "0"], ["'--batch-size'"]),
     (["eval", "pope", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
-    (["eval", "chair", "--images", "/nonexistent-folder"], ["/nonexistent-folder"]),
+    (["eval", "chair", "--images", "/nonexistent-folder"], ["CHAIR needs --instances"]),
     (["eval", "compare", "--benchmark", "bogus"], ["unknown benchmark 'bogus'"]),
     (["eval", "score-chair", "missing.jsonl", "--gt-json", "x.json"], ["missing.jsonl"]),
     (["bench", "nosuch"], ["no benchmark 'nosuch'"]),

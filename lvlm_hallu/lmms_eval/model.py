@@ -7,7 +7,7 @@ pyproject.toml). The model arguments:
     interventions  a spec as the CLI and the service's `interventions` field write it
                    ("none", "vhr", "vhr+pai", "vhr:tuned"), resolved by the intervention registry
                    and checked against the loaded model before any request runs
-    batch_size     requests per engine batch (lmms-eval's --batch_size sets it too; default 8)
+    batch_size     requests per engine batch: lmms-eval passes its --batch_size (default 1) here
     device, dtype  passed to `lvlm.load`
 
 Generation (`generate_until`) runs our engine in batches of `batch_size`: one `lvlm.types.Request`
@@ -45,7 +45,9 @@ class LVLMHallu(lmms):
 
         self.spec = "none" if interventions in (None, "") else str(interventions)
         self.configs = resolve(self.spec)  # an unknown name or parameter fails before the model loads
-        self.batch_size_per_call = max(1, int(batch_size))
+        if not str(batch_size).isdigit() or int(batch_size) < 1:  # lmms-eval's "auto" sizes GPU batches by trial
+            raise ValueError(f"lvlm_hallu: batch_size must be a positive whole number, got {batch_size!r}")
+        self.batch_size_per_call = int(batch_size)
         self.pipeline = lvlm.load(str(pretrained), device=device or "cpu", dtype=dtype)
         validate(self.configs, self.pipeline.facts)
 

@@ -168,6 +168,22 @@ def test_lmms_evals_pope_scoring_equals_ours_on_every_split(runs, spec):
 
 
 @needs_lmms
+def test_the_comparison_table_is_written(runs):
+    """docs/ecosystem.md's table, lmms-eval vs `lvlm eval pope` on the same answers (x100)."""
+    lines = ["| config | split | metric | lmms-eval | lvlm eval pope |", "|---|---|---|---:|---:|"]
+    for spec in ("none", INTERVENTION):
+        for split in SPLITS:
+            theirs, ours_metrics = runs[spec]["lmms"][0][f"pope_shapes_{split}"], runs[spec]["ours"][0]
+            for name, metric in {**METRICS, "Yes": "pope_yes_ratio"}.items():
+                lines.append(f"| {spec} | {split} | {name} | {100 * theirs[metric]:.2f} | "
+                             f"{ours_metrics[f'{split} {name}']:.2f} |")
+    table = runs["root"] / "pope_table.md"
+    table.write_text("\n".join(lines) + "\n")
+    print(table)
+    assert len(lines) == 2 + 2 * len(SPLITS) * 5
+
+
+@needs_lmms
 def test_lmms_eval_runs_our_engine_in_process_with_the_intervention(runs):
     """`--model lvlm_hallu` (our entry point) answers as the service did with shapes:vhr."""
     folder = runs["root"] / "in-process"
@@ -192,7 +208,7 @@ for call, args in ((LVLMHallu.loglikelihood, []), (LVLMHallu.generate_until_mult
         call(object.__new__(LVLMHallu), args)
     except NotImplementedError as err:
         print("refused:", err)
-for kwargs in ({"interventions": "vhx"}, {"pretrained": "shapes", "temperature": 0.5}):
+for kwargs in ({"interventions": "vhx"}, {"pretrained": "shapes", "temperature": 0.5}, {"batch_size": "auto"}):
     try:
         LVLMHallu(**kwargs)
     except ValueError as err:
@@ -202,10 +218,11 @@ for kwargs in ({"interventions": "vhx"}, {"pretrained": "shapes", "temperature":
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     lines = done.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["refused", "refused", "bad", "bad"]
+    assert [line.split(":")[0] for line in lines] == ["refused", "refused", "bad", "bad", "bad"]
     assert "log-likelihood" in lines[0] and "generate_until" in lines[0]
     assert "unknown intervention 'vhx'" in lines[2] and "valid names" in lines[2]
     assert "unknown model_args temperature" in lines[3]
+    assert "batch_size must be a positive whole number, got 'auto'" in lines[4]
 
 
 def chat(base_url: str, **fields) -> httpx.Response:

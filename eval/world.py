@@ -33,9 +33,11 @@ class World:
     synonyms: Path
     seed: int
     size: int
+    detailed: bool = False
 
     def describe(self) -> dict[str, Any]:
-        return {"generated": f"shapes world, {SPLIT} split", "seed": self.seed, "images": self.size,
+        world = "detailed shapes world" if self.detailed else "shapes world"
+        return {"generated": f"{world}, {SPLIT} split", "seed": self.seed, "images": self.size,
                 "folder": str(self.root)}
 
 
@@ -43,13 +45,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("LVLM_CACHE", Path.home() / ".cache" / "lvlm")) / "shapes-world"
 
 
-def shapes_world(n_images: int = WORLD_IMAGES, seed: int | None = None) -> World:
-    """The test split with max(n_images, WORLD_IMAGES) scenes, generated on first use."""
+def shapes_world(n_images: int = WORLD_IMAGES, seed: int | None = None, detailed: bool = False) -> World:
+    """The test split with max(n_images, WORLD_IMAGES) scenes, generated on first use.
+
+    `detailed`: the detailed world's scenes (lvlm/shapes/detail.py, docs/shapes-world.md), cached
+    beside the basic world's under their own name."""
     from lvlm_hallu.lvlm.shapes import SPLITS, SYNONYMS_PATH, build_split
 
+    if detailed:
+        from lvlm_hallu.lvlm.shapes.detail import build_split
     seed = SPLITS[SPLIT][1] if seed is None else seed
     size = max(n_images, WORLD_IMAGES)
-    root = cache_root() / f"{SPLIT}-seed{seed}-n{size}"
+    root = cache_root() / f"{'detail-' if detailed else ''}{SPLIT}-seed{seed}-n{size}"
     instances = root / "annotations" / f"instances_{SPLIT}.json"
     captions = root / "annotations" / f"captions_{SPLIT}.json"
     if not (instances.is_file() and captions.is_file()):
@@ -64,4 +71,4 @@ def shapes_world(n_images: int = WORLD_IMAGES, seed: int | None = None) -> World
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return World(root, root / "images", instances, captions, Path(SYNONYMS_PATH), seed, size)
+    return World(root, root / "images", instances, captions, Path(SYNONYMS_PATH), seed, size, detailed)

@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lvlm_hallu.lvlm.shapes import detail, detail_text, quality
-from lvlm_hallu.lvlm.shapes import model as M
+from lvlm_hallu.lvlm.shapes import detail, detail_text, export, quality
 
 PROMPT = detail_text.DETAIL_PROMPTS[0]  # "Please describe this image in detail." (the CHAIR prompt)
 
@@ -51,15 +50,9 @@ def load(path: Path, preset: str = "detail", attn: str = "eager"):
     if (path / "config.json").exists():
         model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn)
         return model.eval(), LlavaProcessor.from_pretrained(path)
-    ckpt = path / "checkpoint.pt"
-    if not (ckpt.exists() and (path / "processor").is_dir()):
-        raise FileNotFoundError(f"{path}: neither a model folder (config.json) nor a training run "
-                                "(checkpoint.pt and processor/)")
-    processor = LlavaProcessor.from_pretrained(path / "processor")
-    model = M.build_model(M.Preset.from_name(preset), processor.tokenizer)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+    model, processor, _ = export.load_run(path, preset)
     model.set_attn_implementation(attn)
-    return model.eval(), processor
+    return model, processor
 
 
 def introduced(caption: str, table: dict[str, str]) -> list[tuple[float, str, bool]]:

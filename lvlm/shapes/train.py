@@ -37,9 +37,9 @@ parts of similar length (the same gradient with less padding), `--bf16` under bf
 
 Batch b of the run is built from train-split scenes b*B .. b*B+B-1, so a resumed run sees exactly
 the data it would have seen; checkpoints hold model, optimizer, schedule, step, RNG states and the
-training wall time so far. `--budget-hours H` stops a run, over all its sessions, once it has
-trained H hours (the ledger spent.json counts time lost after the last checkpoint too), and
-exports what it has; `--ckpt-minutes M` checkpoints by wall time as well as every `--ckpt-every`
+training time so far. `--budget-hours H` stops a run, over all its sessions, once it has
+trained H hours on `--budget-clock` (wall or process CPU time; the ledger spent.json counts time
+lost after the last checkpoint too: budget.py), and exports what it has; `--ckpt-minutes M` checkpoints by wall time as well as every `--ckpt-every`
 steps.
 
     python -m lvlm_hallu.lvlm.shapes.train --out runs/shapes --steps 2200 --threads 2 [--resume]
@@ -48,8 +48,8 @@ steps.
 (docs/shapes-model.md: the second command extends the cosine schedule of the first.)
 
     python -m lvlm_hallu.lvlm.shapes.train --out ~/.cache/lvlm-hallu/train/shapes-detail --world detail \
-        --preset detail --steps 1500 --threads 1 --length-groups 3 --bf16 --budget-hours 3 --ckpt-minutes 10 \
-        --log-every 10 [--resume]          # the detailed world's model (docs/shapes-world.md)
+        --preset detail --steps 1500 --threads 1 --length-groups 3 --bf16 --budget-hours 3 --budget-clock cpu \
+        --ckpt-minutes 10 --log-every 10 [--resume]          # the detailed world's model (docs/shapes-world.md)
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ import math
 import random
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ from tqdm import tqdm
 
 from lvlm_hallu.lvlm.shapes import model as M
 from lvlm_hallu.lvlm.shapes import detail, detail_text, text, world
+from lvlm_hallu.lvlm.shapes.budget import CLOCKS, Ledger, Spent
 
 IGNORE = -100
 QUESTION_PROBE_LAYER = 2  # hidden_states index: output of the 2nd of 4 decoder layers
@@ -309,11 +311,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def save_checkpoint(path: Path, model, probe, qprobe, opt, step: int, train_s: float = 0.0) -> None:
-    """`train_s`: training wall time spent up to this step, over all the run's sessions."""
+def save_checkpoint(path: Path, model, probe, qprobe, opt, step: int, spent: Spent = Spent()) -> None:
+    """`spent`: training wall and CPU time up to this step, over all the run's sessions."""
     state = {"model": model.state_dict(), "probe": probe.state_dict(), "qprobe": qprobe.state_dict(),
              "optimizer": opt.state_dict(),
-             "step": step, "train_s": train_s,
+             "step": step, **asdict(spent),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -332,23 +334,9 @@ def restore(path: Path, model, probe, qprobe, opt, device) -> int:
     return state["step"]
 
 
-def checkpoint_train_s(path: Path) -> float:
-    """Training wall time recorded in a checkpoint (0 for one written before it was recorded)."""
-    return float(torch.load(path, map_location="cpu", weights_only=False).get("train_s", 0.0))
-
-
-def read_spent(out: Path) -> float:
-    """Wall time the run has spent training over all its sessions, from its ledger (spent.json),
-    which is rewritten after every step: unlike a checkpoint's train_s it counts the work after
-    the last checkpoint that an interrupted session lost."""
-    path = out / "spent.json"
-    return float(json.loads(path.read_text())["train_s"]) if path.exists() else 0.0
-
-
-def write_spent(out: Path, train_s: float, step: int) -> None:
-    tmp = out / "spent.json.tmp"
-    tmp.write_text(json.dumps({"train_s": round(train_s, 1), "step": step}))
-    tmp.replace(out / "spent.json")
+def checkpoint_spent(path: Path) -> Spent:
+    """Training time recorded in a checkpoint (0 for one written before it was recorded)."""
+    return Spent.from_record(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def batch_parts(processor, examples: list, n_groups: int, device) -> list:
@@ -457,14 +445,14 @@ def train(args) -> dict:
     ckpt = args.out / "checkpoint.pt"
     resumed = args.resume and ckpt.exists()
     start = restore(ckpt, model, probe, qprobe, opt, args.device) if resumed else 0
-    spent0 = max(read_spent(args.out), checkpoint_train_s(ckpt)) if resumed else 0.0
+    ledger = Ledger.resume(args.out, checkpoint_spent(ckpt) if resumed else None)
     budget = args.budget_hours * 3600 if args.budget_hours else math.inf
     log = (args.out / "train_log.jsonl").open("a")
     t0, losses, auxes = time.time(), [], []
     last_ckpt, stopped = t0, None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        if spent0 + time.time() - t0 >= budget:
+        if ledger.now().on(args.budget_clock) >= budget:
             stopped = step  # the budget is spent: keep what was trained, export it below
             break
         first = args.data_offset + step * args.batch_size
@@ -483,30 +471,31 @@ def train(args) -> dict:
         losses.append(loss.item())
         auxes.append(aux.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        spent = spent0 + time.time() - t0
+        spent = ledger.write(step + 1)  # every step: an interrupted session loses little
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             k = min(args.log_every, len(losses))
             rec = {"step": step + 1, "loss": sum(losses[-k:]) / k, "aux": sum(auxes[-k:]) / k,
                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1),
-                   "train_s": round(spent, 1)}
+                   **spent.rounded()}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-        write_spent(args.out, spent, step + 1)  # every step: an interrupted session loses little
         timed = args.ckpt_minutes and time.time() - last_ckpt >= 60 * args.ckpt_minutes
         if timed or (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt, model, probe, qprobe, opt, step + 1, spent)
             last_ckpt = time.time()
-    if stopped is not None and stopped > start:
-        save_checkpoint(ckpt, model, probe, qprobe, opt, stopped, spent0 + time.time() - t0)
-        log.write(json.dumps({"step": stopped, "stopped": "budget", "budget_hours": args.budget_hours}) + "\n")
-    write_spent(args.out, spent0 + time.time() - t0, stopped if stopped is not None else args.steps)
+    if stopped is not None:
+        if stopped > start:
+            save_checkpoint(ckpt, model, probe, qprobe, opt, stopped, ledger.now())
+        log.write(json.dumps({"step": stopped, "stopped": "budget", "budget_hours": args.budget_hours,
+                              "budget_clock": args.budget_clock}) + "\n")
+    spent = ledger.write(stopped if stopped is not None else args.steps)
     log.close()
     final = args.out / "model"
     model.eval()
     model.save_pretrained(final)
     processor.save_pretrained(final)
     return {"start_step": start, "steps": args.steps if stopped is None else stopped, "losses": losses,
-            "wall_s": time.time() - t0, "train_s": spent0 + time.time() - t0, "model_dir": str(final),
+            "wall_s": time.time() - t0, "spent": spent, "model_dir": str(final),
             "stopped": "budget" if stopped is not None else None}
 
 
@@ -551,6 +540,8 @@ def parse_args(argv=None):
                     help="run each batch as this many parts of similar length (same gradient, less padding)")
     ap.add_argument("--budget-hours", type=float, default=None,
                     help="stop (checkpoint and export) once the run has trained this long over all its sessions")
+    ap.add_argument("--budget-clock", default="wall", choices=CLOCKS,
+                    help="the clock of --budget-hours: wall time, or the training process's CPU time (budget.py)")
     ap.add_argument("--ckpt-minutes", type=float, default=0.0,
                     help="also checkpoint every this many minutes of wall time (0: by steps only)")
     ap.add_argument("--bf16", action="store_true",

@@ -122,3 +122,19 @@ def test_coco_files_hold_counts_and_attributes(tmp_path):
     again = tmp_path / "again"
     detail.build_split(again, "val", 6, first=10)
     assert (again / "annotations" / "instances_val.json").read_bytes() == inst_path.read_bytes()
+
+
+def test_evaluation_generates_and_caches_the_detailed_split(tmp_path, monkeypatch):
+    from lvlm_hallu.eval.datasets import synonyms_for
+    from lvlm_hallu.eval.world import shapes_world
+
+    monkeypatch.setenv("LVLM_CACHE", str(tmp_path))
+    w = shapes_world(5, detailed=True)
+    assert w.size == 200 and w.root.name == "detail-test-seed2-n200" and w.detailed
+    assert w.describe()["generated"] == "detailed shapes world, test split"
+    coco = COCO(str(w.instances))
+    scene, _ = detail.make_scene("test", 3)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[scene.image_id]))
+    assert [a["colour"] for a in anns] == [i.colour for i in scene.instances]
+    assert synonyms_for(None, coco) == w.synonyms  # the shapes table, read from info.description
+    assert shapes_world(5).root.name == "test-seed2-n200"  # the basic world beside it

@@ -230,11 +230,18 @@ def test_detail_run_resumes_and_stops_at_its_time_budget(tmp_path):
     out = train.train(train.parse_args([*args, "--steps", "4", "--ckpt-every", "2"]))
     assert out["start_step"] == 0 and out["stopped"] is None
     spent = json.loads((tmp_path / "spent.json").read_text())
-    assert spent["step"] == 4 and spent["train_s"] > 0
-    assert train.checkpoint_train_s(tmp_path / "checkpoint.pt") <= spent["train_s"] + 0.05
-    # The budget is already spent: a resume exports the checkpoint's model and trains nothing.
-    again = train.train(train.parse_args([*args, "--steps", "8", "--resume", "--budget-hours", "1e-6"]))
-    assert again["start_step"] == 4 and again["steps"] == 4 and again["losses"] == [] and again["stopped"] == "budget"
+    assert spent["step"] == 4 and spent["train_s"] > 0 and spent["cpu_s"] > 0
+    in_ckpt = train.checkpoint_spent(tmp_path / "checkpoint.pt")
+    assert 0 < in_ckpt.train_s <= spent["train_s"] + 0.05 and 0 < in_ckpt.cpu_s <= spent["cpu_s"] + 0.05
+    # The budget is already spent (on either clock): a resume exports the checkpoint's model and
+    # trains nothing; the time goes on from the ledger's.
+    for clock in ("cpu", "wall"):
+        again = train.train(train.parse_args([*args, "--steps", "8", "--resume", "--budget-hours", "1e-6",
+                                              "--budget-clock", clock]))
+        assert again["start_step"] == 4 and again["steps"] == 4 and again["losses"] == [] and again["stopped"] == "budget"
+        assert again["spent"].train_s >= spent["train_s"] and again["spent"].cpu_s >= spent["cpu_s"]
+    log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1] == {"step": 4, "stopped": "budget", "budget_hours": 1e-6, "budget_clock": "wall"}
     exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").state_dict()
     # A run without its model/ (still training) is measured from its checkpoint.
     import shutil

@@ -495,6 +495,9 @@ def build_app(service: Service) -> FastAPI:
     async def invalid(http: HTTPRequest, exc: RequestValidationError):
         return error_response(validation_error(list(exc.errors())))
 
+    from lvlm_hallu.serve import playground  # the page at / and its endpoints (serve/playground.py)
+
+    playground.mount(app, service, route)
     return app
 
 

@@ -341,6 +341,9 @@ def _gateway_class():
 
         def __serve_build_asgi_app__(self):
             app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+            from lvlm_hallu.serve.playground import mount_page
+
+            mount_page(app, bool(self.forwarder.limits.keys))  # the page needs no key and no replica
 
             async def forward(http: Request, path: str):
                 return await self.forwarder.forward(http)

@@ -580,13 +580,14 @@ def chair(
 ) -> None:
     """Caption sampled images and score them with CHAIR."""
     try:
+        placement = _placement(device, dtype, device_map, server, ray_actors)
         task, sources = _chair(model, images, annotations, instances, captions, n, seed, image_list, gt_json,
                                synonyms, short_caption, prompt)
         tokens = max_new_tokens or (CHAIR_SHORT_MAX_NEW_TOKENS if short_caption else CHAIR_MAX_NEW_TOKENS)
         decoding = {"max_new_tokens": tokens, "temperature": 0.0}
         with _JsonOutput(as_json):
             _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
-                 sources=sources, as_json=as_json)
+                 sources=sources, as_json=as_json, placement=placement)
     except EvalError as err:
         raise _fail(err) from err
 
@@ -618,12 +619,13 @@ def pope(
 ) -> None:
     """Ask POPE questions (built from the annotations or read from files) and score them."""
     try:
+        placement = _placement(device, dtype, device_map, server, ray_actors)
         task, built, sources = _pope(model, images, annotations, instances, captions, n, seed, questions, parser,
                                      synonyms, progress)
         decoding = {"max_new_tokens": max_new_tokens or POPE_MAX_NEW_TOKENS, "temperature": 0.0}
         with _JsonOutput(as_json):
             _run(task, [interventions], model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress,
-                 sources=sources, questions_built=built, as_json=as_json)
+                 sources=sources, questions_built=built, as_json=as_json, placement=placement)
     except EvalError as err:
         raise _fail(err) from err
 
@@ -672,6 +674,7 @@ def compare(
     first."""
     try:
         _check_level(level, resamples)
+        placement = _placement(device, dtype, device_map, server, ray_actors)
         if config:
             names, configs = (list(x) for x in zip(*[_named_config(c) for c in config], strict=True))
         else:
@@ -692,7 +695,7 @@ def compare(
         with _JsonOutput(as_json):
             _run(task, configs, model, server, api_key, ray_actors, decoding, batch_size, seed, out, progress, names,
                  sources=sources, questions_built=built, resamples=resamples, level=level, inspect_k=inspect_k,
-                 as_json=as_json)
+                 as_json=as_json, placement=placement)
     except EvalError as err:
         raise _fail(err) from err
 

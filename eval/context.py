@@ -153,11 +153,12 @@ class Placement:
                 "dtype": str(self.torch_dtype).removeprefix("torch."), "device_map": self.device_map}
 
 
-def auto_batch_size(model: str, placement: Placement, tokens: int, *, budget_bytes: int | None = None,
+def auto_batch_size(model: str, placement: Placement, tokens: int | None, *, budget_bytes: int | None = None,
                     cap: int = AUTO_CAP) -> tuple[int, str]:
     """(rows per batch, one line saying how) for `--batch-size auto` (module docstring).
 
-    `tokens`: the longest prompt plus max_new_tokens. `budget_bytes`: the memory to fill (default:
+    `tokens`: the longest prompt plus max_new_tokens (None: the model's whole context, for models
+    whose processor cannot be read before loading). `budget_bytes`: the memory to fill (default:
     the free memory of the placement's device, or of all of them under a device map).
     """
     from lvlm_hallu.lvlm import memory
@@ -169,6 +170,7 @@ def auto_batch_size(model: str, placement: Placement, tokens: int, *, budget_byt
     if budget_bytes is None:
         places = memory.budget(placement.first_device, None, spread=placement.device_map is not None)
         budget_bytes = sum(places.values())
+    tokens = min(tokens, est.max_context) if tokens else est.max_context
     rows = est.largest_batch(budget_bytes, tokens)
     if rows < 1:
         raise EvalError(
@@ -180,6 +182,13 @@ def auto_batch_size(model: str, placement: Placement, tokens: int, *, budget_byt
     return chosen, (f"--batch-size auto: {chosen} (memory estimate: {rows} rows of {tokens} tokens fit "
                     f"{memory.human(budget_bytes)} next to {memory.human(est.weight_bytes)} of weights at "
                     f"{est.dtype}; cap {cap})")
+
+
+def auto_tokens(model: str, prompts: Sequence[str], image: str | None, max_new_tokens: int) -> int | None:
+    """Longest prompt plus `max_new_tokens`, measured with the model's processor (None when its
+    checkpoint cannot be read before loading: `auto_batch_size` then takes the whole context)."""
+    folder = model_folder(model)
+    return None if folder is None else measure(folder, prompts, image).prompt_tokens + max_new_tokens
 
 
 def replica_budget(model: Any) -> int:

@@ -356,6 +356,23 @@ def render(console, outcome: Outcome, parser, spec: str, image_path: Path | None
                   soft_wrap=True)
 
 
+def as_dict(outcome: Outcome, spec: str, image_path: Path | None, model: str) -> dict[str, Any]:
+    """The demo's result as data (`lvlm demo --json`): the shown case, both answers, the counts."""
+    case = outcome.case
+    counts = {k: getattr(outcome, k) for k in ("searched", "plain_hallucinated", "treated_hallucinated", "fixes")}
+    shown = None
+    if case is not None:
+        def answer(judged):
+            return {"text": judged.text.strip(), "mentioned": list(judged.mentioned),
+                    "hallucinated": list(judged.hallucinated)}
+
+        shown = {"split": SPLIT, "index": case.index, "image_id": case.image_id, "objects": list(case.gt),
+                 "image": str(image_path) if image_path else None, "prompt": PROMPT,
+                 "plain": answer(case.plain), "treated": answer(case.treated)}
+    return {"model": model, "interventions": spec, "case": shown, "counts": counts,
+            "more": hints(model, spec, image_path)}
+
+
 def hints(model: str, spec: str, image_path: Path | None) -> list[str]:
     """The follow-up commands, spelled with this installation's `lvlm` so they run as printed
     from any shell (the venv need not be active): an inspection of the shown image and a CHAIR
@@ -381,6 +398,7 @@ def command(
     refresh: bool = typer.Option(False, "--refresh", help="search again even if a cached result exists"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto: cuda when a GPU is available"),
     ship: bool = typer.Option(False, "--ship", help="maintainers: store the result in the package (lvlm_hallu/demo_found.json)"),
+    as_json: bool = typer.Option(False, "--json", help="print the shown image, both answers and the counts as JSON"),
 ) -> None:
     """Show one held-out image where the default interventions remove a hallucinated object."""
     from rich.console import Console
@@ -425,4 +443,7 @@ def command(
         except OSError as error:
             err.print(f"[yellow]note:[/yellow] could not save the image ({error}); the demo goes on")
             image_path = None
+    if as_json:
+        print(json.dumps(as_dict(outcome, interventions, image_path, model), indent=2))
+        return
     render(Console(), outcome, parser, interventions, image_path, model)

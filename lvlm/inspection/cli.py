@@ -36,6 +36,7 @@ def command(
     dpi: int = typer.Option(90, "--dpi", min=10, help="resolution of the PNGs"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto: cuda when a GPU is available"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
+    as_json: bool = typer.Option(False, "--json", help="print both answers and the written files as JSON"),
 ) -> None:
     """Write pictures of what each intervention sees and changes, with both answers, to one HTML page."""
     from lvlm_hallu import lvlm
@@ -61,6 +62,11 @@ def command(
             paths = write(insp, out, dpi=dpi)
     except (LVLMError, InterventionError, OSError, ValueError) as err:
         raise fail(err) from None
+    if as_json:
+        print(json.dumps({"without": insp.baseline.text.strip(), "with": insp.intervened.text.strip(),
+                          "interventions": str(insp.interventions),
+                          "files": {name: str(path) for name, path in paths.items()}}, indent=2))
+        return
     print(f"without: {insp.baseline.text.strip()}")
     print(f"with {insp.interventions}: {insp.intervened.text.strip()}")
     for name, path in paths.items():

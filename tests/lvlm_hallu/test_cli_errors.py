@@ -201,3 +201,17 @@ def test_demo_hints_run_as_printed(tmp_path):
         if params.get("n") is not None:
             assert params["n"] <= WORLD_IMAGES
     assert str(tmp_path / "shown image.png") in shlex.split(hints[0])
+
+
+def test_demo_json_holds_the_shown_case_the_answers_and_the_counts(tmp_path):
+    from lvlm_hallu import demo
+
+    case = demo.Case(20, 3000021, ("box", "star"), demo.Judged(" A box and a cloud.", ("square", "cloud"), ("cloud",)),
+                     demo.Judged(" A box.", ("square",), ()))
+    data = demo.as_dict(demo.Outcome(case, searched=64, plain_hallucinated=30, treated_hallucinated=29, fixes=2),
+                        "pai", tmp_path / "x.png", "shapes")
+    assert data["case"]["image_id"] == 3000021 and data["case"]["plain"]["hallucinated"] == ["cloud"]
+    assert data["case"]["plain"]["text"] == "A box and a cloud."  # no leading space
+    assert data["counts"] == {"searched": 64, "plain_hallucinated": 30, "treated_hallucinated": 29, "fixes": 2}
+    assert json.loads(json.dumps(data))["more"] == demo.hints("shapes", "pai", tmp_path / "x.png")
+    assert demo.as_dict(demo.Outcome(None, searched=3), "pai", None, "shapes")["case"] is None

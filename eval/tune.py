@@ -601,7 +601,10 @@ def tune_command(
     ship: bool = typer.Option(False, "--ship", help="embedded model: write the choice into the package (its defaults)"),
     allow_test_split: bool = typer.Option(False, "--allow-test-split", help="tune on a split described as test"),
     device: str = typer.Option("cpu", "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, float16, bfloat16 [default: float16 on CUDA, "
+                                     "float32 on CPU]"),
+    device_map: str | None = typer.Option(None, "--device-map", help="split the model across devices (accelerate): "
+                                          "auto | balanced | sequential | JSON {module: device}"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Search each intervention's parameters on a validation split; store the choice as preset "tuned"."""
@@ -630,7 +633,11 @@ def tune_command(
             synonyms = SYNONYMS_PATH
         split = load_split(images, instances, captions, synonyms=synonyms, n=n, pope_n=pope_n, seed=seed,
                            allow_test_split=allow_test_split)  # bad data fails before the model loads
-        pipe = lvlm.load(model, device=device, dtype=dtype)
+        from lvlm_hallu.eval.context import Placement
+        from lvlm_hallu.lvlm.devices import parse_device_map
+
+        placement = Placement(device, dtype, parse_device_map(device_map))
+        pipe = lvlm.load(model, device=device, **placement.load_kwargs())
         profile = load_or_compute(pipe)
         shape = model_shape(pipe, profile)
         if "var" in names and not shape.sink_dims:
@@ -640,7 +647,7 @@ def tune_command(
         spaces = build_spaces(names, shape, grid, space)
         identity = model_identity(model)  # weights digests: a checkpoint changed in place is a new run
         info = {"model": pipe.model_id, "weights": identity, "profile": cache_path(pipe).name,
-                "max_new_tokens": max_new_tokens, "seed": seed, **split.key}
+                "max_new_tokens": max_new_tokens, "seed": seed, "placement": placement.fields(), **split.key}
         evaluate = SplitEvaluator(pipe, split, out / "runs", max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   eval_key=eval_key_of(info), model=identity)
         constraints = Constraints(max_recall_drop, max_f1_drop, vte_max_recall_drop, weight_i, max_repeat_rise,

@@ -128,3 +128,16 @@ def test_batch_size_auto_and_refused_placements(world, tmp_path, monkeypatch):
                           (["--server", "http://127.0.0.1:9", "--device", "cuda"], "places its own")):
         res = _chair(world, tmp_path / "refused", *extra)
         assert res.exit_code == 2 and needle in res.output, (extra, res.output)
+
+
+
+def test_tune_refuses_a_bad_placement_before_loading(tmp_path):
+    """`lvlm tune --device-map` reaches lvlm.load through the same Placement (an unknown map is
+    refused with the loader's message, exit 2, before any model loads)."""
+    from typer.testing import CliRunner
+
+    from lvlm_hallu.cli import app
+
+    res = CliRunner().invoke(app, ["tune", "--model", "shapes", "--methods", "vhr", "--device-map", "everywhere",
+                                   "--out", str(tmp_path / "tune"), "--val-n", "4", "-n", "2", "--pope-n", "0"])
+    assert res.exit_code == 2 and "everywhere" in res.output, res.output

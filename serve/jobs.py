@@ -57,10 +57,11 @@ class JobContext:
         """The job's `eval.cluster.ClusterPool`: `replicas` actors that each load the model once."""
         from functools import partial
 
-        from lvlm_hallu import lvlm
-        from lvlm_hallu.eval.cluster import ClusterPool
+        from lvlm_hallu.eval.cluster import ClusterPool, load_replica
 
-        return ClusterPool(partial(lvlm.load, self.model, **self.load_kwargs), self.replicas,
+        # load_replica: each replica loads on the GPU it reserved (the server's --device cuda:N
+        # names a GPU of the head node; a replica sees only its own, as cuda:0).
+        return ClusterPool(partial(load_replica, self.model, **self.load_kwargs), self.replicas,
                            actor_options=self.replica_options or None, name=self.replica_name)
 
 

@@ -778,6 +778,9 @@ def score_chair(
             truth = ground_truth_from_coco(inst, caps, parser=parser, image_ids={r.image_id for r in records})
             truth = dataclasses.replace(truth, source=" + ".join(str(p) for p in (gt, captions_gt) if p))
         result = score_captions(records, truth, parser, short_caption=short_caption, top_k=top)
+        from lvlm_hallu.eval.mentions import score_mentions
+
+        mentions = score_mentions(result, truth, parser)  # docs/caption-metrics.md
     except EvalError as err:
         raise _fail(err) from err
     out = out or captions_file.with_name(captions_file.stem + "_chair.json")
@@ -787,10 +790,12 @@ def score_chair(
         "flavour": result.flavour,
         "short_caption": short_caption,
         **result.to_dict(details=True),
+        "caption_metrics": mentions.metrics(),
+        "mentions": mentions.to_dict(),
     }
     atomic_write_text(out, json.dumps(payload, indent=1))
     if as_json:
-        print(json.dumps({k: v for k, v in payload.items() if k != "captions"}, indent=1))
+        print(json.dumps({k: v for k, v in payload.items() if k not in ("captions", "mentions")}, indent=1))
         Console(stderr=True).print(f"saved {out}")
         return
     table = Table(title=f"CHAIR — {captions_file.name} ({result.n_captions} captions)")
@@ -798,6 +803,11 @@ def score_chair(
         table.add_column(name, justify="right")
     table.add_row(*[f"{v:.1f}" for v in result.metrics().values()])
     console.print(table)
+    beside = Table(title="beside CHAIR (docs/caption-metrics.md)")
+    for name in mentions.metrics():
+        beside.add_column(name, justify="right")
+    beside.add_row(*[f"{v:.2f}" for v in mentions.metrics().values()])
+    console.print(beside)
     if result.n_empty:
         console.print(f"empty captions: {result.n_empty} (scored as captions without mentions)")
     if result.n_repeated:

@@ -209,6 +209,11 @@ def test_cli_score_chair(tiny_coco, tmp_path):
     data = json.loads(out.read_text())
     assert data["metrics"]["CHAIR_i"] == pytest.approx(100 * 3 / 8)
     assert len(data["captions"]) == 3
+    # beside CHAIR: cat, couch and dog hallucinated over 3 captions; no repeats; 11 + 9 + 2 words
+    assert data["caption_metrics"] == pytest.approx({"Halluc/cap": 1.0, "CHAIR_i distinct": 100 * 3 / 8,
+                                                     "Repeat %": 0.0, "Overcount %": 0.0,
+                                                     "Halluc or repeat %": 100 * 2 / 3, "Words": 22 / 3})
+    assert len(data["mentions"]["captions"]) == 3 and "Repeat %" in res.output
     # instances only: the table (mined from human captions) is now a hallucination too
     res = CliRunner().invoke(app, ["score-chair", str(caps), "--gt", str(tiny_coco.instances), "--out", str(out)])
     assert json.loads(out.read_text())["metrics"]["CHAIR_i"] == pytest.approx(100 * 4 / 8)

@@ -17,7 +17,7 @@ scenes of the detailed world (detail.py), with no intervention:
   answer only because the answer adds keys). Also the mean mass at the tokens that introduce a
   hallucinated object against a present one.
 
-    python -m lvlm_hallu.lvlm.shapes.positions --model DIR_OR_RUN [--n 100] [--bins 5] [--json OUT]
+    python -m lvlm_hallu.lvlm.shapes.positions --model DIR_OR_RUN [--n 100] [--bins 5] [--json OUT] [--plot PNG]
 
 DIR_OR_RUN: a model folder, or a training run folder (its finished model/, else its
 checkpoint.pt rebuilt with the run's processor and `--preset`), so an unfinished run can be
@@ -186,19 +186,47 @@ def attention_by_position(answers: list[Answer], table: dict[str, str], bins: in
                                  for k, v in at.items()}}
 
 
-def measure(model, processor, n: int, first: int = 0, bins: int = 5) -> dict:
+def measure(model, processor, n: int, first: int = 0, bins: int = 5, max_new_tokens: int = 200) -> dict:
     table = quality.load_synonyms()
-    answers = run(model, processor, n, first)
+    answers = run(model, processor, n, first, max_new_tokens=max_new_tokens)
     records = [(a.caption, set(a.present)) for a in answers]
     lengths = [len(a.caption.split()) for a in answers]
     metrics = quality.caption_metrics({a.image_id: a.caption for a in answers},
                                       {a.image_id: set(a.present) for a in answers}, table)
     return {"prompt": PROMPT, "split": "test", "first": first, "n": n,
+            "answer_tokens": sum(a.attention.shape[1] for a in answers),
             "words": {"mean": round(float(np.mean(lengths)), 1), "min": int(min(lengths)), "max": int(max(lengths))},
             "captions": metrics,
             "hallucination_by_position": by_position(records, table, bins),
             "image_attention_by_position": attention_by_position(answers, table, bins),
             "examples": [{"image_id": a.image_id, "present": a.present, "caption": a.caption} for a in answers[:5]]}
+
+
+def plot(res: dict, path: Path) -> None:
+    """Two panels: hallucination rate of introduced objects, and image attention with its
+    uniform-spread reference, per bin of relative position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hall = res["hallucination_by_position"]["first_mentions"]
+    att = res["image_attention_by_position"]
+    x = np.arange(len(hall))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.bar(x, [r["rate"] or 0 for r in hall], color="tab:red")
+    a.set(title="objects introduced that are absent", xlabel="relative position in the caption",
+          ylabel="hallucination rate", xticks=x, xticklabels=[r["bin"] for r in hall])
+    b.plot(x, att["all_layers"], "o-", label="measured (mean of layers)")
+    b.plot(x, att["uniform"], "--", color="gray", label="attention spread evenly")
+    b.set(title="attention to the image tokens", xlabel="relative position in the answer",
+          ylabel="share of attention", xticks=x, xticklabels=att["bins"], ylim=(0, None))
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -210,6 +238,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bins", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="PNG of both measurements")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, processor = load(args.model, args.preset)
@@ -218,6 +247,9 @@ def main(argv=None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(res, args.plot)
 
 
 if __name__ == "__main__":

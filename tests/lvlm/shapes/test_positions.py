@@ -61,3 +61,15 @@ def test_image_attention_is_what_generate_attended_at_each_step(tiny):
             row = att[0, :, -1, : image_keys.shape[0]]  # (heads, prompt keys)
             assert got[layer, t] == pytest.approx(row[:, image_keys].sum(-1).mean().item(), abs=1e-5)
     assert 0.0 < got.min() and got.max() < 1.0
+
+
+def test_measure_counts_every_answer_token_and_plots(tiny, tmp_path):
+    model, processor = tiny
+    res = positions.measure(model, processor, n=2, bins=4, max_new_tokens=24)
+    att = res["image_attention_by_position"]
+    assert sum(att["tokens"]) == res["answer_tokens"] and 2 <= res["answer_tokens"] <= 48
+    assert len(att["per_layer"]) == model.config.text_config.num_hidden_layers and len(att["uniform"]) == 4
+    # the uniform reference falls along the answer: each token adds a key
+    assert att["uniform"] == sorted(att["uniform"], reverse=True) and att["uniform"][0] < 1
+    positions.plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,10 @@
    ~300 kernel variants in parallel on the machine's cores.
 2. `benchmarks/attention.py --quick`: Triton vs SDPA (flash) vs fp16 eager.
 3. `benchmarks/interventions.py --model random-llava-1.5-7b --device cuda --dtype float16`.
-4. `pytest tests/kernels` on CUDA, when pytest is installed and the time budget allows.
+4. `benchmarks/eval_device.py`: `lvlm eval chair` on the shapes model on the CPU and on CUDA
+   (`--batch-size auto`): items/s of each, and a failure if a report or run fingerprint does not
+   record the device and dtype the run was given.
+5. `pytest tests/kernels` on CUDA, when pytest is installed and the time budget allows.
 
 Everything goes to a Markdown file under docs/ (default docs/gpu-check.md) with the GPU's name,
 then the command exits non-zero if a check failed. Needs torch, triton and transformers only
@@ -305,6 +308,11 @@ STEPS = (
          ("benchmarks/load.py", "--in-process", "--model", "tiny-llava", "--schedulers", "static,continuous",
           "--concurrency", "4", "--requests", "6", "--answer-tokens", "2-5"),
          ("engine", "serving")),
+    Step("eval", "benchmarks/eval_device.py (#36: lvlm eval chair on cpu and cuda, shapes model, batch auto: items/s, "
+         "and the device and dtype its report and fingerprint record)",
+         ("benchmarks/eval_device.py", "--devices", "cpu,cuda", "-n", "32", "--new-tokens", "64"), 240,
+         ("benchmarks/eval_device.py", "--devices", "cpu", "-n", "4", "--new-tokens", "8"),
+         ("engine",)),
     Step("tests", "pytest tests/kernels (CUDA)",
          ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"), 600, None, ("engine", "pytest")),
 )

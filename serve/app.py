@@ -43,7 +43,7 @@ from lvlm_hallu.serve import chat
 from lvlm_hallu.serve.batching import EngineRunner, Outcome, Ticket, TokenStream
 from lvlm_hallu.serve.config import ServeConfig
 from lvlm_hallu.serve.errors import BadRequest, MethodNotAllowed, NotFound, ServiceError, Unavailable, error_for
-from lvlm_hallu.serve.limits import Admission, Slot, check_api_key, check_costs, read_body
+from lvlm_hallu.serve.limits import Admission, Slot, check_api_key, check_costs, check_values, read_body
 from lvlm_hallu.serve.metrics import Metrics
 from lvlm_hallu.serve.schema import (
     ChatCompletionRequest,
@@ -58,6 +58,7 @@ from lvlm_hallu.serve.schema import (
 
 log = logging.getLogger("serve")
 EVAL_BODY_LIMIT = 64 * 1024
+LARGE_BODY = 256 * 1024  # bodies from this size on are parsed off the event loop
 Submit = Callable[[Any], Awaitable[Outcome]]
 SCHEDULERS = ("continuous", "static")
 
@@ -155,7 +156,11 @@ class Service:
     # -- chat -----------------------------------------------------------------------------------
     async def chat(self, http: HTTPRequest) -> Response:
         started = time.perf_counter()
-        body = parse(ChatCompletionRequest, await read_body(http, self.limits.max_body_bytes))
+        raw = await read_body(http, self.limits.max_body_bytes)
+        check_values(raw, self.limits)  # milliseconds, where parsing a list of millions takes seconds
+        # a large body is parsed on a worker thread: the loop keeps serving the other requests
+        body = parse(ChatCompletionRequest, raw) if len(raw) < LARGE_BODY else \
+            await asyncio.to_thread(parse, ChatCompletionRequest, raw)
         check_costs(body, self.limits, self.model.facts)  # before anything else is spent on it
         slot = self.admission.acquire()
         self.metrics.set_inflight(self.admission.active)
@@ -360,7 +365,12 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
 
 
 def validation_error(errors: list[dict]) -> BadRequest:
-    first = errors[0]
+    # A union reports one error per member: a length bound explains the refusal best; in the
+    # interventions (a string, or a list of names and objects) the error that reached deepest
+    # into the value names the parameter at fault.
+    first = next((e for e in errors if e.get("type") == "too_long"), errors[0])
+    if first.get("type") != "too_long" and first.get("loc", ())[:1] == ("interventions",):
+        first = max(errors, key=lambda e: len([p for p in e.get("loc", ()) if not _is_type_tag(p)]))
     if first.get("type") == "json_invalid":
         return BadRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                           code="invalid_json")
@@ -372,7 +382,9 @@ def validation_error(errors: list[dict]) -> BadRequest:
 
 
 def _is_type_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none"})
+    # field names are lower case; union members are type names ("str", "list[...]", "InterventionSpec")
+    return isinstance(part, str) and ("[" in part or part[:1].isupper()
+                                      or part in {"str", "int", "float", "bool", "dict", "list", "none"})
 
 
 def sse(payload: Any) -> str:
@@ -530,6 +542,7 @@ def _deployment_class():
                                    metrics=Metrics(ray=True))  # summed over replicas by Ray's exporter
             self._generate_batch.set_max_batch_size(config.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+            self._app = build_app(self.service)  # now: the playground loads CHAIR's parser during the warm-up
             if config.warmup:
                 await asyncio.to_thread(self.service.warm_up)
 

@@ -100,6 +100,8 @@ def serve_command(
     from lvlm_hallu.serve.config import ServeConfig
     from lvlm_hallu.serve.limits import Limits
 
+    if address is None:
+        private_ray_env()  # before anything below imports ray
     name = model or _default_model()
     keys, key_problem = _api_keys(api_key or [], api_keys_file)
     problem = key_problem or _port_problem(host, port) or _model_problem(name) or _router_dir_problem(router_dir)
@@ -283,15 +285,33 @@ def _start_ray(address: Optional[str]) -> None:
     import ray
 
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Ray's single-node switch: the node address is 127.0.0.1, so GCS, raylet and worker
-        # ports listen on loopback only (module docstring)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False)
+        start_private_ray()
         return
     if not os.environ.get("RAY_AUTH_TOKEN") and os.environ.get("RAY_AUTH_MODE", "token") != "disabled":
         console.print("[yellow]note:[/yellow] RAY_AUTH_TOKEN is not set; a cluster with token auth will refuse us")
     ray.init(address=address)
+
+
+def private_ray_env() -> None:
+    """The environment of a private single-node Ray. Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    when it is imported, so this runs before anything imports ray."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's single-node switch: the node address is 127.0.0.1, so the GCS, raylet, worker and
+    # agent ports listen on loopback only (module docstring). Workers inherit it.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def start_private_ray(**init_kwargs) -> None:
+    """A new single-node Ray instance of our own (never a cluster someone else started), with
+    every Ray port on 127.0.0.1 and authentication off unless the user chose a mode."""
+    private_ray_env()
+    import ray
+
+    ray.init(address="local", include_dashboard=False, **init_kwargs)
+    node = ray.util.get_node_ip_address()
+    if node not in ("127.0.0.1", "::1"):  # ray was imported before private_ray_env ran
+        console.print(f"[yellow]warning:[/yellow] Ray's ports listen on {node}, not only on loopback; start with "
+                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment", soft_wrap=True)
 
 
 def _stop(address: Optional[str]) -> None:

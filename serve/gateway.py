@@ -17,8 +17,9 @@ It is also where a hostile or broken client is stopped before it costs anything 
 - the API key is checked from the headers, before the body is read or forwarded (401), so an
   unauthenticated upload never travels to a replica and never holds memory;
 - a body over the limit is refused from its Content-Length, or as soon as it passes the limit (413);
-- a body must arrive within `body_timeout_s` (408), and at most `max_uploads` bodies may be
-  arriving at once (429 `too_many_uploads` beyond): half-sent uploads cannot take every slot, so
+- a body must arrive within `body_timeout_s` (408); one still arriving after `upload_grace_s`
+  needs one of `max_uploads` slots (429 `too_many_uploads` when they are taken): half-sent
+  uploads cannot take every slot, and bodies that arrive at once never wait for one, so
   /health, /ready and authenticated traffic still answer;
 - /ready answers 503 within `ready_timeout_s` when no replica answers (restarting, dead, stuck)
   and /health within `health_timeout_s`, in place of waiting for a replica to come back.
@@ -60,7 +61,8 @@ class GatewayLimits:
     max_body_bytes: int = 20 * 1024 * 1024
     keys: tuple[str, ...] = ()  # accepted API keys; empty: no authentication
     body_timeout_s: float = 30.0  # the whole body must arrive within this
-    max_uploads: int = 16  # request bodies arriving at once, over all clients
+    max_uploads: int = 16  # slow request bodies arriving at once, over all clients
+    upload_grace_s: float = 1.0  # a body that arrives within this takes no upload slot
     ready_timeout_s: float = 1.0
     health_timeout_s: float = 5.0
 
@@ -214,16 +216,28 @@ class Forwarder:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes} bytes")
         if declared == "0" or (declared is None and "transfer-encoding" not in http.headers):
             return b""  # no body to wait for
-        if self.uploads >= self.limits.max_uploads:
-            raise Overloaded(f"{self.uploads} request bodies are arriving already; retry shortly",
-                             code="too_many_uploads", retry_after_s=1.0)
-        self.uploads += 1
+        started = time.monotonic()
+        read = asyncio.ensure_future(self._read(http))
         try:
-            return await asyncio.wait_for(self._read(http), timeout=self.limits.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:g} s") from None
+            # A body that arrives within the grace period (nearly all of them) takes no upload
+            # slot; a slower one needs one of the max_uploads slots, or it is refused.
+            done, _ = await asyncio.wait({read}, timeout=min(self.limits.upload_grace_s, self.limits.body_timeout_s))
+            if done:
+                return read.result()
+            if self.uploads >= self.limits.max_uploads:
+                raise Overloaded(f"{self.uploads} slow request bodies are arriving already; retry shortly",
+                                 code="too_many_uploads", retry_after_s=1.0)
+            self.uploads += 1
+            try:
+                left = self.limits.body_timeout_s - (time.monotonic() - started)
+                return await asyncio.wait_for(asyncio.shield(read), timeout=max(0.0, left))
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:g} s") from None
+            finally:
+                self.uploads -= 1
         finally:
-            self.uploads -= 1
+            if not read.done():
+                read.cancel()
 
     async def _read(self, http: Any) -> bytes:
         chunks, size = [], 0

@@ -57,18 +57,33 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[str, Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)], None] = None
     name: Optional[str] = None
 
 
+# Bounds the parser itself enforces, so that a huge list is refused while the JSON is read,
+# before millions of Python objects are built (serve/limits.py `check_costs` then applies the
+# server's tighter limits: the model's dimensions, the prompt budget, the field lengths).
+MAX_PARAM_ITEMS = 8192  # entries of a list parameter (a 7B model's hidden size is 4096)
+MAX_INNER_ITEMS = 16  # entries of a list inside a list parameter ([layer, head] pairs ...)
+MAX_INTERVENTIONS = 32
+MAX_MESSAGES = 256
+MAX_CONTENT_PARTS = 64
+Scalar = Union[None, bool, int, float, str]
+ParamValue = Union[Scalar, Annotated[list[Union[Scalar, Annotated[list[Scalar], Field(max_length=MAX_INNER_ITEMS)]]],
+                                    Field(max_length=MAX_PARAM_ITEMS)]]
+
+
 class InterventionSpec(BaseModel):
-    """`{"name": "vhr", **params}`; parameters are validated by the intervention registry."""
+    """`{"name": "vhr", **params}`; parameters are validated by the intervention registry.
+    A parameter is a JSON scalar or a bounded list (of scalars, or of short lists of them)."""
 
     model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, ParamValue] = Field(init=False)  # the parameters' types (pydantic's typed extras)
     name: str
 
 
-Interventions = Union[str, list[Union[str, InterventionSpec]], None]
+Interventions = Union[str, Annotated[list[Union[str, InterventionSpec]], Field(max_length=MAX_INTERVENTIONS)], None]
 
 
 class StreamOptions(_Wire):
@@ -95,7 +110,7 @@ def _neutral(value: Any, field: str | None = None) -> bool:
 
 class ChatCompletionRequest(_Wire):
     model: Optional[str] = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     # Greedy by default (not OpenAI's 1.0): hallucination benchmarks and their papers decode greedily.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import os
 import struct
 import threading
 import time
@@ -18,8 +19,12 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from lvlm_hallu.lvlm.errors import PromptError
-from lvlm_hallu.lvlm.types import Result, Timings
+# The Ray instances these tests start are private, as `lvlm serve` starts them (serve/cli.py
+# private_ray_env): every Ray port on loopback. Ray reads this when imported, so here, first.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from lvlm_hallu.lvlm.errors import PromptError  # noqa: E402
+from lvlm_hallu.lvlm.types import Result, Timings  # noqa: E402
 
 
 def png(size=(20, 10), color="red", mode="RGB") -> bytes:

@@ -247,7 +247,7 @@ def test_the_key_is_checked_before_the_body_is_read(replica_app):
 
 
 def test_a_body_that_does_not_arrive_in_time_is_a_408_and_uploads_are_capped(replica_app):
-    forwarder, replica = limited(replica_app, body_timeout_s=0.3, max_uploads=2)
+    forwarder, replica = limited(replica_app, body_timeout_s=0.5, upload_grace_s=0.1, max_uploads=2)
 
     async def scenario():
         stalled = [asyncio.ensure_future(forwarder.forward(SlowUpload(headers=AUTH))) for _ in range(2)]

@@ -1,0 +1,259 @@
+"""The playground page (serve/playground.py, serve/web/) in a real browser: headless Chromium
+(Debian's `chromium`, driven by Playwright for Python) against `serve.run` of the real app with
+the embedded shapes model on loopback, with an API key and evaluation jobs on.
+
+The page is used as a person would: the key typed once, an image uploaded, plain vs VHR run and
+both streamed answers awaited, a held-out sample's absent objects marked, "look inside" opened,
+a tiny CHAIR evaluation started and finished. Every test fails on a console error, an uncaught
+page error, a failed request or an HTTP error the test did not provoke. What the page shows is
+checked against the API answering the same request directly. The run writes the screenshots
+docs/playground.png (the README's), docs/playground-desktop.png and docs/playground-phone.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python (pip install -e '.[test]')")
+
+KEY = "playground-key"
+MODEL = "shapes"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+SHARED_NLTK = ROOT.parent / "shared" / "nltk_data"
+STEP_MS = 120_000  # the longest one step of the page may take (an inspection runs the model twice)
+
+
+def chromium_path() -> str | None:
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    return found if found and Path(found).exists() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if SHARED_NLTK.is_dir():
+        os.environ.setdefault("NLTK_DATA", str(SHARED_NLTK))  # CHAIR's parser in the replica and the eval jobs
+    import ray
+    from ray import serve
+
+    from lvlm_hallu.serve.app import run
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits
+
+    port = free_port()
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        config = ServeConfig(model=MODEL, api_key=KEY, eval_jobs_dir=str(tmp_path_factory.mktemp("jobs")),
+                             limits=Limits(max_tokens=64))
+        run(config, host="127.0.0.1", port=port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+class Watch:
+    """Console errors, page errors, failed requests and HTTP errors of one page."""
+
+    def __init__(self, page):
+        self.problems: list[str] = []
+        self.expected: list[tuple[int, str]] = []  # (status, path part) a test provokes on purpose
+        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.method} {r.url} {r.failure}"))
+        page.on("response", self._response)
+
+    def _response(self, response):
+        if response.status >= 400 and not any(s == response.status and p in response.url for s, p in self.expected):
+            self.problems.append(f"HTTP {response.status}: {response.request.method} {response.url}")
+
+    def check(self):
+        # Chromium also logs an expected HTTP error as "Failed to load resource: ... status of 4xx"
+        left = [p for p in self.problems
+                if not any(p.startswith("console: Failed to load resource") and f"status of {s}" in p for s, _ in self.expected)]
+        assert not left, left
+
+
+@pytest.fixture
+def page(browser, base_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(STEP_MS)
+    watch = Watch(page)
+    page.goto(base_url + "/")
+    page.get_by_test_id("api-key").fill(KEY)  # asked once ...
+    page.get_by_test_id("api-key").press("Enter")
+    page.wait_for_selector("body[data-ready=true]")
+    page.watch = watch
+    yield page
+    watch.check()
+    context.close()
+
+
+def api(base_url: str, method: str, path: str, **kwargs):
+    r = httpx.request(method, base_url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=120, **kwargs)
+    r.raise_for_status()
+    return r.json()
+
+
+def run_and_wait(page, columns: int = 2):
+    """Click Run; return how many distinct texts each answer showed before its end (streaming)."""
+    page.evaluate("""(columns) => {
+        window.__seen = {};
+        for (let n = 0; n < columns; n++) {
+            const node = document.querySelector(`[data-testid=answer-${n}]`);
+            window.__seen[n] = new Set();
+            new MutationObserver(() => window.__seen[n].add(node.textContent))
+                .observe(node, {childList: true, characterData: true, subtree: true});
+        }
+    }""", columns)
+    page.get_by_test_id("run").click()
+    for n in range(columns):
+        page.wait_for_selector(f"[data-testid=answer-{n}][data-done=true]")
+    return page.evaluate("(columns) => [...Array(columns).keys()].map(n => window.__seen[n].size)", columns)
+
+
+def test_key_is_asked_once_and_kept_in_the_tab(page, base_url):
+    assert page.evaluate("() => sessionStorage.getItem('lvlm-hallu-api-key')") == KEY
+    assert page.locator("#model option").all_inner_texts() == [MODEL]
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.get_by_test_id("api-key").is_hidden()  # not asked again in this tab
+    names = {i["name"] for i in api(base_url, "GET", "/v1/interventions")["data"]}
+    # the controls of a column are built from the catalog, one per method
+    assert set(page.locator(".config .method").evaluate_all("ns => ns.map(n => n.dataset.name)")) == names
+
+
+def test_upload_plain_vs_vhr_streams_both_answers(page, base_url, tmp_path):
+    from lvlm_hallu.lvlm.shapes import make_scene
+
+    from tests.serve.conftest import data_url
+
+    image = tmp_path / "scene.png"
+    make_scene("test", 3)[1].save(image)
+    page.get_by_test_id("image-file").set_input_files(str(image))
+    page.wait_for_selector("#preview:not([hidden])")
+    page.get_by_test_id("config-1").fill("vhr")
+    page.get_by_test_id("prompt").fill("Describe this image.")
+    seen = run_and_wait(page)
+    assert min(seen) >= 2, f"answers appeared in {seen} steps, not streamed"
+    for n, spec in ((0, None), (1, "vhr")):  # the page shows what the API answers to the same request
+        direct = api(base_url, "POST", "/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 32, "interventions": spec,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this image."},
+                                                      {"type": "image_url", "image_url": {"url": data_url(image.read_bytes())}}]}]})
+        assert page.get_by_test_id(f"answer-{n}").inner_text() == direct["choices"][0]["message"]["content"]
+    report = page.get_by_test_id("report-1").locator("pre").text_content()  # folded: not rendered
+    assert '"name": "vhr"' in report
+    assert "objects unknown" in page.locator(".column .marks").first.inner_text()  # an upload: nothing marked
+    assert "first token" in page.locator(".column .timings").nth(1).inner_text()
+
+
+def test_sample_absent_objects_marked_by_chair(page, base_url):
+    from lvlm_hallu.serve.playground import chair_marks
+
+    samples = api(base_url, "GET", "/v1/playground/samples")["data"]
+    page.get_by_test_id("sample-select").select_option(str(samples[0]["id"]))  # the image `lvlm demo` shows
+    page.get_by_test_id("add-config").click()
+    page.get_by_test_id("config-2").fill("pai")  # the demo's default intervention
+    run_and_wait(page, columns=3)
+    for n in (0, 1, 2):
+        page.wait_for_selector(f"[data-testid=answer-{n}][data-marked=true]")
+        answer = page.get_by_test_id(f"answer-{n}")
+        expected = chair_marks(answer.inner_text(), samples[0]["objects"])  # eval/chair.py in this process
+        assert answer.locator("mark.absent").all_inner_texts() == [s["text"] for s in expected["segments"] if s["absent"]]
+    bottom = page.evaluate("() => document.querySelector('#columns').getBoundingClientRect().bottom + 12")
+    page.screenshot(path=str(DOCS / "playground.png"), clip={"x": 0, "y": 0, "width": 1280, "height": bottom},
+                    full_page=True)  # the README's picture: image, columns, marked answers
+
+
+def test_api_errors_show_the_api_message(page):
+    page.watch.expected.append((400, "/v1/chat/completions"))
+    page.get_by_test_id("sample-select").select_option(index=1)
+    page.get_by_test_id("config-1").fill("nosuchmethod")
+    page.get_by_test_id("run").click()
+    page.wait_for_selector("[data-testid=answer-1][data-done=error]")
+    message = page.locator(".column").nth(1).locator(".error").inner_text()
+    assert "nosuchmethod" in message and "valid" in message  # the registry's own message, not a blank column
+    page.wait_for_selector("[data-testid=answer-0][data-done=true]")  # the other column still answers
+
+
+def test_look_inside_draws_the_inspection(page, base_url):
+    page.get_by_test_id("sample-select").select_option(index=1)
+    page.get_by_test_id("config-1").fill("vhr")
+    with page.expect_response("**/v1/playground/inspect") as answer:
+        page.get_by_test_id("inspect-1").click()
+    data = answer.value.json()
+    page.wait_for_selector("[data-testid=heatmap][data-ready=true]")
+    canvases = page.get_by_test_id("heatmap").locator("canvas")
+    assert canvases.count() == 2 * len(data["layers"]) * len(data["panels"])  # before and after, per layer
+    assert page.locator("#mass svg polyline").count() == 2
+    assert len(data["mass"]["before"]) == data["num_layers"]
+    assert page.get_by_test_id("heatmap").locator(".scale").count() == len(data["layers"])  # one scale per layer
+
+
+def test_tiny_eval_job_runs_to_its_chart(page):
+    page.get_by_test_id("sample-select").select_option(index=1)
+    page.get_by_test_id("config-1").fill("vhr")
+    run_and_wait(page)  # the screenshot shows every part of the page in use
+    page.wait_for_selector("[data-testid=answer-1][data-marked=true]")
+    page.get_by_test_id("inspect-1").click()
+    page.wait_for_selector("[data-testid=heatmap][data-ready=true]")
+    page.fill("#eval-limit", "2")
+    page.fill("#eval-tokens", "8")
+    page.get_by_test_id("eval-start").click()
+    status = page.get_by_test_id("eval-status")
+    page.wait_for_selector("[data-testid=eval-status][data-state=done]", timeout=480_000)
+    assert status.locator("progress").count() == 2
+    assert "succeeded · 2/2" in status.inner_text()
+    chart = page.locator("#eval-chart svg").inner_html()
+    assert "CHAIR_s · plain" in chart and "CHAIR_s · vhr" in chart
+    assert "paired bootstrap" in chart and "Δ" in chart  # vhr's interval against plain
+    page.screenshot(path=str(DOCS / "playground-desktop.png"), full_page=True)
+
+
+def test_phone_width_screenshot(browser, base_url):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True)
+    page = context.new_page()
+    page.set_default_timeout(STEP_MS)
+    watch = Watch(page)
+    page.goto(base_url + "/")
+    page.get_by_test_id("api-key").fill(KEY)
+    page.get_by_test_id("api-key").press("Enter")
+    page.wait_for_selector("body[data-ready=true]")
+    page.get_by_test_id("sample-select").select_option(index=1)
+    run_and_wait(page)
+    page.wait_for_selector("[data-testid=answer-1][data-marked=true]")
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 390, f"the page scrolls sideways at phone width ({width} px)"
+    page.screenshot(path=str(DOCS / "playground-phone.png"), full_page=True)
+    watch.check()
+    context.close()

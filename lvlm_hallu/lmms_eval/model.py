@@ -11,10 +11,11 @@ pyproject.toml). The model arguments:
     device, dtype  passed to `lvlm.load`
 
 Generation (`generate_until`) runs our engine in batches of `batch_size`: one `lvlm.types.Request`
-per lmms-eval request with the task's image, prompt text, `max_new_tokens`, temperature, top_p
-and `until` as stop strings, every row with the run's interventions. Log-likelihood requests
-(multiple-choice tasks scored by continuation likelihood) and multi-round generation are refused
-with an error that says so: the engine decodes; it has no teacher-forced scoring path.
+per lmms-eval request with the task's image, prompt text, `max_new_tokens`, temperature (0 when
+`do_sample` is false), top_p and `until` as stop strings, every row with the run's interventions.
+Log-likelihood requests (multiple-choice tasks scored by continuation likelihood) and multi-round
+generation are refused with an error that says so: the engine decodes; it has no teacher-forced
+scoring path.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ class LVLMHallu(lmms):
         visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) or [] if v is not None]
         until = gen_kwargs.get("until") or ()
         stop = (until,) if isinstance(until, str) else tuple(s for s in until if s)
+        temperature = float(gen_kwargs.get("temperature") or 0.0)  # do_sample: false decodes greedily whatever it says
         return Request(prompt=context, image=visuals[0] if len(visuals) == 1 else (visuals or None),
                        max_new_tokens=int(gen_kwargs.get("max_new_tokens", GENERATED_BY_DEFAULT)),
-                       temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0),
+                       temperature=temperature if gen_kwargs.get("do_sample", temperature > 0) else 0.0,
                        top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0), stop=stop, interventions=self.configs)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -76,7 +78,8 @@ class LVLMHallu(lmms):
             for start in range(0, len(requests), self.batch_size):
                 chunk = requests[start:start + self.batch_size]
                 results = self.pipeline.generate([self.request(r) for r in chunk])
-                answers.extend(r.text[1:] if r.text.startswith(" ") else r.text for r in results)  # as the service's answers
+                # without the leading space SentencePiece puts before the first word, as the service answers
+                answers.extend(r.text[1:] if r.text.startswith(" ") else r.text for r in results)
                 bar.update(len(chunk))
         return answers
 

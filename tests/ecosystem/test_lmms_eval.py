@@ -31,8 +31,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-LMMS_PYTHON = Path(os.environ.get("LVLM_LMMS_PYTHON")
-                   or Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "lvlm-hallu-lmms-eval" / "bin" / "python")
+LMMS_VENV = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "lvlm-hallu-lmms-eval"  # the Makefile's
+LMMS_PYTHON = Path(os.environ.get("LVLM_LMMS_PYTHON") or LMMS_VENV / "bin" / "python")
 N_IMAGES = int(os.environ.get("LVLM_ECOSYSTEM_N", "2"))  # images per split: 6 questions each
 INTERVENTION = "vhr"
 SPLITS = ("random", "popular", "adversarial")

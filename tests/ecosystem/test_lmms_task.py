@@ -98,7 +98,7 @@ def test_a_rewrite_with_fewer_splits_leaves_no_stale_documents(tmp_path, images)
 
 
 def test_an_unknown_split_is_refused_by_name(tmp_path, images):
-    with pytest.raises(ValueError, match="split.s. val have no shipped task; valid splits: random, popular, adversarial"):
+    with pytest.raises(ValueError, match="split.s. val have no shipped task; valid splits: random, popular, adv"):
         task.write_task(tmp_path, {"val": questions(1, "scene_1.png")}, images)
 
 

@@ -63,7 +63,7 @@ class GatewayLimits:
     body_timeout_s: float = 30.0  # the whole body must arrive within this
     max_uploads: int = 16  # slow request bodies arriving at once, over all clients
     upload_grace_s: float = 1.0  # a body that arrives within this takes no upload slot
-    ready_timeout_s: float = 1.0
+    ready_timeout_s: float = 0.75  # /ready's answer, 503 included, within a second
     health_timeout_s: float = 5.0
 
 

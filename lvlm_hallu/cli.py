@@ -104,9 +104,11 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the `lvlm` command with `argv` (default sys.argv[1:]); errors as one line, exit 2."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
+    hub_logging.set_verbosity_error()  # no retry warning per attempt: a hub id that cannot be had is one error line
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         code = app(args, prog_name="lvlm", standalone_mode=False)

@@ -284,3 +284,33 @@ def test_health_reports_the_job_store(api, tmp_path):
     assert jobs["ok"] is False and jobs["error"]
     for route in ("/health", "/ready"):  # without a key the failure shows no internals
         assert http.get(route).json()["jobs"] == {"ok": False}
+
+
+# -- several keys: each job belongs to the key that created it (issue #34) ------------------------
+
+def test_each_job_belongs_to_the_key_that_created_it(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lvlm_hallu.serve.app import Service, build_app
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits, key_owner
+    from tests.serve.conftest import FakePipeline
+
+    jobs = StoreJobs(tmp_path / "jobs")
+    config = ServeConfig(model="fake", api_key="key-alice-1", api_keys=("key-bob-2",), limits=Limits(max_tokens=64))
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in ("key-alice-1", "key-bob-2"))
+    with TestClient(build_app(Service(FakePipeline(), config, jobs=jobs)), raise_server_exceptions=False) as http:
+        mine = http.post("/v1/eval/jobs", headers=alice, json={"kind": "chair", "limit": 2}).json()["id"]
+        theirs = http.post("/v1/eval/jobs", headers=bob, json={"kind": "pope", "limit": 2}).json()["id"]
+        assert [j["id"] for j in http.get("/v1/eval/jobs", headers=alice).json()["data"]] == [mine]
+        assert [j["id"] for j in http.get("/v1/eval/jobs", headers=bob).json()["data"]] == [theirs]
+        for method, path in (("GET", f"/v1/eval/jobs/{theirs}"), ("DELETE", f"/v1/eval/jobs/{theirs}"),
+                             ("POST", f"/v1/eval/jobs/{theirs}/resume")):
+            r = http.request(method, path, headers=alice)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (method, r.text)
+        assert jobs.store.get(theirs).state == "queued", "alice could not cancel bob's job"
+        assert http.delete(f"/v1/eval/jobs/{theirs}", headers=bob).json()["state"] == "cancelled"
+        assert "owner" not in http.get(f"/v1/eval/jobs/{mine}", headers=alice).json()
+    stored = {j.id: j.owner for j in jobs.store.list()}
+    assert stored == {mine: key_owner("key-alice-1"), theirs: key_owner("key-bob-2")}
+    assert "key-alice-1" not in (tmp_path / "jobs" / "jobs.sqlite3").read_bytes().decode("latin-1"), "a hash, not the key"

@@ -40,7 +40,9 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError as err:  # its text names the in-memory buffer, not the file
+        raise ImageError(f"cannot read image {str(source)[:80]!r}: not a picture PIL can decode") from err
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {str(source)[:80]!r}: {err}") from err
     return image.convert("RGB")
 

@@ -368,9 +368,10 @@ def search(spaces: Mapping[str, Mapping[str, Sequence[Any]]], evaluate: Evaluate
             "baseline": base,
             "objective": chosen["objective"] if chosen else None,
             "baseline_objective": round(objective(base, constraints), 4),
-            # unrounded on both sides: a no-op's rounded objective can sit below the baseline's own
-            "improves": bool(chosen and (method == "vte" or objective(chosen["metrics"], constraints)
-                                         < objective(base, constraints))),
+            # computed for every method, VTE too (its exit is chosen for the compute it saves, but
+            # "improves" says whether it beats no intervention on the objective); unrounded on both
+            # sides: a no-op's rounded objective can sit below the baseline's own
+            "improves": bool(chosen and objective(chosen["metrics"], constraints) < objective(base, constraints)),
             "constraints": asdict(constraints),
             "space": {k: list(v) for k, v in spaces[method].items()},
             "table": rows,
@@ -413,6 +414,31 @@ def markdown(entries: Mapping[str, Mapping[str, Any]]) -> str:
 # The validation split and the real evaluation (eval runners)
 
 
+# What marks an image as a test image, read from the split's content (ids and file names), so
+# renaming the file or rewriting its description does not hide it: the shapes world's test ids
+# (lvlm/shapes/world.py SPLITS: 3,000,001 and up, files "test_<id>.png") and COCO's test sets
+# ("COCO_test2014_...", "test2015", "test2017").
+_SHAPES_TEST_IDS = (3_000_000, 4_000_000)
+_TEST_FILE = re.compile(r"^test_\d+\.png$|(^|[_/])test20\d\d")
+
+
+def held_out_reason(coco: Mapping[str, Any]) -> str:
+    """Why a COCO-format split is a test split ("" if it is not): its images' ids or file names, or
+    a description that says so."""
+    images = coco.get("images") or []
+    lo, hi = _SHAPES_TEST_IDS
+    by_id = [im["id"] for im in images if isinstance(im.get("id"), int) and lo < im["id"] <= hi]
+    by_name = [im.get("file_name", "") for im in images if _TEST_FILE.search(str(im.get("file_name", "")))]
+    description = str((coco.get("info") or {}).get("description", ""))
+    if by_id:
+        return f"{len(by_id)} of {len(images)} images have shapes test ids (first {by_id[0]})"
+    if by_name:
+        return f"{len(by_name)} of {len(images)} images are test files (first {by_name[0]})"
+    if re.search(r"\bsplit test\b", description):
+        return f"described as {description!r}"
+    return ""
+
+
 @dataclass
 class Split:
     chair: Any  # eval.compare.ChairTask
@@ -438,9 +464,9 @@ def load_split(images: Path | None, instances: Path | None, captions: Path | Non
     raw = json.loads(Path(source_path).read_text())
     if not raw.get("images"):
         raise TuneError(f"{source_path} lists no images: a validation split needs images")
-    description = str((raw.get("info") or {}).get("description", ""))
-    if re.search(r"\bsplit test\b", description) and not allow_test_split:
-        raise TuneError(f"{source_path} is a test split ({description!r}); tune on a validation split "
+    held_out = held_out_reason(raw)
+    if held_out and not allow_test_split:
+        raise TuneError(f"{source_path} is a test split ({held_out}); tune on a validation split "
                         "(shapes: the 'val' split) and keep test images for the final measurement")
     source = load_coco(source_path)
     names = image_file_names(source)
@@ -546,8 +572,13 @@ def eval_key_of(eval_info: Mapping[str, Any] | None) -> str:
 
 def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evaluate: Evaluate, out: Path, *,
          constraints: Constraints = Constraints(), eval_info: Mapping[str, Any] | None = None,
-         ship: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Search, then store the entries in the model's profile (and the package with `ship`)."""
+         ship: bool = False, progress: bool = True, command: str | None = None) -> dict[str, dict[str, Any]]:
+    """Search, then store the entries in the model's profile (and the package with `ship`).
+
+    Every entry records the run that chose it: `eval` (the evaluation settings) and `command` (the
+    `lvlm tune` command line, when given), so a shipped file whose methods come from several runs
+    says which run wrote each.
+    """
     from lvlm_hallu.lvlm.profile import load_or_compute, save_tuned, ship_tuned
 
     profile = load_or_compute(pipeline)
@@ -556,6 +587,7 @@ def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evalu
     entries = search(spaces, evaluate, shape, constraints=constraints, cache=cache, progress=progress)
     for entry in entries.values():
         entry["eval"] = dict(eval_info or {})
+        entry["command"] = command
     save_tuned(pipeline, entries)
     if ship:
         ship_tuned(pipeline, entries)
@@ -571,7 +603,27 @@ def tune(pipeline: Any, spaces: Mapping[str, Mapping[str, Sequence[Any]]], evalu
 # Command line (mounted as `lvlm tune` by lvlm_hallu/cli.py)
 
 
+def command_line(ctx: Any) -> str:
+    """The running `lvlm tune` command with the options given (values that differ from their
+    defaults), rebuilt from the click context's parsed parameters."""
+    import shlex
+    words = ["lvlm", "tune"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if (getattr(param, "param_type_name", "") != "option" or value == param.default or value in ((), [])
+                or param.name == "progress"):
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            words.append(flag if value else (param.secondary_opts or [flag])[0])
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            words += [flag, str(v)]
+    return shlex.join(words)
+
+
 def tune_command(
+    ctx: typer.Context,
     model: str = typer.Option("shapes", "--model", "-m", help="model name, hub id or local path for lvlm.load"),
     images: Path | None = typer.Option(None, "--images", help="folder with the validation images"),
     instances: Path | None = typer.Option(None, "--instances", help="COCO instances file of the validation split"),
@@ -653,7 +705,7 @@ def tune_command(
         constraints = Constraints(max_recall_drop, max_f1_drop, vte_max_recall_drop, weight_i, max_repeat_rise,
                                   max_overcount_rise, max_length_drop)
         entries = tune(pipe, spaces, evaluate, out, constraints=constraints, eval_info=info, ship=ship,
-                       progress=progress)
+                       progress=progress, command=command_line(ctx))
     except (TuneError, EvalError, ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

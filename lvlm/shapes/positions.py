@@ -6,7 +6,8 @@ scenes of the detailed world (detail.py), with no intervention:
 - Hallucination by position. Each object a caption introduces (the first mention of a category,
   as quality.mentions finds words of the synonym table) is placed at its relative position in the
   caption, word index / number of words, in [0, 1); it is hallucinated when the scene has no such
-  object. Per bin of relative position: objects introduced, hallucinated ones, their rate. The
+  object. Per bin of relative position: objects introduced, hallucinated ones, their rate, and
+  how many of those are the co-occurrence partner of a present kind (world.PAIRS). The
   same over every mention (a later "the cloud" of an absent cloud counts again) is kept too.
 - Attention to the image along the answer. The prompt and the generated answer are run once more
   through the model, teacher-forced, with eager attention: under causal masking the weights at
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lvlm_hallu.lvlm.shapes import detail, detail_text, export, quality
+from lvlm_hallu.lvlm.shapes import detail, detail_text, export, quality, world
 
 PROMPT = detail_text.DETAIL_PROMPTS[0]  # "Please describe this image in detail." (the CHAIR prompt)
 
@@ -72,19 +73,20 @@ def introduced(caption: str, table: dict[str, str]) -> list[tuple[float, str, bo
 
 def by_position(records: list[tuple[str, set[str]]], table: dict[str, str], bins: int = 5) -> dict:
     """Hallucination rate per bin of relative position; records are (caption, objects present)."""
-    first = np.zeros((bins, 2), int)  # (introduced, hallucinated)
-    every = np.zeros((bins, 2), int)
+    first = np.zeros((bins, 3), int)  # (introduced, hallucinated, hallucinated partner of a present kind)
+    every = np.zeros((bins, 3), int)
     for caption, present in records:
         for pos, cat, is_first in introduced(caption, table):
             b = min(bins - 1, int(pos * bins))
             bad = cat not in present
-            every[b] += (1, bad)
+            partner = bad and world.PARTNER.get(cat) in present
+            every[b] += (1, bad, partner)
             if is_first:
-                first[b] += (1, bad)
+                first[b] += (1, bad, partner)
 
     def rows(counts):
         return [{"bin": f"{b / bins:.2f}-{(b + 1) / bins:.2f}", "objects": int(n), "hallucinated": int(h),
-                 "rate": round(h / n, 4) if n else None} for b, (n, h) in enumerate(counts)]
+                 "rate": round(h / n, 4) if n else None, "partners": int(p)} for b, (n, h, p) in enumerate(counts)]
     return {"first_mentions": rows(first), "all_mentions": rows(every)}
 
 

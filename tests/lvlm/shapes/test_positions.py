@@ -25,11 +25,12 @@ def test_objects_are_placed_at_their_relative_position_and_counted_once_when_fir
     caption = "There is a red ball. The ball is next to a cloud."  # 12 words; ball at 4 and 6, cloud at 11
     assert positions.introduced(caption, table) == [(4 / 12, "ball", True), (6 / 12, "ball", False),
                                                      (11 / 12, "cloud", True)]
-    records = [(caption, {"ball"}), ("Two boxes and two trees.", {"box"})]  # 5 words: boxes 1, trees 4
+    records = [(caption, {"ball"}), ("Two boxes and two trees.", {"box"}),  # 5 words: boxes 1, trees 4
+               ("A house and a tree.", {"tree"})]  # 5 words: house 1 (absent partner of the tree), tree 4
     out = positions.by_position(records, table, bins=2)
-    assert [(r["objects"], r["hallucinated"]) for r in out["first_mentions"]] == [(2, 0), (2, 2)]
-    assert [(r["objects"], r["hallucinated"]) for r in out["all_mentions"]] == [(2, 0), (3, 2)]
-    assert out["first_mentions"][1]["rate"] == 1.0 and out["first_mentions"][0]["bin"] == "0.00-0.50"
+    assert [(r["objects"], r["hallucinated"], r["partners"]) for r in out["first_mentions"]] == [(3, 1, 1), (3, 2, 0)]
+    assert [(r["objects"], r["hallucinated"]) for r in out["all_mentions"]] == [(3, 1), (4, 2)]
+    assert out["first_mentions"][1]["rate"] == pytest.approx(2 / 3, abs=1e-4) and out["first_mentions"][0]["bin"] == "0.00-0.50"
 
 
 def test_token_words_follow_the_words_of_the_answer(tiny):

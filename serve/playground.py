@@ -2,7 +2,7 @@
 
 The page (serve/web/: index.html, app.js, style.css; plain files, no build step, nothing from a
 CDN) talks to the ordinary API (`/v1/models`, `/v1/interventions`, streamed
-`/v1/chat/completions`, `/v1/eval/jobs`) with the same API key, plus three endpoints here that
+`/v1/chat/completions`, `/v1/eval/jobs`) with the same API key, plus four endpoints here that
 put the project's own evaluation and inspection code behind HTTP, so the page re-implements none
 of it (docs/playground.md):
 
@@ -19,6 +19,12 @@ of it (docs/playground.md):
   and the visual attention mass of every layer. Each layer's colour scale is shared by both runs
   and ends at a high percentile of its patch values (`robust_vmax`), so one sink patch holding
   most of the mass does not turn every other patch black; patches above it are counted.
+- `POST /v1/playground/compare`: finished evaluation jobs of the page's columns (same kind, limit
+  and seed, so the same images), each job's metrics and, for CHAIR, the paired bootstrap interval
+  of each metric's difference to the first job (eval/significance.py, as `lvlm eval compare`),
+  rescored from the results file and annotations in each job's folder. The folders are read where
+  the replica runs: a service whose job store lives on another node gets the metrics without
+  intervals.
 
 `mount(app, service, route)` adds the page and the endpoints to the replica's app (serve/app.py);
 `mount_page(app)` adds only the page, for the gateway (serve/gateway.py), which answers it without
@@ -33,6 +39,7 @@ import functools
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -47,8 +54,10 @@ WEB = Path(__file__).resolve().parent / "web"
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
 SAMPLE_SPLIT = "test"
-# Held-out test scenes offered on the page; 44 is the one `lvlm demo` ships (lvlm_hallu/demo_found.json).
-SAMPLE_INDICES = (44, 0, 3, 7, 12, 21)
+# Held-out test scenes offered on the page. With the shipped model at 32 tokens, the plain answer to
+# "Describe this image." names an absent object in 11, 20, 22 and 7 and VHR's does not; 44 is the
+# scene `lvlm demo` shipped (lvlm_hallu/demo_found.json); 3 is answered right by both.
+SAMPLE_INDICES = (11, 20, 22, 7, 44, 3)
 BODY_LIMIT = 64 * 1024  # chair: an answer and an object list
 VMAX_PERCENTILE = 99.0
 MAX_INSPECT_TOKENS = 64
@@ -106,16 +115,25 @@ def sample_objects(sample_id: int) -> list[str]:
 
 
 # -- CHAIR marks --------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
+_PARSERS: dict[str, Any] = {}
+_PARSERS_LOCK = threading.Lock()
+
+
 def parser_for(vocabulary: str) -> Any:
-    """CHAIR's caption parser with the world's synonym table (finds NLTK's data first)."""
+    """CHAIR's caption parser with the world's synonym table (finds NLTK's data first). Built once
+    per process: a request that arrives while the warm-up builds it waits for that one (loading
+    WordNet is most of the cost, seconds to tens of seconds on a busy small machine)."""
     from lvlm_hallu.eval.chair import CaptionParser, load_synonyms
 
-    if vocabulary == "shapes":
-        from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
+    with _PARSERS_LOCK:
+        if vocabulary not in _PARSERS:
+            if vocabulary == "shapes":
+                from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
-        return CaptionParser(load_synonyms(SYNONYMS_PATH))
-    return CaptionParser(load_synonyms())
+                _PARSERS[vocabulary] = CaptionParser(load_synonyms(SYNONYMS_PATH))
+            else:
+                _PARSERS[vocabulary] = CaptionParser(load_synonyms())
+        return _PARSERS[vocabulary]
 
 
 def chair_marks(text: str, objects: list[str], vocabulary: str = "shapes") -> dict[str, Any]:
@@ -132,11 +150,14 @@ def chair_marks(text: str, objects: list[str], vocabulary: str = "shapes") -> di
 
 
 def warm_up() -> None:
+    started = time.perf_counter()
     try:
         samples()
         chair_marks("A ball.", ["ball"])
     except Exception as err:  # noqa: BLE001 - a missing NLTK corpus is reported by the request that needs it
         log.warning("playground warm-up failed: %s", err)
+        return
+    log.info("playground warm-up (samples, CHAIR's parser) took %.1fs", time.perf_counter() - started)
 
 
 # -- inspection ---------------------------------------------------------------------------------
@@ -228,7 +249,11 @@ def compare_jobs(jobs: list[dict], root: Path, level: float = 0.95, seed: int = 
     rows = [{"id": j["id"], "interventions": (j.get("request") or {}).get("interventions"),
              "metrics": j.get("metrics"), "intervals": None} for j in jobs]
     if kind != "chair":  # POPE's questions depend on the job's options: compared by point values only
-        return {"object": "comparison", "kind": kind, "level": level, "method": None, "data": rows}
+        return {"object": "comparison", "kind": kind, "level": level, "method": None, "data": rows,
+                "note": "intervals are computed for CHAIR jobs only"}
+    if not all((root / j["id"] / "chair.jsonl").is_file() for j in jobs):
+        return {"object": "comparison", "kind": kind, "level": level, "method": None, "data": rows,
+                "note": "the jobs' folders are not on this replica's node"}
     stats = []
     for j in jobs:
         workdir = root / j["id"]

@@ -491,7 +491,7 @@ function massChart(mass, spec) {
 }
 
 // -- evaluation --------------------------------------------------------------------------------------
-const HEADLINE = { chair: ["CHAIR_s", "CHAIR_i", "Recall"], pope: ["F1", "Accuracy", "Yes ratio"] };
+const HEADLINE = { chair: ["CHAIR_s", "CHAIR_i", "Recall"], pope: ["F1", "Accuracy", "Yes-ratio"] };
 
 async function startEval() {
   const status = $("#eval-status");
@@ -551,14 +551,18 @@ async function pollJobs(jobs) {
 // interval of its difference to the plain model (from POST /v1/playground/compare).
 function evalChart(jobs, comparison) {
   const kind = jobs[0].kind;
-  const metrics = HEADLINE[kind].filter((m) => jobs.every((j) => j.metrics && j.metrics[m] !== undefined));
+  const has = (m) => jobs.every((j) => j.metrics && typeof j.metrics[m] === "number");
+  let metrics = (HEADLINE[kind] || []).filter(has);
+  if (!metrics.length) metrics = Object.keys(jobs[0].metrics || {}).filter(has).slice(0, 3);  // a kind this page does not know
   const rows = [];
   for (const m of metrics) jobs.forEach((j, i) => rows.push({ m, i, label: j.label, value: j.metrics[m],
     interval: comparison && i > 0 ? (comparison.data[i].intervals || {})[m] : null }));
   const W = 640, rowH = 22, T = 24, H = T + rows.length * rowH + 30, L = 190, R = 180;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "evaluation comparison" });
   const head = svg("text", { x: 4, y: 14, fill: "#1d232b", "font-weight": 600 });
-  head.textContent = `${kind.toUpperCase()} per configuration; [interval] = ${comparison ? Math.round(100 * comparison.level) + "% paired bootstrap of the difference to plain" : "not available"}`;
+  head.textContent = `${kind.toUpperCase()} per configuration; ` + (comparison && comparison.method
+    ? `Δ [low, high] = difference to plain, ${Math.round(100 * comparison.level)}% paired bootstrap interval`
+    : `no intervals (${comparison && comparison.note ? comparison.note : "comparison unavailable"})`);
   root.append(head);
   const scale = {};
   for (const m of metrics) scale[m] = Math.max(...rows.filter((r) => r.m === m).map((r) => Math.abs(r.value) + (r.interval ? Math.max(Math.abs(r.interval.low), Math.abs(r.interval.high)) : 0)), 1e-9);

@@ -27,7 +27,7 @@ of it (docs/playground.md):
   intervals.
 
 `mount(app, service, route)` adds the page and the endpoints to the replica's app (serve/app.py);
-`mount_page(app)` adds only the page, for the gateway (serve/gateway.py), which answers it without
+`mount_page(app, key_required)` adds only the page, for the gateway (serve/gateway.py), which answers it without
 a key and without a hop to a replica: the page asks for the key itself when the API wants one.
 """
 

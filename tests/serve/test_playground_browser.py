@@ -12,6 +12,7 @@ docs/playground.png (the README's), docs/playground-desktop.png and docs/playgro
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -150,6 +151,27 @@ def test_key_is_asked_once_and_kept_in_the_tab(page, base_url):
     names = {i["name"] for i in api(base_url, "GET", "/v1/interventions")["data"]}
     # the controls of a column are built from the catalog, one per method
     assert set(page.locator(".config .method").evaluate_all("ns => ns.map(n => n.dataset.name)")) == names
+
+
+def test_controls_write_the_spec_and_show_where_values_come_from(page, base_url):
+    catalog = {i["name"]: i for i in api(base_url, "GET", "/v1/interventions")["data"]}
+    tuned = catalog["vhr"]["preset_values"]["tuned"]
+    card = page.locator(".config").first
+    card.locator(".builder summary").click()
+    vhr = card.locator(".method[data-name=vhr]")
+    assert vhr.locator("input.use").is_checked()  # the text field "vhr" set the controls
+    vhr.locator("select.preset").select_option("tuned")
+    assert page.get_by_test_id("config-1").input_value() == "vhr:tuned"
+    layers = vhr.locator("input[name=layers]")
+    assert json.loads(layers.get_attribute("placeholder")) == list(tuned["layers"])  # the served model's tuned value
+    assert vhr.locator(".src[data-for=layers]").text_content() == "tuned"
+    vhr.get_by_role("button", name="vhr parameters").click()
+    vhr.locator("input[name=alpha]").fill("2.5")
+    assert vhr.locator(".src[data-for=alpha]").text_content() == "request"
+    assert json.loads(page.get_by_test_id("config-1").input_value()) == [{"name": "vhr", "preset": "tuned", "alpha": 2.5}]
+    page.get_by_test_id("config-1").fill("pai:paper")  # and the text field sets the controls back
+    assert not vhr.locator("input.use").is_checked() and card.locator(".method[data-name=pai] input.use").is_checked()
+    assert card.locator(".method[data-name=pai] select.preset").input_value() == "paper"
 
 
 def test_upload_plain_vs_vhr_streams_both_answers(page, base_url, tmp_path):

@@ -145,9 +145,18 @@ def client(base: str, seed: int, stop: threading.Event, tally: Tally, disconnect
                 tally.add(key, 598, f"not strict JSON: {err}")
 
 
-def replica_process() -> psutil.Process | None:
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        text = (proc.info["name"] or "") + " " + " ".join(proc.info["cmdline"] or [])
+def replica_process(server_pid: int) -> psutil.Process | None:
+    """The model replica of OUR server: a descendant of the `lvlm serve` process (other Ray
+    instances on the machine may run replicas of the same name)."""
+    try:
+        family = psutil.Process(server_pid).children(recursive=True)
+    except psutil.Error:
+        return None
+    for proc in family:
+        try:
+            text = proc.name() + " " + " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         if "ServeReplica:lvlm:LVLMServer" in text:
             return proc
     return None
@@ -189,8 +198,9 @@ def main() -> None:
             time.sleep(1.0)
         else:
             sys.exit("the service did not become ready within 600 s")
-        replica = replica_process()
+        replica = replica_process(server.pid)
         samples = [(0.0, rss_mb(replica))]
+        pids = {getattr(replica, "pid", None)}
         tally, stop = Tally(), threading.Event()
         threads = [threading.Thread(target=client, args=(base, args.seed + i, stop, tally, args.disconnect))
                    for i in range(args.clients)]
@@ -199,6 +209,9 @@ def main() -> None:
             thread.start()
         while time.monotonic() - started < args.duration:
             time.sleep(min(30.0, args.duration - (time.monotonic() - started)))
+            if rss_mb(replica) is None:  # the replica was replaced: follow the new one (and say so)
+                replica = replica_process(server.pid)
+                pids.add(getattr(replica, "pid", None))
             samples.append((time.monotonic() - started, rss_mb(replica)))
         stop.set()
         for thread in threads:
@@ -218,7 +231,7 @@ def main() -> None:
             "duration_s": round(time.monotonic() - started, 1), "clients": args.clients,
             "requests": sum(tally.counts.values()), "by_status": dict(sorted(by_status.items())),
             "server_errors_5xx": len(tally.server_errors), "first_5xx": tally.server_errors[:5],
-            "inflight_after": inflight, "replica_pid": getattr(replica, "pid", None),
+            "inflight_after": inflight, "replica_pids": sorted(p for p in pids if p is not None),
             "replica_rss_mb": [(round(t), None if m is None else round(m, 1)) for t, m in samples],
             "by_kind": {f"{k} -> {s}": n for (k, s), n in sorted(tally.counts.items(), key=str)},
         }

@@ -59,6 +59,7 @@ from lvlm_hallu.serve.schema import (
 log = logging.getLogger("serve")
 EVAL_BODY_LIMIT = 64 * 1024
 LARGE_BODY = 256 * 1024  # bodies from this size on are parsed off the event loop
+CLIENT_CLOSED = 499  # metrics status of a request whose client left before its answer
 Submit = Callable[[Any], Awaitable[Outcome]]
 SCHEDULERS = ("continuous", "static")
 
@@ -73,7 +74,8 @@ def make_runner(pipeline: Any, config: ServeConfig, on_batch: Callable[[int, boo
         return ContinuousScheduler(pipeline, max_rows=config.max_batch_size, max_tokens=config.max_tokens_in_flight,
                                    max_prefill_tokens=config.max_prefill_tokens,
                                    admit_after_steps=config.admit_after_steps, on_batch=on_batch)
-    return EngineRunner(pipeline.generate, on_batch=on_batch, pipeline=pipeline if hasattr(pipeline, "engine") else None)
+    real = pipeline if hasattr(pipeline, "engine") else None  # a real one lets the runner drop rows
+    return EngineRunner(pipeline.generate, on_batch=on_batch, pipeline=real)
 
 
 class StrictJSONResponse(JSONResponse):
@@ -176,6 +178,9 @@ class Service:
             result = (await self._generate(prepared.request)).unwrap()
             self._observe_success(label, started, result)
             return StrictJSONResponse(chat.completion(prepared, result).model_dump())
+        except asyncio.CancelledError:  # the client left: counted as nginx's 499, "client closed request"
+            self.metrics.observe_chat(label, CLIENT_CLOSED, time.perf_counter() - started)
+            raise
         except Exception as err:
             error = error_for(err, http.headers.get("x-request-id"))  # converted once: logged once
             self.metrics.observe_chat(label, error.status, time.perf_counter() - started)
@@ -195,6 +200,7 @@ class Service:
             raise
 
         async def events():
+            ended = False  # answered in full or with an error event: anything else means the client left
             try:
                 yield sse(chat.chunk(prepared, ChunkDelta(role="assistant", content="")))
                 text, delta = chat.DeltaText(), first  # DeltaText: no leading space, as chat.completion
@@ -212,13 +218,17 @@ class Service:
                 if prepared.include_usage:
                     yield sse(chat.chunk(prepared, result=result, with_usage=True))
                 yield "data: [DONE]\n\n"
+                ended = True
                 self._observe_success(prepared.label, started, result)
             except Exception as err:  # noqa: BLE001 - headers are sent: report in-band, OpenAI style
+                ended = True
                 error = error_for(err)
                 self.metrics.observe_chat(prepared.label, error.status, time.perf_counter() - started)
                 yield sse(error.body())
                 yield "data: [DONE]\n\n"
             finally:
+                if not ended:
+                    self.metrics.observe_chat(prepared.label, CLIENT_CLOSED, time.perf_counter() - started)
                 # Synchronous only: when the client left, this generator is closed inside a
                 # cancelled task and any await here would raise before the slot is released.
                 stream.cancel()

@@ -213,7 +213,8 @@ class Forwarder:
     async def _body(self, http: Any) -> bytes:
         declared = http.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes} bytes")
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of "
+                                  f"{self.max_body_bytes} bytes")
         if declared == "0" or (declared is None and "transfer-encoding" not in http.headers):
             return b""  # no body to wait for
         started = time.monotonic()

@@ -76,6 +76,11 @@ def test_streams_dropped_after_their_first_chunk_give_their_slots_back(tiny, sch
         answer = asyncio.run(scenario())
         assert service.admission.active == 0
         assert answer["status"] == 200, answer["body"][:300]
+        counted = {status: sum(float(line.split()[-1]) for line in service.metrics.render().decode().splitlines()
+                               if line.startswith("lvlm_intervention_requests_total") and f'status="{status}"' in line)
+                   for status in ("200", "499")}
+        # a stream the tiny model ended (EOS) before its client left is a 200; every other is a 499
+        assert counted["499"] >= 1 and counted["200"] + counted["499"] == 41, counted  # + the final chat
     finally:
         close = getattr(service.runner, "close", None)
         if close:

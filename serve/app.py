@@ -319,29 +319,29 @@ class Service:
         request = body.model_dump()
         request["interventions"] = body.intervention_spec()
         request["options"] = options
-        return job_model(await jobs.submit(body.kind, self.config.model, request, self.config.load_kwargs(),
-                                           owner=self.owner(http)))
+        return job_model(await registry(jobs.submit(body.kind, self.config.model, request, self.config.load_kwargs(),
+                                                    owner=self.owner(http))))
 
     # Each job belongs to the key that created it (None: a server without keys); another key
     # gets the same 404 as for a job that does not exist.
     async def job(self, http: HTTPRequest, job_id: str) -> EvalJob:
-        record = await self._jobs().get(job_id, owner=self.owner(http))
+        record = await registry(self._jobs().get(job_id, owner=self.owner(http)))
         if record is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         return job_model(record)
 
     async def list_jobs(self, http: HTTPRequest) -> EvalJobList:
-        return EvalJobList(data=[job_model(r) for r in await self._jobs().list(owner=self.owner(http))])
+        return EvalJobList(data=[job_model(r) for r in await registry(self._jobs().list(owner=self.owner(http)))])
 
     async def cancel_job(self, http: HTTPRequest, job_id: str) -> EvalJob:
-        record = await self._jobs().cancel(job_id, owner=self.owner(http))
+        record = await registry(self._jobs().cancel(job_id, owner=self.owner(http)))
         if record is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         return job_model(record)
 
     async def resume_job(self, http: HTTPRequest, job_id: str) -> EvalJob:
         """A failed or cancelled job continues from its results file (docs/cluster.md)."""
-        outcome = await self._jobs().resume(job_id, owner=self.owner(http))
+        outcome = await registry(self._jobs().resume(job_id, owner=self.owner(http)))
         if outcome is None:
             raise NotFound(f"no evaluation job {job_id!r}", param="id")
         if not outcome["resumed"]:
@@ -359,6 +359,19 @@ class Service:
             return await asyncio.wait_for(self.jobs.health(), timeout=5.0)
         except Exception as err:  # noqa: BLE001 - a registry that does not answer is unhealthy, not a 500
             return {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+async def registry(call: Awaitable[Any]) -> Any:
+    """A job registry call; a registry that fails (its store unreadable, its actor dead) is a 503
+    `jobs_unavailable` for the client, logged here, rather than a 500 on every job route."""
+    try:
+        return await call
+    except ServiceError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the registry's own failure, not the request's
+        log.error("job registry call failed: %r", err)
+        raise Unavailable("the evaluation job store is unavailable; see the server log", code="jobs_unavailable",
+                          retry_after_s=5.0) from None
 
 
 def job_model(record: dict) -> EvalJob:

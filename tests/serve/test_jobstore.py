@@ -314,3 +314,14 @@ def test_each_job_belongs_to_the_key_that_created_it(tmp_path):
     stored = {j.id: j.owner for j in jobs.store.list()}
     assert stored == {mine: key_owner("key-alice-1"), theirs: key_owner("key-bob-2")}
     assert "key-alice-1" not in (tmp_path / "jobs" / "jobs.sqlite3").read_bytes().decode("latin-1"), "a hash, not the key"
+
+
+def test_a_store_that_fails_while_serving_is_a_503_not_a_500(api):
+    http, store = api
+    store.path.unlink()
+    store.path.mkdir()  # the database file is now a directory: every query fails
+    for method, path in (("GET", "/v1/eval/jobs"), ("GET", "/v1/eval/jobs/evaljob-x"),
+                         ("POST", "/v1/eval/jobs")):
+        r = http.request(method, path, headers=AUTH, json={"kind": "chair", "limit": 2} if method == "POST" else None)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "jobs_unavailable", (path, r.text)
+        assert str(store.path) not in r.text, "no internals in the answer"

@@ -428,17 +428,35 @@ class ClusterPool:
 
     # -- the replicas --------------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
-        """The first replica's `model.info()` (model id, dtype, attention backend ...), for provenance."""
+    def _first_ready(self) -> Any:
+        """The first replica that is placed and loaded, waiting up to `start_timeout` (ClusterStalled
+        if none is: the cluster has no room for a replica, or every one failed to load)."""
         import ray
 
-        return ray.get(self.actors[0].info.remote()) if self.actors else {}
+        deadline = time.monotonic() + self.start_timeout
+        while self._slots:
+            self._settle_ready()
+            ready = [s for s in self._slots if s.ready]
+            if ready:
+                return ready[0].handle
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClusterStalled(f"no model replica started within {self.start_timeout:g} s: the cluster has no "
+                                     f"room for one ({self._resources} each)")
+            ray.wait([s.ready_ref for s in self._slots], num_returns=1, timeout=min(self.poll, left), fetch_local=False)
+        raise ClusterStalled("every model replica died before it started")
+
+    def info(self) -> dict[str, Any]:
+        """The first live replica's `model.info()` (model id, dtype, device ...), for provenance."""
+        import ray
+
+        return ray.get(self._first_ready().info.remote()) if self._slots else {}
 
     def call(self, fn: Callable[[Any], Any]) -> Any:
-        """`fn(model)` on the first replica (all replicas load the same model)."""
+        """`fn(model)` on the first live replica (all replicas load the same model)."""
         import ray
 
-        return ray.get(self.actors[0].call.remote(fn)) if self.actors else None
+        return ray.get(self._first_ready().call.remote(fn)) if self._slots else None
 
     def where(self) -> list[dict[str, Any]]:
         """Node id, process id and reserved GPUs of every replica."""

@@ -70,3 +70,22 @@ def test_a_replica_without_a_gpu_refuses_cuda(fake_gpus, tmp_path):
             pool.run([Item("a", "q")], tmp_path / "r.jsonl", progress=False)
     finally:
         pool.shutdown()
+
+
+def test_asking_an_unplaceable_pool_for_its_model_fails_instead_of_waiting(fake_gpus):
+    """`info()` / `call()` (the CLI's provenance, before any batch) wait for a live replica for
+    `start_timeout` seconds, not forever, when the cluster cannot hold one (here: 4 of 2 GPUs)."""
+    import time
+    from functools import partial
+
+    from lvlm_hallu.eval.cluster import ClusterPool, ClusterStalled
+
+    pool = ClusterPool(partial(placed_factory, "cuda"), 1, actor_options={"num_cpus": 1, "num_gpus": 4},
+                       start_timeout=2, poll=0.2)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ClusterStalled, match=r"no model replica started within 2 s.*'num_gpus': 4"):
+            pool.info()
+        assert time.monotonic() - start < 10
+    finally:
+        pool.shutdown()

@@ -1,7 +1,7 @@
 """Evaluation throughput over Ray model replicas: items/s with 1 and with 2 actors, side by side.
 
 Captions shapes-world test images with the embedded shapes model through `eval.cluster.ClusterPool`
-(ray.util.ActorPool, images shipped as bytes, one writer). Each actor takes one CPU and one torch
+(batches scheduled by the driver, images shipped as bytes, one writer). Each actor takes one CPU and one torch
 thread, so 2 actors on 2 cores should approach 2x; model loading and a warm-up batch are excluded
 from the timing. Rounds alternate 1, 2, 1, 2 ... so a background load drifting during the run hits
 both sides alike; the reported figure is the median over rounds.

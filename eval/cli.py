@@ -276,7 +276,7 @@ def _executor(
                                                 ray.cluster_resources().get("GPU", 0))
         except ValueError as err:
             raise EvalError(str(err)) from err
-        # Replicas under ray.util.ActorPool; images travel as bytes (docs/cluster.md).
+        # Replicas fed by the driver, which alone writes the results; images travel as bytes (docs/cluster.md).
         from lvlm_hallu.eval.cluster import ClusterPool
 
         pool = ClusterPool(partial(load_replica, model, device=device, dtype=placement.dtype,

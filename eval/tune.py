@@ -648,7 +648,8 @@ def tune_command(
     max_length_drop: float = typer.Option(20.0, "--max-length-drop",
                                           help="percent of the captions' words a method may lose"),
     val_n: int = typer.Option(200, "--val-n", min=1, help="shapes without --images: size of the generated val split"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="rows per generate call (per-step overhead dominates small models)"),
+    batch_size: str = typer.Option("32", "--batch-size", help="rows per generate call (per-step overhead dominates "
+                                   "small models), or auto: the most rows the memory estimate of `lvlm info` fits"),
     out: Path = typer.Option(Path("runs/tune"), "--out", help="results, cache and report folder (resumable)"),
     ship: bool = typer.Option(False, "--ship", help="embedded model: write the choice into the package (its defaults)"),
     allow_test_split: bool = typer.Option(False, "--allow-test-split", help="tune on a split described as test"),
@@ -689,6 +690,8 @@ def tune_command(
         from lvlm_hallu.lvlm.devices import parse_device_map
 
         placement = Placement(device, dtype, parse_device_map(device_map))
+        if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
+            raise TuneError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
         pipe = lvlm.load(model, device=device, **placement.load_kwargs())
         profile = load_or_compute(pipe)
         shape = model_shape(pipe, profile)
@@ -700,7 +703,14 @@ def tune_command(
         identity = model_identity(model)  # weights digests: a checkpoint changed in place is a new run
         info = {"model": pipe.model_id, "weights": identity, "profile": cache_path(pipe).name,
                 "max_new_tokens": max_new_tokens, "seed": seed, "placement": placement.fields(), **split.key}
-        evaluate = SplitEvaluator(pipe, split, out / "runs", max_new_tokens=max_new_tokens, batch_size=batch_size,
+        if batch_size == "auto":  # rows of the whole context: the tuner's prompts are not measured here
+            from lvlm_hallu.eval.context import auto_batch_size
+
+            rows, how = auto_batch_size(model, placement, None)
+            console.print(how)
+        else:
+            rows = int(batch_size)
+        evaluate = SplitEvaluator(pipe, split, out / "runs", max_new_tokens=max_new_tokens, batch_size=rows,
                                   eval_key=eval_key_of(info), model=identity)
         constraints = Constraints(max_recall_drop, max_f1_drop, vte_max_recall_drop, weight_i, max_repeat_rise,
                                   max_overcount_rise, max_length_drop)

@@ -84,3 +84,34 @@ def test_each_entry_records_the_command_that_chose_it(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "stop here" in res.output, res.output
     assert seen["command"] == (f"lvlm tune --methods vhr -n 2 --pope-n 0 --space vhr.alpha=2 --val-n 4 "
                                f"--out {tmp_path / 't'}")
+
+
+def test_tune_batch_size_is_a_number_or_auto(tmp_path):
+    from typer.testing import CliRunner
+
+    from lvlm_hallu.cli import app
+
+    res = CliRunner().invoke(app, ["tune", "--model", "shapes", "--methods", "vhr", "--val-n", "4", "-n", "2",
+                                   "--pope-n", "0", "--batch-size", "lots", "--out", str(tmp_path / "t"), "--no-progress"])
+    assert res.exit_code == 2 and "--batch-size must be a positive integer or auto, got 'lots'" in res.output
+
+
+def test_tune_batch_size_auto_comes_from_the_memory_estimate(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lvlm_hallu.cli import app
+    from lvlm_hallu.eval import tune as tuning
+    from lvlm_hallu.eval.context import AUTO_CAP
+
+    seen = {}
+
+    def fake_tune(*args, **kwargs):
+        raise TuneError("stop here")
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    monkeypatch.setattr(tuning, "SplitEvaluator", lambda *a, **k: seen.update(k))
+    res = CliRunner().invoke(app, ["tune", "--model", "shapes", "--methods", "vhr", "--val-n", "4", "-n", "2",
+                                   "--pope-n", "0", "--batch-size", "auto", "--out", str(tmp_path / "t"),
+                                   "--no-progress"])
+    assert res.exit_code == 2 and "stop here" in res.output, res.output
+    assert "--batch-size auto: " in res.output and 1 <= seen["batch_size"] <= AUTO_CAP

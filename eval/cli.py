@@ -478,7 +478,8 @@ def _run(
         execute, facts, cleanup, values = _executor(model, server, api_key, ray_actors, decoding, batch_size,
                                                     progress, placement, tokens)
     except (LVLMError, FileNotFoundError) as err:  # e.g. the embedded model's weights are missing
-        raise EvalError(f"cannot load model {model!r}: {err}") from err
+        text = str(err)  # the loader's own message may already say which model and why
+        raise EvalError(text if text.startswith("cannot load model") else f"cannot load model {model!r}: {text}") from err
     try:
         if values is not None:  # the run is also every configuration's model-aware values
             fingerprint = fingerprint.extend(**{RESOLVED_FIELD: [values(spec) for spec in configs]})

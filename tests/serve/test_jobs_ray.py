@@ -155,7 +155,7 @@ def test_killed_registry_restarts_and_lists_the_jobs_again(one_replica, tmp_path
     listed = {j["id"]: j for j in r.json()["data"]}
     assert listed[first["id"]]["state"] == "succeeded" and listed[first["id"]]["metrics"] == done["metrics"]
     assert listed[second["id"]]["state"] in ("queued", "running")  # its driver died with the registry
-    health = http.get("/health").json()["jobs"]
+    health = http.get("/health", headers=AUTH).json()["jobs"]  # details need a key
     assert health["ok"] and health["jobs"].get("succeeded") == 1
     finished = wait_for(http, second["id"], lambda j: j["state"] in ("succeeded", "failed"))
     assert finished["state"] == "succeeded", finished["error"]

@@ -32,6 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def service_config(scheduler: str):
+    from lvlm_hallu.serve.config import ServeConfig
+    from lvlm_hallu.serve.limits import Limits
+
+    return ServeConfig(model="shapes", api_keys=KEYS, max_batch_size=8, eval_jobs=False, body_timeout_s=3.0,
+                       max_uploads=8, scheduler=scheduler, limits=Limits(max_tokens=48))
+
+
 @pytest.fixture(scope="module")
 def base_url():
     import ray
@@ -39,17 +47,13 @@ def base_url():
 
     from lvlm_hallu.serve.app import run
     from lvlm_hallu.serve.cli import start_private_ray
-    from lvlm_hallu.serve.config import ServeConfig
-    from lvlm_hallu.serve.limits import Limits
 
     if ray.is_initialized():
         ray.shutdown()
     start_private_ray(num_cpus=2, log_to_driver=False)
     port = free_port()
     try:
-        config = ServeConfig(model="shapes", api_keys=KEYS, max_batch_size=8, eval_jobs=False, body_timeout_s=3.0,
-                             max_uploads=8, limits=Limits(max_tokens=48))
-        run(config, host="127.0.0.1", port=port)
+        run(service_config("continuous"), host="127.0.0.1", port=port)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -340,3 +344,16 @@ def test_ready_is_503_within_a_second_while_no_replica_can_serve(base_url):
     assert ready_s < 1.5
     assert chat_reply.status_code == 200 or chat_reply.json()["error"]["type"] == "service_unavailable"
     assert httpx.get(f"{base_url}/ready", timeout=10).status_code == 200
+
+
+def test_the_static_scheduler_on_ray_releases_and_isolates_too(base_url):
+    """Last, on the same Ray: the app redeployed with `--scheduler static` (`@serve.batch`, the
+    batch driven step by step with tickets), then the dropped streams and the neighbours again."""
+    from ray import serve
+
+    from lvlm_hallu.serve.app import run
+
+    serve.delete("lvlm")
+    run(service_config("static"), host="127.0.0.1", port=int(base_url.rsplit(":", 1)[1]))
+    test_forty_dropped_streams_then_a_chat(base_url)
+    test_six_neighbours_of_six_leaving_clients_get_their_tokens_alone(base_url)

@@ -450,11 +450,11 @@ def _run(
     if describe is not None:
         for spec in configs:
             describe(spec)
+    batch_size = _batch_size(batch_size, server) if isinstance(batch_size, str) else batch_size  # refused first
     decoding = _fit_decoding(task, model, server, decoding, api_key)
     fingerprint = run_fingerprint(task, model_identity(model, server=server), decoding)
     if placement is not None:  # bfloat16 and float32 answers are different runs (eval/fingerprint.py)
         fingerprint = fingerprint.extend(placement=placement.fields())
-    batch_size = _batch_size(batch_size, server) if isinstance(batch_size, str) else batch_size
     tokens = None
     if batch_size == "auto":
         from lvlm_hallu.eval.context import auto_tokens

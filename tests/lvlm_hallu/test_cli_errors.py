@@ -68,7 +68,7 @@ def test_version_and_short_help(capsys):
     (["inspect", "-p", "hi", "-n", "0"], ["'-n'"]),
     (["demo", "--limit", "0"], ["'--limit'"]),
     (["eval", "chair", "-n", "0"], ["lvlm eval chair", "'-n'"]),
-    (["eval", "chair", "--batch-size", "0"], ["'--batch-size'"]),
+    (["eval", "chair", "--batch-size", "0"], ["--batch-size must be a positive integer"]),
     (["eval", "pope", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
     (["eval", "chair", "--images", "/nonexistent-folder"], ["CHAIR needs --instances"]),
     (["eval", "compare", "--benchmark", "bogus"], ["unknown benchmark 'bogus'"]),

@@ -199,6 +199,10 @@ def status_of(sock: socket.socket, timeout_s: float) -> int | None:
 def test_sixty_four_half_sent_uploads_freeze_nothing(base_url):
     port = int(base_url.rsplit(":", 1)[1])
     socks = [half_sent(port, AUTH if i % 2 else {}) for i in range(64)]
+    # and half-open connections that never finish their headers (they stay in uvicorn, a socket each)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
+    for sock in idle:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
     try:
         time.sleep(0.5)
         started = time.monotonic()
@@ -208,9 +212,9 @@ def test_sixty_four_half_sent_uploads_freeze_nothing(base_url):
         chat_s = time.monotonic() - started - health_s
         statuses = [status_of(s, 8.0) for s in socks]
     finally:
-        for s in socks:
+        for s in socks + idle:
             s.close()
-    print(f"\n64 half-sent uploads: /health {health_s:.2f}s, chat {chat_s:.2f}s; answers to the uploads: "
+    print(f"\n64 half-sent uploads and 32 half-sent headers: /health {health_s:.2f}s, chat {chat_s:.2f}s; answers to the uploads: "
           f"{sorted((c, statuses.count(c)) for c in set(statuses) if c is not None)}")
     assert health.status_code == 200 and reply.status_code == 200
     assert all(statuses[i] == 401 for i in range(0, 64, 2)), "no key: refused before the body"
@@ -293,19 +297,27 @@ def test_a_killed_gateway_comes_back_and_answers(base_url):
     from lvlm_hallu.serve.client import APIError, Client
 
     outcome: dict = {}
+    first_chunk = threading.Event()
 
     def stream_through_the_kill():
         with Client(base_url, api_key=KEYS[0], timeout=60) as client:
             try:
-                outcome["text"] = "".join(client.stream(image_url(0), "Describe this image.", max_tokens=48))
-                outcome["complete"] = True
+                text = ""
+                for delta in client.stream(image_url(0), "Describe this image.", max_tokens=48):
+                    first_chunk.set()
+                    time.sleep(0.2)  # a slow reader: the kill lands mid-stream
+                    text += delta
+                outcome["text"], outcome["complete"] = text, True
             except APIError as err:
                 outcome["error"] = type(err).__name__
+            finally:
+                first_chunk.set()
 
+    gateway = serve_actor("Gateway")
     streamer = threading.Thread(target=stream_through_the_kill)
     streamer.start()
-    time.sleep(0.3)
-    ray.kill(serve_actor("Gateway"))
+    first_chunk.wait(timeout=60)
+    ray.kill(gateway)
     killed = time.monotonic()
     streamer.join(timeout=120)
     seen, deadline = [], time.monotonic() + 120

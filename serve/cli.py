@@ -6,7 +6,9 @@ Register on the main typer app with `app.command("serve")(serve_command)`; it al
 Before Ray starts, two checks answer in one line instead of a wall of Ray tracebacks: the port
 must be free (Ray's proxy binds with SO_REUSEPORT, so a second server on the same port would
 silently split the traffic with the first), and the model name must resolve to a known model or
-a readable checkpoint config.
+a readable checkpoint config (a hub id that cannot be fetched gets the loader's one-line reason,
+lvlm/loader.py `unavailable`: offline variable set, no network, gated, not found). Numbers out of
+their range (a port beyond 0-65535, zero replicas) are click usage errors, exit 2.
 
 A third: with eval jobs on, the job store is checked (serve/jobstore.py `check_store`): a corrupt
 or truncated store refuses to start with one line naming the file and the way out, and job
@@ -42,12 +44,12 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def serve_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'shapes' (default), 'tiny-llava', hub id or path"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0 for every interface)"),
-    port: int = typer.Option(8000, "--port"),
-    replicas: int = typer.Option(1, "--replicas", help="model replicas (the minimum when autoscaling)"),
-    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="autoscale up to this many replicas"),
-    max_batch_size: int = typer.Option(8, "--max-batch-size",
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="model replicas (the minimum when autoscaling)"),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1, help="autoscale up to this many replicas"),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1,
                                        help="static: requests per engine batch; continuous: rows decoding at once"),
-    batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", help="how long a batch waits to fill"),
+    batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", min=0.0, help="how long a batch waits to fill"),
     scheduler: str = typer.Option("continuous", "--scheduler",
                                   help="continuous (rows join and leave between decode steps) or static (whole batches)"),
     max_prefill_tokens: int = typer.Option(
@@ -74,20 +76,20 @@ def serve_command(
                                           help="join this Ray cluster instead of starting one"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default per device)"),
-    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per replica (default: 1 on cuda)"),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0.0, help="GPUs per replica (default: 1 on cuda)"),
     device_map: Optional[str] = typer.Option(
         None, "--device-map", help="split the model over the replica's GPUs / CPU / disk (accelerate): auto | balanced | "
         "sequential | JSON {module: device}; with --num-gpus N a replica spreads over its N GPUs"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="memory per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=64GiB'"),
     offload_folder: Optional[str] = typer.Option(None, "--offload-folder", help="folder for weights the device map offloads to disk"),
     eval_num_gpus: Optional[float] = typer.Option(
-        None, "--eval-num-gpus",
+        None, "--eval-num-gpus", min=0.0,
         help="GPUs per eval-job model replica (default: as --num-gpus; one GPU: 0.5 here and --num-gpus 0.5)"),
     eval_replicas: int = typer.Option(
         1, "--eval-replicas", min=1,
         help="model replicas per eval job, anywhere in the Ray cluster (the runner of lvlm eval --ray-actors)"),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="largest max_tokens a request may ask for"),
-    max_concurrent: int = typer.Option(32, "--max-concurrent", help="generation requests per replica before 429 (at least 2 x --max-batch-size: one batch runs while the next fills)"),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="largest max_tokens a request may ask for"),
+    max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="generation requests per replica before 429 (at least 2 x --max-batch-size: one batch runs while the next fills)"),
     eval_jobs: bool = typer.Option(True, "--eval-jobs/--no-eval-jobs", help="accept POST /v1/eval/jobs"),
     jobs_dir: Optional[Path] = typer.Option(
         None, "--jobs-dir", envvar="LVLM_JOBS_DIR",
@@ -109,6 +111,8 @@ def serve_command(
         problem = _jobs_problem(jobs_dir)
     if not problem and scheduler not in ("continuous", "static"):
         problem = f"--scheduler must be 'continuous' or 'static', got {scheduler!r}"
+    if not problem and max_replicas is not None and max_replicas < replicas:
+        problem = f"--max-replicas {max_replicas} is below --replicas {replicas} (the minimum when autoscaling)"
     if problem:
         console.print(f"[red]error:[/red] {problem}", soft_wrap=True)  # one line, however long
         raise typer.Exit(2)
@@ -198,7 +202,12 @@ def _model_problem(name: str) -> str | None:
         if local.exists():
             config = AutoConfig.from_pretrained(str(local))
         else:
-            config = _hub_config(name)
+            try:
+                config = _hub_config(name)
+            except Exception as err:  # noqa: BLE001 - the loader's one-line reason, as `lvlm generate` gives it
+                from lvlm_hallu.lvlm.loader import unavailable
+
+                return str(unavailable(name, err))
         adapter_for(config)
     except Exception as err:  # noqa: BLE001 - any failure to read the config means "not loadable"
         return f"unknown model {name!r} ({type(err).__name__}: {_first_line(err)}); {known}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -58,6 +59,50 @@ def test_unknown_model_fails_in_one_line_before_ray_starts(tmp_path):
         assert result.exit_code == 2, result.output
         assert "unknown model" in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not ray.is_initialized()
+
+
+def test_a_hub_id_that_cannot_be_fetched_gets_the_loaders_reason(monkeypatch):
+    """As `lvlm generate` says it: the offline variable, or no network; not a ConnectError repr."""
+    import huggingface_hub
+    import ray
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_serve("--model", "no-such-owner/no-such-model", "--port", "0")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "cannot load model 'no-such-owner/no-such-model': not in the local Hugging Face cache, and " \
+           "HF_HUB_OFFLINE=1 forbids downloading it (unset it)" in result.output, result.output
+
+    def unreachable(*_a, **_k):
+        raise ConnectionError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    result = run_serve("--model", "no-such-owner/no-such-model", "--port", "0")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "the hub cannot be reached (no network?)" in result.output and "Errno" not in result.output
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--port", "-1"), ("--port", "65536"), ("--replicas", "0"), ("--max-replicas", "0"),
+    ("--max-batch-size", "0"), ("--batch-wait-ms", "-1"), ("--num-gpus", "-0.5"), ("--eval-num-gpus", "-1"),
+    ("--max-tokens", "0"), ("--max-concurrent", "0"),
+])
+def test_numbers_out_of_range_are_one_usage_line_exit_2(capsys, option, value):
+    from lvlm_hallu import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--model", "tiny-llava", option, value])
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert info.value.code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: lvlm serve: ") and f"Invalid value for '{option}'" in lines[0], lines[0]
+    assert "Overflow" not in err and "Traceback" not in err
+
+
+def test_max_replicas_below_replicas_is_refused():
+    result = run_serve("--model", "tiny-llava", "--port", "0", "--replicas", "3", "--max-replicas", "2")
+    assert result.exit_code == 2 and "--max-replicas 2 is below --replicas 3" in result.output, result.output
 
 
 def test_router_dir_must_exist(tmp_path):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Wire(BaseModel):
@@ -317,13 +318,30 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class EvalJobRequest(_Wire):
     """An evaluation run on the service's Ray cluster (CHAIR captioning or POPE questions)."""
 
-    kind: str = Field(description="job kind: 'chair' or 'pope' (an unknown kind is a 400 listing the valid ones)")
+    # `benchmark` and `n` are the CLI's words (`lvlm eval compare --benchmark`, `-n`), accepted as aliases;
+    # the job stores and the SDK keep the field names.
+    kind: str = Field(validation_alias=AliasChoices("kind", "benchmark"),
+                      description="job kind: 'chair' or 'pope' (an unknown kind is a 400 listing the valid ones); "
+                      "alias 'benchmark'")
     interventions: Interventions = None
-    limit: int = Field(default=50, ge=1, le=5000, description="images (CHAIR) or questions per split (POPE)")
+    limit: int = Field(default=50, ge=1, le=5000, validation_alias=AliasChoices("limit", "n"),
+                       description="images (CHAIR) or questions per split (POPE); alias 'n'")
     max_tokens: Optional[int] = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=8, ge=1, le=64)
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific options (split, prompt ...)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, data: Any) -> Any:
+        """Both spellings of a field are fine when they agree; different values are a 400."""
+        if isinstance(data, dict):
+            for name, alias in (("kind", "benchmark"), ("limit", "n")):
+                if name in data and alias in data and data[name] != data[alias]:
+                    given, value = repr(data[alias])[:80], repr(data[name])[:80]
+                    raise PydanticCustomError("alias_conflict",
+                                              f"{alias}={given} and {name}={value} disagree; give one of them")
+        return data
 
     def intervention_spec(self) -> Any:
         if isinstance(self.interventions, list):

@@ -322,6 +322,20 @@ def test_other_routes_answer_errors_in_openai_shape(http, method, path, payload,
     assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_job_requests_take_the_clis_words_benchmark_and_n(http):
+    r = http.post("/v1/eval/jobs", headers=AUTH, json={"benchmark": "chair", "n": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["kind"] == "chair" and r.json()["request"]["limit"] == 3, r.json()
+    same = http.post("/v1/eval/jobs", headers=AUTH, json={"kind": "pope", "benchmark": "pope", "limit": 4, "n": 4})
+    assert same.status_code == 200 and same.json()["request"]["limit"] == 4, same.text
+    for payload, words in [({"kind": "pope", "benchmark": "chair"}, "benchmark='chair' and kind='pope' disagree"),
+                           ({"kind": "pope", "limit": 3, "n": 5}, "n=5 and limit=3 disagree")]:
+        r = http.post("/v1/eval/jobs", headers=AUTH, json=payload)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    r = http.post("/v1/eval/jobs", headers=AUTH, json={"benchmark": "pope", "n": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
 def test_jobs_disabled_is_503(fake_pipeline):
     service = Service(fake_pipeline, ServeConfig(model="fake"))
     with TestClient(build_app(service)) as client:

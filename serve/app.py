@@ -124,7 +124,7 @@ class Service:
             max_context=int(pipeline.max_context),
             count_tokens=(lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
             if tokenizer is not None else None,
-            facts=getattr(pipeline, "facts", None))
+            facts=getattr(pipeline, "facts", None), profile=getattr(pipeline, "profile", None))
 
     async def _submit_alone(self, ticket: Ticket) -> Outcome:
         return await self.runner.generate(ticket.request, ticket.cancelled)

@@ -71,6 +71,8 @@ class ModelInfo:
     max_context: int
     count_tokens: Optional[Callable[[str], int]] = None  # text tokens of a prompt, if the model can tell
     facts: Any = None  # the engine's ModelFacts (num_layers, hidden_size ...) for intervention checks
+    # the pipeline's cached profile (calibrated and tuned values), read when reporting resolved values
+    profile: Optional[Callable[[], Any]] = None
 
 
 @dataclass
@@ -78,9 +80,10 @@ class PreparedChat:
     request: Request
     model: str
     label: str  # intervention set for metrics, e.g. "none", "vhr+var"
-    applied: list[dict[str, Any]]
+    applied: list[dict[str, Any]]  # as the request gave them; `report` shows the values the model ran
     stream: bool
     include_usage: bool
+    info: Optional[ModelInfo] = dataclasses.field(default=None, repr=False)
     id: str = dataclasses.field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -175,7 +178,7 @@ async def prepare(body: ChatCompletionRequest, model: ModelInfo, limits: Limits,
         request=request, model=named.requested if named.spec is not None else model.model_id,
         label="+".join(a["name"] for a in applied) or "none",
         applied=applied, stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        include_usage=bool(body.stream_options and body.stream_options.include_usage), info=model)
 
 
 def check_routers(configs: Any) -> None:
@@ -201,9 +204,23 @@ def check_routers(configs: Any) -> None:
 
 def report(prepared: PreparedChat, result: Result) -> InterventionReport:
     t = result.timings
-    return InterventionReport(applied=prepared.applied, details=jsonable(result.report),
+    return InterventionReport(applied=resolved_applied(prepared), details=jsonable(result.report),
                               prefill_ms=_ms(t.prefill_ms), decode_ms=_ms(t.decode_ms),
                               decode_tokens_per_s=_ms(t.decode_tokens_per_s))
+
+
+def resolved_applied(prepared: PreparedChat) -> list[dict[str, Any]]:
+    """The interventions as the model ran them: what the request left unset (PAI's alpha, VHR's
+    layers ...) filled the way the batch plan fills it (interventions/defaults.py), so the report
+    shows 0.2 rather than null. The plan has read the profile by now, so it is cached; a model
+    without facts or profile (test fakes) reports the request's values."""
+    info = prepared.info
+    if not prepared.request.interventions or info is None or info.facts is None or info.profile is None:
+        return prepared.applied
+    from lvlm_hallu.interventions.defaults import resolve_requests
+
+    (request,), _ = resolve_requests(info.facts, [prepared.request], info.profile())
+    return [config_dict(c) for c in request.interventions]
 
 
 def _ms(value: float) -> float:

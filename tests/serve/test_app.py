@@ -100,6 +100,26 @@ def test_chat_completion_with_interventions(http, fake_pipeline):
     assert report["details"] == {"rows": 1, "heads": [1, 2]} and report["prefill_ms"] == 1.0
 
 
+class ProfiledPipeline(FakePipeline):
+    """The fake with a profile, as a loaded model has one: the package ships a VHR alpha of 3.5."""
+
+    def profile(self):
+        return {"tuned_shipped": {"vhr": {"params": {"alpha": 3.5}}}}
+
+
+def test_the_report_shows_the_values_the_model_ran_not_null():
+    service = Service(ProfiledPipeline(), ServeConfig(model="fake", api_key=KEY, limits=LIMITS))
+    with TestClient(build_app(service)) as client:
+        r = client.post("/v1/chat/completions", headers=AUTH,
+                        json=body(interventions=["pai", {"name": "vhr", "layers": [4, 5]}], max_tokens=3))
+    assert r.status_code == 200, r.text
+    pai, vhr = r.json()["intervention_report"]["applied"]
+    # PAI's published constants on layers [2, L); VHR: the shipped alpha, the request's layers
+    assert (pai["name"], pai["alpha"], pai["start_layer"], pai["contrast"], pai["gamma"]) == ("pai", 0.2, 2, False, 1.1)
+    assert (vhr["name"], vhr["alpha"], vhr["layers"], vhr["positions"]) == ("vhr", 3.5, [4, 5], "all")
+    assert None not in (pai["alpha"], vhr["alpha"])
+
+
 def test_preset_string_and_system_prompt(http, fake_pipeline):
     payload = body(interventions="vhr+var")
     payload["messages"].insert(0, {"role": "system", "content": "Be brief."})

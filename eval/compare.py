@@ -275,7 +275,7 @@ class PopeTask:
         return metrics, {"splits": {s: m.to_dict() for s, m in per_split.items()}, "counts": counts}
 
     def unit_stats(self, records: Mapping[str, dict], details: Mapping[str, Any]) -> UnitStats:
-        """Per image, the unit POPE samples (eval.md: the splits share each image's positive
+        """Per image, the unit POPE samples (docs/eval.md, POPE: the splits share each image's positive
         questions): its summed one-hot TP, FP, TN, FN in every split (unparsed answers in none),
         so a resample draws whole images, the same ones in every split."""
         parse = get_parser(self.parser)

@@ -14,7 +14,7 @@ class EvalError(Exception):
 class ImageIdError(EvalError, ValueError):
     """An image id that is not an integer, or not present in the ground truth.
 
-    eval.md: a missing id is an error, never an empty set — a string "226988" instead of 226988
+    docs/eval.md (CHAIR): a missing id is an error, never an empty set — a string "226988" instead of 226988
     would otherwise make every mention a hallucination.
     """
 

@@ -7,7 +7,7 @@ is known, from one of these sources (reported per parameter in the intervention 
   layers [2, L), VAR p = 0.4 and ρ = 0.5) or stated for this backbone (LLaVA-1.5-7B: VHR layers
   {1} ∪ 18..31; VAR τ = 20 and D_sink = {1415, 2533}; see `PUBLISHED_BACKBONES`);
 - `scaled`: the paper's rule carried to another depth or width (docs/interventions.md,
-  /work/shared/docs/methods.md): VHR band {1} ∪ the last round(14·L/32) layers; VAR
+  docs/methods.md "VHR" and "VAR"): VHR band {1} ∪ the last round(14·L/32) layers; VAR
   τ_E = 20·√(E/4096), the same fraction of φ's bound √E as τ = 20 on a 4096-wide model;
   CARVE read-out layers 20..25 of 32 scaled by depth; VTE exit after layer L // 2;
 - `tuned`: found by `lvlm tune` on a validation split and stored in the model's profile
@@ -103,7 +103,7 @@ class Backbone:
 
 
 def sink_threshold(backbone: Backbone) -> Default:
-    """VAR's τ: 20 on published backbones, else τ_E = 20·√(E/4096) (φ ≤ √E, methods.md §2.2)."""
+    """VAR's τ: 20 on published backbones, else τ_E = 20·√(E/4096) (φ ≤ √E, docs/methods.md "VAR", step 2)."""
     published = backbone.published("var", "tau")
     if published is not None:
         return published

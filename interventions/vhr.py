@@ -38,7 +38,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def head_divergence(o_img: torch.Tensor, o_txt: torch.Tensor) -> torch.Tensor:
-    """(H, D), (H, D) -> VHD (H,) fp32 after the outlier rule (§1.2 of methods.md)."""
+    """(H, D), (H, D) -> VHD (H,) fp32 after the outlier rule (docs/methods.md "VHR", step 2)."""
     vhd = (o_img.float() - o_txt.float()).norm(dim=-1)  # (H,)
     ta = o_txt.float().pow(2).sum(-1)  # (H,)
     # population std over the heads of the layer (torch.std is the sample std by default)
@@ -63,10 +63,10 @@ class VHRConfig:
         "doc": "target layers; default {1} ∪ the last round(14·L/32) layers (LLaVA-1.5-7B: 1, 18..31)"})
     reinforce_twin: bool | None = field(default=None, metadata={
         "doc": "also reinforce the image-removed row; default true, false when PAI's contrast shares the "
-               "request (its image-removed branch stays plain, methods.md 1.7)"})
+               "request (its image-removed branch stays plain, docs/methods.md, VHR)"})
     positions: str | None = field(default=None, metadata={
         "doc": "prompt positions whose selected head outputs are scaled at prefill: all (default) or last (only the "
-               "position that predicts the first token; methods.md 1.4 does not say); decode steps scale the new token"})
+               "position that predicts the first token; the paper does not say, docs/methods.md, VHR); decode steps scale the new token"})
     report_vhd: bool = field(default=False, metadata={"doc": "also report each target layer's per-head divergence (lvlm inspect)"})
     preset: str = field(default="default", metadata={"doc": "default | paper | tuned (values from `lvlm tune`)"})
 
@@ -101,13 +101,13 @@ class VHRConfig:
 
 def twin_reinforced(request: int, config: VHRConfig, plan: BatchPlan) -> bool:
     """Whether VHR scales the request's image-removed twin too. A request has one twin; when PAI's
-    contrast reads it, it must stay plain (methods.md 1.7), so VHR then selects its heads against
-    the plain twin (the `reinforce_twin: false` reading of 1.5); asking for both is refused."""
+    contrast reads it, it must stay plain (docs/methods.md "VHR"), so VHR then selects its heads against
+    the plain twin (the `reinforce_twin: false` reading); asking for both is refused."""
     pai = plan.configs("pai").get(request)
     shared = bool(pai is not None and pai.contrast)
     if config.reinforce_twin and shared:
         raise InterventionError("vhr: reinforce_twin=true cannot be combined with pai's contrast in one request: "
-                                "the image-removed branch PAI reads must stay plain (methods.md 1.7); drop "
+                                "the image-removed branch PAI reads must stay plain (docs/methods.md, VHR); drop "
                                 "reinforce_twin or the contrast", param="interventions.vhr.reinforce_twin")
     return not shared if config.reinforce_twin is None else config.reinforce_twin
 

@@ -48,7 +48,7 @@ class AttentionEdits:
     boost_alpha: torch.Tensor | None = None  # (B, H) fp32
     # Key classes (bit flags above); needed by LOGIT_BOOST, SINK_REDIST, KEY_DROP and READOUT users.
     key_class: torch.Tensor | None = None  # (B, Tk) uint8
-    # SINK_REDIST (VAR, arXiv 2503.03321 §2.7 of methods.md): on for a row/head when sink_p is set.
+    # SINK_REDIST (VAR, arXiv 2503.03321; docs/methods.md "VAR", the fused kernel): on for a row/head when sink_p is set.
     sink_p: torch.Tensor | None = None  # (B, H) fp32, fraction of sink attention recycled (0 = off)
     sink_rho: torch.Tensor | None = None  # (B,) fp32, paper's rho: select when sink share <= 1 - rho
     sink_min_visual: torch.Tensor | None = None  # (B,) fp32, select when A_V >= this (paper: 0.2)

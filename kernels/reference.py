@@ -14,7 +14,7 @@ baseline, in `compute_dtype`):
   visual keys V and sink share = (weights on S∩V) / A_V, when A_V >= min_visual and
   sink share <= 1 - rho, the sinks S give up the fraction p of their weight,
   Omega = p · sum_{j in S} a_ij, and the visual non-sinks N = V∖S receive Omega in proportion
-  to their weights; the row still sums to 1 (methods.md §2.3-2.4);
+  to their weights; the row still sums to 1 (docs/methods.md, "VAR", steps 3-4);
 - KEY_DROP: keys with the KEY_DROP bit are masked like padding;
 - READOUT (CARVE, arXiv 2509.06461): head-mean weights of the last query row, after
   LOGIT_BOOST and before SINK_REDIST.
@@ -70,7 +70,7 @@ def _softmax_weights(q, k, kv_start, scale, edits, dt=torch.float32):
 
 
 def _redistribute(a, edits, tk):
-    """VAR (methods.md §2.3-2.4) on materialized weights a (B, H, Tq, Tk) fp32."""
+    """VAR (docs/methods.md, "VAR", steps 3-4) on materialized weights a (B, H, Tq, Tk) fp32."""
     B, H, Tq, _ = a.shape
     sink = _key_bits(edits, KEY_SINK)  # S: text and visual sinks
     visual = _key_bits(edits, KEY_VISUAL)  # V

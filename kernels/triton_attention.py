@@ -26,7 +26,7 @@ new request never recompiles):
 - USE_LOGIT_BOOST (PAI, arXiv 2407.21771): s <- s + alpha[b, h]·|s| on visual keys of the last
   query row, before masking and before the running maximum sees s. Only the program that owns
   the last row takes the branch; the others skip it per tile with one scalar test.
-- USE_SINK_REDIST (VAR, arXiv 2503.03321, methods.md §2.7): keys split into sinks S, visual
+- USE_SINK_REDIST (VAR, arXiv 2503.03321, docs/methods.md "VAR", the fused kernel): keys split into sinks S, visual
   non-sinks N = V∖S and the rest. Extra accumulators l_S, l_{S∩V}, l_N, O_S, O_N share the
   running-max rescaling of l and O. In the epilogue a row is selected when it is eligible,
   A_V = (l_N + l_{S∩V}) / l >= min_visual and sink share l_{S∩V} / (l_N + l_{S∩V}) <= 1 - rho;

@@ -133,7 +133,7 @@ def test_vhr_matches_hooked_transformers(pipe):
 
 
 def test_vhr_reinforcing_the_last_prompt_position_only_matches_hooked_transformers(pipe):
-    """`positions: last` (methods.md 1.4 leaves open which prompt positions are scaled): at
+    """`positions: last` (docs/methods.md "VHR" leaves open which prompt positions are scaled): at
     prefill only the position that predicts the first token is reinforced, in both rows; decode
     steps as with `all`. It selects its own heads and gives other tokens than `all`."""
     spec = {"name": "vhr", "alpha": 3.0, "layers": [1, 2, 3], "positions": "last"}
@@ -154,7 +154,7 @@ def test_vhr_reinforcing_the_last_prompt_position_only_matches_hooked_transforme
 
 
 def test_vhr_with_pai_contrast_leaves_the_shared_twin_plain(pipe):
-    """methods.md 1.7: PAI's image-removed branch stays unreinforced when VHR shares the request."""
+    """docs/methods.md "VHR": PAI's image-removed branch stays unreinforced when VHR shares the request."""
     model, _ = tiny.build("tiny-llava")
     vhr = {"name": "vhr", "alpha": 3.0, "layers": [1, 2, 3]}
     req = lvlm.Request("Describe it.", IMG2, interventions=resolve([vhr, {"name": "pai", "alpha": 0.5, "contrast": True}]))
@@ -319,7 +319,7 @@ def test_vte_router_weights(pipe, tmp_path, monkeypatch):
 
 
 def test_vte_loads_dyvte_routers_as_they_are_and_evaluates_them_from_layer_0(pipe, tmp_path, monkeypatch):
-    """methods.md 4.2: two bias-free logits, exit when g1 > g0, from layer 0."""
+    """docs/methods.md "VTE" (DyVTE routers): two bias-free logits, exit when g1 > g0, from layer 0."""
     E = pipe.facts.hidden_size
     monkeypatch.setenv("LVLM_ROUTER_DIR", str(tmp_path))
     u = torch.zeros(2 * E)
@@ -362,7 +362,7 @@ def test_carve_reports_and_refines(pipe):
     assert res.report["added_ms"] > 0
     code = run(pipe, [{"name": "carve", "mode": "code", "max_steps": 4, "answer_suffix": False}], image=IMG2)
     assert code.prompt_tokens > res.prompt_tokens  # two images in the final prompt
-    # The crop is upscaled by the larger ratio to the tower's square input (methods.md 5.5), never shrunk.
+    # The crop is upscaled by the larger ratio to the tower's square input (docs/methods.md "CARVE"), never shrunk.
     x0, y0, x1, y1 = info["box"]
     side = pipe.model.config.vision_config.image_size
     factor = max(1.0, side / (x1 - x0), side / (y1 - y0))

@@ -27,7 +27,7 @@ def specs_at(L: int, E: int, edge: int) -> dict[str, list[dict]]:
         "vhr.layers": [{"name": "vhr", "layers": [last_layer]}],
         "var.sink_dims": [{"name": "var", "sink_dims": [last_dim]}],
         "pai.start_layer": [{"name": "pai", "start_layer": last_layer}],
-        "vte.exit_layer": [{"name": "vte", "exit_layer": last_layer + 1}],  # k = L: never exit (methods.md 7)
+        "vte.exit_layer": [{"name": "vte", "exit_layer": last_layer + 1}],  # k = L: never exit (docs/methods.md, neutral settings)
         "vte.min_layer": [{"name": "vte", "policy": "dynamic", "min_layer": last_layer}],
         "carve.layers": [{"name": "carve", "layers": [last_layer], "max_steps": 2}],
     }

@@ -1,5 +1,5 @@
 """The PyTorch reference against transformers' eager attention and torch SDPA, and each edit
-against its paper's definition (methods.md §2, §3, §7)."""
+against its paper's definition (docs/methods.md: "VAR", "PAI", "Where each one acts")."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_sink_redistribution_follows_var(case):
 
 
 def test_one_pass_form_equals_materialized_redistribution(case):
-    """methods.md §2.7: o = [O - p·O_S + p·(l_S/l_N)·O_N] / l with unnormalized sums."""
+    """docs/methods.md "VAR" (the fused kernel): o = [O - p·O_S + p·(l_S/l_N)·O_N] / l with unnormalized sums."""
     e = case.edits(head_scale=None, boost_alpha=None, key_drop=False, readout=False)
     o, _ = attention(*case.args, scale=case.scale, edits=e)
     before, _ = attention_probs(*case.args, scale=case.scale)

@@ -229,6 +229,15 @@ class LocalBatcher:
                 future.set_result(outcome)
 
 
+def ignoring_eos(item):
+    """The engine request (bare, or in the service's Ticket) with ignore_eos set."""
+    from lvlm_hallu.serve.batching import Ticket
+
+    if isinstance(item, Ticket):
+        return dataclasses.replace(item, request=dataclasses.replace(item.request, ignore_eos=True))
+    return dataclasses.replace(item, ignore_eos=True)
+
+
 def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float, concurrencies: list[int],
                    args) -> dict:
     """The service's FastAPI app with a real pipeline, driven over httpx's ASGI transport: no Ray,
@@ -248,7 +257,7 @@ def run_in_process(pipeline, scheduler: str, max_batch_size: int, wait_s: float,
             service.submit = LocalBatcher(service.runner, max_batch_size, wait_s).submit
         if args.answer_tokens:  # the HTTP API has no ignore_eos: set it on the engine request
             submit = service.submit
-            service.submit = lambda request: submit(dataclasses.replace(request, ignore_eos=True))
+            service.submit = lambda item: submit(ignoring_eos(item))
         transport = httpx.ASGITransport(app=build_app(service))
         runner = service.runner
         try:

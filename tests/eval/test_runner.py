@@ -188,6 +188,7 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 try:
     pool = RayPool(factory, num_actors=2)
     info = pool.info()
+    pool.where()  # both replicas up: batches go only to ready replicas, and the fake answers at once
     records = pool.run(items, sys.argv[1], batch_size=2, progress=False)
     again = pool.run(items, sys.argv[1], batch_size=2, progress=False)  # nothing left to do
     pool.shutdown()

@@ -242,6 +242,11 @@ def test_detail_run_resumes_and_stops_at_its_time_budget(tmp_path):
         assert again["spent"].train_s >= spent["train_s"] and again["spent"].cpu_s >= spent["cpu_s"]
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert log[-1] == {"step": 4, "stopped": "budget", "budget_hours": 1e-6, "budget_clock": "wall"}
+    from lvlm_hallu.lvlm.shapes import runcheck
+
+    probes = runcheck.check(tmp_path, n=12, preset="tiny")
+    assert probes["step"] == 4 and probes["rows"] == 12 and 0 <= probes["object_auc"] <= 1
+    assert probes["object_bce"] > 0 and probes["questions"] > 0
     exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").state_dict()
     # A run without its model/ (still training) is measured from its checkpoint.
     import shutil
@@ -253,3 +258,15 @@ def test_detail_run_resumes_and_stops_at_its_time_budget(tmp_path):
     assert processor.tokenizer.decode(processor.tokenizer(" purple houses")["input_ids"][1:]) == " purple houses"
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
     assert model.config._attn_implementation == "eager"
+
+
+def test_probe_auc_is_the_chance_a_positive_outscores_a_negative():
+    import torch
+
+    from lvlm_hallu.lvlm.shapes.runcheck import auc
+
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert auc(labels, torch.tensor([0.9, 0.1, 0.8, 0.2])) == 1.0
+    assert auc(labels, torch.tensor([0.1, 0.9, 0.2, 0.8])) == 0.0
+    assert auc(labels, torch.tensor([0.5, 0.5, 0.9, 0.1])) == 0.875  # 3 pairs won, 1 tie counted half
+    assert auc(torch.ones(3), torch.rand(3)) is None

@@ -213,7 +213,10 @@ class ContinuousScheduler:
                 log.exception("decode step failed")
                 self._fail_running(err)
         self._fail_running(RuntimeError("the scheduler was closed"))
-        for job in list(self._waiting):
+        with self._wake:  # nothing stays queued (or counted as waiting) after close
+            left = list(self._waiting)
+            self._waiting.clear()
+        for job in left:
             settle(job, Outcome(error=RuntimeError("the scheduler was closed")))
 
     def _cancel_gone(self) -> None:

@@ -1,7 +1,9 @@
 """Suite-wide settings: offline, Ray without token auth, NLTK data from ../shared when present;
 the run ends with the suite's own exit status, never with a crash of interpreter teardown."""
 
+import contextlib
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +24,39 @@ os.environ.setdefault("LVLM_CACHE", tempfile.mkdtemp(prefix="lvlm-cache-"))  # m
 _shared_nltk = Path(__file__).resolve().parents[2] / "shared" / "nltk_data"
 if "NLTK_DATA" not in os.environ and _shared_nltk.is_dir():
     os.environ["NLTK_DATA"] = str(_shared_nltk)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_service():
+    """`with ray_service(config) as base_url:` the service on a fresh local Ray instance of this
+    process (never a cluster left running by others), on a free loopback port; Serve and Ray are
+    stopped on the way out."""
+
+    @contextlib.contextmanager
+    def start(config):
+        import ray
+        from ray import serve
+
+        from lvlm_hallu.serve.app import run
+
+        port = free_port()
+        if ray.is_initialized():  # left over by an earlier test module: start from a known cluster
+            ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            run(config, host="127.0.0.1", port=port)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    return start
 
 
 def pytest_sessionfinish(session, exitstatus):

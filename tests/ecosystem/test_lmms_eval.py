@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,31 +43,13 @@ needs_lmms = pytest.mark.skipif(not LMMS_PYTHON.is_file(), reason=f"no lmms-eval
                                 "`make lmms-eval-venv` (or set LVLM_LMMS_PYTHON); `make test` builds it")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url():
+def base_url(ray_service):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
-    from lvlm_hallu.serve.app import run
     from lvlm_hallu.serve.config import ServeConfig
 
-    port = free_port()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        run(ServeConfig(model="shapes", max_batch_size=8, batch_wait_timeout_s=0.05), host="127.0.0.1", port=port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with ray_service(ServeConfig(model="shapes", max_batch_size=8, batch_wait_timeout_s=0.05)) as url:
+        yield url
 
 
 def lmms_eval(out: Path, *args: str) -> subprocess.CompletedProcess:

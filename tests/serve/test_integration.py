@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -28,37 +27,19 @@ MODEL = "tiny-llava"
 SHARED_NLTK = Path(__file__).resolve().parents[3] / "shared" / "nltk_data"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url():
+def base_url(ray_service):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if SHARED_NLTK.is_dir():
         os.environ.setdefault("NLTK_DATA", str(SHARED_NLTK))  # CHAIR/POPE ground truth in the eval worker
-    import ray
-    from ray import serve
-
-    from lvlm_hallu.serve.app import run
     from lvlm_hallu.serve.config import ServeConfig
     from lvlm_hallu.serve.limits import Limits
 
-    port = free_port()
-    if ray.is_initialized():  # left over by an earlier test module: start from a known cluster
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster left running by others
-    try:
-        config = ServeConfig(model=MODEL, max_batch_size=4, batch_wait_timeout_s=0.05, api_key=KEY,
-                             limits=Limits(allow_remote_images=True, max_tokens=64, max_body_bytes=2_000_000,
-                                           max_image_bytes=1_000_000, max_image_pixels=2048 * 2048))
-        run(config, host="127.0.0.1", port=port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    config = ServeConfig(model=MODEL, max_batch_size=4, batch_wait_timeout_s=0.05, api_key=KEY,
+                         limits=Limits(allow_remote_images=True, max_tokens=64, max_body_bytes=2_000_000,
+                                       max_image_bytes=1_000_000, max_image_pixels=2048 * 2048))
+    with ray_service(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

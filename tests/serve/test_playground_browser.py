@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import httpx
@@ -38,36 +37,18 @@ def chromium_path() -> str | None:
     return found if found and Path(found).exists() else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
+def base_url(tmp_path_factory, ray_service):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if SHARED_NLTK.is_dir():
         os.environ.setdefault("NLTK_DATA", str(SHARED_NLTK))  # CHAIR's parser in the replica and the eval jobs
-    import ray
-    from ray import serve
-
-    from lvlm_hallu.serve.app import run
     from lvlm_hallu.serve.config import ServeConfig
     from lvlm_hallu.serve.limits import Limits
 
-    port = free_port()
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        config = ServeConfig(model=MODEL, api_key=KEY, eval_jobs_dir=str(tmp_path_factory.mktemp("jobs")),
-                             limits=Limits(max_tokens=64))
-        run(config, host="127.0.0.1", port=port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    config = ServeConfig(model=MODEL, api_key=KEY, eval_jobs_dir=str(tmp_path_factory.mktemp("jobs")),
+                         limits=Limits(max_tokens=64))
+    with ray_service(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,25 @@ def test_scores_by_hand(parser):
     assert r.most_hallucinated == (("couch", 1),)
 
 
+def test_an_empty_caption_counts_in_every_per_caption_denominator(parser):
+    """An empty answer is a caption with no hallucination: CHAIR_s and Len divide by all captions
+    (skipping it would turn 1/3 into 1/2), CHAIR_i and Recall are unchanged by it except for the
+    empty caption's own ground truth, which Recall still owes."""
+    gt = GroundTruth({1: frozenset({"dog"}), 2: frozenset({"cat"}), 3: frozenset({"tv"})})
+    caps = [(1, "A dog and a cat."), (2, "A cat."), (3, "")]  # 6, 3 and 0 tokens; one hallucinated cat
+    r = score_captions(caps, gt, parser)
+    assert (r.n_captions, r.n_hallucinated_captions) == (3, 1)
+    assert r.chair_s == pytest.approx(1 / 3)
+    assert r.length == pytest.approx((6 + 3 + 0) / 3)
+    assert r.chair_i == pytest.approx(1 / 3)  # dog, cat | cat: one of three mentions
+    assert r.recall == pytest.approx(2 / 3)  # dog and cat recalled, tv of the empty caption not
+    assert r.captions[2].words == () and r.captions[2].mentioned == ()
+    # the short-caption protocol can empty a caption too: it still counts
+    short = score_captions([(1, "A cat"), (2, "A cat.")], gt, parser, short_caption=True)
+    assert short.n_captions == 2 and short.captions[0].caption == ""
+    assert short.chair_s == pytest.approx(0.0) and short.length == pytest.approx((0 + 3) / 2)
+
+
 def test_len_counts_tokens_after_the_merge(parser):
     gt = GroundTruth({1: frozenset({"hot dog"})})
     r = score_captions([(1, "A hot dog.")], gt, parser)

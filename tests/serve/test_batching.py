@@ -57,6 +57,27 @@ def test_mixed_interventions_in_one_batch_match_each_request_alone(fake_pipeline
     assert batches[0] == (4, False)
 
 
+def test_static_runner_batch_matches_each_request_alone_on_the_real_engine():
+    """The fake above answers from one request whatever the batch; the tiny model does not: rows of
+    different prompts, images and lengths share a left-padded cache, and each must still get the
+    tokens it gets alone."""
+    from lvlm_hallu import lvlm
+
+    tiny = lvlm.load("tiny-llava")
+    runner = EngineRunner(tiny.generate, pipeline=tiny)
+    requests = [
+        Request("Describe this image.", Image.new("RGB", (40, 40), "red"), max_new_tokens=9, ignore_eos=True),
+        Request("What is in the picture? Answer in one long sentence.", Image.new("RGB", (24, 56), "blue"),
+                max_new_tokens=4, ignore_eos=True),
+        Request("Name the shapes.", Image.new("RGB", (40, 40), "green"), max_new_tokens=12, ignore_eos=True),
+    ]
+    together = runner.run_batch(requests)
+    alone = [tiny.generate([r])[0] for r in requests]
+    assert [o.error for o in together] == [None] * 3
+    assert [o.result.token_ids for o in together] == [a.token_ids for a in alone]
+    assert [len(o.result.token_ids) for o in together] == [9, 4, 12]
+
+
 def test_one_bad_request_fails_alone(fake_pipeline):
     fallbacks = []
     runner = EngineRunner(fake_pipeline.generate, on_batch=lambda n, fell_back: fallbacks.append(fell_back))

@@ -68,6 +68,7 @@ def test_two_nodes_equal_local_run_and_share_the_work(two_nodes, tmp_path):
     pool = ClusterPool(load_shapes, num_actors=2, actor_options={"num_cpus": 1}, ship="bytes")
     try:
         adapter = partial(guarded_answer, root=str(images), max_new_tokens=MAX_NEW_TOKENS)
+        pool.where()  # both replicas loaded: batches go to ready replicas only, so a slow start could leave one idle
         remote = pool.run(items, tmp_path / "cluster.jsonl", adapter, batch_size=2, progress=False)
         per_node = dict(pool.last_run.items_per_node)
         where = pool.where()

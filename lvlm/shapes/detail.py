@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lvlm_hallu.lvlm.shapes import detail_text, text, world
 
@@ -89,19 +89,14 @@ def render_scene(image_id: int, rng: random.Random) -> tuple[world.Scene, Image.
         px = rng.randint(lo, hi)
         x, y = world.place(rng, kind, px, taken)
         colour = rng.choice(KIND_COLOURS[kind])
-        layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-        world.draw_kind(ImageDraw.Draw(layer), kind, x, y, px, world._jitter(rng, COLOURS[colour], 15) + (255,), rng)
-        alpha = np.asarray(layer)[:, :, 3]
-        if faint:
-            layer.putalpha(Image.fromarray((alpha * rng.uniform(0.35, 0.55)).astype(np.uint8)))
-        box = layer.getbbox()
-        if box is None:  # cannot happen for sizes >= 9, kept as a guard
+        drawn = world.composite_object(base, rng, kind, x, y, px, world._jitter(rng, COLOURS[colour], 15) + (255,),
+                                       faint)
+        if drawn is None:  # cannot happen for sizes >= 9, kept as a guard
             continue
-        base = Image.alpha_composite(base, layer)
+        base, (x0, y0, x1, y1), area = drawn
         taken.append((x, y, x + px, y + px))
-        x0, y0, x1, y1 = box
         scene.instances.append(DetailInstance(kind, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                              float((alpha > 0).sum()), small, faint, colour, size_class))
+                                              area, small, faint, colour, size_class))
     img = world._add_noise(base.convert("RGB"), nrng, rng.uniform(2.0, 10.0))
     return scene, img
 

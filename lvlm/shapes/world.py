@@ -235,6 +235,21 @@ def draw_kind(d: ImageDraw.ImageDraw, kind: str, x: int, y: int, s: int, col, rn
         raise KeyError(f"unknown kind {kind!r}; valid: {', '.join(CATEGORIES)}")
 
 
+def composite_object(base: Image.Image, rng: random.Random, kind: str, x: int, y: int, size: int, rgba,
+                     faint: bool) -> tuple[Image.Image, tuple[int, int, int, int], float] | None:
+    """Draw one object on a layer of its own (faded when faint) over `base`: (the new base, the
+    object's bounding box, its pixel area), or None when nothing was drawn."""
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw_kind(ImageDraw.Draw(layer), kind, x, y, size, rgba, rng)
+    alpha = np.asarray(layer)[:, :, 3]
+    if faint:
+        layer.putalpha(Image.fromarray((alpha * rng.uniform(0.35, 0.55)).astype(np.uint8)))
+    box = layer.getbbox()
+    if box is None:
+        return None
+    return Image.alpha_composite(base, layer), box, float((alpha > 0).sum())
+
+
 def _background(rng: random.Random, nrng: np.random.Generator,
                 height: int = IMAGE_SIZE) -> tuple[str, Image.Image]:
     name = rng.choice(list(BACKGROUNDS))
@@ -281,20 +296,13 @@ def render_scene(image_id: int, rng: random.Random,
         faint = rng.random() < (0.3 if joined else 0.08)
         size = rng.randint(9, 13) if small else rng.randint(18, 36)
         x, y = place(rng, kind, size, taken, height)
-        layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-        col = _jitter(rng, KINDS[kind][0]) + (255,)
-        draw_kind(ImageDraw.Draw(layer), kind, x, y, size, col, rng)
-        alpha = np.asarray(layer)[:, :, 3]
-        if faint:
-            layer.putalpha(Image.fromarray((alpha * rng.uniform(0.35, 0.55)).astype(np.uint8)))
-        box = layer.getbbox()
-        if box is None:  # cannot happen for sizes >= 9, kept as a guard
+        drawn = composite_object(base, rng, kind, x, y, size, _jitter(rng, KINDS[kind][0]) + (255,), faint)
+        if drawn is None:  # cannot happen for sizes >= 9, kept as a guard
             continue
-        base = Image.alpha_composite(base, layer)
+        base, (x0, y0, x1, y1), area = drawn
         taken.append((x, y, x + size, y + size))
-        x0, y0, x1, y1 = box
         scene.instances.append(Instance(kind, [float(x0), float(y0 + pad), float(x1 - x0),
-                                               float(y1 - y0)], float((alpha > 0).sum()), small, faint))
+                                               float(y1 - y0)], area, small, faint))
     sigma = rng.uniform(2.0, 10.0)
     img = _add_noise(base.convert("RGB"), nrng, sigma)
     if pad:

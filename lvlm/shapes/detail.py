@@ -20,7 +20,6 @@ writes DIR/images/<split>_<id>.png and DIR/annotations/{instances,captions}_<spl
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,13 +136,7 @@ def build_split(out: Path, split: str, n: int, seed: int | None = None, first: i
             caps.append({"id": len(caps) + 1, "image_id": scene.image_id, "caption": c})
     info = {"description": f"{world.DESCRIPTION_PREFIX} (detailed), split {split}", "version": "1.0",
             "seed": world.SPLITS[split][1] if seed is None else seed}
-    inst_path = out / "annotations" / f"instances_{split}.json"
-    cap_path = out / "annotations" / f"captions_{split}.json"
-    common = {"info": info, "licenses": [], "images": images}
-    inst_path.write_text(json.dumps(common | {"annotations": anns, "categories": world.coco_categories()},
-                                    sort_keys=True))
-    cap_path.write_text(json.dumps(common | {"annotations": caps}, sort_keys=True))
-    return inst_path, cap_path
+    return world.write_coco(out, split, info, images, anns, caps)
 
 
 def main(argv: list[str] | None = None) -> None:

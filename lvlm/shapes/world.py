@@ -382,6 +382,12 @@ def build_split(out: Path, split: str, n: int, seed: int | None = None,
             "seed": SPLITS[split][1] if seed is None else seed}
     if letterbox:
         info["letterbox"] = letterbox
+    return write_coco(out, split, info, images, anns, caps)
+
+
+def write_coco(out: Path, split: str, info: dict, images: list[dict], anns: list[dict],
+               caps: list[dict]) -> tuple[Path, Path]:
+    """The split's COCO instances and captions files under out/annotations: their two paths."""
     inst_path = out / "annotations" / f"instances_{split}.json"
     cap_path = out / "annotations" / f"captions_{split}.json"
     common = {"info": info, "licenses": [], "images": images}

@@ -140,13 +140,16 @@ def build_tokenizer(vocab_size: int = 512, n_scenes: int = 3000, world_name: str
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
+def build_image_processor() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         size={"shortest_edge": world.IMAGE_SIZE},
         crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
     )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        image_processor=build_image_processor(), tokenizer=tokenizer, patch_size=PATCH,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )

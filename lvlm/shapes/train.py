@@ -410,11 +410,30 @@ def setup(args):
         model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
     else:
         model = M.build_model(M.Preset.from_name(args.preset), processor.tokenizer)
+    if args.vision_from is not None:  # stage 1's tower (pretrain_vision.py), the stand-in for CLIP
+        model.model.vision_tower.load_state_dict(torch.load(args.vision_from, map_location="cpu"))
+    if args.reset_projector:  # LLaVA's stage 1 trains a fresh projector onto the new features
+        for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            layer.reset_parameters()
+    if args.freeze_vision:  # as LLaVA keeps CLIP frozen
+        model.model.vision_tower.requires_grad_(False)
     if args.freeze_lm:
         for p in model.model.language_model.parameters():
             p.requires_grad_(False)
         model.lm_head.requires_grad_(False)  # tied to the frozen embeddings
     return processor, model
+
+
+def earlier_spent(dirs: list[Path]) -> Spent:
+    """The time recorded in the ledgers (spent.json) of earlier stages' folders, summed."""
+    total = Spent()
+    for d in dirs:
+        path = Path(d) / "spent.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{d}: no spent.json (the ledger of a training stage)")
+        rec = Spent.from_record(json.loads(path.read_text()))
+        total = Spent(total.train_s + rec.train_s, total.cpu_s + rec.cpu_s)
+    return total
 
 
 def init_dir(path: str) -> Path:
@@ -447,12 +466,13 @@ def train(args) -> dict:
     start = restore(ckpt, model, probe, qprobe, opt, args.device) if resumed else 0
     ledger = Ledger.resume(args.out, checkpoint_spent(ckpt) if resumed else None)
     budget = args.budget_hours * 3600 if args.budget_hours else math.inf
+    earlier = earlier_spent(args.earlier_runs)  # stages before this run count against its budget
     log = (args.out / "train_log.jsonl").open("a")
     t0, losses, auxes = time.time(), [], []
     last_ckpt, stopped = t0, None
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
-        if ledger.now().on(args.budget_clock) >= budget:
+        if ledger.now().on(args.budget_clock) + earlier.on(args.budget_clock) >= budget:
             stopped = step  # the budget is spent: keep what was trained, export it below
             break
         first = args.data_offset + step * args.batch_size
@@ -529,6 +549,13 @@ def parse_args(argv=None):
                     help="start from this run's (or model folder's) weights and tokenizer, fresh optimizer and schedule")
     ap.add_argument("--freeze-lm", action="store_true",
                     help="train the vision tower, projector and probes only (an alignment stage)")
+    ap.add_argument("--vision-from", type=Path, default=None,
+                    help="load the vision tower from pretrain_vision.py's vision.pt (the stand-in for CLIP)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed, as LLaVA keeps CLIP")
+    ap.add_argument("--reset-projector", action="store_true",
+                    help="start the projector afresh (new vision features under an --init-from model)")
+    ap.add_argument("--earlier-runs", type=Path, nargs="*", default=[],
+                    help="folders of earlier stages whose spent.json counts against --budget-hours")
     ap.add_argument("--data-offset", type=world.count, default=0,
                     help="index of the first example (a later stage on examples an earlier one never saw)")
     ap.add_argument("--probe", default="words", choices=["words", "mean"], help="object probe kind")

@@ -547,8 +547,10 @@ def _deployment_class():
         async def __init__(self, config: ServeConfig):
             from lvlm_hallu import lvlm
 
+            from lvlm_hallu.serve import playground
             from lvlm_hallu.serve.jobs import RayJobs
 
+            parser_warming = playground.start_warm_up()  # CHAIR's parser (NLTK) loads beside the model
             # Loading takes seconds to minutes; a thread keeps the replica's loop responsive.
             pipeline = await asyncio.to_thread(lvlm.load, config.model, **config.load_kwargs())
             jobs = None
@@ -565,9 +567,11 @@ def _deployment_class():
                                    metrics=Metrics(ray=True))  # summed over replicas by Ray's exporter
             self._generate_batch.set_max_batch_size(config.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-            self._app = build_app(self.service)  # now: the playground loads CHAIR's parser during the warm-up
+            self._app = build_app(self.service)
             if config.warmup:
                 await asyncio.to_thread(self.service.warm_up)
+                # ready once the page's first answers can be marked too (bounded: serve/playground.py)
+                await asyncio.to_thread(parser_warming.join, playground.WARM_UP_WAIT_S)
 
         async def forward(self, method: str, path: str, query: str, headers: list, body: bytes):
             """One HTTP request relayed by the gateway (serve/gateway.py), answered as it streams."""

@@ -19,9 +19,10 @@ of it (docs/playground.md):
   and the visual attention mass of every layer. Each layer's colour scale is shared by both runs
   and ends at a high percentile of its patch values (`robust_vmax`), so one sink patch holding
   most of the mass does not turn every other patch black; patches above it are counted.
-- `POST /v1/playground/compare`: finished evaluation jobs of the page's columns (same kind, limit
-  and seed, so the same images), each job's metrics and, for CHAIR, the paired bootstrap interval
-  of each metric's difference to the first job (eval/significance.py, as `lvlm eval compare`),
+- `POST /v1/playground/compare`: finished CHAIR or POPE evaluation jobs of the page's columns
+  (same kind, limit and seed, so the same images), each job's metrics and the paired bootstrap
+  interval of each metric's difference to the first job, as `lvlm eval compare` computes it
+  (eval/compare.py's task scoring and per-image statistics, eval/significance.py's bootstrap),
   rescored from the results file and annotations in each job's folder. The folders are read where
   the replica runs: a service whose job store lives on another node gets the metrics without
   intervals.
@@ -61,6 +62,10 @@ SAMPLE_INDICES = (11, 20, 22, 7, 44, 3)
 BODY_LIMIT = 64 * 1024  # chair: an answer and an object list
 VMAX_PERCENTILE = 99.0
 MAX_INSPECT_TOKENS = 64
+# How long a starting replica waits, after its model's warm-up, for CHAIR's parser to finish
+# loading before it reports ready (so the page's first marks do not wait for it); a machine slower
+# than this answers the first marks late instead of starting late.
+WARM_UP_WAIT_S = 30.0
 
 
 class _Query(BaseModel):
@@ -160,6 +165,22 @@ def warm_up() -> None:
     log.info("playground warm-up (samples, CHAIR's parser) took %.1fs", time.perf_counter() - started)
 
 
+_WARMING: list[threading.Thread] = []  # the process's one warm-up thread, once started
+_WARMING_LOCK = threading.Lock()  # not the parsers' lock: the warm-up holds that one for seconds
+
+
+def start_warm_up() -> threading.Thread:
+    """`warm_up` in a daemon thread, started once per process (the replica starts it before it loads
+    the model, `mount` again when it builds the app): loading NLTK's tagger and WordNet takes
+    seconds to tens of seconds on a small busy machine, and the page's first marks wait for it.
+    The thread, to join with a timeout."""
+    with _WARMING_LOCK:
+        if not _WARMING:
+            _WARMING.append(threading.Thread(target=warm_up, name="playground-warm-up", daemon=True))
+            _WARMING[0].start()
+        return _WARMING[0]
+
+
 # -- inspection ---------------------------------------------------------------------------------
 def robust_vmax(values: np.ndarray, percentile: float = VMAX_PERCENTILE) -> float:
     """The top of a colour scale: the `percentile`-th value, so one outlier is clipped, not the
@@ -216,13 +237,14 @@ def run_inspection(pipe: Any, image: Any, prompt: str, spec: Any, max_tokens: in
 
 
 # -- comparison of finished evaluation jobs ---------------------------------------------------------
-def chair_task_of(workdir: Path) -> Any:
+def chair_task_of(workdir: Path, request: Optional[dict] = None) -> Any:
     """The CHAIR task a finished "chair" job answered (serve/jobs.py `run_chair`), rebuilt from the
-    annotations its folder holds (the job's prompt option is not needed: scoring reads answers)."""
+    annotations its folder holds and the job's options (prompt, short-caption scoring)."""
     from lvlm_hallu.eval.chair import ground_truth_from_coco
     from lvlm_hallu.eval.coco import image_file_names, load_coco
-    from lvlm_hallu.eval.compare import ChairTask
+    from lvlm_hallu.eval.compare import CHAIR_PROMPT, ChairTask
 
+    opts = (request or {}).get("options") or {}
     data = workdir / "data"
     coco = load_coco(data / "annotations" / f"instances_{SAMPLE_SPLIT}.json")
     names = image_file_names(coco)
@@ -230,15 +252,62 @@ def chair_task_of(workdir: Path) -> Any:
     parser = parser_for("shapes")
     gt = ground_truth_from_coco(coco, data / "annotations" / f"captions_{SAMPLE_SPLIT}.json", parser=parser,
                                 image_ids=ids)
-    return ChairTask({i: str(data / "images" / names[i]) for i in ids}, gt, parser)
+    return ChairTask({i: str(data / "images" / names[i]) for i in ids}, gt, parser,
+                     prompt=opts.get("prompt", CHAIR_PROMPT), short_caption=bool(opts.get("short_caption", False)))
+
+
+def pope_task_of(workdir: Path, request: dict) -> Any:
+    """The POPE task a finished "pope" job answered (serve/jobs.py `run_pope`): its questions drawn
+    again from the annotations in its folder with the job's limit, seed, splits and parser, as
+    `run_pope` draws them (eval/pope.py `build_split` is seeded). `compare_jobs` trusts it only
+    when its items digest is the one in the job's results file (`_answered`)."""
+    from lvlm_hallu.eval.chair import ground_truth_from_coco
+    from lvlm_hallu.eval.coco import image_file_names, load_coco
+    from lvlm_hallu.eval.compare import PopeTask
+    from lvlm_hallu.eval.pope import SPLITS, build_split
+
+    opts = request.get("options") or {}
+    limit = int(request["limit"])
+    n_images, keep = max(8, -(-limit // 6)), limit + limit % 2  # run_pope's sample and question count
+    data = workdir / "data"
+    coco = load_coco(data / "annotations" / f"instances_{SAMPLE_SPLIT}.json")
+    gt = ground_truth_from_coco(coco, data / "annotations" / f"captions_{SAMPLE_SPLIT}.json",
+                                parser=parser_for("shapes"))
+    questions = {s: build_split(gt.objects, s, n_images=n_images, seed=request.get("seed", 0),
+                                image_names=image_file_names(coco))[:keep]
+                 for s in opts.get("splits") or list(SPLITS)}
+    return PopeTask(questions, data / "images", parser=opts.get("parser", "pope"))
+
+
+TASK_OF = {"chair": chair_task_of, "pope": pope_task_of}  # job kind -> its task, rebuilt from its folder
+
+
+def _answered(task: Any, results: Any) -> Optional[dict[str, dict]]:
+    """The job's answers in the task's item order, or None unless the task's items are the ones the
+    job answered: the items digest (key, prompt, image name and content, eval/fingerprint.py) in
+    the results file's fingerprint, every key, and the metadata the runner copied from each item
+    into its record (image id; split, question id, label)."""
+    from lvlm_hallu.eval.fingerprint import HEADER_KEY, items_digest
+
+    items = task.items()
+    stamped = ((results.header or {}).get(HEADER_KEY) or {}).get("items")
+    records = results.records
+    if stamped is None or stamped != items_digest(items) or set(records) != {it.key for it in items}:
+        return None
+    if any(records[it.key].get(k) != v for it in items for k, v in it.meta.items()):
+        return None
+    return {it.key: records[it.key] for it in items}
 
 
 def compare_jobs(jobs: list[dict], root: Path, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """Each job's metrics and, for CHAIR jobs after the first, the paired bootstrap interval of
-    each metric's difference to the first (eval/significance.py, as `lvlm eval compare`): the
-    jobs must have answered the same images (same limit and seed)."""
+    """Each job's metrics and, for jobs after the first, the paired bootstrap interval of each
+    metric's difference to the first, computed as `lvlm eval compare` computes it (eval/compare.py
+    `compare`: the task's `score` and `unit_stats` on the answers in item order, then
+    eval/significance.py `paired_bootstrap` with the same default resamples and seed; the unit is
+    an image, for POPE with its questions in every split). The jobs must have answered the same
+    images (same limit and seed)."""
     from lvlm_hallu.eval.runner import ResultsFile
-    from lvlm_hallu.eval.significance import paired_bootstrap
+    from lvlm_hallu.eval.significance import check_resamples, paired_bootstrap
 
     from lvlm_hallu.serve.errors import BadRequest
 
@@ -248,27 +317,35 @@ def compare_jobs(jobs: list[dict], root: Path, level: float = 0.95, seed: int = 
     kind = kinds.pop()
     rows = [{"id": j["id"], "interventions": (j.get("request") or {}).get("interventions"),
              "metrics": j.get("metrics"), "intervals": None} for j in jobs]
-    if kind != "chair":  # POPE's questions depend on the job's options: compared by point values only
-        return {"object": "comparison", "kind": kind, "level": level, "method": None, "data": rows,
-                "note": "intervals are computed for CHAIR jobs only"}
-    if not all((root / j["id"] / "chair.jsonl").is_file() for j in jobs):
-        return {"object": "comparison", "kind": kind, "level": level, "method": None, "data": rows,
-                "note": "the jobs' folders are not on this replica's node"}
-    stats = []
+
+    def without(note: str) -> dict[str, Any]:
+        return {"object": "comparison", "kind": kind, "level": level, "method": None, "data": rows, "note": note}
+
+    if kind not in TASK_OF:
+        return without(f"intervals are computed for {' and '.join(k.upper() for k in TASK_OF)} jobs only")
+    if not all((root / j["id"] / f"{kind}.jsonl").is_file() for j in jobs):
+        return without("the jobs' folders are not on this replica's node")
+    stats, scored = [], []
     for j in jobs:
         workdir = root / j["id"]
-        records = ResultsFile(workdir / "chair.jsonl").records
-        task = chair_task_of(workdir)
-        _metrics, details = task.score(records)
+        task = TASK_OF[kind](workdir, j.get("request") or {})
+        records = _answered(task, ResultsFile(workdir / f"{kind}.jsonl"))
+        if records is None:
+            return without(f"job {j['id']}'s answers are not the items rebuilt from its folder")
+        metrics, details = task.score(records)
+        scored.append(metrics)
         stats.append(task.unit_stats(records, details))
-    for row, other in zip(rows[1:], stats[1:]):
+    resamples = check_resamples(None, level)
+    for row, metrics, other in zip(rows[1:], scored[1:], stats[1:]):
         try:
-            found = paired_bootstrap(stats[0], other, seed=seed, level=level)
+            found = paired_bootstrap(stats[0], other, resamples=resamples, seed=seed, level=level,
+                                     names=[m for m in metrics if m in scored[0]])
         except ValueError as err:
             raise BadRequest(f"jobs {rows[0]['id']} and {row['id']}: {err}", param="jobs") from None
         row["intervals"] = {m: iv.to_dict() for m, iv in found.items()}
-    return {"object": "comparison", "kind": kind, "level": level,
-            "method": "paired bootstrap, percentile interval; unit: image", "data": rows}
+    unit = "image" if kind == "chair" else "image (its questions in every split)"
+    return {"object": "comparison", "kind": kind, "level": level, "resamples": resamples, "seed": seed,
+            "method": f"paired bootstrap, percentile interval; unit: {unit}", "data": rows}
 
 
 class CompareQuery(_Query):
@@ -321,9 +398,7 @@ def mount(app: Any, service: Any, route: Any) -> None:
     from lvlm_hallu.serve.limits import read_body
 
     mount_page(app, bool(service.config.keys()))
-    # NLTK's tagger and WordNet take seconds to load on a small machine: load them now, beside
-    # the first requests, not when the first answer is to be marked.
-    threading.Thread(target=warm_up, name="playground-warm-up", daemon=True).start()
+    start_warm_up()  # CHAIR's parser now, beside the model's warm-up, not when the first answer is marked
     inspecting = asyncio.Lock()  # one inspection at a time: it runs the model twice beside the scheduler
 
     def parse(model: type[BaseModel], body: bytes) -> Any:

@@ -1,11 +1,13 @@
 """The playground's endpoints (serve/playground.py) in process: the page and its files, the held-out
 samples, CHAIR marks against eval/chair.py's own scoring, the robust colour scale, the inspection
-view against the figures `lvlm inspect` draws, and the comparison of finished CHAIR jobs against
-their metrics. The page itself in a browser: test_playground_browser.py."""
+view against the figures `lvlm inspect` draws, and the comparison of finished CHAIR and POPE jobs
+against what `lvlm eval compare` computes for the same answers. The page itself in a browser:
+test_playground_browser.py."""
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,14 @@ def test_inspection_view_draws_what_lvlm_inspect_draws(shapes):
     assert len(view["panels"]) == 1 and view["panels"][0]["image"].startswith("data:image/png")
 
 
+def stamp(items):
+    """The results file's fingerprint as a job writes it (serve/jobs.py), with the items digest
+    the comparison checks (the job's other fields do not matter here)."""
+    from lvlm_hallu.eval.fingerprint import Fingerprint, items_digest
+
+    return Fingerprint.of(items=items_digest(items))
+
+
 def _chair_job(root: Path, job_id: str, answers: dict[int, str], n: int) -> dict:
     from lvlm_hallu.eval.runner import ResultsFile, make_record
     from lvlm_hallu.lvlm.shapes import build_split
@@ -169,7 +179,7 @@ def _chair_job(root: Path, job_id: str, answers: dict[int, str], n: int) -> dict
     build_split(root / job_id / "data", "test", n)
     task = chair_task_of(root / job_id)
     records = [make_record(item, answers.get(int(item.key), "A ball.")) for item in task.items()]
-    ResultsFile(root / job_id / "chair.jsonl").append(records)
+    ResultsFile(root / job_id / "chair.jsonl", stamp(task.items())).append(records)
     metrics, _ = task.score({r["key"]: r for r in records})
     return {"id": job_id, "kind": "chair", "request": {"interventions": None}, "metrics": metrics}
 
@@ -188,3 +198,77 @@ def test_compare_gives_paired_intervals_of_finished_chair_jobs(tmp_path):
     other = _chair_job(tmp_path, "fewer", {}, 4)  # other images: not a paired comparison
     with pytest.raises(Exception, match="different units|unpaired"):
         compare_jobs([plain, other], tmp_path)
+
+
+# -- the comparison against `lvlm eval compare` -----------------------------------------------------
+def _answer(kind: str, config: str, item) -> str:
+    """A deterministic answer that differs between images: the plain model names a fish in most
+    captions and says yes to most questions; "treated" less often."""
+    k = zlib.crc32(item.key.encode())
+    if kind == "chair":
+        return "A ball and a fish." if k % (2 if config == "plain" else 5) else "A ball."
+    if config == "plain":
+        return "Yes." if k % 4 else "No."
+    return item.meta["label"].capitalize() + "." if k % 3 else "Yes."
+
+
+def _finished_job(monkeypatch, root: Path, kind: str, job_id: str, config: str, request: dict) -> tuple[dict, object]:
+    """Run the service's own job function (serve/jobs.py run_chair / run_pope: its folder, items
+    and task) with the answering replaced by `_answer`; the job record and the task it built."""
+    from lvlm_hallu.eval.runner import ResultsFile, make_record
+    from lvlm_hallu.serve import jobs
+
+    built = {}
+
+    def answer_without_replicas(ctx, task, items, _partial):
+        built["task"] = task
+        records = [make_record(item, _answer(kind, config, item)) for item in items]
+        ResultsFile(ctx.workdir / f"{task.name}.jsonl", stamp(items)).append(records[::-1])  # any file order
+        metrics, _ = task.score({r["key"]: r for r in records})
+        return {k: round(float(v), 4) for k, v in metrics.items()}
+
+    monkeypatch.setattr(jobs, "_answer_with_progress", answer_without_replicas)
+    ctx = jobs.JobContext(job_id, dict(request), "shapes", {}, root / job_id, lambda *a, **k: None)
+    metrics = jobs.JOB_KINDS[kind].run(ctx)
+    return {"id": job_id, "kind": kind, "request": request, "metrics": metrics}, built["task"]
+
+
+@pytest.mark.parametrize("kind, request_", [
+    ("pope", {"limit": 24, "seed": 0, "options": {"splits": ["adversarial", "random"], "parser": "pope"}}),
+    ("pope", {"limit": 7, "seed": 3, "options": {"parser": "pope"}}),
+    ("chair", {"limit": 8, "seed": 0, "options": {}}),
+])
+def test_compare_intervals_equal_lvlm_eval_compare(monkeypatch, tmp_path, kind, request_):
+    from lvlm_hallu.eval.compare import compare
+    from lvlm_hallu.eval.report import Provenance
+
+    plain, task = _finished_job(monkeypatch, tmp_path / "jobs", kind, "plain", "plain", request_)
+    treated, _ = _finished_job(monkeypatch, tmp_path / "jobs", kind, "treated", "treated",
+                               {**request_, "interventions": "vhr"})
+    out = compare_jobs([plain, treated], tmp_path / "jobs")
+
+    # `lvlm eval compare` on the same answers, with the task the job itself built
+    def execute(items, path, spec, description=None):
+        return {it.key: {"key": it.key, **it.meta, "answer": _answer(kind, spec, it)} for it in items}
+
+    report, _ = compare(task, ["plain", "treated"], execute, tmp_path / "eval", Provenance(), charts=False)
+    assert out["resamples"] == report.significance["resamples"] and out["seed"] == report.significance["seed"]
+    assert out["level"] == report.significance["level"] and report.significance["unit"] in out["method"]
+    assert out["data"][0]["intervals"] is None
+    got, expected = out["data"][1]["intervals"], report.results[1].intervals
+    assert got == expected  # every metric, bound and Monte-Carlo error, exactly
+    headline = "CHAIR_s" if kind == "chair" else next(m for m in got if m.endswith(" F1"))
+    assert got[headline]["diff"] == pytest.approx(treated["metrics"][headline] - plain["metrics"][headline], abs=1e-3)
+    assert got[headline]["low"] < got[headline]["high"]  # the answers differ between images: a real interval
+    if kind == "pope":
+        assert "POPE (mean F1)" in got and len(task.splits) == len(request_["options"].get("splits") or "xxx")
+
+
+def test_compare_refuses_answers_that_are_not_the_rebuilt_items(monkeypatch, tmp_path):
+    request_ = {"limit": 8, "seed": 0, "options": {"splits": ["popular"]}}
+    plain, _ = _finished_job(monkeypatch, tmp_path, "pope", "plain", "plain", request_)
+    treated, _ = _finished_job(monkeypatch, tmp_path, "pope", "treated", "treated", request_)
+    drawn_otherwise = {**treated, "request": {**request_, "seed": 1}}  # its record says another seed
+    out = compare_jobs([plain, drawn_otherwise], tmp_path)
+    assert [row["intervals"] for row in out["data"]] == [None, None] and "rebuilt" in out["note"]
+    assert compare_jobs([plain, {**treated, "id": "elsewhere"}], tmp_path)["note"].startswith("the jobs' folders")

@@ -51,10 +51,11 @@ class Budget:
 
 def model_folder(name: str) -> Path | None:
     """The checkpoint folder of `name` if it can be read without loading (shapes, a folder, a cached hub id)."""
-    if name == "shapes":
-        from lvlm_hallu.lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import embedded_dir
 
-        return Path(MODEL_DIR) if (Path(MODEL_DIR) / "config.json").is_file() else None
+    folder = embedded_dir(name)
+    if folder is not None:
+        return folder if (folder / "config.json").is_file() else None
     if os.path.isdir(name):
         return Path(name)
     from lvlm_hallu.lvlm.loader import hub_snapshot

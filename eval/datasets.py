@@ -57,11 +57,13 @@ def resolve_sources(
     """
     from lvlm_hallu.eval.coco import resolve_annotation_paths
 
+    from lvlm_hallu.lvlm.shapes import EMBEDDED
+
     no_data = not any((images, annotations, instances, captions)) and not other_data
-    if model == "shapes" and no_data:
-        world = shapes_world(world_images or DEFAULT_N)
+    if model in EMBEDDED and no_data:  # the test split of the world the embedded model was trained on
+        world = shapes_world(world_images or DEFAULT_N, detailed=EMBEDDED[model][1] == "detail")
         return Sources(world.images, world.instances, world.captions, synonyms or world.synonyms, world)
-    if synonyms is None and model == "shapes":  # the embedded model names shapes, not COCO objects
+    if synonyms is None and model in EMBEDDED:  # the embedded models name shapes, not COCO objects
         from lvlm_hallu.lvlm.shapes import SYNONYMS_PATH
 
         synonyms = Path(SYNONYMS_PATH)

@@ -289,14 +289,12 @@ def model_identity(name: str, *, revision: str | None = None, server: str | None
         return {"id": name, "server": server}
     from lvlm_hallu.eval.report import package_version
 
-    folder: Path | None = None
-    if name == "shapes":
-        from lvlm_hallu.lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import embedded_dir
 
-        folder = Path(MODEL_DIR)
-    elif os.path.isdir(name):
+    folder: Path | None = embedded_dir(name)
+    if folder is None and os.path.isdir(name):
         folder = Path(name)
-    else:
+    elif folder is None:
         try:
             from lvlm_hallu.lvlm import tiny
         except ImportError:  # pragma: no cover - eval installed without the model stack

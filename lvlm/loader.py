@@ -1,6 +1,7 @@
 """`load(name_or_path)`: a Pipeline for the embedded model, a tiny test model, or a checkpoint.
 
-Names: "shapes" (the embedded model trained in this repo, the default), "tiny-llava",
+Names: "shapes" (the embedded model trained in this repo, the default), "shapes-detail" (the
+embedded model of the detailed world, docs/shapes-world.md), "tiny-llava",
 "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl" and "tiny-qwen2.5-vl" (random weights,
 for tests), "random-llava-1.5-7b" (random weights at LLaVA-1.5-7B's shapes, for GPU benchmarks). Anything else is a Hugging Face hub id or a local
 directory; its family is detected from the config through the adapter table. Images are
@@ -106,13 +107,13 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
         else:
             model = _dispatch(model.to(dtype=torch_dtype), device_map, max_memory, offload_folder)
         return Pipeline(model, processor, adapter_for(model.config), name)
-    if name == "shapes":
-        from lvlm_hallu.lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import embedded_dir, missing_message
 
-        if not (Path(MODEL_DIR) / "config.json").exists():
-            raise FileNotFoundError(f"the embedded shapes model is missing at {MODEL_DIR}; "
-                                    "train it with `python -m lvlm_hallu.lvlm.shapes.train`")
-        path = str(MODEL_DIR)
+    embedded = embedded_dir(name)
+    if embedded is not None:
+        if not (embedded / "config.json").exists():
+            raise FileNotFoundError(missing_message(name))
+        path = str(embedded)
     else:
         path = name
     config = load_config(path, revision)
@@ -133,7 +134,7 @@ def load(name_or_path: str | None = None, *, device: str = "cpu", dtype: str | t
         raise unavailable(name, err, revision) from err
     model = (model if device_map is not None else model.to(device)).eval()
     pipe = Pipeline(model, processor, adapter, name)
-    if name != "shapes" and not Path(path).is_dir():  # a hub id: the snapshot it resolved to
+    if embedded is None and not Path(path).is_dir():  # a hub id: the snapshot it resolved to
         pipe.snapshot = hub_snapshot(name, revision)
     return pipe
 

@@ -133,10 +133,10 @@ def config_for(name: str | None, revision: str | None = None) -> Any:
         return tiny.llava_15_7b_config(tiny.char_tokenizer())
     if name in tiny.ALL:
         return tiny.build(name)[0].config  # a few hundred thousand parameters
-    if name == "shapes":
-        from lvlm_hallu.lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import embedded_dir
 
-        name = str(MODEL_DIR)
+    if embedded_dir(name) is not None:
+        name = str(embedded_dir(name))
     from lvlm_hallu.lvlm.loader import load_config
 
     return load_config(name, revision)  # a hub id that cannot be fetched: one line saying why

@@ -11,7 +11,25 @@ from typing import Any
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "model"
+DETAIL_MODEL_DIR = ASSETS / "model-detail"
 SYNONYMS_PATH = ASSETS / "synonyms.txt"
+# The embedded models by name: their folder and the world they were trained on ("basic": world.py,
+# one-sentence captions, docs/shapes-model.md; "detail": detail.py, 40-120 word descriptions,
+# docs/shapes-world.md).
+EMBEDDED: dict[str, tuple[Path, str]] = {"shapes": (MODEL_DIR, "basic"), "shapes-detail": (DETAIL_MODEL_DIR, "detail")}
+
+
+def embedded_dir(name: str) -> Path | None:
+    """The folder of the embedded model `name`, or None if `name` is not one of EMBEDDED."""
+    return EMBEDDED[name][0] if name in EMBEDDED else None
+
+
+def missing_message(name: str) -> str:
+    """Why the embedded model `name` cannot load: its folder has no weights, and how to make them."""
+    folder, world_name = EMBEDDED[name]
+    how = ("train it with `python -m lvlm_hallu.lvlm.shapes.train`" if world_name == "basic"
+           else "train it as docs/shapes-world.md says")
+    return f"the embedded model {name!r} is missing at {folder}; {how}"
 
 # The world's names are read from lvlm.shapes.world on first use (PEP 562), not imported here:
 # `python -m lvlm_hallu.lvlm.shapes.world` (and .train) would otherwise find the module already imported by
@@ -28,4 +46,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ASSETS", "MODEL_DIR", "SYNONYMS_PATH", *sorted(_WORLD_NAMES)]
+__all__ = ["ASSETS", "DETAIL_MODEL_DIR", "EMBEDDED", "MODEL_DIR", "SYNONYMS_PATH", "embedded_dir", "missing_message", *sorted(_WORLD_NAMES)]

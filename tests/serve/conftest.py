@@ -1,14 +1,24 @@
-"""Shared fakes for the service tests: a deterministic pipeline with the `lvlm` Pipeline interface.
+"""Shared fixtures of the service tests.
 
-The fake's output is a pure function of one request (prompt, interventions, image size,
-max_new_tokens), so "a row batched with others gets what it gets alone" is a plain equality.
+- `tiny` (the real tiny LLaVA, loaded once per session) and `serving`, a `Service` over it built as
+  a replica builds it: the continuous scheduler by default, the static runner when asked. The
+  HTTP tests (test_app.py, test_bad_input.py) run on these.
+- `solo`: what the tiny model answers a request alone (`Pipeline.generate`, no server, no batch), the
+  oracle an HTTP answer is compared with; `content` is that answer as the API shows it.
+- `FakePipeline`: a deterministic pipeline with the `lvlm` Pipeline interface and no engine (so a
+  Service over it always gets the static runner). Its output is a pure function of one request
+  (prompt, interventions, image size, max_new_tokens), so "a row batched with others gets what it
+  gets alone" is a plain equality. Kept where a test needs what the real engine cannot do.
+- `FakeJobs`: the evaluation job registry in process (the Ray one: test_jobs_ray.py).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
+import json
 import os
 import struct
 import threading
@@ -25,6 +35,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from lvlm_hallu.lvlm.errors import PromptError  # noqa: E402
 from lvlm_hallu.lvlm.types import Result, Timings  # noqa: E402
+
+SCHEDULERS = ("continuous", "static")  # serve/app.py make_runner; the first is the default
 
 
 def png(size=(20, 10), color="red", mode="RGB") -> bytes:
@@ -106,3 +118,100 @@ class FakePipeline:
 @pytest.fixture
 def fake_pipeline():
     return FakePipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The real tiny LLaVA (lvlm/tiny.py: random weights, 4 layers, width 64, a character-level
+    tokenizer, a context of 512 tokens), loaded once for every module that does not load its own."""
+    from lvlm_hallu import lvlm
+
+    return lvlm.load("tiny-llava")
+
+
+@contextlib.contextmanager
+def serving(pipeline, scheduler: str = "continuous", *, jobs=None, **config):
+    """A `Service` over `pipeline` with the runner a replica gets (serve/app.py `make_runner`): the
+    continuous scheduler, or static batches when `scheduler="static"`; a pipeline without an engine
+    (the fakes) always gets the static runner. The scheduler's engine loop is closed on the way out."""
+    from lvlm_hallu.serve.app import Service
+    from lvlm_hallu.serve.config import ServeConfig
+
+    config.setdefault("model", pipeline.model_id)
+    service = Service(pipeline, ServeConfig(scheduler=scheduler, warmup=False, **config), jobs=jobs)
+    try:
+        yield service
+    finally:
+        close = getattr(service.runner, "close", None)
+        if close is not None:
+            close()
+
+
+@pytest.fixture(scope="session")
+def solo(tiny):
+    """`solo(prompt, image=None, max_new_tokens=8, interventions=None, **fields)`: the `Result` of
+    one request run alone on the tiny model (`Pipeline.generate`: no server, no batch). `image` is
+    the encoded file the client sent (PNG bytes, decoded as the server decodes them),
+    `interventions` what the request's `interventions` field held. Memoised: many tests ask the
+    same question."""
+    from PIL import Image
+
+    from lvlm_hallu.interventions import resolve
+    from lvlm_hallu.lvlm.types import Request
+
+    answers: dict[tuple, Result] = {}
+
+    def run(prompt: str, image: bytes | None = None, *, max_new_tokens: int = 8, interventions=None,
+            **fields) -> Result:
+        key = (prompt, image, max_new_tokens, json.dumps(interventions, sort_keys=True), tuple(sorted(fields.items())))
+        if key not in answers:
+            decoded = None if image is None else Image.open(io.BytesIO(image)).convert("RGB")
+            request = Request(prompt, decoded, max_new_tokens=max_new_tokens, interventions=resolve(interventions),
+                              **fields)
+            answers[key] = tiny.generate([request])[0]
+        return answers[key]
+
+    return run
+
+
+def content(result: Result) -> str:
+    """The answer's text as the API shows it: without the one leading space a SentencePiece
+    tokenizer decodes before the first word (serve/chat.py answer_text)."""
+    return result.text[1:] if result.text.startswith(" ") else result.text
+
+
+class FakeJobs:
+    """In-process stand-in for serve.jobs.RayJobs (the Ray one is covered by test_jobs_ray.py and
+    the integration test)."""
+
+    def __init__(self):
+        from lvlm_hallu.serve.jobs import JobBoard
+
+        self.board = JobBoard()
+
+    @staticmethod
+    def kinds():
+        return {"chair": "", "pope": ""}
+
+    async def submit(self, kind, model, request, load_kwargs, owner=None):
+        return self.board.create(kind, model, request, owner=owner).to_dict()
+
+    async def get(self, job_id, owner=None):
+        job = self.board.get(job_id, owner)
+        return job and job.to_dict()
+
+    async def list(self, owner=None):
+        return [j.to_dict() for j in self.board.list(owner)]
+
+    async def cancel(self, job_id, owner=None):
+        if self.board.get(job_id, owner) is None:
+            return None
+        self.board.cancel(job_id)
+        return await self.get(job_id)
+
+    healthy = True
+
+    async def health(self):
+        if not self.healthy:
+            raise ConnectionError("job registry unreachable")
+        return {"ok": True, "jobs": len(self.board.list())}

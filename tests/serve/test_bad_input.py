@@ -1,7 +1,8 @@
-"""The bad-input suite: hostile and malformed requests against one running app (in process, the
-fake pipeline with model facts of 6 layers and width 32). Every case must be answered with a 4xx
-carrying OpenAI's error object `{"error": {message, type, param, code}}` — never a 5xx — and the
-service must answer a good request correctly right after it.
+"""The bad-input suite: hostile and malformed requests against one running app, in process as a
+replica serves it: the real tiny model (4 layers, width 64, a context of 512 character tokens)
+behind the continuous scheduler. Every case must be answered with a 4xx carrying OpenAI's error
+object `{"error": {message, type, param, code}}` — never a 5xx — and the service must answer a
+good request right after it with the tokens the model gives that request alone.
 
 Cases cover every item of issue #12: model-dependent limits (layers and sink dimensions beyond
 the model), non-finite and huge parameters, strict JSON types, unsupported OpenAI fields, media
@@ -18,10 +19,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from lvlm_hallu.serve.app import Service, build_app
-from lvlm_hallu.serve.config import ServeConfig
+from lvlm_hallu.serve.app import build_app
 from lvlm_hallu.serve.limits import Limits
-from tests.serve.conftest import FakePipeline, png, png_declaring
+from lvlm_hallu.serve.scheduler import ContinuousScheduler
+from tests.serve.conftest import FakeJobs, content, png, png_declaring, serving
 from tests.serve.conftest import data_url as url
 
 KEY = "suite-key"
@@ -30,20 +31,17 @@ LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_image_pixel
                 max_aspect_ratio=20.0, max_tokens=64, max_prompt_chars=2000, allow_remote_images=True,
                 remote_timeout_s=2.0)
 STATUSES: list[int] = []  # every status the suite saw, for the zero-5xx check
-
-
-
-
-
-
-
-
-GOOD_IMAGE = url(png())
+MODEL = "tiny-llava"
+# The served model's dimensions, which the model-dependent cases name (checked against the loaded
+# model in test_the_cases_name_the_served_models_dimensions): layers, hidden size, context.
+LAYERS, HIDDEN, CONTEXT = 4, 64, 512
+GOOD_PNG = png()  # 20x10, red
+GOOD_IMAGE = url(GOOD_PNG)
 
 
 def body(prompt="Describe this image.", image: str | None = GOOD_IMAGE, **extra) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": image}}] if image is not None else []
-    return {"model": "fake-lvlm", "messages": [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}],
+    parts = [{"type": "image_url", "image_url": {"url": image}}] if image is not None else []
+    return {"model": MODEL, "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}],
             "max_tokens": 8, **extra}
 
 
@@ -200,8 +198,10 @@ CHAT_CASES = [
                                                        {"role": "user", "content": "hi"}]}}, 400, None, None),
     ("empty-prompt", {"json": body(prompt="  ", image=None)}, 400, "invalid_prompt", "messages"),
     ("prompt-over-char-limit", {"json": body(prompt="word " * 500)}, 400, "context_length_exceeded", "messages"),
-    ("prompt-over-context", {"json": body(prompt="x" * 250)}, 400, "context_length_exceeded", "messages"),
-    ("engine-rejects-prompt", {"json": body(prompt="BOOM goes the engine")}, 400, "invalid_prompt", "messages"),
+    # one character is one token: the service's count refuses the first; the second fits that count
+    # exactly, and the engine refuses it once the image's tokens and the chat template are added
+    ("prompt-over-context", {"json": body(prompt="x" * (CONTEXT - 7))}, 400, "context_length_exceeded", "messages"),
+    ("engine-refuses-prompt", {"json": body(prompt="x" * (CONTEXT - 8))}, 400, "context_length_exceeded", "messages"),
     # -- images
     ("bad-base64", msgs([img("data:image/png;base64,%%%notb64"), TEXT]), 400, "invalid_image_url", None),
     ("data-url-without-base64", msgs([img("data:image/png,rawbytes"), TEXT]), 400, "invalid_image_url", None),
@@ -250,7 +250,7 @@ CHAT_CASES = [
     ("vhr-alpha-1e308", iv("vhr", alpha=1e308), 400, INV, "interventions.vhr.alpha"),
     ("vhr-layers-999", iv("vhr", layers=[999]), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-minus-1", iv("vhr", layers=[-1]), 400, INV, "interventions.vhr.layers"),
-    ("vhr-layers-just-beyond", iv("vhr", layers=[1, 6]), 400, INV, "interventions.vhr.layers"),
+    ("vhr-layers-just-beyond", iv("vhr", layers=[1, LAYERS]), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-strings", iv("vhr", layers=["a"]), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-number", iv("vhr", layers=5), 400, INV, "interventions.vhr.layers"),
     ("vhr-layers-nan", raw_iv("vhr", "layers", "[NaN]"), 400, INV, None),
@@ -264,7 +264,7 @@ CHAT_CASES = [
     ("var-tau-infinity", raw_iv("var", "tau", "Infinity"), 400, INV, "interventions.var.tau"),
     ("var-tau-1e300", iv("var", tau=1e300), 400, INV, "interventions.var.tau"),
     ("var-min-visual-2", iv("var", min_visual=2), 400, INV, "interventions.var"),
-    ("var-sink-dims-hidden", iv("var", sink_dims=[32]), 400, INV, "interventions.var.sink_dims"),
+    ("var-sink-dims-hidden", iv("var", sink_dims=[HIDDEN]), 400, INV, "interventions.var.sink_dims"),
     ("var-sink-dims-1000", iv("var", sink_dims=[3, 1000]), 400, INV, "interventions.var.sink_dims"),
     ("var-sink-dims-negative", iv("var", sink_dims=[-1]), 400, INV, "interventions.var"),
     ("var-sink-dims-empty", iv("var", sink_dims=[]), 400, INV, "interventions.var"),
@@ -275,7 +275,7 @@ CHAT_CASES = [
     ("pai-alpha-1e308", iv("pai", alpha=1e308), 400, INV, "interventions.pai.alpha"),
     ("pai-alpha-negative", iv("pai", alpha=-1), 400, INV, "interventions.pai"),
     ("pai-start-layer-999", iv("pai", start_layer=999), 400, INV, "interventions.pai.start_layer"),
-    ("pai-start-layer-L", iv("pai", start_layer=6), 400, INV, "interventions.pai.start_layer"),
+    ("pai-start-layer-L", iv("pai", start_layer=LAYERS), 400, INV, "interventions.pai.start_layer"),
     ("pai-start-layer-negative", iv("pai", start_layer=-1), 400, INV, "interventions.pai"),
     ("pai-gamma-zero", iv("pai", gamma=0, contrast=True), 400, INV, "interventions.pai"),
     ("pai-gamma-1e308", iv("pai", gamma=1e308, contrast=True), 400, INV, "interventions.pai.gamma"),
@@ -283,7 +283,8 @@ CHAT_CASES = [
     # -- VTE
     ("vte-policy-unknown", iv("vte", policy="magic"), 400, INV, "interventions.vte"),
     ("vte-exit-layer-999", iv("vte", exit_layer=999), 400, INV, "interventions.vte.exit_layer"),
-    ("vte-exit-layer-L-plus-1", iv("vte", exit_layer=7), 400, INV, "interventions.vte.exit_layer"),  # L = 6 is neutral
+    # exit_layer = LAYERS never exits (neutral): one beyond is refused
+    ("vte-exit-layer-L-plus-1", iv("vte", exit_layer=LAYERS + 1), 400, INV, "interventions.vte.exit_layer"),
     ("vte-exit-layer-negative", iv("vte", exit_layer=-1), 400, INV, "interventions.vte"),
     ("vte-min-layer-999", iv("vte", policy="dynamic", min_layer=999), 400, INV, "interventions.vte.min_layer"),
     ("vte-threshold-2", iv("vte", policy="dynamic", threshold=2), 400, INV, "interventions.vte"),
@@ -347,16 +348,14 @@ OTHER_CASES = [
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    return FakePipeline()
+def service(tiny):
+    with serving(tiny, api_key=KEY, limits=LIMITS, max_batch_size=4, jobs=FakeJobs()) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
-def http(pipeline):
-    from tests.serve.test_app import FakeJobs
-
-    config = ServeConfig(model="fake", api_key=KEY, limits=LIMITS, max_batch_size=4)
-    with TestClient(build_app(Service(pipeline, config, jobs=FakeJobs())), raise_server_exceptions=False) as client:
+def http(service):
+    with TestClient(build_app(service), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -372,11 +371,21 @@ def assert_openai_error(r, status: int, code: str | None, param: str | None) -> 
     return error
 
 
-def assert_still_answering(http, tag: str) -> None:
+def answer(r) -> str:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def assert_still_answering(http, solo, tag: str) -> None:
     r = http.post("/v1/chat/completions", headers=AUTH, json=body(prompt=f"{tag} after", max_tokens=3))
     STATUSES.append(r.status_code)
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == f"{tag} 20x10 none"
+    assert answer(r) == content(solo(f"{tag} after", GOOD_PNG, max_new_tokens=3))
+
+
+def test_the_cases_name_the_served_models_dimensions(service, tiny):
+    assert isinstance(service.runner, ContinuousScheduler)  # the production default
+    facts = tiny.facts
+    assert (tiny.model_id, facts.num_layers, facts.hidden_size, tiny.max_context) == (MODEL, LAYERS, HIDDEN, CONTEXT)
 
 
 def test_the_suite_is_large_enough():
@@ -386,24 +395,24 @@ def test_the_suite_is_large_enough():
 
 
 @pytest.mark.parametrize("case", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
-def test_bad_chat_request_gets_a_4xx_then_a_good_one_is_answered(http, case):
+def test_bad_chat_request_gets_a_4xx_then_a_good_one_is_answered(http, solo, case):
     name, kwargs, status, code, param = case
     r = http.post("/v1/chat/completions", **{"headers": AUTH, **kwargs})
     assert_openai_error(r, status, code, param)
     if status == 401:
         assert r.headers["www-authenticate"].startswith("Bearer")
-    assert_still_answering(http, name.split("-")[0].capitalize())
+    assert_still_answering(http, solo, name.split("-")[0].capitalize())
 
 
 @pytest.mark.parametrize("case", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
-def test_bad_request_on_other_routes_then_a_good_one_is_answered(http, case):
+def test_bad_request_on_other_routes_then_a_good_one_is_answered(http, solo, case):
     name, method, path, kwargs, status, code, param = case
     r = http.request(method, path, **{"headers": AUTH, **kwargs})
     assert_openai_error(r, status, code, param)
-    assert_still_answering(http, name.split("-")[0].capitalize())
+    assert_still_answering(http, solo, name.split("-")[0].capitalize())
 
 
-def test_no_5xx_in_the_whole_suite(http):
+def test_no_5xx_in_the_whole_suite(http, service):
     # Runs after the parametrized cases in file order; replaying every case here keeps the check
     # meaningful when it runs alone (-k) too.
     for _, kwargs, status, _, _ in CHAT_CASES:
@@ -411,6 +420,7 @@ def test_no_5xx_in_the_whole_suite(http):
     assert STATUSES and all(s < 500 for s in STATUSES), sorted(set(STATUSES))
     metrics = http.get("/metrics", headers=AUTH).text
     assert not [line for line in metrics.splitlines() if line.startswith("lvlm_requests_total") and 'status="5' in line]
+    assert (service.admission.active, service.runner.running, service.runner.waiting) == (0, 0, 0)
 
 
 def test_router_path_to_an_existing_file_gets_the_same_answer_as_a_missing_one(http):
@@ -425,30 +435,40 @@ def test_router_path_to_an_existing_file_gets_the_same_answer_as_a_missing_one(h
     assert "router_path" in existing["error"]["message"] and "FileNotFound" not in existing["error"]["message"]
 
 
-def test_tiny_temperature_and_top_p_decode_greedily(http, pipeline):
+@pytest.mark.xfail(strict=True, reason="known bug: the processor's ValueError for an image placeholder written in "
+                   "the prompt's text is not a PromptError, so the service answers 500 (lvlm/pipeline.py prepare)")
+@pytest.mark.parametrize("with_image", [False, True])
+def test_the_image_placeholder_written_in_the_prompt_is_a_400(http, with_image):
+    r = http.post("/v1/chat/completions", headers=AUTH,
+                  json=body(prompt="<image> in my words", image=GOOD_IMAGE if with_image else None))
+    assert r.status_code == 400, r.text  # not through assert_openai_error: STATUSES counts the suite's cases
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_prompt", "messages")
+
+
+def test_tiny_temperature_and_top_p_decode_greedily(http, tiny, solo):
     import asyncio
 
     from lvlm_hallu.serve import chat
     from lvlm_hallu.serve.schema import ChatCompletionRequest
 
-    service_model = chat.ModelInfo(model_id="fake-lvlm", aliases=frozenset({"fake-lvlm"}), max_context=256,
-                                   facts=pipeline.facts)
+    service_model = chat.ModelInfo(model_id=MODEL, aliases=frozenset({MODEL}), max_context=CONTEXT, facts=tiny.facts)
+    greedy = content(solo("Describe this image.", GOOD_PNG))
     for temperature, top_p in ((1e-300, 1.0), (1e-300, 1e-300), (5e-5, 0.5), (0.0, 1e-300)):
         request = ChatCompletionRequest.model_validate(body(temperature=temperature, top_p=top_p))
         prepared = asyncio.run(chat.prepare(request, service_model, LIMITS))
         assert prepared.request.temperature == 0.0  # greedy: the sampler is never handed 1/T overflow
         r = http.post("/v1/chat/completions", headers=AUTH, json=body(temperature=temperature, top_p=top_p))
-        assert r.status_code == 200, r.text
+        assert answer(r) == greedy, (temperature, top_p)
     kept = asyncio.run(chat.prepare(ChatCompletionRequest.model_validate(body(temperature=0.7)), service_model, LIMITS))
     assert kept.request.temperature == 0.7
 
 
-def test_neutral_values_of_unsupported_fields_are_accepted(http):
+def test_neutral_values_of_unsupported_fields_are_accepted(http, solo):
     neutral = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "tools": [], "logit_bias": {},
                "response_format": {"type": "text"}, "tool_choice": "none", "parallel_tool_calls": None}
     r = http.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Neutral please", **neutral))
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"].startswith("Neutral 20x10")
+    assert answer(r) == content(solo("Neutral please", GOOD_PNG))
+    assert "logprobs" not in r.json()["choices"][0] or r.json()["choices"][0]["logprobs"] is None
 
 
 NULLABLE = {"temperature": None, "top_p": None, "n": None, "stream": None, "stream_options": None, "stop": None,
@@ -456,15 +476,14 @@ NULLABLE = {"temperature": None, "top_p": None, "n": None, "stream": None, "stre
             "user": None}
 
 
-def test_null_sampling_fields_mean_the_default(http, pipeline):
+def test_null_sampling_fields_mean_the_default(http, tiny, solo):
     """OpenAI's schema marks these nullable; null must act exactly as omitting the field."""
     import asyncio
 
     from lvlm_hallu.serve import chat
     from lvlm_hallu.serve.schema import ChatCompletionRequest
 
-    model = chat.ModelInfo(model_id="fake-lvlm", aliases=frozenset({"fake-lvlm"}), max_context=256,
-                           facts=pipeline.facts)
+    model = chat.ModelInfo(model_id=MODEL, aliases=frozenset({MODEL}), max_context=CONTEXT, facts=tiny.facts)
     omitted = {k: v for k, v in body(prompt="Null please").items() if k != "max_tokens"}
     nulls = {**omitted, **NULLABLE}
     parsed = ChatCompletionRequest.model_validate_json(json.dumps(nulls))
@@ -476,30 +495,29 @@ def test_null_sampling_fields_mean_the_default(http, pipeline):
             a.request.stop, a.request.logprobs) == (b.stream, b.include_usage, b.request.temperature,
                                                    b.request.top_p, b.request.max_new_tokens, b.request.stop,
                                                    b.request.logprobs)
+    default = min(Limits().default_max_tokens, LIMITS.max_tokens)  # what a request without max_tokens gets
     for field in NULLABLE:
         r = http.post("/v1/chat/completions", headers=AUTH, json={**body(prompt="Null please"), field: None})
-        assert r.status_code == 200, (field, r.text)
-        assert r.headers["content-type"].startswith("application/json")  # "stream": null is not a stream
-        assert r.json()["choices"][0]["message"]["content"].startswith("Null 20x10")
+        assert r.headers["content-type"].startswith("application/json"), field  # "stream": null is not a stream
+        tokens = default if field == "max_tokens" else 8  # the body's max_tokens is 8
+        alone = solo("Null please", GOOD_PNG, max_new_tokens=tokens)
+        assert answer(r) == content(alone) and r.json()["usage"]["completion_tokens"] == alone.completion_tokens, field
 
 
-def test_modalities_text_is_accepted(http):
+def test_modalities_text_is_accepted(http, solo):
     for modalities in (["text"], None, []):
         r = http.post("/v1/chat/completions", headers=AUTH, json=body(prompt="Text only", modalities=modalities))
-        assert r.status_code == 200, (modalities, r.text)
-        assert r.json()["choices"][0]["message"]["content"].startswith("Text 20x10")
+        assert answer(r) == content(solo("Text only", GOOD_PNG)), modalities
 
 
-def test_thin_png_is_refused_fast_while_good_requests_keep_their_latency(pipeline):
+def test_thin_png_is_refused_fast_while_good_requests_keep_their_latency(tiny):
     """The issue's 60000×1 PNG (138 bytes) took 17 s and 5 GB; now it is refused from its header.
-    Good requests run alongside a stream of them and keep their latency."""
+    Good requests (8 tokens each on the tiny model) run alongside a stream of them and keep their
+    latency."""
     import asyncio
 
     import httpx
 
-    slow = FakePipeline(delay_s=0.02)  # 20 ms per request: good requests take a measurable time
-    config = ServeConfig(model="fake", api_key=KEY, limits=LIMITS, max_batch_size=4)
-    app = build_app(Service(slow, config))
     thin = body(image=url(png((60000, 1), mode="L")))
     assert len(png((60000, 1), mode="L")) < 200
 
@@ -508,7 +526,7 @@ def test_thin_png_is_refused_fast_while_good_requests_keep_their_latency(pipelin
         r = await client.post("/v1/chat/completions", headers=AUTH, json=payload)
         return r.status_code, time.perf_counter() - t0
 
-    async def run() -> tuple[list, list, list]:
+    async def run(app) -> tuple[list, list, list]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             await timed(client, body())  # first-request costs out of the way
@@ -516,7 +534,8 @@ def test_thin_png_is_refused_fast_while_good_requests_keep_their_latency(pipelin
             mixed = await asyncio.gather(*[timed(client, thin if i % 2 else body()) for i in range(20)])
         return alone, mixed[0::2], mixed[1::2]
 
-    alone, good, bad = asyncio.run(run())
+    with serving(tiny, api_key=KEY, limits=LIMITS, max_batch_size=4) as service:
+        alone, good, bad = asyncio.run(run(build_app(service)))
     assert all(s == 200 for s, _ in alone + good) and all(s == 413 for s, _ in bad)
     worst_bad = max(t for _, t in bad)
     median = lambda runs: sorted(t for _, t in runs)[len(runs) // 2]  # noqa: E731

@@ -87,6 +87,11 @@ class Pipeline:
     def render_prompt(self, request: Request) -> str:
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise PromptError("the prompt is empty")
+        for name in ("image_token", "video_token"):  # the processor would expand it into vision tokens
+            token = getattr(self.processor, name, None)
+            if isinstance(token, str) and token and token in request.prompt:
+                raise PromptError(f"the prompt text contains the model's {name.split('_')[0]} placeholder "
+                                  f"{token!r}; attach images as image parts, not as text")
         content: list[dict[str, str]] = [{"type": "image"} for _ in _images(request)]
         content.append({"type": "text", "text": request.prompt})
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

@@ -435,14 +435,14 @@ def test_router_path_to_an_existing_file_gets_the_same_answer_as_a_missing_one(h
     assert "router_path" in existing["error"]["message"] and "FileNotFound" not in existing["error"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the processor's ValueError for an image placeholder written in "
-                   "the prompt's text is not a PromptError, so the service answers 500 (lvlm/pipeline.py prepare)")
 @pytest.mark.parametrize("with_image", [False, True])
 def test_the_image_placeholder_written_in_the_prompt_is_a_400(http, with_image):
     r = http.post("/v1/chat/completions", headers=AUTH,
                   json=body(prompt="<image> in my words", image=GOOD_IMAGE if with_image else None))
     assert r.status_code == 400, r.text  # not through assert_openai_error: STATUSES counts the suite's cases
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_prompt", "messages")
+    assert "'<image>'" in r.json()["error"]["message"]
+    assert http.post("/v1/chat/completions", headers=AUTH, json=body(prompt="an image in my words")).status_code == 200
 
 
 def test_tiny_temperature_and_top_p_decode_greedily(http, tiny, solo):

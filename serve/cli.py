@@ -57,9 +57,14 @@ def serve_command(
         help="continuous: tokens one prefill between two decode steps may hold (rows incl. VHR/PAI twins x the group's "
         "longest prompt, image tokens included); bounds the pause of running rows. A longer prompt runs alone"),
     admit_after_steps: int = typer.Option(
-        4, "--admit-after-steps", min=0,
-        help="continuous: decode steps newcomers may wait to be prefilled as one group (until it fills the prefill "
-        "budget or half of --max-batch-size); 0 admits at once"),
+        6, "--admit-after-steps", min=0,
+        help="continuous: refill threshold in decode steps (serve/scheduler.py REFILL_STEPS). An empty batch admits at "
+        "once; a running one refills its free rows once (waiting requests / --max-batch-size) x (decode steps its "
+        "longest row may still take) reaches this, or the group fills --max-prefill-tokens. The default is right for "
+        "the shapes model on a CPU, where a prefill call costs ~3 decode steps: short answers prefill in groups as "
+        "large as a static batch, long answers refill each freed row at once. For a 7B model on a GPU it refills "
+        "long answers at once too; a lower value (1-2) refills short answers sooner there, where a decode step "
+        "costs more than a prefill call's fixed part. Higher: more like static batches; 0: refill at once (vLLM)"),
     api_key: Optional[list[str]] = typer.Option(
         None, "--api-key", envvar="LVLM_API_KEY",
         help="require 'Authorization: Bearer <key>'; repeat for several keys, each owning its eval jobs "

@@ -25,10 +25,11 @@ class ServeConfig:
     max_batch_size: int = 8  # static: requests per batch; continuous: rows decoding at once
     scheduler: str = "continuous"  # "continuous" (serve/scheduler.py) or "static" (@serve.batch)
     # continuous, serve/scheduler.py `Admission`: one prefill between two decode steps holds at most
-    # this many tokens (rows incl. twins x the group's longest prompt), and newcomers wait at most
-    # `admit_after_steps` decode steps to be prefilled as a larger group
+    # this many tokens (rows incl. twins x the group's longest prompt); a running batch refills its
+    # free rows once group / max_batch_size x the decode steps its longest row may still take
+    # reaches `admit_after_steps` (an empty batch admits at once; 0 refills at once)
     max_prefill_tokens: int = 2048
-    admit_after_steps: int = 4
+    admit_after_steps: int = 6  # serve/scheduler.py REFILL_STEPS, docs/serving.md "Batching"
     max_tokens_in_flight: int = 65536  # continuous: prompt + max_new_tokens over the running rows
     batch_wait_timeout_s: float = 0.05  # docs/benchmarks.md "Service load": 10 ms left batches a third full
     max_queued_requests: int = 256  # in Ray's proxy queue before it answers 503

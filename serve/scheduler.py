@@ -15,14 +15,21 @@ Admission policy (`Admission`; waiting requests are taken oldest first, none ove
     most `max_prefill_tokens` tokens, counted as the prefill computes them: every row (a request's
     main row and its image-removed twin rows, VHR / PAI contrast) times the longest prompt of the
     group (image tokens included; the batch is left-padded to it). A request whose prompt alone
-    exceeds the budget is prefilled alone. So a running row waits at most one decode step plus
-    one prefill of `max_prefill_tokens` tokens for its next token, however many arrive;
-  - groups: while rows are running, newcomers are held until the group is worth a prefill call:
-    it reaches the budget, or it has at least half of `max_rows` requests, or the first of them
-    has been admissible for `admit_after_steps` decode steps (0: admit at once, as vLLM does). A
-    prefill call has fixed costs (processor, vision tower call, plan, per-layer Python) that
-    dominate short answers on a CPU; holding a free row for a few steps costs less than a call.
-    Into an empty batch, whatever fits is admitted at once.
+    exceeds the budget is prefilled alone. Prefills and decode steps interleave: a running row
+    waits at most one prefill of `max_prefill_tokens` tokens for its next token, however many wait;
+  - refills: while rows run, free rows are refilled when that saves more than it costs. A
+    prefill call has a fixed cost (processor, vision tower call, plan, per-layer Python, the
+    merge) that a larger group shares; a free row left empty wastes its share of every decode
+    step until the running rows finish. So the waiting group is admitted once
+        group's requests / max_rows x decode steps the longest running row may still take
+    reaches `admit_after_steps` (in whole-batch decode steps), or once it fills the prefill budget
+    (waiting cannot make it larger). On a CPU, where a prefill call costs about three decode
+    steps, short answers are then prefilled in groups as large as a static batch's and long ones
+    refill a row as soon as it frees; 0 refills at once, as vLLM does;
+  - an empty batch admits whatever fits at once: a queue that holds a full group never waits.
+    Only a batch that has just drained with fewer requests waiting than rows waits for more, at
+    most one decode step's time (the last one measured) after the drain, for the clients of its
+    last rows to come back; a request that finds the batch idle is admitted at once.
 Prompt lengths are estimated before prefill (the rendered prompt's text tokens plus
 `vision_grid`² tokens per image; twin rows from the request's plan) and known exactly after.
 The queue itself is bounded by the replica's admission limit (429 beyond `max_concurrent`);
@@ -47,6 +54,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -54,6 +62,7 @@ from lvlm_hallu.serve.batching import Outcome, StreamCancelled, unpack
 from lvlm_hallu.serve.errors import Overloaded
 
 log = logging.getLogger("serve.scheduler")
+REFILL_STEPS = 6  # docs/serving.md "Batching": chosen on the shapes model on a CPU, long answers refill at once
 
 
 class PrefillShape(NamedTuple):
@@ -71,15 +80,16 @@ class Admission:
     max_rows: int = 8
     max_tokens: int = 65536
     max_prefill_tokens: int = 2048
-    admit_after_steps: int = 4
+    admit_after_steps: int = REFILL_STEPS  # the refill threshold, in whole-batch decode steps
 
     def __post_init__(self):
         if min(self.max_rows, self.max_tokens, self.max_prefill_tokens) < 1 or self.admit_after_steps < 0:
             raise ValueError("max_rows, max_tokens and max_prefill_tokens must be >= 1, admit_after_steps >= 0")
 
-    def take(self, waiting: Sequence[PrefillShape], *, running: int, in_flight: int, held_steps: int) -> tuple[int, bool]:
+    def take(self, waiting: Sequence[PrefillShape], *, running: int, in_flight: int, steps_left: int) -> tuple[int, bool]:
         """(n, now): the first n waiting requests fit the limits; `now` says whether to prefill
-        them before the next decode step (False: hold them for a larger group)."""
+        them before the next decode step (False: hold them for a larger group). `steps_left`: the
+        decode steps the longest running row may still take (its max_new_tokens minus its tokens)."""
         n = rows = longest = 0
         budget_full = False
         for shape in waiting:
@@ -95,8 +105,8 @@ class Admission:
             n, rows, longest, in_flight = n + 1, grown_rows, grown_longest, in_flight + need
         if not n or not running:
             return n, bool(n)
-        group_full = budget_full or rows * longest >= self.max_prefill_tokens or 2 * n >= self.max_rows
-        return n, group_full or held_steps >= self.admit_after_steps
+        group_full = budget_full or rows * longest >= self.max_prefill_tokens
+        return n, group_full or n * steps_left >= self.admit_after_steps * self.max_rows
 
 
 @dataclass
@@ -113,7 +123,7 @@ class ContinuousScheduler:
     """Iteration-level scheduler around one pipeline (one per replica)."""
 
     def __init__(self, pipeline: Any, *, max_rows: int = 8, max_tokens: int = 65536, max_prefill_tokens: int = 2048,
-                 admit_after_steps: int = 4, max_queue: int = 1024, on_batch: Callable[[int, bool], None] | None = None):
+                 admit_after_steps: int = REFILL_STEPS, max_queue: int = 1024, on_batch: Callable[[int, bool], None] | None = None):
         from lvlm_hallu.lvlm.pipeline import RunningBatch
 
         self.admission = Admission(max_rows, max_tokens, max_prefill_tokens, admit_after_steps)
@@ -126,7 +136,7 @@ class ContinuousScheduler:
         self._closed = False
         grid = getattr(getattr(pipeline, "facts", None), "vision_grid", None)
         self._image_tokens = int(grid) ** 2 if isinstance(grid, int) else 576  # per image, for the estimate
-        self._held_since: int | None = None  # the step since which admissible newcomers are held
+        self._step_s = self._last_step_end = 0.0  # the last decode step's duration and end (perf_counter)
         self.steps = 0
         self.rows_stepped = 0  # sum of batch sizes over steps (mean batch = rows_stepped / steps)
         self.prefills = 0  # prefill calls (groups admitted); mean group = prefilled / prefills
@@ -198,6 +208,8 @@ class ContinuousScheduler:
             with self._wake:
                 while not self._closed and not self._waiting and not self._batch:
                     self._wake.wait()
+                if not self._batch:
+                    self._gather()
                 if self._closed:
                     break
             try:
@@ -208,7 +220,11 @@ class ContinuousScheduler:
                     self.rows_stepped += len(self._batch)
                     if self._on_batch is not None:
                         self._on_batch(len(self._batch), False)
-                    self._complete(self._batch.step())
+                    started = time.perf_counter()
+                    finished = self._batch.step()
+                    self._last_step_end = time.perf_counter()
+                    self._step_s = self._last_step_end - started
+                    self._complete(finished)
             except Exception as err:  # noqa: BLE001 - a failed step fails its rows, not the loop
                 log.exception("decode step failed")
                 self._fail_running(err)
@@ -218,6 +234,19 @@ class ContinuousScheduler:
             self._waiting.clear()
         for job in left:
             settle(job, Outcome(error=RuntimeError("the scheduler was closed")))
+
+    def _gather(self) -> None:
+        """A batch that has just drained waits for more requests until one decode step's time (the
+        last one measured) after the drain, while those waiting fill neither the rows nor the
+        prefill budget: the clients of its last rows are coming back. Called holding the lock; a
+        request that finds the batch idle for longer is admitted at once."""
+        deadline = self._last_step_end + self._step_s
+        while not self._closed and time.perf_counter() < deadline:
+            waiting = list(itertools.islice(self._waiting, self.admission.max_rows))
+            n, _ = self.admission.take([self._shape(job) for job in waiting], running=0, in_flight=0, steps_left=0)
+            if len(waiting) >= self.admission.max_rows or n < len(waiting):
+                break  # a full group is here
+            self._wake.wait(deadline - time.perf_counter())
 
     def _cancel_gone(self) -> None:
         for job in self._jobs.values():
@@ -241,13 +270,11 @@ class ContinuousScheduler:
         if not waiting:
             return []
         shapes = [self._shape(job) for job in waiting]
-        held = 0 if self._held_since is None else self.steps - self._held_since
-        n, now = self.admission.take(shapes, running=len(self._batch), in_flight=self._in_flight_tokens(), held_steps=held)
+        steps_left = max((row.request.max_new_tokens - len(row.ids) for row in self._batch.rows), default=0)
+        n, now = self.admission.take(shapes, running=len(self._batch), in_flight=self._in_flight_tokens(),
+                                     steps_left=steps_left)
         if not now:
-            if n and self._held_since is None:
-                self._held_since = self.steps
             return []
-        self._held_since = None
         with self._wake:
             taken = [self._waiting.popleft() for _ in range(n)]  # only this thread removes jobs
         return taken

@@ -4,6 +4,8 @@ steps on the tiny model."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from PIL import Image
 
@@ -20,48 +22,54 @@ def shapes(*pairs, new=8):
 
 def test_prefill_is_bounded_by_prompt_tokens_not_requests():
     policy = Admission(max_rows=16, max_prefill_tokens=300)
-    assert policy.take(shapes(*[(1, 100)] * 5), running=0, in_flight=0, held_steps=0) == (3, True)
-    assert policy.take(shapes(*[(1, 30)] * 12), running=0, in_flight=0, held_steps=0) == (10, True)
+    assert policy.take(shapes(*[(1, 100)] * 5), running=0, in_flight=0, steps_left=0) == (3, True)
+    assert policy.take(shapes(*[(1, 30)] * 12), running=0, in_flight=0, steps_left=0) == (10, True)
 
 
 def test_twin_rows_and_left_padding_count_against_the_budget():
     policy = Admission(max_rows=16, max_prefill_tokens=300)
     # a VHR request prefills its image-removed twin too: 2 rows of 100 tokens
-    assert policy.take(shapes((2, 100), (2, 100)), running=0, in_flight=0, held_steps=0) == (1, True)
-    assert policy.take(shapes((2, 100), (1, 100)), running=0, in_flight=0, held_steps=0) == (2, True)
+    assert policy.take(shapes((2, 100), (2, 100)), running=0, in_flight=0, steps_left=0) == (1, True)
+    assert policy.take(shapes((2, 100), (1, 100)), running=0, in_flight=0, steps_left=0) == (2, True)
     # a short prompt is padded to the group's longest: 2 rows x 200 > 300
-    assert policy.take(shapes((1, 50), (1, 200)), running=0, in_flight=0, held_steps=0) == (1, True)
+    assert policy.take(shapes((1, 50), (1, 200)), running=0, in_flight=0, steps_left=0) == (1, True)
 
 
 def test_a_prompt_over_the_budget_is_prefilled_alone():
     policy = Admission(max_rows=8, max_prefill_tokens=100)
-    assert policy.take(shapes((2, 400), (1, 10)), running=0, in_flight=0, held_steps=0) == (1, True)
-    assert policy.take(shapes((2, 400)), running=7, in_flight=0, held_steps=0) == (1, True)  # it fills the budget
+    assert policy.take(shapes((2, 400), (1, 10)), running=0, in_flight=0, steps_left=0) == (1, True)
+    assert policy.take(shapes((2, 400)), running=7, in_flight=0, steps_left=0) == (1, True)  # it fills the budget
 
 
 def test_rows_and_tokens_in_flight_limit_the_group():
     policy = Admission(max_rows=8, max_tokens=1000, max_prefill_tokens=4096)
-    assert policy.take(shapes(*[(1, 10)] * 6), running=4, in_flight=0, held_steps=0) == (4, True)
-    assert policy.take(shapes(*[(1, 10)] * 6), running=8, in_flight=0, held_steps=0) == (0, False)
+    assert policy.take(shapes(*[(1, 10)] * 6), running=4, in_flight=0, steps_left=99) == (4, True)
+    assert policy.take(shapes(*[(1, 10)] * 6), running=8, in_flight=0, steps_left=99) == (0, False)
     # 100 + 8 tokens each against 1000 - 700 in flight: two fit
-    assert policy.take(shapes(*[(1, 100)] * 4), running=2, in_flight=700, held_steps=9) == (2, True)
+    assert policy.take(shapes(*[(1, 100)] * 4), running=2, in_flight=700, steps_left=99) == (2, True)
     # into an empty batch the first request always fits, however large
-    assert policy.take(shapes((1, 5000)), running=0, in_flight=0, held_steps=0) == (1, True)
+    assert policy.take(shapes((1, 5000)), running=0, in_flight=0, steps_left=0) == (1, True)
 
 
-def test_newcomers_wait_for_a_group_while_rows_run_but_not_longer_than_admit_after_steps():
-    policy = Admission(max_rows=8, max_prefill_tokens=2048, admit_after_steps=4)
-    few = shapes((1, 75), (1, 75))
-    assert policy.take(few, running=6, in_flight=0, held_steps=0) == (2, False)
-    assert policy.take(few, running=6, in_flight=0, held_steps=3) == (2, False)
-    assert policy.take(few, running=6, in_flight=0, held_steps=4) == (2, True)
-    assert policy.take(few, running=0, in_flight=0, held_steps=0) == (2, True), "an empty batch never waits"
-    # half of max_rows is a group worth a prefill call
-    assert policy.take(shapes(*[(1, 75)] * 4), running=4, in_flight=0, held_steps=0) == (4, True)
-    # so is a group that fills the budget
-    assert Admission(max_rows=8, max_prefill_tokens=150).take(few + few, running=2, in_flight=0,
-                                                               held_steps=0) == (2, True)
-    assert Admission(max_rows=8, admit_after_steps=0).take(few[:1], running=7, in_flight=0, held_steps=0) == (1, True)
+def test_a_running_batch_refills_once_its_idle_rows_would_cost_more_than_a_prefill_call():
+    """Free rows are refilled once (newcomers / max_rows) x (steps the longest running row may still
+    take) reaches admit_after_steps: the decode those rows would idle, in whole-batch steps."""
+    policy = Admission(max_rows=8, max_prefill_tokens=2048, admit_after_steps=6)
+    two = shapes((1, 75), (1, 75))
+    assert policy.take(two, running=6, in_flight=0, steps_left=23) == (2, False)  # 2/8 x 23 < 6: wait
+    assert policy.take(two, running=6, in_flight=0, steps_left=24) == (2, True)  # 2/8 x 24 = 6
+    assert policy.take(two[:1], running=7, in_flight=0, steps_left=48) == (1, True), "a long answer refills at once"
+    seven = shapes(*[(1, 75)] * 7)
+    assert policy.take(seven, running=1, in_flight=0, steps_left=6) == (7, False)  # short answers: the batch drains
+    assert policy.take(seven, running=1, in_flight=0, steps_left=7) == (7, True)
+    assert policy.take(two, running=0, in_flight=0, steps_left=0) == (2, True), "an empty batch never waits"
+    # a group that fills the prefill budget cannot grow by waiting
+    assert Admission(max_rows=8, max_prefill_tokens=150).take(two + two, running=2, in_flight=0,
+                                                               steps_left=1) == (2, True)
+    # twin rows count against the budget, not against the refill rule (it counts requests = main rows)
+    assert policy.take(shapes((2, 75), (2, 75)), running=6, in_flight=0, steps_left=23) == (2, False)
+    assert Admission(max_rows=8, admit_after_steps=0).take(two[:1], running=7, in_flight=0,
+                                                           steps_left=0) == (1, True), "0 refills at once"
 
 
 def test_admission_rejects_nonsense_limits():
@@ -125,3 +133,90 @@ def test_engine_loop_prefills_within_the_budget_and_decodes_between_prefills(tin
     assert all(events[i + 1][0] == "step" for i, _ in prefills[:-1]), "a decode step after every prefill"
     assert scheduler.prefills == len(prefills) < len(futures), "newcomers were prefilled in groups"
     assert scheduler.prefilled == len(futures)
+
+
+def traced_groups(scheduler) -> list[int]:
+    """Requests per prefill call of the scheduler's batch, recorded as they are admitted."""
+    groups: list[int] = []
+    batch = scheduler._batch
+    admit = batch.admit
+
+    def traced_admit(requests, **kwargs):
+        groups.append(len(requests))
+        return admit(requests, **kwargs)
+
+    batch.admit = traced_admit
+    return groups
+
+
+def run_all(scheduler, requests) -> list:
+    try:
+        futures = [scheduler.submit(r) for r in requests]
+        return [f.result(timeout=300) for f in futures]
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("refill", [6, 0])
+def test_a_deep_queue_of_short_answers_prefills_static_sized_groups_unless_told_to_refill_at_once(tiny, refill):
+    """Short answers (3-5 tokens, 4 rows): with the refill threshold, every group is as large as a
+    static batch, because free rows would idle for fewer steps than a prefill call costs; with 0 the
+    first freed row is refilled at once. Tokens equal the solo runs either way."""
+    specs = ["none", "vhr", "var", "vhr+var", "pai", "none"]
+    requests = [Request("Describe this image.", Image.new("RGB", (32 + 4 * i, 32), "blue"), max_new_tokens=3 + i % 3,
+                        interventions=resolve(specs[i % len(specs)]), ignore_eos=True) for i in range(12)]
+    scheduler = ContinuousScheduler(tiny, max_rows=4, admit_after_steps=refill)
+    groups = traced_groups(scheduler)
+    outcomes = run_all(scheduler, requests)
+    assert [o.error for o in outcomes] == [None] * len(requests)
+    assert [o.result.token_ids for o in outcomes] == [tiny.generate([r])[0].token_ids for r in requests]
+    assert sum(groups) == len(requests)
+    if refill:
+        assert groups == [4, 4, 4]
+    else:
+        assert len(groups) > 3 and min(groups) < 4
+
+
+def test_a_long_running_row_has_freed_rows_refilled_at_once(tiny):
+    """Two 40-token answers run beside 8-token ones (3 rows): each time a short row frees, the long
+    rows still have 18-32 steps to go (1/3 x 18 >= 6), so the next request joins alone, at once."""
+    lengths = [8, 40, 40, 8, 8, 8]
+    requests = [Request("Describe this image.", Image.new("RGB", (40, 40), "red"), max_new_tokens=n,
+                        interventions=resolve(["none", "vhr"][i % 2]), ignore_eos=True) for i, n in enumerate(lengths)]
+    scheduler = ContinuousScheduler(tiny, max_rows=3, admit_after_steps=6)
+    groups = traced_groups(scheduler)
+    steps_at_admission: list[int] = []
+    admit = scheduler._batch.admit
+
+    def noting_step(requests, **kwargs):
+        steps_at_admission.append(scheduler.steps)
+        return admit(requests, **kwargs)
+
+    scheduler._batch.admit = noting_step
+    outcomes = run_all(scheduler, requests)
+    assert [o.result.token_ids for o in outcomes] == [tiny.generate([r])[0].token_ids for r in requests]
+    assert groups == [3, 1, 1, 1]
+    assert steps_at_admission == [0, 7, 14, 21], "each newcomer joins right after the step that freed a row"
+
+
+def test_a_drained_batch_waits_one_decode_step_for_its_clients_to_come_back(tiny):
+    """Fewer requests than rows after a drain: the batch waits until one decode step's time after
+    the drain for more, so a client that comes back late still joins the group; a request that
+    finds the batch idle longer than that is admitted alone at once."""
+    requests = [Request("Describe this image.", Image.new("RGB", (32 + 8 * i, 32), "green"), max_new_tokens=3)
+                for i in range(3)]
+    scheduler = ContinuousScheduler(tiny, max_rows=4)
+    groups = traced_groups(scheduler)
+    try:
+        with scheduler._wake:  # as if a decode step of one second had just drained the batch
+            scheduler._step_s, scheduler._last_step_end = 1.0, time.perf_counter()
+        first = scheduler.submit(requests[0])
+        time.sleep(0.2)
+        second = scheduler.submit(requests[1])
+        outcomes = [first.result(timeout=60), second.result(timeout=60)]
+        time.sleep(0.3)  # far longer than a tiny-model step: the batch is idle, not just drained
+        outcomes.append(scheduler.submit(requests[2]).result(timeout=60))
+    finally:
+        scheduler.close()
+    assert [o.result.token_ids for o in outcomes] == [tiny.generate([r])[0].token_ids for r in requests]
+    assert groups == [2, 1]

@@ -27,9 +27,11 @@ Admission policy (`Admission`; waiting requests are taken oldest first, none ove
     steps, short answers are then prefilled in groups as large as a static batch's and long ones
     refill a row as soon as it frees; 0 refills at once, as vLLM does;
   - an empty batch admits whatever fits at once: a queue that holds a full group never waits.
-    Only a batch that has just drained with fewer requests waiting than rows waits for more, at
-    most one decode step's time (the last one measured) after the drain, for the clients of its
-    last rows to come back; a request that finds the batch idle is admitted at once.
+    Only a batch that has just drained waits for the clients of its last rows (a closed loop's
+    clients send their next request as their answer arrives): until as many requests have
+    arrived since the drain as those rows, or a full group waits, at most GATHER_STEPS decode
+    steps' time (the last one measured). Otherwise the last client to come back would miss the
+    group and wait a whole batch. A request that finds the batch idle is admitted at once.
 Prompt lengths are estimated before prefill (the rendered prompt's text tokens plus
 `vision_grid`² tokens per image; twin rows from the request's plan) and known exactly after.
 The queue itself is bounded by the replica's admission limit (429 beyond `max_concurrent`);
@@ -63,6 +65,7 @@ from lvlm_hallu.serve.errors import Overloaded
 
 log = logging.getLogger("serve.scheduler")
 REFILL_STEPS = 6  # docs/serving.md "Batching": chosen on the shapes model on a CPU, long answers refill at once
+GATHER_STEPS = 4  # a drained batch waits at most this many decode steps' time for its clients (_gather)
 
 
 class PrefillShape(NamedTuple):
@@ -136,7 +139,9 @@ class ContinuousScheduler:
         self._closed = False
         grid = getattr(getattr(pipeline, "facts", None), "vision_grid", None)
         self._image_tokens = int(grid) ** 2 if isinstance(grid, int) else 576  # per image, for the estimate
-        self._step_s = self._last_step_end = 0.0  # the last decode step's duration and end (perf_counter)
+        self._step_s = self._drained_at = 0.0  # the last decode step's duration; when the batch last drained
+        self._arrivals = 0  # requests submitted so far
+        self._owed = 0  # requests the clients of the batch's last rows may send after it drained (see _gather)
         self.steps = 0
         self.rows_stepped = 0  # sum of batch sizes over steps (mean batch = rows_stepped / steps)
         self.prefills = 0  # prefill calls (groups admitted); mean group = prefilled / prefills
@@ -157,6 +162,7 @@ class ContinuousScheduler:
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} requests are already waiting; retry shortly", retry_after_s=1)
             self._waiting.append(job)
+            self._arrivals += 1
             self._wake.notify()
         return job.future
 
@@ -222,8 +228,11 @@ class ContinuousScheduler:
                         self._on_batch(len(self._batch), False)
                     started = time.perf_counter()
                     finished = self._batch.step()
-                    self._last_step_end = time.perf_counter()
-                    self._step_s = self._last_step_end - started
+                    self._step_s = time.perf_counter() - started
+                    if not self._batch:  # drained: the clients of its last rows may come back
+                        with self._wake:
+                            self._drained_at = time.perf_counter()
+                            self._owed = self._arrivals + sum(row.finish_reason != "cancelled" for row in finished)
                     self._complete(finished)
             except Exception as err:  # noqa: BLE001 - a failed step fails its rows, not the loop
                 log.exception("decode step failed")
@@ -236,12 +245,13 @@ class ContinuousScheduler:
             settle(job, Outcome(error=RuntimeError("the scheduler was closed")))
 
     def _gather(self) -> None:
-        """A batch that has just drained waits for more requests until one decode step's time (the
-        last one measured) after the drain, while those waiting fill neither the rows nor the
-        prefill budget: the clients of its last rows are coming back. Called holding the lock; a
-        request that finds the batch idle for longer is admitted at once."""
-        deadline = self._last_step_end + self._step_s
-        while not self._closed and time.perf_counter() < deadline:
+        """After a drain, wait for the clients of the batch's last rows: until as many requests
+        have arrived since as those rows, or the waiting ones fill the rows or the prefill budget,
+        at most GATHER_STEPS decode steps' time (the last one measured) after the drain. A static
+        batch is gathered the same way (`--batch-wait-ms`); a request that finds the batch idle
+        for longer is admitted at once. Called holding the lock."""
+        deadline = self._drained_at + GATHER_STEPS * self._step_s
+        while not self._closed and self._arrivals < self._owed and time.perf_counter() < deadline:
             waiting = list(itertools.islice(self._waiting, self.admission.max_rows))
             n, _ = self.admission.take([self._shape(job) for job in waiting], running=0, in_flight=0, steps_left=0)
             if len(waiting) >= self.admission.max_rows or n < len(waiting):

@@ -199,24 +199,29 @@ def test_a_long_running_row_has_freed_rows_refilled_at_once(tiny):
     assert steps_at_admission == [0, 7, 14, 21], "each newcomer joins right after the step that freed a row"
 
 
-def test_a_drained_batch_waits_one_decode_step_for_its_clients_to_come_back(tiny):
-    """Fewer requests than rows after a drain: the batch waits until one decode step's time after
-    the drain for more, so a client that comes back late still joins the group; a request that
-    finds the batch idle longer than that is admitted alone at once."""
+def test_a_drained_batch_waits_for_the_clients_of_its_last_rows(tiny):
+    """After a drain the batch waits until as many requests have arrived as its last rows (the
+    closed loop's clients coming back), at most GATHER_STEPS decode steps' time: two expected
+    clients arriving 0.2 s apart form one group, and they end the wait (well before its 2 s cap).
+    A request that finds the batch idle for longer is admitted alone at once."""
     requests = [Request("Describe this image.", Image.new("RGB", (32 + 8 * i, 32), "green"), max_new_tokens=3)
                 for i in range(3)]
     scheduler = ContinuousScheduler(tiny, max_rows=4)
     groups = traced_groups(scheduler)
     try:
-        with scheduler._wake:  # as if a decode step of one second had just drained the batch
-            scheduler._step_s, scheduler._last_step_end = 1.0, time.perf_counter()
+        with scheduler._wake:  # as if a batch of two rows and 0.5 s steps had just drained
+            scheduler._step_s, scheduler._drained_at = 0.5, time.perf_counter()
+            scheduler._owed = scheduler._arrivals + 2
+        started = time.perf_counter()
         first = scheduler.submit(requests[0])
         time.sleep(0.2)
         second = scheduler.submit(requests[1])
         outcomes = [first.result(timeout=60), second.result(timeout=60)]
-        time.sleep(0.3)  # far longer than a tiny-model step: the batch is idle, not just drained
+        waited = time.perf_counter() - started
+        time.sleep(0.3)  # far longer than GATHER_STEPS tiny-model steps: the batch is idle, not just drained
         outcomes.append(scheduler.submit(requests[2]).result(timeout=60))
     finally:
         scheduler.close()
     assert [o.result.token_ids for o in outcomes] == [tiny.generate([r])[0].token_ids for r in requests]
     assert groups == [2, 1]
+    assert waited < 1.5, "the second client's arrival ended the wait"

@@ -16,6 +16,10 @@ Layout:
   as bytes, a dead replica's batches retried on another (0 lost, 0 duplicated), the driver the
   only writer of the fingerprinted results file. It reports progress to the registry after each
   batch. Its replicas are owned by it, so they die with it (cancel, registry restart).
+- `place_job`: where a job's replicas load the model and what they reserve: the server's placement
+  unless the job names its own (`options.device`, `options.dtype`, `options.device_map`, checked
+  by serve/jobspec.py), GPUs reserved as `lvlm eval --ray-actors` reserves them. Decided at
+  submit (a GPU placement on a cluster without GPUs is a 400) and again by the driver.
 - `JOB_KINDS`: job functions by name. "chair" and "pope" run on the embedded shapes world
   (images and COCO-style annotations generated deterministically into the job's folder); more
   kinds (real COCO, custom question files) plug in with `@job_kind("name")`.
@@ -38,6 +42,90 @@ REGISTRY_NAMESPACE = "lvlm"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
+# -- placement --------------------------------------------------------------------------------
+PLACEMENT_OPTIONS = ("device", "dtype", "device_map")  # a job's options that place its replicas
+MAP_ONLY = ("max_memory", "offload_folder")  # server load options that only mean something under a device map
+
+
+class JobPlacementError(ValueError):
+    """A placement the cluster cannot give the job's replicas; `param` names the option (a 400)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class JobPlacement:
+    """Where one job's replicas load the model (`lvlm.load` keywords) and what each reserves (Ray options)."""
+
+    load_kwargs: dict[str, Any]
+    replica_options: dict[str, Any]
+
+    def fields(self) -> dict[str, Any]:
+        """{"device", "dtype", "device_map"} with the dtype resolved as lvlm.load resolves it: what
+        `lvlm eval` records as `placement` in its reports and fingerprints (eval.context.Placement)."""
+        from lvlm_hallu.eval.context import Placement
+
+        load, device_map = self.load_kwargs, self.load_kwargs.get("device_map")
+        if isinstance(device_map, str):  # a strategy spreads over the GPUs the replica reserved, if any
+            first = "cuda:0" if self.replica_options.get("num_gpus") else "cpu"
+            return {**Placement(first, load.get("dtype")).fields(), "device_map": device_map}
+        return Placement(load.get("device") or "cpu", load.get("dtype"), device_map).fields()
+
+
+def _needs_gpu(device: str, device_map: Any) -> bool:
+    if device_map is None:
+        return device.startswith("cuda")
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(p != "cpu" for p in places)  # a strategy ("auto", ...) spreads over the GPUs
+
+
+def place_job(options: dict[str, Any], load_kwargs: dict[str, Any], replica_options: dict[str, Any],
+              replicas: int, cluster_gpus: float) -> JobPlacement:
+    """The job's placement: the server's (`lvlm serve --device --dtype --device-map`, and
+    `--eval-num-gpus` for the Ray options of its eval replicas) unless the job's `options` name one.
+
+    - The job's `device` or `device_map` replaces the server's device and map together (a device
+      names one device; a map decides alone, as in lvlm.load); its `dtype` replaces the server's.
+      "auto" is cuda when the cluster has a GPU, else cpu.
+    - GPUs as `lvlm eval --ray-actors` reserves them (eval.cluster.replica_resources): a job that
+      names a placement needing a GPU keeps the GPUs the server reserves per eval replica, or else
+      reserves one per replica when the cluster has that many (an equal share otherwise); one that
+      names a CPU placement reserves none. On a cluster without a GPU it is refused
+      (JobPlacementError). Each replica then loads on the GPUs it reserved (eval.cluster.load_replica).
+    - A job that names nothing runs as the server places it, unchanged.
+    """
+    asked = {k: options[k] for k in PLACEMENT_OPTIONS if options.get(k) is not None}
+    if not asked:
+        return JobPlacement(dict(load_kwargs), dict(replica_options))
+    load = dict(load_kwargs)
+    if "dtype" in asked:
+        load["dtype"] = asked["dtype"]
+    if "device" in asked or "device_map" in asked:
+        load.pop("device_map", None)
+        device = asked.get("device") or load.get("device") or "cpu"
+        load["device"] = ("cuda" if cluster_gpus > 0 else "cpu") if device == "auto" else device
+        if "device_map" in asked:
+            load["device_map"] = asked["device_map"]
+    if load.get("device_map") is None:
+        for key in MAP_ONLY:  # lvlm.load refuses them without a map
+            load.pop(key, None)
+    device, device_map = str(load.get("device") or "cpu"), load.get("device_map")
+    cpu_options = {k: v for k, v in replica_options.items() if k != "num_gpus"}
+    if not _needs_gpu(device, device_map):
+        return JobPlacement(load, cpu_options)  # no GPU held for a CPU model
+    if replica_options.get("num_gpus"):
+        return JobPlacement(load, dict(replica_options))
+    if cluster_gpus <= 0:
+        param = "options.device_map" if "device_map" in asked else "options.device" if "device" in asked \
+            else "options.dtype"
+        where = f"device_map {device_map!r}" if device_map is not None else f"device {device!r}"
+        raise JobPlacementError(f"{param}: the job's replicas would load on {where}, but the Ray cluster has no GPU "
+                                "(`ray status` lists its resources); use device cpu", param)
+    return JobPlacement(load, {**cpu_options, "num_gpus": min(1.0, cluster_gpus / replicas)})
+
+
 # -- job kinds --------------------------------------------------------------------------------
 @dataclass
 class JobContext:
@@ -52,6 +140,10 @@ class JobContext:
     replicas: int = 1  # model replicas of the job's ClusterPool
     replica_options: dict[str, Any] = field(default_factory=dict)  # Ray options of each replica
     replica_name: Optional[str] = None  # replicas are named <replica_name>-0, -1, ...
+
+    def placement(self) -> dict[str, Any]:
+        """Device, resolved dtype and device map of the replicas (`JobPlacement.fields`)."""
+        return JobPlacement(self.load_kwargs, self.replica_options).fields()
 
     def pool(self) -> Any:
         """The job's `eval.cluster.ClusterPool`: `replicas` actors that each load the model once."""
@@ -83,10 +175,12 @@ def job_kind(name: str, summary: str) -> Callable[[Callable[[JobContext], dict]]
     return wrap
 
 
-def cluster_facts(replicas: int, stats: Any) -> dict[str, Any]:
-    """What the job's pool did in this attempt (`eval.cluster.RunStats`), as the job record shows it."""
-    return {"replicas": replicas, "items_per_node": dict(stats.items_per_node),
-            "requeued_batches": stats.requeued_batches, "replaced_replicas": stats.replaced_actors}
+def cluster_facts(replicas: int, stats: Any, placement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the job's pool did in this attempt (`eval.cluster.RunStats`) and where its replicas
+    ran (`placement`: device, resolved dtype, device map), as the job record shows it."""
+    facts = {"replicas": replicas, "items_per_node": dict(stats.items_per_node),
+             "requeued_batches": stats.requeued_batches, "replaced_replicas": stats.replaced_actors}
+    return facts if placement is None else {**facts, "placement": placement}
 
 
 def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metrics: Callable[[dict], dict]) -> dict:
@@ -101,11 +195,14 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metri
     path = ctx.workdir / f"{task.name}.jsonl"
     # A resumed job continues its results file only if nothing its answers depend on has changed
     # (the model's weights, the request, the items): FingerprintMismatch fails the job otherwise.
-    # The batch size and the number of replicas change who answers, not what.
+    # The batch size and the number of replicas change who answers, not what; the placement
+    # (device, resolved dtype, map) changes what, as in `lvlm eval` (a bfloat16 job never resumes
+    # float32 answers).
     # The values the replicas run for "tuned" and model-aware defaults are checked once they are
     # loaded (eval.runner.RESOLVED_FIELD), everything else before.
+    placement = ctx.placement()
     fingerprint = Fingerprint.of(benchmark=task.name,
-                                 model=model_identity(ctx.model), load=ctx.load_kwargs,
+                                 model=model_identity(ctx.model), load=ctx.load_kwargs, placement=placement,
                                  job={k: v for k, v in req.items() if k != "batch_size"}, items=items_digest(items))
     check_results_file(path, fingerprint, ignore=(RESOLVED_FIELD,))
     # Picklable (a partial of module functions): it travels to the replicas with every batch.
@@ -115,7 +212,7 @@ def _answer_with_progress(ctx: JobContext, task: Any, items: list, partial_metri
 
     def on_batch(records: dict, stats: Any) -> None:
         ctx.report(len(records), total, partial_metrics(records) if records else None,
-                   cluster_facts(ctx.replicas, stats))
+                   cluster_facts(ctx.replicas, stats, placement))
 
     pool = ctx.pool()
     try:
@@ -291,10 +388,15 @@ class JobDriver:
         def report(done: int, total: int, metrics: Optional[dict], cluster: Optional[dict] = None) -> None:
             registry.progress.remote(job_id, done, total, metrics, cluster)
 
-        ctx = JobContext(job_id, dict(request), model, dict(load_kwargs), workdir, report, replicas=replicas,
-                         replica_options={"namespace": REGISTRY_NAMESPACE, **replica_options},
-                         replica_name=f"lvlm-eval-replica-{job_id}-{attempt}")
         try:
+            import ray
+
+            # decided again here: the cluster's GPUs may have changed since the submit
+            placed = place_job(request.get("options") or {}, load_kwargs, replica_options, replicas,
+                               float(ray.cluster_resources().get("GPU", 0)))
+            ctx = JobContext(job_id, dict(request), model, placed.load_kwargs, workdir, report, replicas=replicas,
+                             replica_options={"namespace": REGISTRY_NAMESPACE, **placed.replica_options},
+                             replica_name=f"lvlm-eval-replica-{job_id}-{attempt}")
             outcome = (JOB_KINDS[kind].run(ctx), None)
         except Exception as err:  # noqa: BLE001 - the job fails, the driver reports why
             outcome = (None, f"{type(err).__name__}: {err}")
@@ -451,6 +553,7 @@ class RayJobs:
 
         from lvlm_hallu.serve.jobstore import default_jobs_dir
 
+        self._replica_options, self._replicas = dict(replica_options), replicas
         # Ray restarts a dead registry with these same arguments (so the same jobs directory) and
         # retries the calls that were in flight or sent while it was down. It lives on the head
         # node, so a restart finds the store on the same disk.
@@ -464,8 +567,29 @@ class RayJobs:
     def kinds() -> dict[str, str]:
         return {k.name: k.summary for k in JOB_KINDS.values()}
 
+    @staticmethod
+    def cluster_gpus() -> float:
+        import ray
+
+        return float(ray.cluster_resources().get("GPU", 0))
+
+    def place(self, request: dict, load_kwargs: dict) -> JobPlacement:
+        """The job's placement (`place_job`) on the cluster as it is now; a placement it cannot
+        give is a 400 naming the option, before anything is stored."""
+        from lvlm_hallu.serve.errors import BadRequest
+
+        options = request.get("options") or {}
+        named = any(options.get(k) is not None for k in PLACEMENT_OPTIONS)
+        try:  # the cluster is asked only for a job that names a placement
+            return place_job(options, load_kwargs, self._replica_options, self._replicas,
+                             self.cluster_gpus() if named else 0.0)
+        except JobPlacementError as err:
+            raise BadRequest(str(err), param=err.param, code="invalid_value") from None
+
     async def submit(self, kind: str, model: str, request: dict, load_kwargs: dict, owner: str | None = None) -> dict:
-        return await self._actor.submit.remote(kind, model, request, load_kwargs, owner)
+        # the job's own load options are stored with it (the server's, or those its options name)
+        placed = self.place(request, load_kwargs)
+        return await self._actor.submit.remote(kind, model, request, placed.load_kwargs, owner)
 
     async def get(self, job_id: str, owner: str | None = None) -> Optional[dict]:
         return await self._actor.get.remote(job_id, owner)

@@ -9,15 +9,29 @@ questions, routers), it only ever runs on data the job generates itself.
 
 `check_options(kind, options, max_tokens=...)` returns the options normalised, or raises
 `JobSpecError` whose `param` is the offending field ("options.parser"), for a 400.
+
+Every kind also takes the CLI's placement (`lvlm eval --device --dtype --device-map`):
+`options.device` (cpu, cuda, cuda:N, auto), `options.dtype` (float32, float16, bfloat16; fp32, fp16
+and bf16 are read as those) and `options.device_map` (auto, balanced, balanced_low_0, sequential,
+or a JSON object {module: GPU index | "cpu" | "cuda:N"}; never a file, and never "disk", which
+would need a folder on the server). Where the job's replicas then load and which GPUs they
+reserve is decided by `serve.jobs.place_job`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_SEED = 2**31 - 1
+DEVICE = re.compile(r"cpu|cuda(:\d+)?|auto")
+# lvlm.loader's names, spelled one way so that fp16 and float16 jobs fingerprint alike
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+MAP_DEVICE = re.compile(r"cpu|cuda:\d+")
 
 
 class JobSpecError(ValueError):
@@ -30,6 +44,44 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    # placement of the job's replicas, as `lvlm eval --device/--dtype/--device-map` (module docstring)
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    device_map: Any = None  # checked below: one message for every wrong shape
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: Optional[str]) -> Optional[str]:
+        if device is not None and not DEVICE.fullmatch(device):
+            raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+        return device
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, dtype: Optional[str]) -> Optional[str]:
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        return None if dtype is None else DTYPES[dtype]
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, device_map: Any) -> Any:
+        if device_map is None:
+            return None
+        if isinstance(device_map, str):
+            if device_map not in DEVICE_MAP_STRATEGIES:
+                raise ValueError(f"device_map {device_map[:80]!r} is none of {', '.join(DEVICE_MAP_STRATEGIES)}; "
+                                 "a job gives an explicit map as a JSON object {module: device}, never a file")
+            return device_map
+        if not isinstance(device_map, dict) or not device_map:
+            raise ValueError(f"device_map must be {', '.join(DEVICE_MAP_STRATEGIES)} or a non-empty JSON object "
+                             f"{{module: device}}, got {str(device_map)[:80]!r}")
+        for module, device in device_map.items():
+            gpu = isinstance(device, int) and not isinstance(device, bool) and device >= 0
+            if not (gpu or isinstance(device, str) and MAP_DEVICE.fullmatch(device)):
+                raise ValueError(f"device_map[{module!r}] = {device!r}: a module goes to a GPU index (0, 1, ...), "
+                                 "'cuda:N' or 'cpu' ('disk' needs an offload folder on the server)")
+        return device_map
 
 
 class ChairOptions(_Options):

@@ -139,7 +139,8 @@ def test_pope_job_answers_through_its_pool_and_resume_checks_the_fingerprint(tmp
     assert all(isinstance(im, Image.Image) for im in model.images)  # read from the job's own folder
     done, total, partial, cluster = reports[-1]
     assert (done, total, cluster) == (6, 6, {"replicas": 1, "items_per_node": {"here": 6}, "requeued_batches": 0,
-                                           "replaced_replicas": 0})
+                                           "replaced_replicas": 0,
+                                           "placement": {"device": "cpu", "dtype": "float32", "device_map": None}})
     assert partial["answered Accuracy"] == 50.0
 
     # the same job again (another batch size: not part of the fingerprint) resumes with nothing to do

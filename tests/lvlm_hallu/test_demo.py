@@ -265,3 +265,21 @@ def test_cli_demo_runs_searches_and_caches(tmp_path):
     assert len(list(demo.cache_dir().glob("*.json"))) == 1
     bad = CliRunner().invoke(app, ["demo", "--interventions", "none"])
     assert bad.exit_code == 2 and "name at least one" in bad.output
+
+
+def test_retuned_values_are_a_new_search():
+    """The cache key holds the values each method resolves to: re-shipped tuned values search again
+    instead of reusing counts that another setting produced."""
+    from lvlm_hallu import lvlm
+    from lvlm_hallu.interventions.registry import resolve
+    from lvlm_hallu.lvlm.profile import shipped_presets
+
+    pipe = lvlm.load("shapes")
+    configs = resolve("vhr+pai")
+    shipped = demo.resolved_values(pipe, configs)
+    assert shipped == {m: shipped_presets("shapes")[m] for m in ("vhr", "pai")}
+    pipe._profile = {**pipe.profile(), "tuned_shipped": {}, "tuned": {}}  # as if nothing were tuned
+    untuned = demo.resolved_values(pipe, configs)
+    assert untuned["vhr"]["tuned"] is None and untuned["vhr"]["paper"] == shipped["vhr"]["paper"]
+    keys = {demo.cache_key("m", configs, presets=p) for p in (shipped, untuned)}
+    assert len(keys) == 2

@@ -118,13 +118,6 @@ def test_tune_batch_size_auto_comes_from_the_memory_estimate(tmp_path, monkeypat
 
 
 
-# The embedded model's shipped file, as the tests below read it. VTE's entry predates issue 36's
-# runs (2026-12-07): it still carries a command written in by hand. Its run, when it is made:
-# lvlm tune --model shapes --methods vte --val-n 1000 -n 1000 --pope-n 300 --vte-max-recall-drop 1.0
-#     --out runs/tune-issue36 --ship
-LEFT = {"vte": "VTE's entry predates the issue-36 runs (command_source, other settings); run it again"}
-
-
 def _shipped():
     from lvlm_hallu.lvlm.shapes import ASSETS
 
@@ -140,8 +133,7 @@ def test_the_shipped_file_is_for_the_shipped_weights():
     assert set(data["methods"]) == {"vhr", "pai", "var", "vte"}
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=LEFT[m])) if m in LEFT
-                                    else m for m in ("vhr", "pai", "var", "vte")])
+@pytest.mark.parametrize("method", ["vhr", "pai", "var", "vte"])
 def test_each_shipped_entry_is_its_own_recorded_run_on_the_one_split(method):
     """The shipped tuned.json mixed four runs with different settings, carried commands written in
     by hand (`command_source`), and a VHR value chosen on used held-out data. Each entry is now

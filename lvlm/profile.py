@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,10 @@ PERSISTENCE = 0.5  # fraction of layers 2..L−1 in which BOS must be a sink thr
 
 
 def _shipped_paths() -> dict[str, Path]:
-    from lvlm_hallu.lvlm.shapes import ASSETS, MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import ASSETS, DETAIL_MODEL_DIR, MODEL_DIR
 
-    return {"shapes": (ASSETS / "tuned.json", MODEL_DIR / "model.safetensors")}
+    return {"shapes": (ASSETS / "tuned.json", MODEL_DIR / "model.safetensors"),
+            "shapes-detail": (ASSETS / "tuned-detail.json", DETAIL_MODEL_DIR / "model.safetensors")}
 
 
 def shipped_models() -> list[str]:
@@ -200,10 +202,16 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
+    # A temporary file of this writer's own, renamed over the profile: replicas that load one model
+    # with one cache write the same profile at the same time (a shared name let one rename the
+    # other's file away: FileNotFoundError).
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "tuned_shipped"}, indent=2, default=list))
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "tuned_shipped"}, indent=2, default=list))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -189,13 +189,11 @@ def _model_problem(name: str) -> str | None:
 
     if name in tiny.ALL:
         return None
-    if name == "shapes":
-        from lvlm_hallu.lvlm.shapes import MODEL_DIR
+    from lvlm_hallu.lvlm.shapes import EMBEDDED, missing_message
 
-        ok = (Path(MODEL_DIR) / "config.json").exists()
-        return None if ok else f"the embedded shapes model is missing at {MODEL_DIR}; train it with " \
-                               "`python -m lvlm_hallu.lvlm.shapes.train`"
-    known = f"use 'shapes', {', '.join(repr(t) for t in sorted(tiny.ALL))}, a hub id (org/name) or a checkpoint directory"
+    if name in EMBEDDED:
+        return None if (EMBEDDED[name][0] / "config.json").exists() else missing_message(name)
+    known = f"use 'shapes', 'shapes-detail', {', '.join(repr(t) for t in sorted(tiny.ALL))}, a hub id (org/name) or a checkpoint directory"
     local = Path(name).expanduser()
     if not local.exists() and not HUB_ID.fullmatch(name):
         return f"unknown model {name!r}: not a known name, a directory, or a hub id; {known}"

@@ -208,7 +208,7 @@ def test_cli_refuses_to_ship_a_model_without_a_package(val_split, tmp_path):
     root, instances, captions = val_split
     result = CliRunner().invoke(app, ["tune", "--model", "tiny-llava", "--images", str(root / "images"),
                                       "--instances", str(instances), "--ship", "--out", str(tmp_path), "--no-progress"])
-    assert result.exit_code == 2 and "--ship is for the embedded models (shapes)" in result.output
+    assert result.exit_code == 2 and "--ship is for the embedded models (shapes, shapes-detail)" in result.output
 
 
 def test_tune_answers_carry_a_fingerprint_and_a_checkpoint_changed_in_place_is_a_new_run(val_split, tmp_path,

@@ -118,23 +118,30 @@ def test_tune_batch_size_auto_comes_from_the_memory_estimate(tmp_path, monkeypat
 
 
 
-def _shipped():
-    from lvlm_hallu.lvlm.shapes import ASSETS
-
-    return json.loads((ASSETS / "tuned.json").read_text())
+SHIPPED = {"shapes": ("tuned.json", "MODEL_DIR"), "shapes-detail": ("tuned-detail.json", "DETAIL_MODEL_DIR")}
 
 
-def test_the_shipped_file_is_for_the_shipped_weights():
-    from lvlm_hallu.lvlm.profile import weights_digest
-    from lvlm_hallu.lvlm.shapes import MODEL_DIR
+def _shipped(model):
+    from lvlm_hallu.lvlm import shapes
 
-    data = _shipped()
-    assert data["weights_sha256"] == weights_digest(MODEL_DIR / "model.safetensors")  # else it is ignored
-    assert set(data["methods"]) == {"vhr", "pai", "var", "vte"}
+    return json.loads((shapes.ASSETS / SHIPPED[model][0]).read_text())
 
 
-@pytest.mark.parametrize("method", ["vhr", "pai", "var", "vte"])
-def test_each_shipped_entry_is_its_own_recorded_run_on_the_one_split(method):
+@pytest.mark.parametrize("model", sorted(SHIPPED))
+def test_the_shipped_file_is_for_the_shipped_weights(model):
+    from lvlm_hallu.lvlm import shapes
+    from lvlm_hallu.lvlm.profile import shipped_models, weights_digest
+
+    data = _shipped(model)
+    assert model in shipped_models() and data["model_id"] == model
+    folder = getattr(shapes, SHIPPED[model][1])
+    assert data["weights_sha256"] == weights_digest(folder / "model.safetensors")  # else it is ignored
+    assert set(data["methods"]) == ({"vhr", "pai", "var", "vte"} if model == "shapes" else {"vhr", "pai", "var"})
+
+
+@pytest.mark.parametrize("model,method", [("shapes", m) for m in ("vhr", "pai", "var", "vte")]
+                         + [("shapes-detail", m) for m in ("vhr", "pai", "var")])
+def test_each_shipped_entry_is_its_own_recorded_run_on_the_one_split(model, method):
     """The shipped tuned.json mixed four runs with different settings, carried commands written in
     by hand (`command_source`), and a VHR value chosen on used held-out data. Each entry is now
     written by its own `lvlm tune --methods M ... --ship` run (its command recorded by the code),
@@ -142,7 +149,7 @@ def test_each_shipped_entry_is_its_own_recorded_run_on_the_one_split(method):
     from its table."""
     from lvlm_hallu.eval.tune import judge, objective, select
 
-    entries = _shipped()["methods"]
+    entries = _shipped(model)["methods"]
     entry = entries[method]
     assert entry["eval"] == entries["vhr"]["eval"]  # one split, one setting
     command = entry["command"]

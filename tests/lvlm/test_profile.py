@@ -35,6 +35,30 @@ def test_profile_is_cached(tmp_path, monkeypatch):
     assert profiles.load_or_compute(pipe)["version"] == profiles.PROFILE_VERSION
 
 
+def test_writers_of_one_profile_at_once_do_not_collide(tmp_path):
+    """Replicas that load one model with one cache write its profile at the same time; with one
+    temporary name for all, a writer renamed another's file away (FileNotFoundError)."""
+    import threading
+
+    path, start, errors = tmp_path / "profiles" / "m.json", threading.Barrier(2), []
+
+    def write():
+        start.wait()
+        for i in range(300):
+            try:
+                profiles._write(path, {"version": 1, "i": i, "pad": "x" * 50_000})
+            except OSError as err:
+                errors.append(err)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert json.loads(path.read_text())["i"] == 299 and [p.name for p in path.parent.iterdir()] == ["m.json"]
+
+
 def test_published_sink_dims_for_llava_15_7b():
     assert profiles.known_sink_dims(llava_15_7b_config(char_tokenizer())) == (1415, 2533)
 

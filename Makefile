@@ -28,20 +28,27 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	-$(PY) -m lvlm_hallu.eval.nltk_data
 	touch $@
 
+# On TEST_WORKERS pytest-xdist workers (0, the default: in this process, one test at a time); the
+# modules that start Ray stay together on one worker (tests/conftest.py, docs/testing.md "In parallel").
+TEST_WORKERS ?= 0
 test: install lmms-eval-venv
 	$(if $(shell command -v nvidia-smi 2>/dev/null),,TRITON_INTERPRET=1) LVLM_LMMS_PYTHON=$(LMMS_VENV)/bin/python \
-		$(PY) -m pytest -q $(PYTEST_ARGS)
+		$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # lmms-eval (tests/ecosystem, docs/ecosystem.md) in a venv of its own, with this project and its
 # `lmms-eval` extra: lmms-eval keeps our transformers, but its dependencies would downgrade protobuf
 # and python-dateutil in $(VENV). PyPI's torchvision is a CUDA build whose operators do not load
 # with the CPU torch, and transformers imports torchvision whenever it is installed, so the CPU
 # venv goes without it (lmms-eval's core and the POPE tasks never use it).
+# The venv is shared by the checkouts of this machine and its editable install points at one of
+# them: the stamp names the checkout, so another checkout's `make test` re-points it here.
 LMMS_VENV ?= $(or $(TMPDIR),/tmp)/lvlm-hallu-lmms-eval
-lmms-eval-venv: $(LMMS_VENV)/.installed
+CHECKOUT_ID := $(shell printf %s "$(CURDIR)" | sha1sum | cut -c1-12)
+lmms-eval-venv: $(LMMS_VENV)/.installed-$(CHECKOUT_ID)
 
-$(LMMS_VENV)/.installed: pyproject.toml constraints/cpu.txt
+$(LMMS_VENV)/.installed-$(CHECKOUT_ID): pyproject.toml constraints/cpu.txt
 	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
+	rm -f $(LMMS_VENV)/.installed*
 	$(LMMS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LMMS_VENV)/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),) -e ".[lmms-eval]"
 	$(if $(CONSTRAINTS),$(LMMS_VENV)/bin/python -m pip uninstall -q -y torchvision,)

@@ -1,8 +1,12 @@
 """Suite-wide settings: offline, Ray without token auth, NLTK data from ../shared when present;
+the modules that start Ray kept to one pytest-xdist worker (`make test` runs the suite on two);
 the run ends with the suite's own exit status, never with a crash of interpreter teardown."""
 
 import contextlib
+import functools
 import os
+import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -20,7 +24,18 @@ try:  # Triton reads TRITON_INTERPRET when kernels are defined: set it before an
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
-os.environ.setdefault("LVLM_CACHE", tempfile.mkdtemp(prefix="lvlm-cache-"))  # model profiles
+# Folders private to this pytest process, unless the caller chose them. pytest-xdist workers inherit
+# the controller's environment, so a worker makes its own again (LVLM_TEST_PRIVATE names them).
+# RAY_TMPDIR keeps Ray's session folders and its ray_current_cluster file here: `ray.init()` without an
+# address joins the cluster that file names, which would be a cluster_utils cluster of another
+# worker, or one another user started on this machine.
+_inherited = set(os.environ.get("LVLM_TEST_PRIVATE", "").split()) if os.environ.get("PYTEST_XDIST_WORKER") else set()
+_private = set()  # removed when the session ends
+for _var, _prefix in (("LVLM_CACHE", "lvlm-cache-"), ("RAY_TMPDIR", "ray-")):  # LVLM_CACHE: model profiles
+    if _var not in os.environ or _var in _inherited:
+        os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+        _private.add(_var)
+os.environ["LVLM_TEST_PRIVATE"] = " ".join(sorted(_private))
 _shared_nltk = Path(__file__).resolve().parents[2] / "shared" / "nltk_data"
 if "NLTK_DATA" not in os.environ and _shared_nltk.is_dir():
     os.environ["NLTK_DATA"] = str(_shared_nltk)
@@ -59,6 +74,40 @@ def ray_service():
     return start
 
 
+# Under pytest-xdist (`make test` runs `-n 2`) the modules that start Ray run on one worker, one after
+# another in file order, while the other workers take the remaining tests one at a time (as
+# `--dist load`): two Ray instances never run at once, and a module's tests share its module-scoped
+# Ray fixture and see one another's effects as in a serial run. A module starts Ray when its code calls
+# `ray.init(`, builds a `ray.cluster_utils` cluster, calls `start_private_ray` or names the
+# `ray_service` fixture (in a test, a module fixture, or a subprocess's script). The scheduler applies
+# the rule to node ids: pytest-xdist's `xdist_group` marks group nothing on pytest 9.2, whose node ids
+# no longer take the group suffix they rely on (pytest-xdist issue 1386).
+STARTS_RAY = re.compile(r"\bray\.init\(|\bcluster_utils\b|\bstart_private_ray\b|\bray_service\b")
+
+
+@functools.cache
+def starts_ray(path: Path) -> bool:
+    return path.suffix == ".py" and path.is_file() and bool(STARTS_RAY.search(path.read_text(encoding="utf-8")))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "each":  # every test on every worker: asked for as such
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config.rootpath
+
+    class RayOnOneWorker(LoadScopeScheduling):
+        """One unit of work for all the Ray modules, one per other test. Units go out largest
+        first (`--loadscope-reorder`, the default), so the Ray unit, the longest, starts at once."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if starts_ray(root / nodeid.split("::", 1)[0]) else nodeid
+
+    return RayOnOneWorker(config, log)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stop what a test may have left running (a Ray driver connection) while Python is whole;
     keep the session for pytest_unconfigure, which reads its final exit status."""
@@ -66,6 +115,8 @@ def pytest_sessionfinish(session, exitstatus):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    for var in _private:  # the folders this process made (profiles, generated worlds, Ray's session logs)
+        shutil.rmtree(os.environ[var], ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)

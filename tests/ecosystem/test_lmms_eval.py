@@ -43,6 +43,20 @@ needs_lmms = pytest.mark.skipif(not LMMS_PYTHON.is_file(), reason=f"no lmms-eval
                                 "`make lmms-eval-venv` (or set LVLM_LMMS_PYTHON); `make test` builds it")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def lmms_runs_this_checkout():
+    """The venv is shared by the machine's checkouts; one built from another checkout would run
+    that checkout's plugin (or none, if it is gone) and lmms-eval would report no results."""
+    if not LMMS_PYTHON.is_file():
+        return
+    found = subprocess.run([str(LMMS_PYTHON), "-c", "import lvlm_hallu; print(lvlm_hallu.__file__)"],
+                           capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=120)
+    here = Path(__file__).resolve().parents[2]
+    assert found.returncode == 0 and Path(found.stdout.strip()).resolve().is_relative_to(here), (
+        f"the lmms-eval venv {LMMS_PYTHON} does not import lvlm_hallu from this checkout ({here}): "
+        f"{(found.stdout + found.stderr).strip()[-300:]}; run `make lmms-eval-venv` here")
+
+
 @pytest.fixture(scope="module")
 def base_url(ray_service):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

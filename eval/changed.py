@@ -37,8 +37,11 @@ class Answer:
 
 
 def load_answers(folder: Path, config: str) -> dict[int, Answer]:
-    """{image_id: Answer} from `chair_<config>_details.json` of a comparison folder."""
-    path = Path(folder) / f"chair_{config}_details.json"
+    """{image_id: Answer} from `chair_<config>_details.json` of a comparison folder (the
+    configuration's name as the report shows it, e.g. "vhr:tuned")."""
+    from lvlm_hallu.eval.compare import slug
+
+    path = Path(folder) / f"chair_{slug(config)}_details.json"  # named as compare writes it
     if not path.is_file():
         found = sorted(p.name[len("chair_"):-len("_details.json")] for p in Path(folder).glob("chair_*_details.json"))
         raise FileNotFoundError(f"no {path.name} in {folder}; configurations there: {', '.join(found) or 'none'}")

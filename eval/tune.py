@@ -673,16 +673,11 @@ def tune_command(
         if ship and model not in shipped_models():
             raise TuneError(f"--ship is for the embedded models ({', '.join(shipped_models())}); the results of "
                             f"{model!r} go to its profile")
-        from lvlm_hallu.lvlm.shapes import EMBEDDED, SYNONYMS_PATH
+        from lvlm_hallu.lvlm.shapes import EMBEDDED, SYNONYMS_PATH, split_builder
 
         if model in EMBEDDED and images is None and instances is None and captions is None:
-            # the val split of the world the embedded model was trained on (basic or detail)
-            if EMBEDDED[model][1] == "detail":
-                from lvlm_hallu.lvlm.shapes.detail import build_split
-            else:
-                from lvlm_hallu.lvlm.shapes.world import build_split
-
-            data = out / "data"
+            data = out / "data"  # the val split of the world the embedded model was trained on
+            build_split = split_builder(EMBEDDED[model][1])
             instances, captions = build_split(data, "val", val_n)  # deterministic: rebuilding is harmless
             images, synonyms = data / "images", synonyms or SYNONYMS_PATH
         elif model in EMBEDDED and synonyms is None:

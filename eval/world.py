@@ -50,10 +50,9 @@ def shapes_world(n_images: int = WORLD_IMAGES, seed: int | None = None, detailed
 
     `detailed`: the detailed world's scenes (lvlm/shapes/detail.py, docs/shapes-world.md), cached
     beside the basic world's under their own name."""
-    from lvlm_hallu.lvlm.shapes import SPLITS, SYNONYMS_PATH, build_split
+    from lvlm_hallu.lvlm.shapes import SPLITS, SYNONYMS_PATH, split_builder
 
-    if detailed:
-        from lvlm_hallu.lvlm.shapes.detail import build_split
+    build_split = split_builder("detail" if detailed else "basic")
     seed = SPLITS[SPLIT][1] if seed is None else seed
     size = max(n_images, WORLD_IMAGES)
     root = cache_root() / f"{'detail-' if detailed else ''}{SPLIT}-seed{seed}-n{size}"

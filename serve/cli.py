@@ -193,7 +193,7 @@ def _model_problem(name: str) -> str | None:
 
     if name in EMBEDDED:
         return None if (EMBEDDED[name][0] / "config.json").exists() else missing_message(name)
-    known = f"use 'shapes', 'shapes-detail', {', '.join(repr(t) for t in sorted(tiny.ALL))}, a hub id (org/name) or a checkpoint directory"
+    known = f"use {', '.join(repr(t) for t in [*EMBEDDED, *sorted(tiny.ALL)])}, a hub id (org/name) or a checkpoint directory"
     local = Path(name).expanduser()
     if not local.exists() and not HUB_ID.fullmatch(name):
         return f"unknown model {name!r}: not a known name, a directory, or a hub id; {known}"

@@ -24,6 +24,14 @@ def embedded_dir(name: str) -> Path | None:
     return EMBEDDED[name][0] if name in EMBEDDED else None
 
 
+_WORLD_MODULES = {"basic": "world", "detail": "detail"}  # EMBEDDED's world names -> their modules
+
+
+def split_builder(world_name: str):
+    """`build_split(out, split, n, seed=None)` of a world named as in EMBEDDED ("basic" or "detail")."""
+    return import_module(f"{__name__}.{_WORLD_MODULES[world_name]}").build_split
+
+
 def missing_message(name: str) -> str:
     """Why the embedded model `name` cannot load: its folder has no weights, and how to make them."""
     folder, world_name = EMBEDDED[name]
@@ -46,4 +54,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ASSETS", "DETAIL_MODEL_DIR", "EMBEDDED", "MODEL_DIR", "SYNONYMS_PATH", "embedded_dir", "missing_message", *sorted(_WORLD_NAMES)]
+__all__ = ["ASSETS", "DETAIL_MODEL_DIR", "EMBEDDED", "MODEL_DIR", "SYNONYMS_PATH", "embedded_dir", "missing_message", "split_builder", *sorted(_WORLD_NAMES)]

@@ -49,3 +49,10 @@ def test_a_missing_configuration_names_those_there(compare_folder, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([str(compare_folder), "vhr"])
     assert exit_.value.code == 2 and "configurations there: none, swap" in capsys.readouterr().err
+
+
+def test_a_configuration_is_found_by_its_report_name(compare_folder):
+    """compare names the file after the configuration with characters outside [A-Za-z0-9_.+-]
+    replaced ("vhr:tuned" -> chair_vhr_tuned_details.json); the report shows "vhr:tuned"."""
+    (compare_folder / "chair_vhr_tuned_details.json").write_bytes((compare_folder / "chair_swap_details.json").read_bytes())
+    assert changed(compare_folder, "vhr:tuned")["changed"] == changed(compare_folder, "swap")["changed"] == [2, 3, 4]

@@ -8,7 +8,8 @@ relays the answer. When the replica fails or vanishes it answers in OpenAI's sha
 - a request not yet answered gets a 503 `{"error": {"type": "service_unavailable", ...}}`, after
   ONE retry on another replica when the request is idempotent (reads, cancels and non-stream
   chat completions, which have no side effects; never a job submission);
-- a stream that already sent its headers gets an error event and `data: [DONE]`;
+- a stream that already sent its headers gets an error event and `data: [DONE]`, unless its
+  `data: [DONE]` was relayed already (the answer is complete and nothing may follow it);
 - Ray's back-pressure (queue full) becomes a 503 with Retry-After.
 The gateway also counts requests and these failures with `ray.util.metrics`, which Ray exports on
 its Prometheus endpoint summed over replicas and kept across replica restarts.
@@ -159,8 +160,11 @@ def unavailable_for(err: BaseException) -> ServiceError:
     return ServiceError(f"internal error ({type(err).__name__}); the request was not completed", code="internal_error")
 
 
+DONE = b"data: [DONE]\n\n"
+
+
 def error_event(err: ServiceError) -> bytes:
-    return f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n".encode()
+    return f"data: {json.dumps(err.body())}\n\n".encode() + DONE
 
 
 class GatewayMetrics:
@@ -324,10 +328,15 @@ class Forwarder:
                                 status_code=503, headers=error.headers())
 
     async def _relay(self, stream: Any, request_id: str) -> AsyncIterator[bytes]:
+        tail = b""  # the last bytes relayed: a stream that already ended with [DONE] is complete
         try:
             async for chunk in stream:
+                tail = (tail + chunk)[-len(DONE):]
                 yield chunk
         except Exception as err:  # noqa: BLE001 - headers are sent: report in-band, OpenAI style
+            if tail == DONE:  # the replica died after the answer: nothing may follow [DONE]
+                log.warning("request %s: replica gone after the stream's end (%r)", request_id, err)
+                return
             error = unavailable_for(err)
             self._count("failure", kind=error.code or "internal_error")
             log.error("request %s: stream broken by %r", request_id, err)

@@ -50,7 +50,8 @@ def test_asgi_relay_answers_like_the_app(replica_app):
 
 class DyingReplica:
     """A fake `handle.options(stream=True)`: `forward.remote` relays to the app, except that the
-    calls listed in `die` fail: "before" (no answer at all) or "after" (after the head and one chunk)."""
+    calls listed in `die` fail: "before" (no answer at all), "after" (after the head and one chunk)
+    or "end" (after the last chunk, i.e. after `data: [DONE]` for a stream)."""
 
     def __init__(self, app, die: dict[int, tuple[str, BaseException]]):
         self.app, self.die, self.calls = app, die, 0
@@ -70,6 +71,8 @@ class DyingReplica:
             sent += 1
             if when == "after" and sent == 2:
                 raise error
+        if when == "end":
+            raise error
 
 
 class Counts:
@@ -135,6 +138,18 @@ def test_a_broken_stream_ends_with_an_error_event_and_done(replica_app):
     assert error["type"] == "service_unavailable" and error["code"] == "replica_unavailable"
     assert json.loads(lines[0][len("data: "):])["object"] == "chat.completion.chunk"  # the part that arrived
     assert replica.calls == 1  # after the first byte a retry could repeat text
+
+
+def test_a_replica_dying_after_the_streams_done_adds_nothing_after_it(replica_app):
+    replica = DyingReplica(replica_app, {1: ("end", ActorDiedError())})
+    client, counts = gateway(replica)
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json=body(stream=True, max_tokens=6)) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines.count("data: [DONE]") == 1 and lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert not [e for e in events if "error" in e] and events[-1]["choices"][0]["finish_reason"] == "length"
+    assert replica.calls == 1 and counts.failures == []
 
 
 def test_backpressure_and_unexpected_errors_keep_the_openai_shape(replica_app):

@@ -100,8 +100,13 @@ def test_replica_killed_mid_job_loses_and_duplicates_nothing(two_replicas, tmp_p
     _, http = two_replicas
     job = submit(http, BODY)
     running = wait_for(http, job["id"], mid_job)
+    replica = ray.get_actor(f"lvlm-eval-replica-{job['id']}-0-0", namespace=NS)
+    # Loaded first: on a busy machine the other replica alone can answer the first batches, and a
+    # replica killed while loading holds no batch (the driver just replaces it). Its calls run in
+    # order, so once this where() answers, the driver has the answer to its own and sends it batches.
+    ray.get(replica.where.remote())
     # Gone for good (no Ray restart): the driver re-queues the batches it held and starts a replacement.
-    ray.kill(ray.get_actor(f"lvlm-eval-replica-{job['id']}-0-0", namespace=NS), no_restart=True)
+    ray.kill(replica, no_restart=True)
     done = wait_for(http, job["id"], lambda j: j["state"] in ("succeeded", "failed"))
     assert done["state"] == "succeeded", done["error"]
     rows = records(tmp_path, job["id"])

@@ -95,9 +95,9 @@ class Load:
                 self.record("stream", r.status_code, "503") if ok else self.problems.append(f"stream {r.status_code}")
                 return
             lines = [line for line in r.iter_lines() if line]
-        if not lines or lines[-1] != "data: [DONE]":
+        if not lines or lines[-1] != "data: [DONE]" or lines.count("data: [DONE]") != 1:
             with self.lock:
-                self.problems.append(f"stream without [DONE]: {lines[-2:]}")
+                self.problems.append(f"stream without one final [DONE]: {lines[-3:]}")
             return
         events = [json.loads(line[len("data: "):]) for line in lines[:-1]]  # every event is JSON
         errors = [e["error"] for e in events if "error" in e]

@@ -94,8 +94,11 @@ def test_service_job_on_two_nodes_equals_a_local_run_and_both_nodes_answer(two_n
     from lvlm_hallu.lvlm.shapes import build_split
     from lvlm_hallu.serve.jobs import RayJobs
 
+    # The job starts on the first replica that is loaded, so it needs more work than the time between
+    # the two replicas' starts: with 3 batches, a busy machine once finished them all on one node.
+    n_images = 5 * N_IMAGES
     jobs = RayJobs(replica_options={"num_cpus": 1}, replicas=2, jobs_dir=str(tmp_path / "jobs"))
-    request = {"kind": "chair", "limit": N_IMAGES, "max_tokens": MAX_NEW_TOKENS, "seed": 0, "batch_size": 2,
+    request = {"kind": "chair", "limit": n_images, "max_tokens": MAX_NEW_TOKENS, "seed": 0, "batch_size": 1,
                "interventions": None, "options": {}}
     job = ray.get(jobs._actor.submit.remote("chair", "shapes", request, {}), timeout=60)
     deadline = time.monotonic() + 300
@@ -106,17 +109,17 @@ def test_service_job_on_two_nodes_equals_a_local_run_and_both_nodes_answer(two_n
     rows = [json.loads(x) for x in (tmp_path / "jobs" / job["id"] / "chair.jsonl").read_text().splitlines()[1:]]
     answered = {r["key"]: r["answer"] for r in rows}
 
-    inst, _ = build_split(tmp_path / "local", "test", N_IMAGES)  # the same generated split, here
+    inst, _ = build_split(tmp_path / "local", "test", n_images)  # the same generated split, here
     coco = json.loads(inst.read_text())
     items = [Item(str(im["id"]), CHAIR_PROMPT, str(tmp_path / "local" / "images" / im["file_name"]),
                   {"image_id": im["id"]}) for im in sorted(coco["images"], key=lambda im: im["id"])]  # the job's order
     local = run(items, local_answer(load_shapes(), max_new_tokens=MAX_NEW_TOKENS, resolve=interventions.resolve,
-                                    seed=0), tmp_path / "local.jsonl", batch_size=2, progress=False)
-    assert answered == {k: r["answer"] for k, r in local.items()} and len(answered) == N_IMAGES
+                                    seed=0), tmp_path / "local.jsonl", batch_size=1, progress=False)
+    assert answered == {k: r["answer"] for k, r in local.items()} and len(answered) == n_images
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     per_node = job["cluster"]["items_per_node"]
     assert len(nodes) == 2 and set(per_node) == nodes and all(v > 0 for v in per_node.values())
-    assert sum(per_node.values()) == N_IMAGES and job["metrics"]["CHAIR_s"] >= 0
+    assert sum(per_node.values()) == n_images and job["metrics"]["CHAIR_s"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,11 +136,11 @@ def test_the_shipped_file_is_for_the_shipped_weights(model):
     assert model in shipped_models() and data["model_id"] == model
     folder = getattr(shapes, SHIPPED[model][1])
     assert data["weights_sha256"] == weights_digest(folder / "model.safetensors")  # else it is ignored
-    assert set(data["methods"]) == ({"vhr", "pai", "var", "vte"} if model == "shapes" else {"vhr", "pai", "var"})
+    assert set(data["methods"]) == {"vhr", "pai", "var", "vte"}
 
 
-@pytest.mark.parametrize("model,method", [("shapes", m) for m in ("vhr", "pai", "var", "vte")]
-                         + [("shapes-detail", m) for m in ("vhr", "pai", "var")])
+@pytest.mark.parametrize("model,method", [(model, m) for model in ("shapes", "shapes-detail")
+                                          for m in ("vhr", "pai", "var", "vte")])
 def test_each_shipped_entry_is_its_own_recorded_run_on_the_one_split(model, method):
     """The shipped tuned.json mixed four runs with different settings, carried commands written in
     by hand (`command_source`), and a VHR value chosen on used held-out data. Each entry is now

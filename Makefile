@@ -28,9 +28,10 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	-$(PY) -m lvlm_hallu.eval.nltk_data
 	touch $@
 
-# On TEST_WORKERS pytest-xdist workers (0, the default: in this process, one test at a time); the
-# modules that start Ray stay together on one worker (tests/conftest.py, docs/testing.md "In parallel").
-TEST_WORKERS ?= 0
+# On TEST_WORKERS pytest-xdist workers (2 by default; 0: in this process, one test at a time). The
+# modules that start Ray form two units, one Ray instance per worker (tests/conftest.py,
+# docs/testing.md "In parallel").
+TEST_WORKERS ?= 2
 test: install lmms-eval-venv
 	$(if $(shell command -v nvidia-smi 2>/dev/null),,TRITON_INTERPRET=1) LVLM_LMMS_PYTHON=$(LMMS_VENV)/bin/python \
 		$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)

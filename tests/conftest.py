@@ -1,5 +1,5 @@
 """Suite-wide settings: offline, Ray without token auth, NLTK data from ../shared when present;
-the modules that start Ray kept to one pytest-xdist worker (`make test` runs the suite on two);
+the modules that start Ray kept in at most two pytest-xdist units, one Ray instance per worker;
 the run ends with the suite's own exit status, never with a crash of interpreter teardown."""
 
 import contextlib
@@ -74,20 +74,45 @@ def ray_service():
     return start
 
 
-# Under pytest-xdist (`make test` runs `-n 2`) the modules that start Ray run on one worker, one after
-# another in file order, while the other workers take the remaining tests one at a time (as
-# `--dist load`): two Ray instances never run at once, and a module's tests share its module-scoped
-# Ray fixture and see one another's effects as in a serial run. A module starts Ray when its code calls
+# Under pytest-xdist the modules that start Ray are split into at most two units of work (one per
+# worker, two at most: each Ray instance reserves both cores of the machine the suite is sized for),
+# and each unit runs its modules one after another in file order, while the other tests go out one
+# at a time (as `--dist load`). A module's tests share its module-scoped Ray fixture and see one
+# another's effects as in a serial run; two Ray instances never share a worker, and each worker has
+# its own RAY_TMPDIR, so they never join each other's cluster. A module starts Ray when its code calls
 # `ray.init(`, builds a `ray.cluster_utils` cluster, calls `start_private_ray` or names the
 # `ray_service` fixture (in a test, a module fixture, or a subprocess's script). The scheduler applies
 # the rule to node ids: pytest-xdist's `xdist_group` marks group nothing on pytest 9.2, whose node ids
 # no longer take the group suffix they rely on (pytest-xdist issue 1386).
 STARTS_RAY = re.compile(r"\bray\.init\(|\bcluster_utils\b|\bstart_private_ray\b|\bray_service\b")
+# Seconds each Ray module took in a serial run on the 2-core VM (quiet, 2026-12-08): only used to
+# balance the two Ray units (longest first, each to the lighter unit); a module not listed counts
+# RAY_MODULE_DEFAULT_S. A stale number costs balance, never correctness.
+RAY_MODULE_SECONDS = {
+    "tests/serve/test_jobs_ray.py": 83, "tests/serve/test_playground_browser.py": 83,
+    "tests/serve/test_faults.py": 79, "tests/ecosystem/test_lmms_eval.py": 74,
+    "tests/serve/test_integration.py": 60, "tests/eval/test_cluster_nodes.py": 56,
+    "tests/serve/test_replica_death.py": 49, "tests/eval/test_ray_job.py": 36, "tests/eval/test_cluster.py": 10,
+    "tests/eval/test_cluster_devices.py": 8, "tests/serve/test_metrics.py": 6, "tests/eval/test_runner.py": 5,
+}
+RAY_MODULE_DEFAULT_S = 60.0
 
 
 @functools.cache
 def starts_ray(path: Path) -> bool:
     return path.suffix == ".py" and path.is_file() and bool(STARTS_RAY.search(path.read_text(encoding="utf-8")))
+
+
+def ray_units(modules: list[str], units: int) -> dict[str, str]:
+    """Each Ray module (path relative to the root) -> its unit, "ray-0" .. "ray-{units-1}": longest
+    first, each to the unit with the least time so far (ties: the lower unit)."""
+    load = [0.0] * units
+    unit_of = {}
+    for module in sorted(modules, key=lambda m: (-RAY_MODULE_SECONDS.get(m, RAY_MODULE_DEFAULT_S), m)):
+        i = min(range(units), key=lambda u: (load[u], u))
+        unit_of[module] = f"ray-{i}"
+        load[i] += RAY_MODULE_SECONDS.get(module, RAY_MODULE_DEFAULT_S)
+    return unit_of
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -98,14 +123,22 @@ def pytest_xdist_make_scheduler(config, log):
 
     root = config.rootpath
 
-    class RayOnOneWorker(LoadScopeScheduling):
-        """One unit of work for all the Ray modules, one per other test. Units go out largest
-        first (`--loadscope-reorder`, the default), so the Ray unit, the longest, starts at once."""
+    class RayUnits(LoadScopeScheduling):
+        """One unit of work per group of Ray modules, one per other test. Units go out largest first
+        (`--loadscope-reorder`, the default), so the Ray units, the longest, start at once."""
+
+        unit_of: dict[str, str] | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            return "ray" if starts_ray(root / nodeid.split("::", 1)[0]) else nodeid
+            module = nodeid.split("::", 1)[0]
+            if not starts_ray(root / module):
+                return nodeid
+            if self.unit_of is None:  # every Ray module of the collection, known once collected
+                ray_modules = sorted({n.split("::", 1)[0] for n in self.collection if starts_ray(root / n.split("::", 1)[0])})
+                self.unit_of = ray_units(ray_modules, max(1, min(2, len(self.nodes))))
+            return self.unit_of[module]
 
-    return RayOnOneWorker(config, log)
+    return RayUnits(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):

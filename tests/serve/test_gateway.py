@@ -127,12 +127,17 @@ def test_a_job_submission_is_never_sent_twice(replica_app):
     assert r.status_code == 503 and replica.calls == 1 and counts.retries == 0
 
 
-def test_a_broken_stream_ends_with_an_error_event_and_done(replica_app):
-    replica = DyingReplica(replica_app, {1: ("after", ActorDiedError())})
+def streamed_through_dying_replica(replica_app, when: str) -> tuple[list[str], DyingReplica, Counts]:
+    """The non-empty lines of a streamed chat completion whose first replica call dies `when`."""
+    replica = DyingReplica(replica_app, {1: (when, ActorDiedError())})
     client, counts = gateway(replica)
     with client.stream("POST", "/v1/chat/completions", headers=AUTH, json=body(stream=True, max_tokens=6)) as r:
         assert r.status_code == 200
-        lines = [line for line in r.iter_lines() if line]
+        return [line for line in r.iter_lines() if line], replica, counts
+
+
+def test_a_broken_stream_ends_with_an_error_event_and_done(replica_app):
+    lines, replica, _ = streamed_through_dying_replica(replica_app, "after")
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][len("data: "):])["error"]
     assert error["type"] == "service_unavailable" and error["code"] == "replica_unavailable"
@@ -141,11 +146,7 @@ def test_a_broken_stream_ends_with_an_error_event_and_done(replica_app):
 
 
 def test_a_replica_dying_after_the_streams_done_adds_nothing_after_it(replica_app):
-    replica = DyingReplica(replica_app, {1: ("end", ActorDiedError())})
-    client, counts = gateway(replica)
-    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json=body(stream=True, max_tokens=6)) as r:
-        assert r.status_code == 200
-        lines = [line for line in r.iter_lines() if line]
+    lines, replica, counts = streamed_through_dying_replica(replica_app, "end")
     assert lines.count("data: [DONE]") == 1 and lines[-1] == "data: [DONE]"
     events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
     assert not [e for e in events if "error" in e] and events[-1]["choices"][0]["finish_reason"] == "length"

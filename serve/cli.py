@@ -189,10 +189,11 @@ def _model_problem(name: str) -> str | None:
 
     if name in tiny.ALL:
         return None
-    from lvlm_hallu.lvlm.shapes import EMBEDDED, missing_message
+    from lvlm_hallu.lvlm.shapes import EMBEDDED, embedded_dir, missing_message
 
-    if name in EMBEDDED:
-        return None if (EMBEDDED[name][0] / "config.json").exists() else missing_message(name)
+    folder = embedded_dir(name)
+    if folder is not None:
+        return None if (folder / "config.json").exists() else missing_message(name)
     known = f"use {', '.join(repr(t) for t in [*EMBEDDED, *sorted(tiny.ALL)])}, a hub id (org/name) or a checkpoint directory"
     local = Path(name).expanduser()
     if not local.exists() and not HUB_ID.fullmatch(name):

@@ -118,29 +118,28 @@ def test_tune_batch_size_auto_comes_from_the_memory_estimate(tmp_path, monkeypat
 
 
 
-SHIPPED = {"shapes": ("tuned.json", "MODEL_DIR"), "shapes-detail": ("tuned-detail.json", "DETAIL_MODEL_DIR")}
+SHIPPED_MODELS = ("shapes", "shapes-detail")
 
 
 def _shipped(model):
-    from lvlm_hallu.lvlm import shapes
+    from lvlm_hallu.lvlm.profile import _shipped_paths
 
-    return json.loads((shapes.ASSETS / SHIPPED[model][0]).read_text())
+    return json.loads(_shipped_paths()[model][0].read_text())
 
 
-@pytest.mark.parametrize("model", sorted(SHIPPED))
+@pytest.mark.parametrize("model", SHIPPED_MODELS)
 def test_the_shipped_file_is_for_the_shipped_weights(model):
-    from lvlm_hallu.lvlm import shapes
-    from lvlm_hallu.lvlm.profile import shipped_models, weights_digest
+    from lvlm_hallu.lvlm.profile import _shipped_paths, shipped_models, weights_digest
+    from lvlm_hallu.lvlm.shapes import embedded_dir
 
     data = _shipped(model)
     assert model in shipped_models() and data["model_id"] == model
-    folder = getattr(shapes, SHIPPED[model][1])
-    assert data["weights_sha256"] == weights_digest(folder / "model.safetensors")  # else it is ignored
+    assert _shipped_paths()[model][1] == embedded_dir(model) / "model.safetensors"  # the weights that load
+    assert data["weights_sha256"] == weights_digest(embedded_dir(model) / "model.safetensors")  # else it is ignored
     assert set(data["methods"]) == {"vhr", "pai", "var", "vte"}
 
 
-@pytest.mark.parametrize("model,method", [(model, m) for model in ("shapes", "shapes-detail")
-                                          for m in ("vhr", "pai", "var", "vte")])
+@pytest.mark.parametrize("model,method", [(model, m) for model in SHIPPED_MODELS for m in ("vhr", "pai", "var", "vte")])
 def test_each_shipped_entry_is_its_own_recorded_run_on_the_one_split(model, method):
     """The shipped tuned.json mixed four runs with different settings, carried commands written in
     by hand (`command_source`), and a VHR value chosen on used held-out data. Each entry is now
